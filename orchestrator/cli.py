@@ -1,0 +1,236 @@
+"""The `orchestrator` command: start, stop, status, validate.
+
+Runs in the user's shell process. User mistakes (bad config, nothing running) end with a clear message
+and an exit status (2 for config or usage errors, 1 for runtime failures), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from orchestrator.config import Config, default_run_dir, load_config
+from orchestrator.control import ControlClient
+from orchestrator.errors import ConfigError, OrchestratorError, UnavailableError
+from orchestrator.rundir import RunDir
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _err(msg: str) -> None:
+    print(f"orchestrator: {msg}", file=sys.stderr)
+
+
+def _load(path: str) -> Config:
+    return load_config(path)
+
+
+def _rundir_for(config: str | None) -> RunDir:
+    if config is None:
+        return RunDir(default_run_dir("orchestrator"))
+    p = Path(config)
+    if p.is_dir():
+        return RunDir(p)
+    return RunDir(load_config(config, check_files=False).run_dir)
+
+
+def _running_or_explain(rd: RunDir) -> bool:
+    if rd.is_running() and rd.control.exists():
+        return True
+    _err(f"no orchestrator is running in {rd.root}")
+    return False
+
+
+# --- validate ------------------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    w = cfg.workers
+    where = f"{w.count} CPU worker(s)" if w.device == "cpu" else f"GPU(s) {w.gpus}, {w.per_gpu} worker(s) per GPU"
+    model = cfg.model.path or f"synthetic work={cfg.model.work} item_shape={list(cfg.model.item_shape)}"
+    print(f"{args.config}: OK: {where}; {cfg.model.kind} model {model}; max batch {cfg.model.max_batch}; "
+          f"pipeline depth {cfg.pipeline.depth}; run dir {cfg.run_dir}")
+    return EXIT_OK
+
+
+# --- start ---------------------------------------------------------------------------------------
+
+
+def _preflight(cfg: Config) -> None:
+    if cfg.workers.device == "gpu":
+        from orchestrator.devices import discover_or_explain
+
+        discover_or_explain(cfg)  # raises ConfigError naming what is missing
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    rd = RunDir(cfg.run_dir)
+    if rd.is_running():
+        _err(f"an orchestrator is already running in {rd.root} (pid {rd.read_pid()}); stop it first")
+        return EXIT_FAIL
+    _preflight(cfg)
+    if args.detach:
+        return _start_detached(cfg, Path(args.config), rd, args.timeout)
+    from orchestrator.supervisor import Supervisor, configure_logging, install_signal_wakeup
+
+    configure_logging(cfg.orchestrator.log_level)
+    flag, wake_fd = install_signal_wakeup()
+    print(f"orchestrator '{cfg.orchestrator.name}' starting in {rd.root} (Ctrl-C drains and stops)", file=sys.stderr)
+    return Supervisor(cfg).run(flag, wake_fd)
+
+
+def _start_detached(cfg: Config, config_path: Path, rd: RunDir, timeout: float | None) -> int:
+    rd.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path = rd.root / "supervisor.log"
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.supervisor", str(config_path.resolve())],
+                                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True)
+    limit = timeout or (cfg.orchestrator.startup_timeout_s + 15)
+    deadline = time.monotonic() + limit
+    last: dict = {}
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code is not None:
+            from orchestrator.worker_handle import tail
+
+            _err(f"the supervisor exited with code {code} before all workers were ready:\n{tail(log_path, 25)}")
+            return EXIT_FAIL
+        if rd.control.exists():
+            try:
+                with ControlClient(rd.control_endpoint(), timeout_s=2.0) as ctl:
+                    last = ctl.call("status")
+            except OrchestratorError:
+                last = {}
+            states = [w["state"] for w in last.get("workers", [])]
+            if states and all(s == "ready" for s in states):
+                print(f"orchestrator '{cfg.orchestrator.name}' ready: {len(states)} workers, pid {proc.pid}, "
+                      f"run dir {rd.root}")
+                return EXIT_OK
+            failed = [w for w in last.get("workers", []) if w["state"] == "failed"]
+            if failed and all(s in ("ready", "failed") for s in states):
+                for w in failed:
+                    _err(f"{w['id']} on {w['device']} failed to start: {w['last_error']} "
+                         f"(log: {rd.logs / (w['id'] + '.log')})")
+                if "ready" in states:
+                    _err(f"still serving on {states.count('ready')} worker(s); `orchestrator stop` stops it")
+                return EXIT_FAIL
+        time.sleep(0.1)
+    _err(f"workers not ready after {limit:g}s: " + ", ".join(f"{w['id']}={w['state']}" for w in last.get("workers", []))
+         + f"; see {log_path}")
+    return EXIT_FAIL
+
+
+# --- stop ----------------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    rd = _rundir_for(args.config)
+    if not _running_or_explain(rd):
+        return EXIT_FAIL
+    with ControlClient(rd.control_endpoint(), timeout_s=5.0) as ctl:
+        reply = ctl.call("stop")
+    pid = reply.get("pid")
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        if not rd.is_running() and (pid is None or not _pid_alive(pid)):
+            print(f"stopped (run dir {rd.root})")
+            return EXIT_OK
+        time.sleep(0.05)
+    _err(f"the supervisor (pid {pid}) is still running after {args.timeout:g}s")
+    return EXIT_FAIL
+
+
+# --- status --------------------------------------------------------------------------------------
+
+
+def _fetch_status(rd: RunDir) -> dict:
+    with ControlClient(rd.control_endpoint(), timeout_s=3.0) as ctl:
+        return ctl.call("status")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rd = _rundir_for(args.config)
+    if not _running_or_explain(rd):
+        return EXIT_FAIL
+    if args.json:
+        print(json.dumps(_fetch_status(rd), indent=None if args.once else 2, default=str))
+        return EXIT_OK
+    from rich.console import Console
+
+    from orchestrator import status_view
+
+    if args.once:
+        Console().print(status_view.render(_fetch_status(rd)))
+        return EXIT_OK
+    status_view.live(lambda: _fetch_status(rd), refresh_hz=args.refresh)
+    return EXIT_OK
+
+
+# --- entry ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="orchestrator", description="Multi-process inference orchestrator.")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    p = sub.add_parser("start", help="start the supervisor and its workers")
+    p.add_argument("config", help="TOML config file, e.g. configs/cpu.toml")
+    p.add_argument("--detach", action="store_true", help="return once all workers are ready (or fail with the reason)")
+    p.add_argument("--timeout", type=float, default=None, help="--detach: seconds to wait for READY")
+    p.set_defaults(func=cmd_start)
+    p = sub.add_parser("stop", help="drain in-flight work and stop")
+    p.add_argument("config", nargs="?", help="config file or run directory (default: the default run directory)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the supervisor to exit")
+    p.set_defaults(func=cmd_stop)
+    p = sub.add_parser("status", help="live health view (or --once / --json)")
+    p.add_argument("config", nargs="?", help="config file or run directory")
+    p.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.add_argument("--refresh", type=float, default=4.0, help="live view refreshes per second")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("validate", help="check a config without starting anything")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_validate)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except ConfigError as exc:
+        if exc.source:
+            _err(f"invalid config {exc.source}:")
+        for line in exc.errors:
+            print(f"  {line}", file=sys.stderr)
+        code = EXIT_USAGE
+    except UnavailableError as exc:
+        _err(str(exc))
+        code = EXIT_FAIL
+    except OrchestratorError as exc:
+        _err(str(exc))
+        code = EXIT_FAIL
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""The client's I/O thread: owns one DEALER per worker and the supervisor's event SUB socket.
+
+Runs in the user's process, on a background thread started by orchestrator.client.Client. User threads
+hand it requests through a deque plus an eventfd wake-up; it balances across ready workers by outstanding
+requests, resolves futures, enforces deadlines and fails requests over when a worker dies.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from orchestrator import protocol
+from orchestrator.errors import (
+    DeadlineExceededError,
+    ErrorCode,
+    ShuttingDownError,
+    UnavailableError,
+    WorkerDeadError,
+    error_from_code,
+)
+
+log = logging.getLogger(__name__)
+
+_RETRYABLE = (ErrorCode.SHUTTING_DOWN,)
+
+
+@dataclass(eq=False)
+class Pending:
+    request_id: int
+    frames: list
+    future: Future
+    deadline: float  # time.monotonic()
+    timeout_ms: int
+    attempts: int = 0
+    worker: str | None = None
+    tried: set[str] = field(default_factory=set)
+
+
+class _Worker:
+    __slots__ = ("id", "endpoint", "sock", "outstanding", "ready")
+
+    def __init__(self, wid: str, endpoint: str) -> None:
+        self.id = wid
+        self.endpoint = endpoint
+        self.sock: zmq.Socket | None = None
+        self.outstanding: dict[int, Pending] = {}
+        self.ready = False
+
+
+class ClientIO(threading.Thread):
+    def __init__(self, ctx: zmq.Context, workers: list[dict], events_endpoint: str | None,
+                 failover: bool, max_retries: int, max_message_bytes: int) -> None:
+        super().__init__(name="orchestrator-client-io", daemon=True)
+        self.ctx = ctx
+        self.failover = failover
+        self.max_retries = max_retries
+        self.max_message_bytes = max_message_bytes
+        self.workers: dict[str, _Worker] = {}
+        for w in workers:
+            self.workers[w["id"]] = _Worker(w["id"], w["endpoint"])
+            if w["state"] == "ready":
+                self._connect(self.workers[w["id"]])
+        self.events_endpoint = events_endpoint
+        self.submissions: deque[Pending] = deque()
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.ids = itertools.count(1)
+        self.closing = False
+        self.stray_replies = 0
+
+    # --- called from user threads ---------------------------------------------------------------
+
+    def submit(self, p: Pending) -> None:
+        self.submissions.append(p)  # deque.append is atomic under the GIL
+        os.eventfd_write(self.wake_fd, 1)
+
+    def close(self) -> None:
+        self.closing = True
+        os.eventfd_write(self.wake_fd, 1)
+
+    def ready_count(self) -> int:
+        return sum(w.ready for w in self.workers.values())
+
+    # --- I/O thread -----------------------------------------------------------------------------
+
+    def _connect(self, w: _Worker) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        sock.setsockopt(zmq.SNDHWM, 0)  # our own in-flight bound is the flow control, not ZeroMQ's
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(w.endpoint)
+        w.sock = sock
+        w.ready = True
+
+    def _disconnect(self, w: _Worker) -> None:
+        if w.sock is not None:
+            self.poller.unregister(w.sock)
+            w.sock.close(0)  # drops anything still queued for the dead worker: we retry or fail it
+            w.sock = None
+        w.ready = False
+
+    def _pick(self, p: Pending) -> _Worker | None:
+        best = None
+        for w in self.workers.values():
+            if not w.ready:
+                continue
+            if w.id in p.tried and len(p.tried) < self.ready_count():
+                continue
+            if best is None or len(w.outstanding) < len(best.outstanding):
+                best = w
+        return best
+
+    def _dispatch(self, p: Pending) -> None:
+        if p.future.done():  # cancelled by the user
+            return
+        w = self._pick(p)
+        if w is None:
+            p.future.set_exception(UnavailableError("no ready worker to send the request to"))
+            return
+        p.attempts += 1
+        p.worker = w.id
+        p.tried.add(w.id)
+        w.outstanding[p.request_id] = p
+        w.sock.send_multipart(p.frames, copy=False)
+
+    def _retry_or_fail(self, p: Pending, exc: Exception) -> None:
+        if p.future.done():
+            return
+        if self.failover and p.attempts <= self.max_retries and time.monotonic() < p.deadline and self.ready_count():
+            self._dispatch(p)
+        else:
+            p.future.set_exception(exc)
+
+    def _on_reply(self, w: _Worker) -> None:
+        for _ in range(1000):
+            try:
+                frames = w.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                reply = protocol.decode_reply(frames)
+            except Exception as exc:  # a corrupt reply fails only its request, if we can tell which
+                log.warning("unreadable reply from %s: %s", w.id, exc)
+                continue
+            p = w.outstanding.pop(reply.request_id, None)
+            if p is None:
+                self.stray_replies += 1  # e.g. a late reply for a request already failed over
+                continue
+            if p.future.done():
+                continue
+            if reply.code == ErrorCode.OK:
+                p.future.set_result(reply.tensors)
+            elif reply.code in _RETRYABLE and len([x for x in self.workers.values() if x.ready and x.id != w.id]):
+                self._retry_or_fail(p, error_from_code(reply.code, reply.message))
+            else:
+                p.future.set_exception(error_from_code(reply.code, reply.message))
+
+    def _on_event(self) -> None:
+        for _ in range(100):
+            try:
+                topic, payload = self.sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                continue
+            msg = protocol.unpack(payload)
+            if topic == b"supervisor" and msg.get("state") == "stopping":
+                continue
+            w = self.workers.get(msg.get("id"))
+            if w is None:
+                continue
+            state = msg.get("state")
+            if state == "ready" and not w.ready:
+                w.endpoint = msg.get("endpoint", w.endpoint)
+                self._connect(w)
+                self.poller.register(w.sock, zmq.POLLIN)
+            elif state in ("failed", "stopped") and w.sock is not None:
+                self._disconnect(w)
+                lost = list(w.outstanding.values())
+                w.outstanding.clear()
+                for p in lost:
+                    self._retry_or_fail(p, WorkerDeadError(
+                        f"worker {w.id} {state} with this request in flight and no retry was possible"))
+            elif state == "draining":
+                w.ready = False  # stop sending new work there; replies still arrive
+
+    def _expire(self, now: float) -> float:
+        """Fail requests past their deadline; return the next deadline."""
+        nearest = now + 1.0
+        for w in self.workers.values():
+            expired = [p for p in w.outstanding.values() if p.deadline <= now]
+            for p in expired:
+                del w.outstanding[p.request_id]
+                if not p.future.done():
+                    p.future.set_exception(DeadlineExceededError(
+                        f"no reply from {w.id} within {p.timeout_ms / 1000:g}s"))
+            for p in w.outstanding.values():
+                nearest = min(nearest, p.deadline)
+        return nearest
+
+    def run(self) -> None:
+        self.poller = zmq.Poller()
+        self.poller.register(self.wake_fd, zmq.POLLIN)
+        if self.events_endpoint:
+            self.sub = self.ctx.socket(zmq.SUB)
+            self.sub.setsockopt(zmq.LINGER, 0)
+            self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+            self.sub.connect(self.events_endpoint)
+            self.poller.register(self.sub, zmq.POLLIN)
+        for w in self.workers.values():
+            if w.sock is not None:
+                self.poller.register(w.sock, zmq.POLLIN)
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+
+    def _loop(self) -> None:
+        next_check = time.monotonic()
+        timeout = 100
+        while not self.closing:
+            events = dict(self.poller.poll(timeout))
+            if self.wake_fd in events:
+                try:
+                    os.eventfd_read(self.wake_fd)
+                except BlockingIOError:
+                    pass
+            while self.submissions:
+                self._dispatch(self.submissions.popleft())
+            for w in self.workers.values():
+                if w.sock is not None and w.sock in events:
+                    self._on_reply(w)
+            if self.events_endpoint and self.sub in events:
+                self._on_event()
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = self._expire(now)
+            timeout = max(1, int((next_check - time.monotonic()) * 1000) + 1)
+
+    def _shutdown(self) -> None:
+        err = ShuttingDownError("client closed")
+        for w in self.workers.values():
+            for p in w.outstanding.values():
+                if not p.future.done():
+                    p.future.set_exception(err)
+            if w.sock is not None:
+                w.sock.close(0)
+        while self.submissions:
+            p = self.submissions.popleft()
+            if not p.future.done():
+                p.future.set_exception(err)
+        if self.events_endpoint:
+            self.sub.close(0)
+        os.close(self.wake_fd)
+
+    def new_pending(self, tensors: dict[str, Any], timeout_s: float) -> Pending:
+        rid = next(self.ids)
+        timeout_ms = max(1, int(timeout_s * 1000))
+        frames = protocol.encode_request(rid, tensors, timeout_ms)
+        return Pending(rid, frames, Future(), time.monotonic() + timeout_s, timeout_ms)

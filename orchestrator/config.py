@@ -1,0 +1,364 @@
+"""TOML configuration: loaded with tomllib into frozen dataclasses and validated before anything starts.
+
+Runs in the CLI and the supervisor (workers receive an already-validated copy). Every problem is reported
+with its key path and what was expected, e.g. `model.max_batch: expected a positive integer, got "big"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from orchestrator.errors import ConfigError
+
+# ipc:// paths must fit in sockaddr_un.sun_path (108 bytes with the NUL); keep room for socket names.
+_MAX_RUN_DIR = 80
+
+
+def _check(ok, expect: str, doc: str) -> dict:
+    """Field metadata: a predicate, the expectation stated in errors, and a doc line for the reference."""
+    return {"check": ok, "expect": expect, "doc": doc}
+
+
+def _int_range(lo: int, hi: int | None, doc: str) -> dict:
+    if lo == 1 and hi is None:
+        expect = "expected a positive integer"
+    elif hi is None:
+        expect = f"expected an integer >= {lo}"
+    else:
+        expect = f"expected an integer from {lo} to {hi}"
+    return _check(lambda v: v >= lo and (hi is None or v <= hi), expect, doc)
+
+
+def _positive(doc: str) -> dict:
+    return _check(lambda v: v > 0, "expected a positive number", doc)
+
+
+def _port(doc: str) -> dict:
+    return _int_range(0, 65535, doc)
+
+
+@dataclass(frozen=True)
+class OrchestratorSection:
+    name: str = field(default="orchestrator", metadata={"doc": "name used to find this orchestrator"})
+    run_dir: str = field(default="", metadata={"doc": "run directory (0700); default $XDG_RUNTIME_DIR/orchestrator/<name> or /tmp/orchestrator-<uid>/<name>"})
+    startup_timeout_s: float = field(default=120.0, metadata=_positive("seconds a worker may take to report READY"))
+    stop_timeout_s: float = field(default=10.0, metadata=_positive("seconds to drain in-flight work on stop"))
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class WorkersSection:
+    device: Literal["cpu", "gpu"] = "cpu"
+    count: int = field(default=1, metadata=_int_range(1, 256, "CPU mode: number of workers"))
+    gpus: str | tuple[int | str, ...] = field(default="all", metadata={"doc": 'GPU mode: "all" or a list of indices or UUIDs'})
+    per_gpu: int = field(default=1, metadata=_int_range(1, 16, "workers per GPU (use with MPS)"))
+    cpu_affinity: str | tuple[tuple[int, ...], ...] = field(
+        default="auto", metadata={"doc": '"auto" (NUMA-local cores from NVML), "none", or one list of cores per worker'}
+    )
+    heartbeat_interval_ms: int = field(default=200, metadata=_int_range(10, 10000, "worker heartbeat period (ms)"))
+    hang_timeout_s: float = field(default=5.0, metadata=_positive("a worker with queued work and no progress for this long is restarted"))
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    kind: Literal["onnx", "synthetic", "tensorrt"] = "synthetic"
+    path: str = field(default="", metadata={"doc": "model file (onnx, tensorrt); relative to the config file"})
+    max_batch: int = field(default=64, metadata=_int_range(1, None, "largest batch (rows) the engine runs"))
+    item_shape: tuple[int, ...] = field(default=(256,), metadata={"doc": "synthetic: shape of one item (row)"})
+    work: int = field(default=0, metadata=_int_range(0, 1 << 24, "synthetic: iterations per element"))
+    runtime: Literal["auto", "tensorrt", "tensorrt_lean"] = field(default="auto", metadata={"doc": "tensorrt: which runtime module loads the plan"})
+    trust_host_code: bool = field(default=False, metadata={"doc": "tensorrt: allow host code in version-compatible plans (trusted plans only)"})
+    intra_op_threads: int = field(default=1, metadata=_int_range(0, 256, "onnx: ONNX Runtime threads per worker (0 = its default)"))
+
+
+@dataclass(frozen=True)
+class PipelineSection:
+    depth: int = field(default=2, metadata=_int_range(1, 16, "batches in flight per worker (1 = sync every batch)"))
+    cuda_graphs: bool = False
+    buckets: tuple[int, ...] = field(default=(), metadata={"doc": "batch sizes graphs are captured for; default powers of two up to max_batch"})
+    sync: Literal["spin", "blocking"] = "blocking"
+    max_queue: int = field(default=1024, metadata=_int_range(1, None, "queued requests per worker before OVERLOADED"))
+    max_queue_delay_us: int = field(default=100, metadata=_int_range(0, 10_000_000, "longest a request waits to be coalesced while the pipeline is busy (us)"))
+
+
+@dataclass(frozen=True)
+class TransportSection:
+    kind: Literal["ipc", "tcp"] = "ipc"
+    host: str = field(default="127.0.0.1", metadata={"doc": "tcp: bind address (loopback unless you mean it)"})
+    port_base: int = field(default=0, metadata=_port("tcp: first worker port (0 = ephemeral)"))
+    max_message_bytes: int = field(default=256 << 20, metadata=_int_range(1, None, "largest accepted message on any socket (bytes)"))
+
+
+@dataclass(frozen=True)
+class MpsSection:
+    enabled: bool = False
+    active_thread_percentage: int = field(default=0, metadata=_int_range(0, 100, "per-worker SM share in percent (0 = unset)"))
+    use_existing: bool = field(default=False, metadata={"doc": "use an MPS daemon that is already running"})
+
+
+@dataclass(frozen=True)
+class MonitorSection:
+    interval_ms: int = field(default=100, metadata=_int_range(10, 60000, "NVML fast-loop period (ms)"))
+    metrics_port: int = field(default=0, metadata=_port("Prometheus port on 127.0.0.1 (0 = off)"))
+    stall_factor: float = field(default=8.0, metadata=_check(lambda v: v > 1, "expected a number above 1", "stall: this many times the recent baseline"))
+    stall_min_us: int = field(default=1000, metadata=_int_range(0, None, "stall: never below this many microseconds"))
+
+
+@dataclass(frozen=True)
+class RestartSection:
+    enabled: bool = field(default=True, metadata={"doc": "restart crashed or hung workers"})
+    backoff_initial_s: float = field(default=0.5, metadata=_positive("first restart delay; doubles per consecutive crash"))
+    backoff_max_s: float = field(default=30.0, metadata=_positive("longest restart delay"))
+    flap_window_s: float = field(default=60.0, metadata=_positive("window in which crashes count as flapping"))
+    flap_max_crashes: int = field(default=5, metadata=_int_range(1, None, "crashes within the window that quarantine a worker"))
+    quarantine_s: float = field(default=300.0, metadata=_positive("how long a quarantined worker stays failed before a retry"))
+
+
+@dataclass(frozen=True)
+class DebugSection:
+    """Fault and stall injection for verification (never enable in production)."""
+
+    inject: Literal["none", "pinned_alloc", "device_alloc", "module_load", "cpu_hog", "crash_on_start", "hang_after"] = "none"
+    inject_period_ms: int = field(default=500, metadata=_int_range(1, 600000, "period of the injected operation"))
+    inject_bytes: int = field(default=64 << 20, metadata=_int_range(1, None, "size of injected allocations"))
+    inject_after_batches: int = field(default=0, metadata=_int_range(0, None, "hang_after: batches served before the worker hangs"))
+
+
+@dataclass(frozen=True)
+class Config:
+    orchestrator: OrchestratorSection = OrchestratorSection()
+    workers: WorkersSection = WorkersSection()
+    model: ModelSection = ModelSection()
+    pipeline: PipelineSection = PipelineSection()
+    transport: TransportSection = TransportSection()
+    mps: MpsSection = MpsSection()
+    monitor: MonitorSection = MonitorSection()
+    restart: RestartSection = RestartSection()
+    debug: DebugSection = DebugSection()
+    source: str = ""  # path of the file this came from ("" for built-in)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.orchestrator.run_dir) if self.orchestrator.run_dir else default_run_dir(self.orchestrator.name)
+
+    @property
+    def model_path(self) -> Path:
+        return Path(self.model.path)
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        if self.pipeline.buckets:
+            return self.pipeline.buckets
+        out, b = [], 1
+        while b < self.model.max_batch:
+            out.append(b)
+            b *= 2
+        out.append(self.model.max_batch)
+        return tuple(out)
+
+
+_SECTIONS: dict[str, type] = {k: v for k, v in typing.get_type_hints(Config).items() if k != "source"}
+
+
+def default_run_dir(name: str) -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    root = Path(base) / "orchestrator" if base and os.access(base, os.W_OK) else Path(f"/tmp/orchestrator-{os.getuid()}")
+    return root / name
+
+
+# --- generic validation driven by the dataclass type hints ---------------------------------------
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
+    """Check `value` against type `tp`; return the converted value or append an error."""
+    origin = get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        errors.append(f"{path}: expected true or false, got {_describe(value)}")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        errors.append(f"{path}: expected an integer, got {_describe(value)}")
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        errors.append(f"{path}: expected a number, got {_describe(value)}")
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        errors.append(f"{path}: expected a string, got {_describe(value)}")
+    elif origin is Literal:
+        choices = get_args(tp)
+        if value in choices and isinstance(value, type(choices[0])):
+            return value
+        errors.append(f"{path}: expected one of {', '.join(repr(c) for c in choices)}, got {_describe(value)}")
+    elif origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, list):
+            errors.append(f"{path}: expected a list, got {_describe(value)}")
+            return None
+        inner = args[0]
+        out = []
+        for i, item in enumerate(value):
+            sub: list[str] = []
+            conv = _convert(inner, item, f"{path}[{i}]", sub)
+            errors.extend(sub)
+            out.append(conv)
+        return tuple(out)
+    elif origin in (typing.Union, types.UnionType):
+        for alt in get_args(tp):
+            sub = []
+            conv = _convert(alt, value, path, sub)
+            if not sub:
+                return conv
+        errors.append(f"{path}: got {_describe(value)}, which is not allowed here (see the config reference)")
+    else:  # pragma: no cover - a schema bug, not a user error
+        raise TypeError(f"unsupported config type {tp!r} at {path}")
+    return None
+
+
+def _build_section(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        errors.append(f"{path}: expected a table, got {_describe(raw)}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            errors.append(f"{path}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    values = {}
+    for name, f in known.items():
+        if name not in raw:
+            continue
+        before = len(errors)
+        value = _convert(hints[name], raw[name], f"{path}.{name}", errors)
+        expect = f.metadata.get("expect")
+        if len(errors) > before:
+            if expect:  # one clear sentence beats the generic type error
+                del errors[before:]
+                errors.append(f"{path}.{name}: {expect}, got {_describe(raw[name])}")
+        elif "check" in f.metadata and not f.metadata["check"](value):
+            errors.append(f"{path}.{name}: {expect}, got {_describe(raw[name])}")
+        else:
+            values[name] = value
+    return cls(**values)
+
+
+def _cross_checks(cfg: Config, base: Path, check_files: bool, errors: list[str]) -> Config:
+    m, p, w = cfg.model, cfg.pipeline, cfg.workers
+    if m.kind in ("onnx", "tensorrt"):
+        if not m.path:
+            errors.append(f"model.path: required for kind = \"{m.kind}\"")
+        else:
+            path = Path(os.path.normpath(m.path if Path(m.path).is_absolute() else base / m.path))
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, path=str(path)))
+            if check_files and not path.is_file():
+                errors.append(f"model.path: file not found: {path}")
+    if m.kind == "synthetic" and (not m.item_shape or any(d <= 0 for d in m.item_shape)):
+        errors.append("model.item_shape: expected a non-empty list of positive integers")
+    if p.buckets:
+        if list(p.buckets) != sorted(set(p.buckets)) or p.buckets[0] < 1:
+            errors.append("pipeline.buckets: expected strictly increasing positive integers")
+        elif p.buckets[-1] != m.max_batch:
+            errors.append(f"pipeline.buckets: the last bucket must equal model.max_batch ({m.max_batch})")
+    if w.device == "cpu" and (p.cuda_graphs or cfg.mps.enabled):
+        errors.append("workers.device: CUDA graphs and MPS need device = \"gpu\"")
+    if w.device == "cpu" and m.kind == "tensorrt":
+        errors.append('model.kind: "tensorrt" needs workers.device = "gpu"')
+    if isinstance(w.gpus, str) and w.gpus != "all":
+        errors.append(f'workers.gpus: expected "all" or a list of GPU indices or UUIDs, got "{w.gpus}"')
+    if isinstance(w.cpu_affinity, str) and w.cpu_affinity not in ("auto", "none"):
+        errors.append(f'workers.cpu_affinity: expected "auto", "none" or a list of core lists, got "{w.cpu_affinity}"')
+    run_dir = str(cfg.run_dir)
+    if len(run_dir) > _MAX_RUN_DIR:
+        errors.append(f"orchestrator.run_dir: {run_dir!r} is {len(run_dir)} characters; ipc socket paths need it under {_MAX_RUN_DIR}")
+    if not cfg.orchestrator.name or "/" in cfg.orchestrator.name:
+        errors.append("orchestrator.name: expected a non-empty name without '/'")
+    return cfg
+
+
+def parse_config(raw: dict, source: str = "", base_dir: Path | None = None, check_files: bool = True) -> Config:
+    """Validate a parsed TOML document. Raises ConfigError listing every problem."""
+    errors: list[str] = []
+    sections = {}
+    for key, value in raw.items():
+        if key not in _SECTIONS:
+            errors.append(f"{key}: unknown section (known: {', '.join(sorted(_SECTIONS))})")
+            continue
+        sections[key] = _build_section(_SECTIONS[key], value, key, errors)
+    cfg = Config(**sections, source=source)
+    cfg = _cross_checks(cfg, base_dir or Path.cwd(), check_files, errors)
+    if errors:
+        raise ConfigError(errors, source or None)
+    return cfg
+
+
+def load_config(path: str | os.PathLike, check_files: bool = True) -> Config:
+    """Read and validate a TOML config file. Raises ConfigError with every problem found."""
+    p = Path(path)
+    try:
+        text = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("not a UTF-8 text file", str(p)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"TOML syntax error: {exc}", str(p)) from None
+    return parse_config(raw, str(p.resolve()), p.resolve().parent, check_files)
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain-data form (lists, not tuples) for passing to workers and printing."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    """Inverse of to_dict for an already-validated config (used inside workers)."""
+    src = data.get("source", "")
+    raw = {k: v for k, v in data.items() if k != "source"}
+    # Paths are already absolute; skip file checks (the supervisor did them).
+    return parse_config(_lists(raw), src, Path("/"), check_files=False)
+
+
+def _lists(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _lists(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_lists(v) for v in obj]
+    return obj
+
+
+def reference() -> str:
+    """The config reference as Markdown (used to keep the README's table in step with the code)."""
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for section, cls in _SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else ""
+            tp = str(hints[f.name]).replace("typing.", "").replace("|", "or")
+            lines.append(f"| `{section}.{f.name}` | {tp} | `{default!r}` | {f.metadata.get('doc', '')} |")
+    return "\n".join(lines)

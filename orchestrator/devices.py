@@ -1,0 +1,145 @@
+"""Plans the worker processes for a config: which device each serves, its environment and CPU cores.
+
+Runs in the supervisor (and `orchestrator start` pre-flight). Never imports CUDA: GPUs are discovered
+through NVML, and CUDA packages are only looked up, not imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+
+from orchestrator.config import Config
+from orchestrator.errors import ConfigError
+from orchestrator.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    id: str
+    device: str  # "cpu" or "gpu:<index>"
+    endpoint: str
+    cpu_affinity: tuple[int, ...] | None
+    env: dict[str, str] = field(default_factory=dict)
+    gpu_index: int | None = None
+    gpu_uuid: str | None = None
+    gpu_name: str | None = None
+    shares_gpu_with: tuple[str, ...] = ()
+
+
+def _split(cores: list[int], parts: int) -> list[tuple[int, ...] | None]:
+    """Split cores into `parts` contiguous, disjoint groups; share all of them if there are too few."""
+    if not cores:
+        return [None] * parts
+    if len(cores) < parts:
+        return [tuple(cores)] * parts
+    size, extra = divmod(len(cores), parts)
+    out, start = [], 0
+    for i in range(parts):
+        n = size + (1 if i < extra else 0)
+        out.append(tuple(cores[start:start + n]))
+        start += n
+    return out
+
+
+def _endpoint(cfg: Config, rundir: RunDir, worker_id: str, index: int) -> str:
+    t = cfg.transport
+    if t.kind == "tcp":
+        port = f"{t.port_base + index}" if t.port_base else "*"
+        return f"tcp://{t.host}:{port}"
+    return f"ipc://{rundir.worker_socket(worker_id)}"
+
+
+def _explicit_affinity(cfg: Config, n: int) -> list[tuple[int, ...] | None] | None:
+    aff = cfg.workers.cpu_affinity
+    if aff == "none":
+        return [None] * n
+    if isinstance(aff, tuple):
+        if len(aff) != n:
+            raise ConfigError(f"workers.cpu_affinity: {len(aff)} core lists given for {n} workers")
+        host = os.sched_getaffinity(0)
+        for i, cores in enumerate(aff):
+            bad = sorted(set(cores) - host)
+            if bad or not cores:
+                raise ConfigError(f"workers.cpu_affinity[{i}]: cores {bad or '[]'} are not available on this host "
+                                  f"(available: {sorted(host)})")
+        return [tuple(c) for c in aff]
+    return None  # "auto"
+
+
+def gpu_preflight(cfg: Config) -> list[str]:
+    """What a GPU config needs that this host lacks; empty when it can start."""
+    missing = []
+    if importlib.util.find_spec("pynvml") is None:
+        missing.append("the nvidia-ml-py package (pip install 'orchestrator[gpu]')")
+    if importlib.util.find_spec("cuda") is None or importlib.util.find_spec("cuda.bindings") is None:
+        missing.append("the cuda-python package (pip install 'orchestrator[gpu]')")
+    if cfg.model.kind == "tensorrt" and not any(
+        importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_lean", "tensorrt_lean_bindings")
+    ):
+        missing.append("TensorRT (the tensorrt or tensorrt-lean packages)")
+    if cfg.model.kind in ("tensorrt",) and not os.path.isfile(cfg.model.path):
+        missing.append(f"the TensorRT plan {cfg.model.path}")
+    return missing
+
+
+def discover_or_explain(cfg: Config) -> list[dict]:
+    """GPUs from NVML, or a ConfigError naming everything that is missing."""
+    missing = gpu_preflight(cfg)
+    gpus: list[dict] = []
+    if importlib.util.find_spec("pynvml") is not None:
+        from orchestrator.monitor.nvml_sampler import discover_gpus
+
+        try:
+            gpus = discover_gpus()
+        except Exception as exc:  # NVML raises its own error types; the message is what matters
+            missing.insert(0, f"an NVIDIA driver with visible GPUs (NVML: {exc})")
+        else:
+            if not gpus:
+                missing.insert(0, "an NVIDIA GPU (NVML sees none)")
+    else:
+        missing.insert(0, "an NVIDIA driver and GPU (cannot query NVML)")
+    if missing:
+        raise ConfigError([f"workers.device = \"gpu\" needs {m}" for m in missing]
+                          + ["use a CPU config such as configs/cpu.toml on this host"], cfg.source or None)
+    return gpus
+
+
+def _select_gpus(cfg: Config, gpus: list[dict]) -> list[dict]:
+    want = cfg.workers.gpus
+    if want == "all":
+        return gpus
+    chosen = []
+    for sel in want:
+        match = [g for g in gpus if (g["index"] == sel if isinstance(sel, int) else g["uuid"] == sel)]
+        if not match:
+            have = ", ".join(f"{g['index']}={g['uuid']}" for g in gpus)
+            raise ConfigError(f"workers.gpus: GPU {sel!r} not found (have: {have})")
+        chosen.append(match[0])
+    return chosen
+
+
+def plan_workers(cfg: Config, rundir: RunDir, gpus: list[dict] | None = None) -> list[WorkerPlan]:
+    """One plan per worker process; GPU configs need `gpus` from discover_or_explain()."""
+    if cfg.workers.device == "cpu":
+        n = cfg.workers.count
+        affinity = _explicit_affinity(cfg, n) or _split(sorted(os.sched_getaffinity(0)), n)
+        return [WorkerPlan(f"w{i}", "cpu", _endpoint(cfg, rundir, f"w{i}", i), affinity[i]) for i in range(n)]
+    chosen = _select_gpus(cfg, gpus or [])
+    per = cfg.workers.per_gpu
+    explicit = _explicit_affinity(cfg, len(chosen) * per)
+    plans: list[WorkerPlan] = []
+    for g in chosen:
+        ids = tuple(f"w{len(plans) + k}" for k in range(per))
+        local = _split(sorted(g.get("cpu_affinity") or []), per)
+        for k, wid in enumerate(ids):
+            i = len(plans)
+            env = {"CUDA_VISIBLE_DEVICES": g["uuid"], "CUDA_MODULE_LOADING": "EAGER",
+                   "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+            plans.append(WorkerPlan(
+                wid, f"gpu:{g['index']}", _endpoint(cfg, rundir, wid, i),
+                explicit[i] if explicit else local[k], env, g["index"], g["uuid"], g.get("name"),
+                tuple(x for x in ids if x != wid),
+            ))
+    return plans

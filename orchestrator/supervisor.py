@@ -1,0 +1,352 @@
+"""The supervisor process: spawns and watches workers, serves the control socket, publishes events.
+
+Its main thread owns every socket (control ROUTER, events PUB, worker inbox PULL) and polls them together
+with each worker's pidfd (the process sentinel), so crashes, SIGKILLs and OOM kills are seen at once.
+It never imports CUDA. `python -m orchestrator.supervisor CONFIG` runs it detached (see the CLI).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import zmq
+
+from orchestrator import control, protocol
+from orchestrator.config import Config, load_config
+from orchestrator.devices import discover_or_explain, plan_workers
+from orchestrator.errors import ConfigError, OrchestratorError
+from orchestrator.monitor.monitor import Monitor
+from orchestrator.restart_policy import Action
+from orchestrator.rundir import RunDir
+from orchestrator.worker_handle import State, WorkerHandle, tail
+
+log = logging.getLogger("orchestrator.supervisor")
+
+_TICK_MS = 100  # housekeeping period: hang checks, scheduled restarts, stop deadlines
+
+
+class Supervisor:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.rundir = RunDir(cfg.run_dir)
+        self.workers: dict[str, WorkerHandle] = {}
+        self.started_at = time.time()
+        self._t0 = time.monotonic()
+        self.stopping = False
+        self.stop_reason = ""
+        self._stop_deadline = 0.0
+        self._killed_all = False
+        self.gpus: list[dict] = []
+        self.monitor: Monitor | None = None
+        self.exit_code = 0
+        self._startup_settled = False
+
+    # --- setup ----------------------------------------------------------------------------------
+
+    def _open_sockets(self) -> None:
+        ctx = self.ctx = zmq.Context(io_threads=1)
+        limit = self.cfg.transport.max_message_bytes
+        self.ctl = ctx.socket(zmq.ROUTER)
+        self.ctl.setsockopt(zmq.LINGER, 0)
+        self.ctl.setsockopt(zmq.MAXMSGSIZE, 1 << 16)
+        self.ctl.bind(self.rundir.control_endpoint())
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.bind(self.rundir.events_endpoint())
+        self.inbox = ctx.socket(zmq.PULL)
+        self.inbox.setsockopt(zmq.LINGER, 0)
+        self.inbox.setsockopt(zmq.MAXMSGSIZE, min(limit, 16 << 20))
+        self.inbox.bind(self.rundir.inbox_endpoint())
+        for p in (self.rundir.control, self.rundir.events, self.rundir.inbox):
+            os.chmod(p, 0o600)
+
+    def _plan(self) -> None:
+        if self.cfg.workers.device == "gpu":
+            self.gpus = discover_or_explain(self.cfg)
+        for plan in plan_workers(self.cfg, self.rundir, self.gpus):
+            self.workers[plan.id] = WorkerHandle(plan, self.cfg, self.rundir)
+
+    # --- events ---------------------------------------------------------------------------------
+
+    def _publish(self, w: WorkerHandle) -> None:
+        msg = {"id": w.id, "state": w.state.value, "endpoint": w.endpoint, "pid": w.pid, "restarts": w.tracker.restarts,
+               "t": time.time()}
+        self.pub.send_multipart([b"worker", protocol.pack(msg)])
+
+    def _set_state(self, w: WorkerHandle, state: State) -> None:
+        if w.state != state:
+            w.state = state
+            self._publish(w)
+
+    def _on_inbox(self, msg: dict[str, Any]) -> None:
+        w = self.workers.get(msg.get("id", ""))
+        if w is None:
+            return
+        kind = msg.get("kind")
+        now = time.monotonic()
+        if kind == "hb":
+            w.on_heartbeat(msg, now)
+        elif kind == "report" and self.monitor is not None:
+            self.monitor.on_report(w.id, msg.get("report", {}))
+            w.last_beat = now
+        elif kind == "stall" and self.monitor is not None:
+            rec = self.monitor.on_stall(w.id, msg.get("candidate", {}))
+            log.warning("[stall] %s: %s", w.id, rec.get("summary", rec.get("causes")))
+        elif kind == "ready":
+            if msg.get("pid") != w.pid:
+                return  # a previous incarnation's late message
+            w.ready_info = msg
+            w.endpoint = msg.get("endpoint", w.endpoint)
+            w.ready_at = now
+            w.last_beat = now
+            w.last_error = ""
+            w.tracker.on_ready(now)
+            if self.monitor is not None:
+                self.monitor.set_worker(w.id, w.pid, w.plan.gpu_uuid)
+            log.info("[ready] %s pid %d at %s (%s, loading %s)", w.id, w.pid, w.endpoint,
+                     msg.get("engine", {}).get("kind"), msg.get("engine", {}).get("module_loading", "n/a"))
+            self._set_state(w, State.DRAINING if self.stopping else State.READY)
+        elif kind == "failed":
+            w.last_error = msg.get("error", "")
+        elif kind == "state" and msg.get("state") == "draining":
+            self._set_state(w, State.DRAINING)
+
+    def _on_exit(self, w: WorkerHandle) -> None:
+        code = w.reap()
+        if code is None:
+            return
+        now = time.monotonic()
+        if self.stopping:
+            log.info("[reap] %s exited with code %s", w.id, code)
+            self._set_state(w, State.STOPPED)
+            return
+        why = w.kill_reason or w.last_error or f"exit code {code}"
+        log.error("[reap] %s (pid %s) died: %s; log tail:\n%s", w.id, w.proc.pid if w.proc else "?", why,
+                  tail(w.log_path, 12))
+        w.last_error = why if why.startswith("exit") else f"{why} (exit code {code})"
+        decision = w.tracker.on_crash(now)
+        w.quarantined = decision.action == Action.QUARANTINE
+        w.restart_at = decision.at if decision.action != Action.GIVE_UP else None
+        log.warning("[restart] %s: %s", w.id, decision.reason)
+        self._set_state(w, State.FAILED)
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        for w in self.workers.values():
+            if w.pidfd is not None and not self.stopping and w.state in (State.STARTING, State.READY):
+                why = w.hung(now)
+                if why and not w.kill_reason:
+                    log.error("[restart] %s looks hung: %s; killing pid %s", w.id, why, w.pid)
+                    w.kill(f"hung: {why}")
+            if w.restart_at is not None and now >= w.restart_at and w.pidfd is None and not self.stopping:
+                w.quarantined = False
+                w.spawn()
+                self._publish(w)
+        if self.stopping and not self._killed_all and now >= self._stop_deadline:
+            self._killed_all = True
+            for w in self.workers.values():
+                if w.pidfd is not None:
+                    log.warning("[shutdown] %s did not stop in time; SIGKILL", w.id)
+                    w.signal(signal.SIGKILL)
+
+    # --- control --------------------------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_reason = reason
+        # Workers drain within stop_timeout_s; allow a little more before SIGKILL.
+        self._stop_deadline = time.monotonic() + self.cfg.orchestrator.stop_timeout_s + 3.0
+        log.info("[shutdown] %s: draining %d workers", reason, sum(w.pidfd is not None for w in self.workers.values()))
+        self.pub.send_multipart([b"supervisor", protocol.pack({"state": "stopping", "t": time.time()})])
+        for w in self.workers.values():
+            w.restart_at = None
+            if w.pidfd is not None:
+                w.signal(signal.SIGTERM)
+                self._set_state(w, State.DRAINING)
+            else:
+                self._set_state(w, State.STOPPED)
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "name": self.cfg.orchestrator.name, "pid": os.getpid(), "run_dir": str(self.rundir.root),
+            "config": self.cfg.source, "started_at": self.started_at, "uptime_s": round(now - self._t0, 1),
+            "stopping": self.stopping, "device": self.cfg.workers.device,
+            "workers": [w.describe(now) for w in self.workers.values()],
+            "monitor": self.monitor.snapshot() if self.monitor is not None else {},
+            "mps": None,
+        }
+
+    def endpoints(self) -> dict[str, Any]:
+        return {
+            "events": self.rundir.events_endpoint(),
+            "workers": [
+                {"id": w.id, "endpoint": w.endpoint, "state": w.state.value, "device": w.plan.device,
+                 "inputs": w.ready_info.get("inputs", []), "outputs": w.ready_info.get("outputs", []),
+                 "max_batch": w.ready_info.get("max_batch")}
+                for w in self.workers.values()
+            ],
+        }
+
+    # --- main loop ------------------------------------------------------------------------------
+
+    def _poll_once(self, poller: zmq.Poller, wake_fd: int) -> None:
+        fd_to_worker = {w.pidfd: w for w in self.workers.values() if w.pidfd is not None}
+        for fd in fd_to_worker:
+            poller.register(fd, zmq.POLLIN)
+        try:
+            events = dict(poller.poll(_TICK_MS))
+        finally:
+            for fd in fd_to_worker:
+                poller.unregister(fd)
+        if wake_fd in events:
+            try:
+                os.read(wake_fd, 512)
+            except BlockingIOError:
+                pass
+        if self.inbox in events:
+            for _ in range(1000):
+                try:
+                    raw = self.inbox.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    msg = protocol.unpack(raw, max_size=16 << 20)
+                except Exception:
+                    continue  # not from one of our workers: ignore
+                if isinstance(msg, dict):
+                    self._on_inbox(msg)
+        if self.ctl in events:
+            for _ in range(100):
+                try:
+                    frames = self.ctl.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if len(frames) == 2:
+                    self.ctl.send_multipart([frames[0], control.handle(self, frames[1], local=True)])
+        for fd, w in fd_to_worker.items():
+            if fd in events:
+                self._on_exit(w)
+        self._housekeeping()
+
+    def _check_startup(self) -> None:
+        """Once every worker has either reached READY or failed its first start: if none came up, stop
+        with an error instead of restarting forever (a bad model or config fails fast and loudly)."""
+        ws = self.workers.values()
+        if not all(w.ready_at or w.state == State.FAILED for w in ws):
+            return
+        self._startup_settled = True
+        if not any(w.ready_at for w in ws):
+            for text in self.startup_failures():
+                log.error("[spawn] %s", text)
+            self.exit_code = 1
+            self.request_stop("no worker could start")
+
+    def serve(self, stop_flag: dict[str, bool], wake_fd: int) -> None:
+        poller = zmq.Poller()
+        for s in (self.ctl, self.inbox):
+            poller.register(s, zmq.POLLIN)
+        poller.register(wake_fd, zmq.POLLIN)
+        while True:
+            if stop_flag.get("stop") and not self.stopping:
+                self.request_stop(stop_flag.get("reason", "signal"))
+            if self.stopping and all(w.pidfd is None for w in self.workers.values()):
+                return
+            self._poll_once(poller, wake_fd)
+            if not self._startup_settled and not self.stopping:
+                self._check_startup()
+
+    def startup_failures(self) -> list[str]:
+        """Workers that failed before ever reaching READY (for `start` to report)."""
+        out = []
+        for w in self.workers.values():
+            if w.state == State.FAILED and not w.ready_at:
+                out.append(f"{w.id} on {w.plan.device} failed to start: {w.last_error}\n"
+                           f"--- last lines of {w.log_path} ---\n{tail(w.log_path, 15)}")
+        return out
+
+    def run(self, stop_flag: dict[str, bool], wake_fd: int) -> int:
+        """Own the run directory, start every worker, serve until stopped. Returns the exit status."""
+        lock_fd = self.rundir.acquire()
+        try:
+            self._open_sockets()
+            self._plan()
+            self.monitor = Monitor(self.cfg, self.rundir.root)
+            self.monitor.start(self.gpus)
+            for w in self.workers.values():
+                w.spawn()
+                self._publish(w)
+            log.info("[spawn] supervisor pid %d, %d workers, run dir %s", os.getpid(), len(self.workers),
+                     self.rundir.root)
+            self.serve(stop_flag, wake_fd)
+            log.info("[shutdown] all workers stopped (%s)", self.stop_reason)
+            return self.exit_code
+        finally:
+            self._teardown()
+            os.close(lock_fd)
+
+    def _teardown(self) -> None:
+        for w in self.workers.values():
+            if w.pidfd is not None:
+                w.signal(signal.SIGKILL)
+                if w.proc is not None:
+                    w.proc.wait(5)
+                w.reap()
+        if self.monitor is not None:
+            self.monitor.stop()
+        if hasattr(self, "ctx"):
+            for s in (self.ctl, self.pub, self.inbox):
+                s.close(0)
+            self.ctx.term()
+        self.rundir.cleanup()
+
+
+def install_signal_wakeup() -> tuple[dict[str, Any], int]:
+    """SIGINT/SIGTERM only set a flag; the wake-up fd makes the main loop notice at once."""
+    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+    flag: dict[str, Any] = {"stop": False}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        flag["stop"] = True
+        flag["reason"] = signal.Signals(signum).name
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    return flag, rfd
+
+
+def configure_logging(level: str, stream: Any = None) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=stream or sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main() -> None:
+    """Detached entry (`orchestrator start --detach` runs this in a new session)."""
+    if len(sys.argv) != 2:
+        print("usage: python -m orchestrator.supervisor CONFIG", file=sys.stderr)
+        sys.exit(2)
+    try:
+        cfg = load_config(sys.argv[1])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    configure_logging(cfg.orchestrator.log_level)
+    flag, wake_fd = install_signal_wakeup()
+    try:
+        sys.exit(Supervisor(cfg).run(flag, wake_fd))
+    except OrchestratorError as exc:
+        log.error("%s", exc)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Shared test fixtures: short temporary run directories, config writing, spawned orchestrators, and a
+guard that every test leaves no child process behind. Runs in the pytest process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODEL = ROOT / "models" / "demo.onnx"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/gpu/" in str(item.fspath).replace(os.sep, "/"):
+            item.add_marker(pytest.mark.gpu)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temporary directory with a short path: ipc:// socket paths must stay under 108 bytes."""
+    d = Path(tempfile.mkdtemp(prefix="orch-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return str(v)
+
+
+def write_config(directory: Path, sections: dict[str, dict[str, object]], name: str = "test.toml") -> Path:
+    """Write a TOML config whose run directory is inside `directory`."""
+    sections = {k: dict(v) for k, v in sections.items()}
+    orch = sections.setdefault("orchestrator", {})
+    orch.setdefault("name", "t")
+    orch.setdefault("run_dir", str(directory / "run"))
+    orch.setdefault("startup_timeout_s", 60)
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    path = directory / name
+    path.write_text("\n".join(lines))
+    return path
+
+
+def cli(*args: str, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess:
+    """Run the `orchestrator` CLI as a user would (a fresh interpreter)."""
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"orchestrator {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+class Running:
+    """A detached orchestrator started through the CLI; stopped (and checked gone) on exit."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        from orchestrator.config import load_config
+
+        self.cfg = load_config(config)
+        self.run_dir = self.cfg.run_dir
+
+    def start(self, timeout: float = 90) -> Running:
+        cli("start", str(self.config), "--detach", timeout=timeout, check=True)
+        return self
+
+    def status(self) -> dict:
+        from orchestrator.control import ControlClient
+        from orchestrator.rundir import RunDir
+
+        with ControlClient(RunDir(self.run_dir).control_endpoint(), timeout_s=5) as c:
+            return c.call("status")
+
+    def stop(self) -> None:
+        from orchestrator.rundir import RunDir
+
+        if RunDir(self.run_dir).is_running():
+            cli("stop", str(self.config), timeout=60)
+
+
+@pytest.fixture
+def orchestrator_factory() -> Iterator:
+    started: list[Running] = []
+
+    def make(config: Path, start: bool = True) -> Running:
+        r = Running(config)
+        started.append(r)
+        return r.start() if start else r
+
+    yield make
+    for r in started:
+        r.stop()
+
+
+def _descendants() -> list[psutil.Process]:
+    try:
+        return [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    except psutil.Error:
+        return []
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """Every test must leave no child process behind (detached supervisors included)."""
+    before = {p.pid for p in _descendants()}
+    started_at = time.time()
+    yield
+    deadline = time.time() + 10
+    left: list[psutil.Process] = []
+    while time.time() < deadline:
+        left = [p for p in _descendants() if p.pid not in before]
+        left += [p for p in _orchestrator_orphans(started_at)]
+        if not left:
+            return
+        time.sleep(0.1)
+    for p in left:
+        p.kill()
+    pytest.fail(f"processes left behind: {[(p.pid, ' '.join(p.cmdline()[:4])) for p in left]}")
+
+
+def _orchestrator_orphans(since: float) -> list[psutil.Process]:
+    """Detached supervisors and their workers re-parent to init: find ours by command line and start time."""
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline", "create_time"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            if p.info["create_time"] >= since - 1 and any(
+                m in " ".join(cmd) for m in ("orchestrator.supervisor", "workers.worker")
+            ) and p.pid != os.getpid() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out

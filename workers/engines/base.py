@@ -1,0 +1,99 @@
+"""The one small interface every engine implements, and the per-batch Slot it fills.
+
+Runs in a worker process, on the worker's serving thread. The pipeline (workers/pipeline.py) only ever
+talks to this interface, so CPU and GPU engines share one code path; only the runtime layer differs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output tensor. `item_shape` excludes the leading batch dimension."""
+
+    name: str
+    dtype: np.dtype
+    item_shape: tuple[int, ...]
+
+    def to_wire(self) -> list:
+        return [self.name, self.dtype.str, list(self.item_shape)]
+
+
+@dataclass(eq=False)
+class Slot:
+    """Everything one in-flight batch needs, allocated once at start-up.
+
+    `inputs`/`outputs` are host arrays of shape (max_batch, *item_shape): pinned memory on a GPU, plain
+    memory on the CPU. Engines subclass Slot (or use `extra`) for their device buffers, streams, events,
+    execution contexts and graphs.
+    """
+
+    index: int
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+    rows: int = 0  # rows of the batch currently launched, after padding
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(ABC):
+    """A loaded model plus the runtime that executes it. All methods run on the serving thread.
+
+    Life cycle: __init__ (load) -> create_slots(depth) -> warmup(slots) -> READY ->
+    launch/done/wait per batch -> close(). After READY an engine must not allocate memory, load modules or
+    instantiate graphs (GPU engines record any such call as a fault).
+    """
+
+    kind: str = "base"
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    max_batch: int = 1
+    #: True when launches must use one of the warmed-up bucket sizes (CUDA graphs, fixed-shape plans);
+    #: the pipeline then pads each batch up to its bucket.
+    pads_to_buckets: bool = False
+
+    @abstractmethod
+    def create_slots(self, depth: int) -> list[Slot]:
+        """Allocate `depth` slots with every buffer a batch needs."""
+
+    def warmup(self, slots: list[Slot], buckets: tuple[int, ...]) -> None:  # noqa: B027 - optional hook
+        """Run every code path once (every bucket on every slot when graphs are on). Default: nothing."""
+
+    @abstractmethod
+    def launch(self, slot: Slot, rows: int) -> None:
+        """Start the batch staged in `slot.inputs[:rows]`; results land in `slot.outputs[:rows]`.
+
+        GPU engines only enqueue (H2D, kernels or graph, D2H, event record) and return at once; CPU
+        engines may compute synchronously.
+        """
+
+    @abstractmethod
+    def done(self, slot: Slot) -> bool:
+        """Non-blocking: has the batch in `slot` finished?"""
+
+    @abstractmethod
+    def wait(self, slot: Slot) -> None:
+        """Block until the batch in `slot` has finished (releasing the GIL while waiting)."""
+
+    def gpu_time_us(self, slot: Slot) -> float | None:
+        """Device time of the last finished batch in `slot`, from events; None where not measured."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for the READY message and `status` (device name, module loading mode, faults...)."""
+        return {"kind": self.kind}
+
+    def faults(self) -> int:
+        """Driver-lock operations (allocation, module load, graph instantiation) seen after READY."""
+        return 0
+
+    def mark_ready(self) -> None:  # noqa: B027 - optional hook
+        """Called once warm-up is over; from now on allocations are faults."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release everything. Called once, at worker exit."""

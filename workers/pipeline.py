@@ -1,0 +1,200 @@
+"""Device-agnostic batching pipeline: bounded request queue, coalescing, slots, in-order completion.
+
+Runs on the worker's serving thread and owns no sockets (workers/worker.py adds those). Up to `depth`
+batches are in flight; the pipeline waits only on the OLDEST one, and only when its results are needed or
+its slot must be reused (deferred synchronisation). CPU and GPU engines go through this same code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from orchestrator.errors import BatchTooLargeError, InvalidInputError
+from workers.engines.base import Engine, Slot
+
+
+class Request:
+    """One accepted client request. `tensors` are zero-copy views over the received frames."""
+
+    __slots__ = ("identity", "request_id", "tensors", "rows", "t_recv_ns", "deadline_ns", "keep")
+
+    def __init__(self, identity: Any, request_id: int, tensors: dict[str, np.ndarray], rows: int,
+                 t_recv_ns: int, deadline_ns: int = 0, keep: Any = None) -> None:
+        self.identity = identity
+        self.request_id = request_id
+        self.tensors = tensors
+        self.rows = rows
+        self.t_recv_ns = t_recv_ns
+        self.deadline_ns = deadline_ns  # 0 = none; time.monotonic_ns() clock
+        self.keep = keep  # the received frames, kept alive until staging has copied them
+
+
+class Batch:
+    """A launched batch: which slot, which requests at which row offsets, and its timings."""
+
+    __slots__ = ("slot", "parts", "rows", "padded", "t_launch_ns", "t_enqueued_ns", "t_done_ns", "probe0", "probe1")
+
+    def __init__(self, slot: Slot, parts: list[tuple[Request, int]], rows: int, padded: int) -> None:
+        self.slot = slot
+        self.parts = parts
+        self.rows = rows
+        self.padded = padded
+        self.t_launch_ns = 0  # host clock when staging started
+        self.t_enqueued_ns = 0  # host clock when engine.launch returned
+        self.t_done_ns = 0  # host clock when completion was observed
+        self.probe0: Any = None  # thread probe snapshots around engine.launch (monitor telemetry)
+        self.probe1: Any = None
+
+
+class Pipeline:
+    """Queue -> coalesce -> stage into a free slot -> launch; complete in submission order."""
+
+    def __init__(self, engine: Engine, depth: int, max_queue: int, max_queue_delay_us: int,
+                 buckets: tuple[int, ...], probe: Any = None) -> None:
+        self.engine = engine
+        self.depth = depth
+        self.max_queue = max_queue
+        self.delay_ns = max_queue_delay_us * 1000
+        self.buckets = tuple(b for b in buckets if b <= engine.max_batch) or (engine.max_batch,)
+        self.probe = probe  # object with snap(); see orchestrator monitor telemetry
+        self.slots = engine.create_slots(depth)
+        self.free: deque[Slot] = deque(self.slots)
+        self.inflight: deque[Batch] = deque()
+        self.queue: deque[Request] = deque()
+        self.queued_rows = 0
+        self.completed_batches = 0  # progress counter reported in heartbeats
+        self.completed_requests = 0
+        self._in_specs = {s.name: s for s in engine.inputs}
+
+    # --- admission ------------------------------------------------------------------------------
+
+    def check(self, tensors: dict[str, np.ndarray]) -> int:
+        """Validate a request's tensors against the engine; return its row count or raise RequestError."""
+        names = set(tensors)
+        expected = set(self._in_specs)
+        if names != expected:
+            unknown = sorted(names - expected)
+            missing = sorted(expected - names)
+            parts = []
+            if unknown:
+                parts.append(f"unknown tensor(s) {unknown}")
+            if missing:
+                parts.append(f"missing tensor(s) {missing}")
+            raise InvalidInputError(f"{'; '.join(parts)}; the model takes {sorted(expected)}")
+        rows = -1
+        for name, arr in tensors.items():
+            spec = self._in_specs[name]
+            if arr.dtype != spec.dtype:
+                raise InvalidInputError(f"tensor {name!r}: dtype {arr.dtype}, the model takes {spec.dtype}")
+            if arr.ndim != len(spec.item_shape) + 1 or tuple(arr.shape[1:]) != spec.item_shape:
+                raise InvalidInputError(
+                    f"tensor {name!r}: shape {list(arr.shape)}, the model takes [batch, {', '.join(map(str, spec.item_shape))}]"
+                )
+            if rows == -1:
+                rows = arr.shape[0]
+            elif arr.shape[0] != rows:
+                raise InvalidInputError(f"tensor {name!r}: batch {arr.shape[0]} differs from the other inputs' {rows}")
+        if rows <= 0:
+            raise InvalidInputError("empty batch: at least one row is needed")
+        if rows > self.engine.max_batch:
+            raise BatchTooLargeError(f"batch of {rows} rows exceeds the model's max batch {self.engine.max_batch}")
+        return rows
+
+    def offer(self, req: Request) -> bool:
+        """Queue a checked request; False when the bounded queue is full (reply OVERLOADED)."""
+        if len(self.queue) >= self.max_queue:
+            return False
+        self.queue.append(req)
+        self.queued_rows += req.rows
+        return True
+
+    # --- launching ------------------------------------------------------------------------------
+
+    def should_launch(self, now_ns: int) -> bool:
+        """Launch when a slot is free and either the device would idle, the batch is full, or the oldest
+        request has waited `max_queue_delay_us` to be coalesced."""
+        if not self.queue or not self.free:
+            return False
+        if not self.inflight or self.queued_rows >= self.engine.max_batch:
+            return True
+        return now_ns - self.queue[0].t_recv_ns >= self.delay_ns
+
+    def hold_until_ns(self) -> int | None:
+        """When a held (coalescing) batch must launch at the latest, or None if nothing is held."""
+        if self.queue and self.free and self.inflight:
+            return self.queue[0].t_recv_ns + self.delay_ns
+        return None
+
+    def launch_next(self, now_ns: int, on_expired: Callable[[Request], None]) -> Batch | None:
+        """Coalesce queued requests (whole requests only) into a free slot and launch it."""
+        slot = self.free.popleft()
+        parts: list[tuple[Request, int]] = []
+        rows = 0
+        limit = self.engine.max_batch
+        queue = self.queue
+        while queue and rows + queue[0].rows <= limit:
+            req = queue.popleft()
+            self.queued_rows -= req.rows
+            if req.deadline_ns and now_ns > req.deadline_ns:
+                on_expired(req)
+                continue
+            for name, arr in req.tensors.items():
+                slot.inputs[name][rows:rows + req.rows] = arr
+            req.tensors = None  # type: ignore[assignment]  # staged: drop the frame views
+            req.keep = None
+            parts.append((req, rows))
+            rows += req.rows
+        if not parts:
+            self.free.appendleft(slot)
+            return None
+        padded = rows
+        if self.engine.pads_to_buckets:
+            padded = next(b for b in self.buckets if b >= rows)
+        batch = Batch(slot, parts, rows, padded)
+        batch.t_launch_ns = now_ns
+        probe = self.probe
+        if probe is not None:
+            batch.probe0 = probe.snap()
+        slot.rows = padded
+        self.engine.launch(slot, padded)
+        batch.t_enqueued_ns = time.monotonic_ns()
+        if probe is not None:
+            batch.probe1 = probe.snap()
+        self.inflight.append(batch)
+        return batch
+
+    # --- completion -----------------------------------------------------------------------------
+
+    def oldest_done(self) -> bool:
+        return bool(self.inflight) and self.engine.done(self.inflight[0].slot)
+
+    def wait_oldest(self) -> None:
+        """Deferred sync: block (GIL released) on the oldest in-flight batch only."""
+        self.engine.wait(self.inflight[0].slot)
+
+    def complete_oldest(self, on_complete: Callable[[Batch], None]) -> Batch:
+        """Hand the oldest (finished) batch to `on_complete`, which must copy its outputs out of the slot
+        before returning; then the slot is free for reuse."""
+        batch = self.inflight.popleft()
+        batch.t_done_ns = time.monotonic_ns()
+        on_complete(batch)
+        self.free.append(batch.slot)
+        self.completed_batches += 1
+        self.completed_requests += len(batch.parts)
+        return batch
+
+    def drain_queue(self) -> list[Request]:
+        """Remove and return every queued (not yet launched) request, e.g. on shutdown."""
+        out = list(self.queue)
+        self.queue.clear()
+        self.queued_rows = 0
+        return out
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.inflight)

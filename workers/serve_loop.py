@@ -1,0 +1,285 @@
+"""The worker's serving loop: receive and validate requests, drive the pipeline, send replies, heartbeat.
+
+Runs on the worker process's main (serving) thread, which owns the data ROUTER and supervisor PUSH
+sockets. Requests arriving while the device is busy queue up and are coalesced into the next batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from orchestrator import protocol
+from orchestrator.config import Config
+from orchestrator.errors import ErrorCode, RequestError
+from workers.engines.base import Engine, Slot
+from workers.pipeline import Batch, Pipeline, Request
+
+log = logging.getLogger(__name__)
+
+_RECV_BURST = 256  # messages drained per poll wake-up before the pipeline gets a turn
+
+
+class CompletionWaiter:
+    """Waits on the oldest in-flight batch on a helper thread (GIL released in engine.wait) and wakes the
+    serving thread through an eventfd it polls. Used only when sync = "blocking" and batches finish
+    asynchronously, so the serving thread can keep receiving while the device works."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._cv = threading.Condition()
+        self._target: Slot | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="completion-waiter", daemon=True)
+        self._thread.start()
+
+    def arm(self, slot: Slot) -> None:
+        with self._cv:
+            if self._target is not slot:
+                self._target = slot
+                self._cv.notify()
+
+    def consume(self) -> None:
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._target is None and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                slot = self._target
+            self.engine.wait(slot)
+            with self._cv:
+                if self._target is slot:
+                    self._target = None
+            os.eventfd_write(self.fd, 1)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+
+
+class ServeLoop:
+    """Owns the data socket and the pipeline of one worker."""
+
+    def __init__(self, spec: dict[str, Any], cfg: Config, engine: Engine, ctx: zmq.Context, sup: zmq.Socket) -> None:
+        self.id = spec["id"]
+        self.spec = spec
+        self.cfg = cfg
+        self.engine = engine
+        self.sup = sup
+        self.pipeline = Pipeline(engine, cfg.pipeline.depth, cfg.pipeline.max_queue,
+                                 cfg.pipeline.max_queue_delay_us, cfg.buckets)
+        engine.warmup(self.pipeline.slots, self.pipeline.buckets)
+        self.data = ctx.socket(zmq.ROUTER)
+        self.data.setsockopt(zmq.LINGER, 0)
+        self.data.setsockopt(zmq.MAXMSGSIZE, cfg.transport.max_message_bytes)
+        self.data.setsockopt(zmq.RCVHWM, 100_000)
+        self.data.setsockopt(zmq.SNDHWM, 100_000)
+        self.endpoint = self._bind(spec["endpoint"])
+        self.spin = cfg.pipeline.sync == "spin"
+        self.waiter: CompletionWaiter | None = None
+        self.dropped = 0  # messages with no usable reply address
+        self.errors_by_code: dict[int, int] = {}
+        self.draining = False
+        self.hang = False  # debug.inject = hang_after reached: stop making progress, keep heartbeats
+        engine.mark_ready()
+        self._send_ready()
+
+    def _bind(self, endpoint: str) -> str:
+        self.data.bind(endpoint)
+        return self.data.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _send_ready(self) -> None:
+        eng = self.engine
+        msg = {
+            "kind": "ready", "id": self.id, "pid": os.getpid(), "endpoint": self.endpoint,
+            "engine": eng.describe(), "inputs": [s.to_wire() for s in eng.inputs],
+            "outputs": [s.to_wire() for s in eng.outputs], "max_batch": eng.max_batch,
+            "buckets": list(self.pipeline.buckets), "depth": self.pipeline.depth,
+            "cpu_affinity": sorted(os.sched_getaffinity(0)),
+        }
+        self.sup.send(protocol.pack(msg))
+
+    # --- receive --------------------------------------------------------------------------------
+
+    def _reply_error(self, identity: Any, request_id: int | None, code: ErrorCode, message: str) -> None:
+        self.errors_by_code[int(code)] = self.errors_by_code.get(int(code), 0) + 1
+        self.data.send_multipart([identity, *protocol.encode_error(request_id, code, message)])
+
+    def _receive(self) -> None:
+        data = self.data
+        pipeline = self.pipeline
+        for _ in range(_RECV_BURST):
+            try:
+                frames = data.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            now = time.monotonic_ns()
+            if len(frames) < 2:
+                self.dropped += 1  # identity only: nothing to answer
+                continue
+            identity = frames[0]
+            try:
+                header = protocol.decode_request_header(frames[1].buffer)
+                tensors = protocol.decode_tensors(header, frames[2:])
+                rows = pipeline.check(tensors)
+            except protocol.DecodeError as exc:
+                self._reply_error(identity, exc.request_id, exc.code, str(exc))
+                continue
+            except RequestError as exc:
+                self._reply_error(identity, header.request_id, exc.code, str(exc))
+                continue
+            if self.draining:
+                self._reply_error(identity, header.request_id, ErrorCode.SHUTTING_DOWN, "worker is stopping")
+                continue
+            deadline = now + header.timeout_ms * 1_000_000 if header.timeout_ms else 0
+            req = Request(identity, header.request_id, tensors, rows, now, deadline, frames)
+            if not pipeline.offer(req):
+                self._reply_error(identity, header.request_id, ErrorCode.OVERLOADED,
+                                  f"worker queue full ({pipeline.max_queue} requests)")
+
+    # --- complete -------------------------------------------------------------------------------
+
+    def _on_complete(self, batch: Batch) -> None:
+        outputs = batch.slot.outputs
+        names = [s.name for s in self.engine.outputs]
+        send = self.data.send_multipart
+        for req, off in batch.parts:
+            end = off + req.rows
+            frames = protocol.encode_result(req.request_id, [(n, outputs[n][off:end]) for n in names])
+            # copy=True: the slot's buffers are reused by the next batch, so ZeroMQ must own a copy.
+            send([req.identity, *frames], copy=True)
+
+    def _on_expired(self, req: Request) -> None:
+        self._reply_error(req.identity, req.request_id, ErrorCode.DEADLINE_EXCEEDED,
+                          "deadline passed while queued")
+
+    def _pump(self) -> None:
+        """Complete finished batches in order, then launch as many as the pipeline allows."""
+        p = self.pipeline
+        while p.oldest_done():
+            p.complete_oldest(self._on_complete)
+        if self.hang:
+            return
+        now = time.monotonic_ns()
+        while p.should_launch(now):
+            p.launch_next(now, self._on_expired)
+            while p.oldest_done():  # CPU engines finish inside launch
+                p.complete_oldest(self._on_complete)
+            now = time.monotonic_ns()
+        inj = self.cfg.debug
+        if inj.inject == "hang_after" and p.completed_batches >= inj.inject_after_batches:
+            log.warning("[stall] injected hang after %d batches (debug.inject = hang_after)", p.completed_batches)
+            self.hang = True
+
+    def _saturated(self) -> bool:
+        p = self.pipeline
+        return bool(p.queue) and not p.free and bool(p.inflight)
+
+    # --- loop -----------------------------------------------------------------------------------
+
+    def _timeout_ms(self, next_beat_ns: int) -> int:
+        p = self.pipeline
+        now = time.monotonic_ns()
+        wake = next_beat_ns
+        hold = p.hold_until_ns()
+        if hold is not None:
+            wake = min(wake, hold)
+        if p.inflight and not self.hang:
+            if self.spin:
+                return 0
+            if self.waiter is None:
+                self.waiter = CompletionWaiter(self.engine)
+                self.poller.register(self.waiter.fd, zmq.POLLIN)
+            self.waiter.arm(p.inflight[0].slot)
+        return max(0, (wake - now + 999_999) // 1_000_000)
+
+    def run(self, wake_fd: int, stop_flag: dict[str, bool]) -> None:
+        self.poller = zmq.Poller()
+        self.poller.register(self.data, zmq.POLLIN)
+        self.poller.register(wake_fd, zmq.POLLIN)
+        beat_ns = self.cfg.workers.heartbeat_interval_ms * 1_000_000
+        next_beat = time.monotonic_ns()
+        drain_deadline = 0
+        while True:
+            events = dict(self.poller.poll(self._timeout_ms(next_beat)))
+            if wake_fd in events:
+                try:
+                    os.read(wake_fd, 512)
+                except BlockingIOError:
+                    pass
+            if self.waiter is not None and self.waiter.fd in events:
+                self.waiter.consume()
+            if self.data in events:
+                self._receive()
+            self._pump()
+            while self._saturated() and not self.hang:
+                self.pipeline.wait_oldest()  # deferred sync: all slots busy and work is waiting
+                self._pump()
+            now = time.monotonic_ns()
+            if now >= next_beat:
+                self._heartbeat()
+                next_beat = now + beat_ns
+                if os.getppid() != self.spec["ppid"]:
+                    log.error("[shutdown] supervisor %d is gone; stopping", self.spec["ppid"])
+                    stop_flag["stop"] = True
+            if stop_flag["stop"] and not self.draining:
+                self.draining = True
+                drain_deadline = now + int(self.cfg.orchestrator.stop_timeout_s * 1e9)
+                log.info("[shutdown] draining: %d queued, %d in flight", len(self.pipeline.queue),
+                         len(self.pipeline.inflight))
+                self._send_state("draining")
+            if self.draining and (not self.pipeline.busy or now >= drain_deadline or self.hang):
+                self._finish_drain()
+                return
+
+    def _finish_drain(self) -> None:
+        for req in self.pipeline.drain_queue():
+            self._reply_error(req.identity, req.request_id, ErrorCode.SHUTTING_DOWN,
+                              "worker stopped before running this request")
+        p = self.pipeline
+        while p.inflight and not self.hang:
+            p.wait_oldest()
+            p.complete_oldest(self._on_complete)
+        for batch in list(p.inflight):  # hung: answer rather than leave clients waiting
+            for req, _ in batch.parts:
+                self._reply_error(req.identity, req.request_id, ErrorCode.SHUTTING_DOWN, "worker stopped")
+        log.info("[shutdown] drained after %d batches", p.completed_batches)
+        self._send_state("stopped")
+
+    def _send_state(self, state: str) -> None:
+        try:
+            self.sup.send(protocol.pack({"kind": "state", "id": self.id, "state": state}), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def _heartbeat(self) -> None:
+        p = self.pipeline
+        msg = {
+            "kind": "hb", "id": self.id, "t_ns": time.monotonic_ns(), "progress": p.completed_batches,
+            "requests": p.completed_requests, "queued": len(p.queue), "inflight": len(p.inflight),
+            "faults": self.engine.faults(), "errors": self.errors_by_code, "dropped": self.dropped,
+        }
+        try:
+            self.sup.send(protocol.pack(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def close(self) -> None:
+        if self.waiter is not None:
+            self.waiter.close()
+        self.data.close(linger=500)  # let the last replies leave
+        self.engine.close()

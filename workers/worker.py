@@ -1,0 +1,122 @@
+"""Worker process entry: load the engine, allocate and warm up, report READY, then serve over ZeroMQ.
+
+`python -m workers.worker SPEC_JSON_PATH`, started by the supervisor. One serving thread owns the data
+ROUTER and the supervisor PUSH socket and runs the pipeline; a completion-waiter thread is used only for
+GPU engines in blocking-sync mode. Signal handlers only set a flag and wake the serving thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from orchestrator import protocol
+from orchestrator.config import Config, from_dict
+from orchestrator.errors import ErrorCode, OrchestratorError
+from workers.serve_loop import ServeLoop
+
+log = logging.getLogger("workers.worker")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _arm_parent_death(expected_ppid: int) -> None:
+    """Ask the kernel for SIGTERM when the supervisor dies, then close the race where it already did."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except OSError:  # pragma: no cover - non-Linux
+        log.warning("prctl(PR_SET_PDEATHSIG) unavailable; relying on the parent-pid check")
+    if os.getppid() != expected_ppid:
+        log.error("[shutdown] supervisor %d already gone before start", expected_ppid)
+        sys.exit(0)
+
+
+def _configure_logging(level: str, worker_id: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s [{worker_id}] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _send_to_supervisor(sock: zmq.Socket, msg: dict[str, Any]) -> None:
+    try:
+        sock.send(protocol.pack(msg), zmq.NOBLOCK)
+    except zmq.Again:
+        log.debug("supervisor channel full; dropped %s", msg.get("kind"))
+
+
+def _startup(spec: dict[str, Any], cfg: Config, ctx: zmq.Context, sup: zmq.Socket) -> ServeLoop:
+    """Everything before READY. Raises on failure (reported as last words by the caller)."""
+    if spec.get("cpu_affinity"):
+        os.sched_setaffinity(0, spec["cpu_affinity"])
+    if cfg.debug.inject == "crash_on_start":
+        raise RuntimeError("injected start-up crash (debug.inject = crash_on_start)")
+    t0 = time.monotonic()
+    from workers.engines.registry import create_engine  # imports CUDA only for GPU engines
+
+    engine = create_engine(cfg)
+    loop = ServeLoop(spec, cfg, engine, ctx, sup)
+    log.info("[ready] engine %s loaded and warmed up in %.2fs; endpoint %s", engine.kind, time.monotonic() - t0,
+             loop.endpoint)
+    return loop
+
+
+def run_worker(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = from_dict(spec["config"])
+    _configure_logging(cfg.orchestrator.log_level, spec["id"])
+    _arm_parent_death(spec["ppid"])
+    # Only set flags in signal handlers; the serving loop notices through the wakeup fd it polls.
+    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+    stop_flag = {"stop": False}
+
+    def on_term(signum: int, frame: Any) -> None:
+        stop_flag["stop"] = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    ctx = zmq.Context(io_threads=1)
+    sup = ctx.socket(zmq.PUSH)
+    sup.setsockopt(zmq.LINGER, 2000)
+    sup.setsockopt(zmq.SNDHWM, 1000)
+    sup.connect(spec["supervisor_endpoint"])
+    try:
+        loop = _startup(spec, cfg, ctx, sup)
+    except Exception as exc:  # last words: the supervisor shows this with the log tail
+        code = exc.code if isinstance(exc, OrchestratorError) else ErrorCode.INTERNAL
+        log.exception("[spawn] start-up failed")
+        sup.send(protocol.pack({"kind": "failed", "id": spec["id"], "pid": os.getpid(), "code": int(code),
+                                "error": f"{type(exc).__name__}: {exc}"}))
+        sup.close()
+        ctx.term()
+        return 3
+    try:
+        loop.run(rfd, stop_flag)
+    finally:
+        loop.close()
+        sup.close(linger=1000)
+        ctx.term()
+    return 0
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        print("usage: python -m workers.worker SPEC_JSON_PATH (started by the supervisor)", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(run_worker(sys.argv[1]))
+
+
+if __name__ == "__main__":
+    main()
