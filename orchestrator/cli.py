@@ -178,7 +178,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from orchestrator import status_view
 
     if args.once:
-        Console().print(status_view.render(_fetch_status(rd)))
+        # Piped or captured output has no terminal width: use a wide page rather than truncate columns.
+        console = Console() if sys.stdout.isatty() else Console(width=200)
+        console.print(status_view.render(_fetch_status(rd)))
         return EXIT_OK
     status_view.live(lambda: _fetch_status(rd), refresh_hz=args.refresh)
     return EXIT_OK

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future
@@ -23,9 +24,18 @@ from typing import Any
 import numpy as np
 import zmq
 
+from orchestrator import protocol
 from orchestrator.config import default_run_dir, load_config
 from orchestrator.control import ControlClient
-from orchestrator.errors import ConfigError, DeadlineExceededError, OverloadedError, UnavailableError
+from orchestrator.errors import (
+    ConfigError,
+    DeadlineExceededError,
+    ErrorCode,
+    OverloadedError,
+    UnavailableError,
+    WorkerDeadError,
+    error_from_code,
+)
 from orchestrator.rundir import RunDir
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -81,6 +91,14 @@ class Client:
         self._io = ClientIO(self.ctx, self.workers, info.get("events"), failover, max_retries, max_message_bytes)
         self._io.start()
         self._closed = False
+        self.failover = failover
+        self.max_retries = max_retries
+        self.max_message_bytes = max_message_bytes
+        # Blocking infer() uses per-thread DEALER sockets: one ZeroMQ round trip, no hand-off to the I/O
+        # thread. Sockets are never shared between threads; close() closes them all.
+        self._local = threading.local()
+        self._thread_sockets: list[zmq.Socket] = []
+        self._sockets_lock = threading.Lock()
 
     def _named(self, inputs: Inputs) -> Mapping[str, np.ndarray]:
         if isinstance(inputs, np.ndarray):
@@ -116,14 +134,85 @@ class Client:
         return fut
 
     def infer(self, inputs: Inputs, timeout: float | None = None) -> dict[str, np.ndarray]:
-        """Run one batch and wait for its outputs (a dict name -> array)."""
+        """Run one batch and wait for its outputs (a dict name -> array), on the calling thread."""
         t = timeout or self.timeout
-        fut = self.submit(inputs, t)
+        if self._closed:
+            raise UnavailableError("client is closed")
+        named = self._named(inputs)
+        if not self._slots.acquire(timeout=t):
+            raise OverloadedError(f"{self.max_in_flight} requests already in flight for {t:g}s")
         try:
-            return fut.result(t + 1.0)  # the I/O thread enforces the deadline; this is a backstop
-        except TimeoutError:
-            fut.cancel()
-            raise DeadlineExceededError(f"no reply within {t:g}s") from None
+            return self._infer_direct(named, t)
+        finally:
+            self._slots.release()
+
+    def _thread_socket(self, worker: Any) -> zmq.Socket:
+        socks = getattr(self._local, "socks", None)
+        if socks is None:
+            socks = self._local.socks = {}
+        entry = socks.get(worker.id)
+        if entry is None or entry[1] != worker.generation:
+            if entry is not None:
+                self._drop_socket(entry[0])
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+            sock.connect(worker.endpoint)
+            with self._sockets_lock:
+                self._thread_sockets.append(sock)
+            entry = socks[worker.id] = (sock, worker.generation)
+        return entry[0]
+
+    def _drop_socket(self, sock: zmq.Socket) -> None:
+        with self._sockets_lock:
+            if sock in self._thread_sockets:
+                self._thread_sockets.remove(sock)
+        sock.close(0)
+
+    def _infer_direct(self, named: Mapping[str, np.ndarray], t: float) -> dict[str, np.ndarray]:
+        deadline = time.monotonic() + t
+        tried: set[str] = set()
+        last_error: Exception | None = None
+        for _attempt in range(1 + (self.max_retries if self.failover else 0)):
+            w = self._io.pick(tried)
+            if w is None:
+                break
+            tried.add(w.id)
+            gen = w.generation
+            sock = self._thread_socket(w)
+            rid = next(self._io.ids)
+            remaining = deadline - time.monotonic()
+            sock.send_multipart(protocol.encode_request(rid, named, max(1, int(remaining * 1000))), copy=False)
+            w.sync_load += 1
+            try:
+                reply = self._await_reply(sock, rid, w, gen, deadline)
+            finally:
+                w.sync_load -= 1
+            if reply is None:  # the worker died with our request: retry elsewhere or fail
+                last_error = WorkerDeadError(f"worker {w.id} died with this request in flight")
+                self._drop_socket(sock)
+                self._local.socks.pop(w.id, None)
+                continue
+            if reply.code == ErrorCode.OK:
+                return reply.tensors
+            last_error = error_from_code(reply.code, reply.message)
+            if reply.code != ErrorCode.SHUTTING_DOWN:
+                raise last_error
+        raise last_error or UnavailableError("no ready worker to send the request to")
+
+    def _await_reply(self, sock: zmq.Socket, rid: int, w: Any, gen: int, deadline: float) -> Any:
+        """Wait for reply `rid`; None if the worker died meanwhile. Skips late replies of earlier calls."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceededError(f"no reply from {w.id} within the deadline")
+            # Short slices so a worker death announced by the supervisor is noticed promptly.
+            if sock.poll(min(remaining, 0.05) * 1000):
+                reply = protocol.decode_reply(sock.recv_multipart(copy=False))
+                if reply.request_id == rid:
+                    return reply
+            elif w.generation != gen:
+                return None
 
     def infer_many(self, batches: Iterable[Inputs], max_in_flight: int = 16,
                    timeout: float | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -143,6 +232,10 @@ class Client:
         self._closed = True
         self._io.close()
         self._io.join(5)
+        with self._sockets_lock:
+            for sock in self._thread_sockets:
+                sock.close(0)
+            self._thread_sockets.clear()
         self.ctx.term()
 
     def __enter__(self) -> Client:

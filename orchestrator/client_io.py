@@ -47,7 +47,7 @@ class Pending:
 
 
 class _Worker:
-    __slots__ = ("id", "endpoint", "sock", "outstanding", "ready")
+    __slots__ = ("id", "endpoint", "sock", "outstanding", "ready", "generation", "sync_load")
 
     def __init__(self, wid: str, endpoint: str) -> None:
         self.id = wid
@@ -55,6 +55,12 @@ class _Worker:
         self.sock: zmq.Socket | None = None
         self.outstanding: dict[int, Pending] = {}
         self.ready = False
+        self.generation = 0  # bumped when the worker dies: blocking callers waiting on it give up
+        self.sync_load = 0  # blocking infer() calls in flight on this worker (from user threads)
+
+    @property
+    def load(self) -> int:
+        return len(self.outstanding) + self.sync_load
 
 
 class ClientIO(threading.Thread):
@@ -109,21 +115,22 @@ class ClientIO(threading.Thread):
             w.sock = None
         w.ready = False
 
-    def _pick(self, p: Pending) -> _Worker | None:
+    def pick(self, tried: set[str]) -> _Worker | None:
+        """The ready worker with the least outstanding work, avoiding those already tried when possible.
+        Called from the I/O thread and from blocking callers: it only reads."""
         best = None
-        for w in self.workers.values():
-            if not w.ready:
+        ready = self.ready_count()
+        for w in list(self.workers.values()):
+            if not w.ready or (w.id in tried and len(tried) < ready):
                 continue
-            if w.id in p.tried and len(p.tried) < self.ready_count():
-                continue
-            if best is None or len(w.outstanding) < len(best.outstanding):
+            if best is None or w.load < best.load:
                 best = w
         return best
 
     def _dispatch(self, p: Pending) -> None:
         if p.future.done():  # cancelled by the user
             return
-        w = self._pick(p)
+        w = self.pick(p.tried)
         if w is None:
             p.future.set_exception(UnavailableError("no ready worker to send the request to"))
             return
@@ -185,6 +192,7 @@ class ClientIO(threading.Thread):
                 self._connect(w)
                 self.poller.register(w.sock, zmq.POLLIN)
             elif state in ("failed", "stopped") and w.sock is not None:
+                w.generation += 1
                 self._disconnect(w)
                 lost = list(w.outstanding.values())
                 w.outstanding.clear()

@@ -90,6 +90,15 @@ class Running:
         with ControlClient(RunDir(self.run_dir).control_endpoint(), timeout_s=5) as c:
             return c.call("status")
 
+    def wait_status(self, predicate, timeout: float = 5.0) -> dict:
+        """Poll status until predicate(status) holds (counters arrive with heartbeats, every 200 ms)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if predicate(st) or time.monotonic() > deadline:
+                return st
+            time.sleep(0.1)
+
     def stop(self) -> None:
         from orchestrator.rundir import RunDir
 
