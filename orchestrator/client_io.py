@@ -80,6 +80,7 @@ class ClientIO(threading.Thread):
         self.submissions: deque[Pending] = deque()
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.ids = itertools.count(1)
+        self._rotation = itertools.count()
         self.closing = False
         self.stray_replies = 0
 
@@ -120,7 +121,9 @@ class ClientIO(threading.Thread):
         Called from the I/O thread and from blocking callers: it only reads."""
         best = None
         ready = self.ready_count()
-        for w in list(self.workers.values()):
+        ws = list(self.workers.values())
+        k = next(self._rotation) % len(ws)  # rotate the start so ties spread round-robin
+        for w in ws[k:] + ws[:k]:
             if not w.ready or (w.id in tried and len(tried) < ready):
                 continue
             if best is None or w.load < best.load:

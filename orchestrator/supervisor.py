@@ -90,10 +90,9 @@ class Supervisor:
         kind = msg.get("kind")
         now = time.monotonic()
         if kind == "hb":
+            if self.monitor is not None and isinstance(msg.get("report"), dict):
+                self.monitor.on_report(w.id, msg["report"])
             w.on_heartbeat(msg, now)
-        elif kind == "report" and self.monitor is not None:
-            self.monitor.on_report(w.id, msg.get("report", {}))
-            w.last_beat = now
         elif kind == "stall" and self.monitor is not None:
             rec = self.monitor.on_stall(w.id, msg.get("candidate", {}))
             log.warning("[stall] %s: %s", w.id, rec.get("summary", rec.get("causes")))

@@ -150,6 +150,7 @@ class WorkerHandle:
 
     def on_heartbeat(self, msg: dict[str, Any], now: float) -> None:
         self.last_beat = now
+        msg.pop("report", None)  # the monitor keeps the telemetry; status shows its view
         self.heartbeat = msg
         progress = msg.get("progress", 0)
         if progress != self.last_progress:

@@ -17,8 +17,10 @@ import zmq
 from orchestrator import protocol
 from orchestrator.config import Config
 from orchestrator.errors import ErrorCode, RequestError
+from workers.driver_journal import JOURNAL
 from workers.engines.base import Engine, Slot
 from workers.pipeline import Batch, Pipeline, Request
+from workers.telemetry import WorkerTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +82,10 @@ class ServeLoop:
         self.cfg = cfg
         self.engine = engine
         self.sup = sup
+        # Constructed on the serving thread: its probe reads this thread's scheduler counters.
+        self.telemetry = WorkerTelemetry(self.id, cfg.monitor, JOURNAL, cfg.pipeline.sync)
         self.pipeline = Pipeline(engine, cfg.pipeline.depth, cfg.pipeline.max_queue,
-                                 cfg.pipeline.max_queue_delay_us, cfg.buckets)
+                                 cfg.pipeline.max_queue_delay_us, cfg.buckets, probe=self.telemetry.probe)
         engine.warmup(self.pipeline.slots, self.pipeline.buckets)
         self.data = ctx.socket(zmq.ROUTER)
         self.data.setsockopt(zmq.LINGER, 0)
@@ -117,6 +121,7 @@ class ServeLoop:
 
     def _reply_error(self, identity: Any, request_id: int | None, code: ErrorCode, message: str) -> None:
         self.errors_by_code[int(code)] = self.errors_by_code.get(int(code), 0) + 1
+        self.telemetry.note_failure(int(code))
         self.data.send_multipart([identity, *protocol.encode_error(request_id, code, message)])
 
     def _receive(self) -> None:
@@ -167,18 +172,28 @@ class ServeLoop:
         self._reply_error(req.identity, req.request_id, ErrorCode.DEADLINE_EXCEEDED,
                           "deadline passed while queued")
 
+    def _complete(self) -> None:
+        """Reply to the oldest finished batch, then account it (telemetry after the replies are out)."""
+        batch = self.pipeline.complete_oldest(self._on_complete)
+        candidate = self.telemetry.on_batch(batch, self.engine.gpu_time_us(batch.slot))
+        if candidate is not None:
+            try:
+                self.sup.send(protocol.pack({"kind": "stall", "id": self.id, "candidate": candidate}), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
     def _pump(self) -> None:
         """Complete finished batches in order, then launch as many as the pipeline allows."""
         p = self.pipeline
         while p.oldest_done():
-            p.complete_oldest(self._on_complete)
+            self._complete()
         if self.hang:
             return
         now = time.monotonic_ns()
         while p.should_launch(now):
             p.launch_next(now, self._on_expired)
             while p.oldest_done():  # CPU engines finish inside launch
-                p.complete_oldest(self._on_complete)
+                self._complete()
             now = time.monotonic_ns()
         inj = self.cfg.debug
         if inj.inject == "hang_after" and p.completed_batches >= inj.inject_after_batches:
@@ -253,7 +268,7 @@ class ServeLoop:
         p = self.pipeline
         while p.inflight and not self.hang:
             p.wait_oldest()
-            p.complete_oldest(self._on_complete)
+            self._complete()
         for batch in list(p.inflight):  # hung: answer rather than leave clients waiting
             for req, _ in batch.parts:
                 self._reply_error(req.identity, req.request_id, ErrorCode.SHUTTING_DOWN, "worker stopped")
@@ -267,11 +282,14 @@ class ServeLoop:
             pass
 
     def _heartbeat(self) -> None:
+        """Liveness plus progress (for hang detection) and the telemetry report, in one message."""
         p = self.pipeline
+        self.telemetry.note_queue(len(p.queue), len(p.inflight))
         msg = {
             "kind": "hb", "id": self.id, "t_ns": time.monotonic_ns(), "progress": p.completed_batches,
             "requests": p.completed_requests, "queued": len(p.queue), "inflight": len(p.inflight),
             "faults": self.engine.faults(), "errors": self.errors_by_code, "dropped": self.dropped,
+            "report": self.telemetry.report(),
         }
         try:
             self.sup.send(protocol.pack(msg), zmq.NOBLOCK)
@@ -282,4 +300,5 @@ class ServeLoop:
         if self.waiter is not None:
             self.waiter.close()
         self.data.close(linger=500)  # let the last replies leave
+        self.telemetry.close()
         self.engine.close()
