@@ -50,12 +50,12 @@ class OrchestratorSection:
     run_dir: str = field(default="", metadata={"doc": "run directory (0700); default $XDG_RUNTIME_DIR/orchestrator/<name> or /tmp/orchestrator-<uid>/<name>"})
     startup_timeout_s: float = field(default=120.0, metadata=_positive("seconds a worker may take to report READY"))
     stop_timeout_s: float = field(default=10.0, metadata=_positive("seconds to drain in-flight work on stop"))
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = field(default="info", metadata={"doc": "log level of the supervisor and workers"})
 
 
 @dataclass(frozen=True)
 class WorkersSection:
-    device: Literal["cpu", "gpu"] = "cpu"
+    device: Literal["cpu", "gpu"] = field(default="cpu", metadata={"doc": "CPU workers (no GPU needed) or one worker per GPU"})
     count: int = field(default=1, metadata=_int_range(1, 256, "CPU mode: number of workers"))
     gpus: str | tuple[int | str, ...] = field(default="all", metadata={"doc": 'GPU mode: "all" or a list of indices or UUIDs'})
     per_gpu: int = field(default=1, metadata=_int_range(1, 16, "workers per GPU (use with MPS)"))
@@ -68,7 +68,7 @@ class WorkersSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    kind: Literal["onnx", "synthetic", "tensorrt"] = "synthetic"
+    kind: Literal["onnx", "synthetic", "tensorrt"] = field(default="synthetic", metadata={"doc": "engine: ONNX Runtime (CPU), synthetic calibrated workload, or a TensorRT plan (GPU)"})
     path: str = field(default="", metadata={"doc": "model file (onnx, tensorrt); relative to the config file"})
     max_batch: int = field(default=64, metadata=_int_range(1, None, "largest batch (rows) the engine runs"))
     item_shape: tuple[int, ...] = field(default=(256,), metadata={"doc": "synthetic: shape of one item (row)"})
@@ -81,16 +81,16 @@ class ModelSection:
 @dataclass(frozen=True)
 class PipelineSection:
     depth: int = field(default=2, metadata=_int_range(1, 16, "batches in flight per worker (1 = sync every batch)"))
-    cuda_graphs: bool = False
+    cuda_graphs: bool = field(default=False, metadata={"doc": "capture one CUDA graph per slot and bucket; batches are padded to their bucket"})
     buckets: tuple[int, ...] = field(default=(), metadata={"doc": "batch sizes graphs are captured for; default powers of two up to max_batch"})
-    sync: Literal["spin", "blocking"] = "blocking"
+    sync: Literal["spin", "blocking"] = field(default="blocking", metadata={"doc": "how the worker waits for the GPU: spin (lowest latency, burns a core) or blocking"})
     max_queue: int = field(default=1024, metadata=_int_range(1, None, "queued requests per worker before OVERLOADED"))
     max_queue_delay_us: int = field(default=100, metadata=_int_range(0, 10_000_000, "longest a request waits to be coalesced while the pipeline is busy (us)"))
 
 
 @dataclass(frozen=True)
 class TransportSection:
-    kind: Literal["ipc", "tcp"] = "ipc"
+    kind: Literal["ipc", "tcp"] = field(default="ipc", metadata={"doc": "worker endpoints: ipc sockets in the run directory, or TCP"})
     host: str = field(default="127.0.0.1", metadata={"doc": "tcp: bind address (loopback unless you mean it)"})
     port_base: int = field(default=0, metadata=_port("tcp: first worker port (0 = ephemeral)"))
     max_message_bytes: int = field(default=256 << 20, metadata=_int_range(1, None, "largest accepted message on any socket (bytes)"))
@@ -98,7 +98,7 @@ class TransportSection:
 
 @dataclass(frozen=True)
 class MpsSection:
-    enabled: bool = False
+    enabled: bool = field(default=False, metadata={"doc": "start and manage an NVIDIA MPS control daemon"})
     active_thread_percentage: int = field(default=0, metadata=_int_range(0, 100, "per-worker SM share in percent (0 = unset)"))
     use_existing: bool = field(default=False, metadata={"doc": "use an MPS daemon that is already running"})
 
@@ -125,7 +125,8 @@ class RestartSection:
 class DebugSection:
     """Fault and stall injection for verification (never enable in production)."""
 
-    inject: Literal["none", "pinned_alloc", "device_alloc", "module_load", "cpu_hog", "crash_on_start", "hang_after"] = "none"
+    inject: Literal["none", "pinned_alloc", "device_alloc", "module_load", "cpu_hog", "crash_on_start", "hang_after"] = field(
+        default="none", metadata={"doc": "inject a driver-lock operation, a CPU hog, a start-up crash or a hang (verification only)"})
     inject_period_ms: int = field(default=500, metadata=_int_range(1, 600000, "period of the injected operation"))
     inject_bytes: int = field(default=64 << 20, metadata=_int_range(1, None, "size of injected allocations"))
     inject_after_batches: int = field(default=0, metadata=_int_range(0, None, "hang_after: batches served before the worker hangs"))
@@ -352,13 +353,37 @@ def _lists(obj: Any) -> Any:
     return obj
 
 
+def _type_name(tp: Any) -> str:
+    names = {bool: "bool", int: "integer", float: "number", str: "string"}
+    if tp in names:
+        return names[tp]
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " / ".join(f'"{a}"' for a in get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    return str(tp)
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, tuple):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return repr(v)
+
+
 def reference() -> str:
-    """The config reference as Markdown (used to keep the README's table in step with the code)."""
+    """The config reference as a Markdown table, generated from the dataclasses (the README embeds it)."""
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for section, cls in _SECTIONS.items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else ""
-            tp = str(hints[f.name]).replace("typing.", "").replace("|", "or")
-            lines.append(f"| `{section}.{f.name}` | {tp} | `{default!r}` | {f.metadata.get('doc', '')} |")
+            default = _toml(f.default) if f.default is not dataclasses.MISSING else ""
+            lines.append(f"| `{section}.{f.name}` | {_type_name(hints[f.name])} | `{default}` | "
+                         f"{f.metadata.get('doc', '')} |")
     return "\n".join(lines)

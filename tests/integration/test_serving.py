@@ -86,8 +86,8 @@ def test_futures_infer_many_async_and_typed_errors(short_tmp, orchestrator_facto
 
 
 def test_coalescing_concurrent_clients_each_get_exactly_their_rows(short_tmp, orchestrator_factory) -> None:
-    # One worker, ~several ms per batch: requests from 8 threads pile up and are merged.
-    orch = orchestrator_factory(synthetic_config(short_tmp, work=200, count=1, max_queue_delay_us=2000))
+    # One worker, ~10 ms per batch: requests from 8 threads pile up and are merged.
+    orch = orchestrator_factory(synthetic_config(short_tmp, work=1500, count=1, max_queue_delay_us=2000))
     errors: list[BaseException] = []
     per_thread = 15
 
@@ -97,7 +97,7 @@ def test_coalescing_concurrent_clients_each_get_exactly_their_rows(short_tmp, or
             with Client(orch.config) as c:
                 for _ in range(per_thread):
                     x = (rng.standard_normal((int(rng.integers(1, 9)), 256)) + seed).astype(np.float32)
-                    np.testing.assert_array_equal(c.infer(x)["y"], reference(x, 200))
+                    np.testing.assert_array_equal(c.infer(x)["y"], reference(x, 1500))
         except BaseException as exc:
             errors.append(exc)
 
