@@ -130,6 +130,7 @@ class DebugSection:
     inject_period_ms: int = field(default=500, metadata=_int_range(1, 600000, "period of the injected operation"))
     inject_bytes: int = field(default=64 << 20, metadata=_int_range(1, None, "size of injected allocations"))
     inject_after_batches: int = field(default=0, metadata=_int_range(0, None, "hang_after: batches served before the worker hangs"))
+    inject_workers: tuple[str, ...] = field(default=(), metadata={"doc": "worker ids the injection applies to (empty = all)"})
 
 
 @dataclass(frozen=True)

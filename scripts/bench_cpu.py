@@ -27,6 +27,8 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts.loadgen import run_load  # noqa: E402
+
 
 def _echo_server(endpoint: str, ready: mp.Event) -> None:
     """The raw comparison: a Python ROUTER that copies the payload (as staging would) and replies."""
@@ -76,38 +78,6 @@ def orchestrator_rtt(config: Path, x: np.ndarray, n: int) -> list[float]:
     return lat
 
 
-def _load_proc(config: str, rows: int, seconds: float, in_flight: int, q: mp.Queue) -> None:
-    from orchestrator.client import Client
-
-    x = np.random.default_rng(os.getpid()).standard_normal((rows, 256)).astype(np.float32)
-    done = 0
-    with Client(config, max_in_flight=in_flight) as c:
-        futs = []
-        t_end = time.perf_counter() + seconds
-        t0 = time.perf_counter()
-        while time.perf_counter() < t_end:
-            futs.append(c.submit(x))
-            if len(futs) >= in_flight:
-                futs.pop(0).result()
-                done += 1
-        for f in futs:
-            f.result()
-            done += 1
-        q.put((done, time.perf_counter() - t0))
-
-
-def throughput(config: Path, rows: int, procs: int, in_flight: int, seconds: float) -> float:
-    q: mp.Queue = mp.get_context("spawn").Queue()
-    ps = [mp.get_context("spawn").Process(target=_load_proc, args=(str(config), rows, seconds, in_flight, q))
-          for _ in range(procs)]
-    for p in ps:
-        p.start()
-    results = [q.get(timeout=seconds + 60) for _ in ps]
-    for p in ps:
-        p.join()
-    return sum(d for d, _ in results) / max(t for _, t in results)
-
-
 def pct(v: list[float], p: float) -> float:
     return float(np.percentile(np.array(v) * 1e6, p))
 
@@ -140,7 +110,8 @@ def main() -> None:
         subprocess.run([*cmd, "start", str(cfg), "--detach"], check=True, cwd=ROOT)
         try:
             orch = orchestrator_rtt(cfg, x, args.n)
-            tput = throughput(cfg, args.rows, args.procs, args.in_flight, args.seconds)
+            load = run_load(cfg, (args.rows, 256), args.procs, args.in_flight, args.seconds)
+            tput = load.throughput
         finally:
             subprocess.run([*cmd, "stop", str(cfg)], check=True, cwd=ROOT)
 
@@ -162,7 +133,8 @@ def main() -> None:
     ratio = pct(orch, 50) / pct(raw, 50)
     lines += ["", f"p50 ratio orchestrator / raw: **{ratio:.2f}x** (target < 2x)", "",
               f"Throughput, {args.procs} client processes x {args.in_flight} in flight, 1 worker, {args.seconds:g} s: "
-              f"**{tput:,.0f} batches/s** ({tput * args.rows:,.0f} rows/s)"]
+              f"**{tput:,.0f} batches/s** ({tput * args.rows:,.0f} rows/s), latency p50 {load.pct(50):.0f} us, "
+              f"p99 {load.pct(99):.0f} us, errors {load.errors or 'none'}"]
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:

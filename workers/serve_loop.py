@@ -99,6 +99,9 @@ class ServeLoop:
         self.errors_by_code: dict[int, int] = {}
         self.draining = False
         self.hang = False  # debug.inject = hang_after reached: stop making progress, keep heartbeats
+        from workers.worker import injected_here
+
+        self.hang_armed = cfg.debug.inject == "hang_after" and injected_here(cfg, self.id)
         engine.mark_ready()
         self._send_ready()
 
@@ -196,9 +199,10 @@ class ServeLoop:
                 self._complete()
             now = time.monotonic_ns()
         inj = self.cfg.debug
-        if inj.inject == "hang_after" and p.completed_batches >= inj.inject_after_batches:
+        if self.hang_armed and p.completed_batches >= inj.inject_after_batches:
             log.warning("[stall] injected hang after %d batches (debug.inject = hang_after)", p.completed_batches)
             self.hang = True
+            self.hang_armed = False
 
     def _saturated(self) -> bool:
         p = self.pipeline
@@ -253,7 +257,11 @@ class ServeLoop:
                     stop_flag["stop"] = True
             if stop_flag["stop"] and not self.draining:
                 self.draining = True
-                drain_deadline = now + int(self.cfg.orchestrator.stop_timeout_s * 1e9)
+                orphaned = os.getppid() != self.spec["ppid"]
+                # Orphaned (the supervisor died, by any means): nobody will restart us or route new work
+                # here, so finish what is on the device and leave within a second rather than the full drain.
+                grace = 1.0 if orphaned else self.cfg.orchestrator.stop_timeout_s
+                drain_deadline = now + int(grace * 1e9)
                 log.info("[shutdown] draining: %d queued, %d in flight", len(self.pipeline.queue),
                          len(self.pipeline.inflight))
                 self._send_state("draining")

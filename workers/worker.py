@@ -56,11 +56,16 @@ def _send_to_supervisor(sock: zmq.Socket, msg: dict[str, Any]) -> None:
         log.debug("supervisor channel full; dropped %s", msg.get("kind"))
 
 
+def injected_here(cfg: Config, worker_id: str) -> bool:
+    """Whether [debug] inject applies to this worker."""
+    return cfg.debug.inject != "none" and (not cfg.debug.inject_workers or worker_id in cfg.debug.inject_workers)
+
+
 def _startup(spec: dict[str, Any], cfg: Config, ctx: zmq.Context, sup: zmq.Socket) -> ServeLoop:
     """Everything before READY. Raises on failure (reported as last words by the caller)."""
     if spec.get("cpu_affinity"):
         os.sched_setaffinity(0, spec["cpu_affinity"])
-    if cfg.debug.inject == "crash_on_start":
+    if cfg.debug.inject == "crash_on_start" and injected_here(cfg, spec["id"]):
         raise RuntimeError("injected start-up crash (debug.inject = crash_on_start)")
     t0 = time.monotonic()
     from workers.engines.registry import create_engine  # imports CUDA only for GPU engines
