@@ -186,6 +186,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- keygen --------------------------------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from orchestrator.security import keygen
+
+    public, secret = keygen(args.directory, args.name)
+    print(f"wrote {public} (public: give it to the other side) and {secret} (secret, mode 0600: keep it)")
+    return EXIT_OK
+
+
 # --- entry ---------------------------------------------------------------------------------------
 
 
@@ -207,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.add_argument("--refresh", type=float, default=4.0, help="live view refreshes per second")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("keygen", help="create a CURVE key pair for TCP with curve = true")
+    p.add_argument("directory", help="where to write NAME.key and NAME.key_secret")
+    p.add_argument("--name", default="server", help="server (default) or a client name")
+    p.set_defaults(func=cmd_keygen)
     p = sub.add_parser("validate", help="check a config without starting anything")
     p.add_argument("config")
     p.set_defaults(func=cmd_validate)

@@ -37,6 +37,7 @@ from orchestrator.errors import (
     error_from_code,
 )
 from orchestrator.rundir import RunDir
+from orchestrator.security import ClientKeys
 
 DEFAULT_TIMEOUT_S = 30.0
 Inputs = Mapping[str, np.ndarray] | np.ndarray
@@ -64,20 +65,25 @@ class Client:
 
     def __init__(self, target: str | os.PathLike | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
                  max_in_flight: int = 128, failover: bool = True, max_retries: int = 2,
-                 max_message_bytes: int = 256 << 20, connect_timeout: float = 5.0) -> None:
+                 max_message_bytes: int = 256 << 20, connect_timeout: float = 5.0,
+                 curve: ClientKeys | None = None) -> None:
+        """`target`: a config path, a run directory, or a control endpoint (ipc://..., tcp://host:port).
+        `curve`: keys for an orchestrator whose TCP endpoints use CURVE (see orchestrator.security)."""
         from orchestrator.client_io import ClientIO  # keeps `import orchestrator.client` light
 
         self.timeout = timeout
+        self.curve = curve
         self.ctx = zmq.Context(io_threads=1)
         endpoint = resolve_control_endpoint(target)
-        ctl = ControlClient(endpoint, self.ctx, connect_timeout)
+        ctl = ControlClient(endpoint, self.ctx, connect_timeout, keys=curve)
         try:
             info = ctl.call("endpoints")
         except UnavailableError:
+            ctl.close()  # before term(): term() waits for every socket of the context to close
             self.ctx.term()
-            raise UnavailableError(f"no orchestrator answers at {endpoint} (is it started?)") from None
-        finally:
-            ctl.close()
+            raise UnavailableError(f"no orchestrator answers at {endpoint} (is it started? with CURVE, are "
+                                   "the keys right?)") from None
+        ctl.close()
         self.workers = info["workers"]
         ready = [w for w in self.workers if w["state"] == "ready"]
         if not ready:
@@ -88,7 +94,8 @@ class Client:
         self.max_batch = ready[0]["max_batch"]
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self.max_in_flight = max_in_flight
-        self._io = ClientIO(self.ctx, self.workers, info.get("events"), failover, max_retries, max_message_bytes)
+        self._io = ClientIO(self.ctx, self.workers, info.get("events"), failover, max_retries, max_message_bytes,
+                            curve)
         self._io.start()
         self._closed = False
         self.failover = failover
@@ -157,6 +164,8 @@ class Client:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+            if self.curve is not None:
+                self.curve.apply(sock)
             sock.connect(worker.endpoint)
             with self._sockets_lock:
                 self._thread_sockets.append(sock)

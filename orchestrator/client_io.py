@@ -65,9 +65,10 @@ class _Worker:
 
 class ClientIO(threading.Thread):
     def __init__(self, ctx: zmq.Context, workers: list[dict], events_endpoint: str | None,
-                 failover: bool, max_retries: int, max_message_bytes: int) -> None:
+                 failover: bool, max_retries: int, max_message_bytes: int, curve: Any = None) -> None:
         super().__init__(name="orchestrator-client-io", daemon=True)
         self.ctx = ctx
+        self.curve = curve  # orchestrator.security.ClientKeys or None
         self.failover = failover
         self.max_retries = max_retries
         self.max_message_bytes = max_message_bytes
@@ -105,6 +106,8 @@ class ClientIO(threading.Thread):
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         sock.setsockopt(zmq.SNDHWM, 0)  # our own in-flight bound is the flow control, not ZeroMQ's
         sock.setsockopt(zmq.RCVHWM, 0)
+        if self.curve is not None:
+            self.curve.apply(sock)
         sock.connect(w.endpoint)
         w.sock = sock
         w.ready = True
@@ -226,6 +229,9 @@ class ClientIO(threading.Thread):
             self.sub = self.ctx.socket(zmq.SUB)
             self.sub.setsockopt(zmq.LINGER, 0)
             self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+            self.sub.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+            if self.curve is not None:
+                self.curve.apply(self.sub)
             self.sub.connect(self.events_endpoint)
             self.poller.register(self.sub, zmq.POLLIN)
         for w in self.workers.values():

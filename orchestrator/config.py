@@ -94,6 +94,11 @@ class TransportSection:
     host: str = field(default="127.0.0.1", metadata={"doc": "tcp: bind address (loopback unless you mean it)"})
     port_base: int = field(default=0, metadata=_port("tcp: first worker port (0 = ephemeral)"))
     max_message_bytes: int = field(default=256 << 20, metadata=_int_range(1, None, "largest accepted message on any socket (bytes)"))
+    control_port: int = field(default=0, metadata=_port("tcp: port of a TCP control socket for remote discovery (status, endpoints; never stop), events on the next port; 0 = none"))
+    curve: bool = field(default=False, metadata={"doc": "tcp: encrypt and authenticate with ZeroMQ CURVE (keys from `orchestrator keygen`)"})
+    curve_server_secret: str = field(default="", metadata={"doc": "tcp+curve: the server's secret certificate file (relative to the config file)"})
+    curve_clients_dir: str = field(default="", metadata={"doc": "tcp+curve: directory of authorised client public certificates (empty = any client holding the server key)"})
+    insecure: bool = field(default=False, metadata={"doc": "allow binding TCP to a non-loopback address without CURVE"})
 
 
 @dataclass(frozen=True)
@@ -291,6 +296,28 @@ def _cross_checks(cfg: Config, base: Path, check_files: bool, errors: list[str])
         errors.append(f'workers.gpus: expected "all" or a list of GPU indices or UUIDs, got "{w.gpus}"')
     if isinstance(w.cpu_affinity, str) and w.cpu_affinity not in ("auto", "none"):
         errors.append(f'workers.cpu_affinity: expected "auto", "none" or a list of core lists, got "{w.cpu_affinity}"')
+    t = cfg.transport
+    if t.kind == "tcp":
+        loopback = t.host in ("127.0.0.1", "localhost", "::1") or t.host.startswith("127.")
+        if not loopback and not t.curve and not t.insecure:
+            errors.append(f'transport.host: binding TCP to "{t.host}" without curve = true exposes the workers to '
+                          "anyone on that network; set transport.curve = true (see README, Security) or insecure = true")
+        if t.curve:
+            for key in ("curve_server_secret", "curve_clients_dir"):
+                value = getattr(t, key)
+                if value:
+                    path = Path(os.path.normpath(value if Path(value).is_absolute() else base / value))
+                    t = dataclasses.replace(t, **{key: str(path)})
+                    ok = path.is_dir() if key == "curve_clients_dir" else path.is_file()
+                    if check_files and not ok:
+                        errors.append(f"transport.{key}: not found: {path}")
+            if not t.curve_server_secret:
+                errors.append("transport.curve_server_secret: required with curve = true (orchestrator keygen DIR)")
+            cfg = dataclasses.replace(cfg, transport=t)
+        if t.control_port and t.control_port == 65535:
+            errors.append("transport.control_port: the events socket takes the next port; use at most 65534")
+    elif t.curve or t.control_port:
+        errors.append('transport.curve and transport.control_port need transport.kind = "tcp"')
     run_dir = str(cfg.run_dir)
     if len(run_dir) > _MAX_RUN_DIR:
         errors.append(f"orchestrator.run_dir: {run_dir!r} is {len(run_dir)} characters; ipc socket paths need it under {_MAX_RUN_DIR}")

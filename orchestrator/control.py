@@ -15,6 +15,7 @@ import zmq
 
 from orchestrator import protocol
 from orchestrator.errors import ControlError, ErrorCode, UnavailableError
+from orchestrator.security import ClientKeys
 
 if TYPE_CHECKING:
     from orchestrator.supervisor import Supervisor
@@ -25,7 +26,7 @@ class Command:
     #: only accepted on the local ipc control socket (never over TCP)
     local_only: ClassVar[bool] = False
 
-    def execute(self, sup: Supervisor, args: dict[str, Any]) -> Any:
+    def execute(self, sup: Supervisor, args: dict[str, Any], local: bool) -> Any:
         raise NotImplementedError
 
 
@@ -34,7 +35,7 @@ class Status(Command):
 
     name = "status"
 
-    def execute(self, sup: Supervisor, args: dict[str, Any]) -> Any:
+    def execute(self, sup: Supervisor, args: dict[str, Any], local: bool) -> Any:
         return sup.status()
 
 
@@ -43,8 +44,8 @@ class Endpoints(Command):
 
     name = "endpoints"
 
-    def execute(self, sup: Supervisor, args: dict[str, Any]) -> Any:
-        return sup.endpoints()
+    def execute(self, sup: Supervisor, args: dict[str, Any], local: bool) -> Any:
+        return sup.endpoints(local)
 
 
 class Stop(Command):
@@ -53,7 +54,7 @@ class Stop(Command):
     name = "stop"
     local_only = True
 
-    def execute(self, sup: Supervisor, args: dict[str, Any]) -> Any:
+    def execute(self, sup: Supervisor, args: dict[str, Any], local: bool) -> Any:
         sup.request_stop("stop command")
         return {"stopping": True, "pid": os.getpid()}
 
@@ -63,7 +64,7 @@ class Ping(Command):
 
     name = "ping"
 
-    def execute(self, sup: Supervisor, args: dict[str, Any]) -> Any:
+    def execute(self, sup: Supervisor, args: dict[str, Any], local: bool) -> Any:
         return {"pong": True, "pid": os.getpid()}
 
 
@@ -90,7 +91,7 @@ def handle(sup: Supervisor, payload: bytes, local: bool) -> bytes:
         return protocol.pack({"id": req_id, "ok": False, "code": int(ErrorCode.FORBIDDEN),
                               "error": f"{cmd.name} is only accepted on the local control socket"})
     try:
-        data = cmd.execute(sup, args)
+        data = cmd.execute(sup, args, local)
     except Exception as exc:  # a command bug must not take the supervisor down
         return protocol.pack({"id": req_id, "ok": False, "code": int(ErrorCode.INTERNAL), "error": str(exc)})
     return protocol.pack({"id": req_id, "ok": True, "code": 0, "error": "", "data": data})
@@ -101,7 +102,8 @@ class ControlClient:
 
     _ids = itertools.count(1)
 
-    def __init__(self, endpoint: str, ctx: zmq.Context | None = None, timeout_s: float = 5.0) -> None:
+    def __init__(self, endpoint: str, ctx: zmq.Context | None = None, timeout_s: float = 5.0,
+                 keys: ClientKeys | None = None) -> None:
         self.endpoint = endpoint
         self.timeout_ms = int(timeout_s * 1000)
         self._own_ctx = ctx is None
@@ -109,6 +111,8 @@ class ControlClient:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, 64 << 20)
+        if keys is not None:
+            keys.apply(self.sock)
         self.sock.connect(endpoint)
 
     def call(self, cmd: str, **args: Any) -> Any:

@@ -23,6 +23,7 @@ from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.monitor.monitor import Monitor
 from orchestrator.restart_policy import Action
 from orchestrator.rundir import RunDir
+from orchestrator.security import secure_server, stop_authenticator
 from orchestrator.worker_handle import State, WorkerHandle, tail
 
 log = logging.getLogger("orchestrator.supervisor")
@@ -64,6 +65,20 @@ class Supervisor:
         self.inbox.bind(self.rundir.inbox_endpoint())
         for p in (self.rundir.control, self.rundir.events, self.rundir.inbox):
             os.chmod(p, 0o600)
+        self.tcp_ctl = self.tcp_pub = None
+        t = self.cfg.transport
+        if t.kind == "tcp" and t.control_port:
+            # Remote discovery only: status and endpoints; `stop` is refused here (local_only).
+            self.tcp_ctl = ctx.socket(zmq.ROUTER)
+            self.tcp_ctl.setsockopt(zmq.LINGER, 0)
+            self.tcp_ctl.setsockopt(zmq.MAXMSGSIZE, 1 << 16)
+            secure_server(ctx, self.tcp_ctl, t)
+            self.tcp_ctl.bind(f"tcp://{t.host}:{t.control_port}")
+            self.tcp_pub = ctx.socket(zmq.PUB)
+            self.tcp_pub.setsockopt(zmq.LINGER, 0)
+            secure_server(ctx, self.tcp_pub, t)
+            self.tcp_pub.bind(f"tcp://{t.host}:{t.control_port + 1}")
+            log.info("[spawn] TCP control on %s:%d (curve %s)", t.host, t.control_port, "on" if t.curve else "off")
 
     def _plan(self) -> None:
         if self.cfg.workers.device == "gpu":
@@ -73,10 +88,15 @@ class Supervisor:
 
     # --- events ---------------------------------------------------------------------------------
 
+    def _emit(self, topic: bytes, msg: dict[str, Any]) -> None:
+        frames = [topic, protocol.pack(msg)]
+        self.pub.send_multipart(frames)
+        if self.tcp_pub is not None:
+            self.tcp_pub.send_multipart(frames)
+
     def _publish(self, w: WorkerHandle) -> None:
-        msg = {"id": w.id, "state": w.state.value, "endpoint": w.endpoint, "pid": w.pid, "restarts": w.tracker.restarts,
-               "t": time.time()}
-        self.pub.send_multipart([b"worker", protocol.pack(msg)])
+        self._emit(b"worker", {"id": w.id, "state": w.state.value, "endpoint": w.endpoint, "pid": w.pid,
+                               "restarts": w.tracker.restarts, "t": time.time()})
 
     def _set_state(self, w: WorkerHandle, state: State) -> None:
         if w.state != state:
@@ -163,7 +183,7 @@ class Supervisor:
         # Workers drain within stop_timeout_s; allow a little more before SIGKILL.
         self._stop_deadline = time.monotonic() + self.cfg.orchestrator.stop_timeout_s + 3.0
         log.info("[shutdown] %s: draining %d workers", reason, sum(w.pidfd is not None for w in self.workers.values()))
-        self.pub.send_multipart([b"supervisor", protocol.pack({"state": "stopping", "t": time.time()})])
+        self._emit(b"supervisor", {"state": "stopping", "t": time.time()})
         for w in self.workers.values():
             w.restart_at = None
             if w.pidfd is not None:
@@ -183,9 +203,11 @@ class Supervisor:
             "mps": None,
         }
 
-    def endpoints(self) -> dict[str, Any]:
+    def endpoints(self, local: bool = True) -> dict[str, Any]:
+        t = self.cfg.transport
+        events = self.rundir.events_endpoint() if local else f"tcp://{t.host}:{t.control_port + 1}"
         return {
-            "events": self.rundir.events_endpoint(),
+            "events": events, "curve": t.curve,
             "workers": [
                 {"id": w.id, "endpoint": w.endpoint, "state": w.state.value, "device": w.plan.device,
                  "inputs": w.ready_info.get("inputs", []), "outputs": w.ready_info.get("outputs", []),
@@ -222,14 +244,9 @@ class Supervisor:
                     continue  # not from one of our workers: ignore
                 if isinstance(msg, dict):
                     self._on_inbox(msg)
-        if self.ctl in events:
-            for _ in range(100):
-                try:
-                    frames = self.ctl.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if len(frames) == 2:
-                    self.ctl.send_multipart([frames[0], control.handle(self, frames[1], local=True)])
+        for sock, local in ((self.ctl, True), (self.tcp_ctl, False)):
+            if sock is not None and sock in events:
+                self._serve_control(sock, local)
         for fd, w in fd_to_worker.items():
             if fd in events:
                 self._on_exit(w)
@@ -248,10 +265,20 @@ class Supervisor:
             self.exit_code = 1
             self.request_stop("no worker could start")
 
+    def _serve_control(self, sock: zmq.Socket, local: bool) -> None:
+        for _ in range(100):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) == 2:  # anything else is not a DEALER control request: drop it
+                sock.send_multipart([frames[0], control.handle(self, frames[1], local=local)])
+
     def serve(self, stop_flag: dict[str, bool], wake_fd: int) -> None:
         poller = zmq.Poller()
-        for s in (self.ctl, self.inbox):
-            poller.register(s, zmq.POLLIN)
+        for s in (self.ctl, self.inbox, self.tcp_ctl):
+            if s is not None:
+                poller.register(s, zmq.POLLIN)
         poller.register(wake_fd, zmq.POLLIN)
         while True:
             if stop_flag.get("stop") and not self.stopping:
@@ -301,8 +328,10 @@ class Supervisor:
         if self.monitor is not None:
             self.monitor.stop()
         if hasattr(self, "ctx"):
-            for s in (self.ctl, self.pub, self.inbox):
-                s.close(0)
+            for s in (self.ctl, self.pub, self.inbox, getattr(self, "tcp_ctl", None), getattr(self, "tcp_pub", None)):
+                if s is not None:
+                    s.close(0)
+            stop_authenticator(self.ctx)
             self.ctx.term()
         self.rundir.cleanup()
 

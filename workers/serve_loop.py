@@ -17,6 +17,7 @@ import zmq
 from orchestrator import protocol
 from orchestrator.config import Config
 from orchestrator.errors import ErrorCode, RequestError
+from orchestrator.security import secure_server, stop_authenticator
 from workers.driver_journal import JOURNAL
 from workers.engines.base import Engine, Slot
 from workers.pipeline import Batch, Pipeline, Request
@@ -82,6 +83,7 @@ class ServeLoop:
         self.cfg = cfg
         self.engine = engine
         self.sup = sup
+        self.ctx = ctx
         # Constructed on the serving thread: its probe reads this thread's scheduler counters.
         self.telemetry = WorkerTelemetry(self.id, cfg.monitor, JOURNAL, cfg.pipeline.sync)
         self.pipeline = Pipeline(engine, cfg.pipeline.depth, cfg.pipeline.max_queue,
@@ -106,6 +108,8 @@ class ServeLoop:
         self._send_ready()
 
     def _bind(self, endpoint: str) -> str:
+        if self.cfg.transport.kind == "tcp":
+            secure_server(self.ctx, self.data, self.cfg.transport)  # no-op unless curve = true
         self.data.bind(endpoint)
         return self.data.getsockopt_string(zmq.LAST_ENDPOINT)
 
@@ -308,5 +312,6 @@ class ServeLoop:
         if self.waiter is not None:
             self.waiter.close()
         self.data.close(linger=500)  # let the last replies leave
+        stop_authenticator(self.ctx)
         self.telemetry.close()
         self.engine.close()
