@@ -290,6 +290,8 @@ def _cross_checks(cfg: Config, base: Path, check_files: bool, errors: list[str])
             errors.append(f"pipeline.buckets: the last bucket must equal model.max_batch ({m.max_batch})")
     if w.device == "cpu" and (p.cuda_graphs or cfg.mps.enabled):
         errors.append("workers.device: CUDA graphs and MPS need device = \"gpu\"")
+    if w.device == "cpu" and cfg.debug.inject in ("pinned_alloc", "device_alloc", "module_load"):
+        errors.append(f'debug.inject: "{cfg.debug.inject}" needs workers.device = "gpu"; CPU workers can use "cpu_hog"')
     if w.device == "cpu" and m.kind == "tensorrt":
         errors.append('model.kind: "tensorrt" needs workers.device = "gpu"')
     if isinstance(w.gpus, str) and w.gpus != "all":

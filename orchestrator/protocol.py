@@ -12,6 +12,7 @@ The worker's ROUTER sees the client identity as an extra first frame; it is not 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from enum import IntEnum
 from typing import Any
@@ -111,7 +112,7 @@ def decode_request_header(data: bytes | memoryview) -> RequestHeader:
         name, dtype_text, shape = spec
         try:
             dtype = parse_dtype(dtype_text)
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:  # numpy raises TypeError, ValueError, even SyntaxError (for ",") on garbage
             raise DecodeError(ErrorCode.INVALID_INPUT, f"tensor {name!r}: {exc}", rid) from None
         if (
             not isinstance(shape, list)
@@ -134,7 +135,7 @@ def decode_tensors(header: RequestHeader, frames: Sequence, nbytes_of=len) -> di
     out: dict[str, np.ndarray] = {}
     for (name, dtype, shape), frame in zip(header.specs, frames, strict=True):
         buf = frame.buffer if hasattr(frame, "buffer") else frame
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        expected = math.prod(shape) * dtype.itemsize  # Python ints: a hostile shape cannot wrap around
         if len(buf) != expected:
             raise DecodeError(
                 ErrorCode.MALFORMED,

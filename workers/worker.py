@@ -107,9 +107,14 @@ def run_worker(spec_path: str) -> int:
         sup.close()
         ctx.term()
         return 3
+    # Stall injection ([debug] inject) starts after READY, so its driver operations count as faults.
+    from workers import inject
+
+    injector = inject.start(cfg) if injected_here(cfg, spec["id"]) else None
     try:
         loop.run(rfd, stop_flag)
     finally:
+        inject.stop(injector)
         loop.close()
         sup.close(linger=1000)
         ctx.term()

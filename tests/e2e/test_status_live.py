@@ -1,0 +1,86 @@
+"""The live `orchestrator status` view under a real pseudo-terminal: it draws worker rows, refreshes, and
+leaves cleanly on Ctrl-C. Also: a CPU hog on a worker's cores is attributed to CPU preemption."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import signal
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from orchestrator.client import Client
+from tests.conftest import ROOT, write_config
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def read_for(fd: int, seconds: float) -> str:
+    out = b""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        r, _, _ = select.select([fd], [], [], 0.1)
+        if r:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    return out.decode("utf-8", "replace")
+
+
+def test_live_view_in_a_terminal(short_tmp, orchestrator_factory) -> None:
+    cfg = write_config(short_tmp, {"workers": {"count": 2},
+                                   "model": {"kind": "synthetic", "item_shape": [16], "max_batch": 8}})
+    orchestrator_factory(cfg)
+    with Client(cfg) as c:
+        for _ in range(50):
+            c.infer(np.ones((4, 16), np.float32))
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the CLI on a terminal of 160 x 40
+        os.environ.update(COLUMNS="160", LINES="40", TERM="xterm-256color")
+        os.chdir(ROOT)
+        os.execv(sys.executable, [sys.executable, "-m", "orchestrator.cli", "status", str(cfg), "--refresh", "4"])
+    try:
+        screen = read_for(fd, 3.0)
+        assert "w0" in screen and "w1" in screen and "ready" in screen
+        assert screen.count("w0") >= 2, "the view should have refreshed at least once in 3 s"
+        os.kill(pid, signal.SIGINT)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) in (0, 130), status
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(fd)
+
+
+@pytest.mark.slow
+def test_cpu_hog_is_attributed_to_preemption(short_tmp, orchestrator_factory) -> None:
+    # One worker on one core with busy-loop hogs on the same core: its batches get preempted.
+    cfg = write_config(short_tmp, {
+        "workers": {"count": 1, "cpu_affinity": [[0]]},
+        "model": {"kind": "synthetic", "item_shape": [256], "work": 20, "max_batch": 16},
+        "monitor": {"stall_factor": 4.0, "stall_min_us": 1000},
+        "debug": {"inject": "cpu_hog", "inject_period_ms": 50}})
+    orch = orchestrator_factory(cfg)
+    x = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32)
+    with Client(cfg) as c:
+        end = time.monotonic() + 8
+        while time.monotonic() < end:
+            c.infer(x)
+    st = orch.wait_status(lambda s: s["monitor"].get("stall_counts"), timeout=5)
+    counts = st["monitor"]["stall_counts"]
+    assert counts, "a CPU hog on the worker's only core should produce stalls"
+    top = max(counts, key=counts.get)
+    assert top == "cpu_preemption", counts
+    stall_log = orch.run_dir / "stalls.jsonl"
+    assert stall_log.exists() and stall_log.read_text().strip()

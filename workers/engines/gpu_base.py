@@ -1,0 +1,244 @@
+"""Shared machinery of the GPU engines: slots with pinned/device buffers, a stream and events; H2D ->
+compute -> D2H enqueue; completion by event; one CUDA graph per (slot, bucket).
+
+Runs in a GPU worker process on its serving thread. Subclasses (synthetic_gpu, tensorrt_engine) supply
+only the compute step. The CUDA layer arrives as a runtime object (workers.cuda.runtime.CudaRuntime by
+default) so unit tests can substitute a CPU stand-in.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from orchestrator.config import Config
+from orchestrator.errors import EngineError
+from workers.driver_journal import JOURNAL
+from workers.engines.base import Engine, Slot, TensorSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class GpuSlot(Slot):
+    """A Slot plus its CUDA resources. `h2d`/`d2h` hold (dst, src, bytes per row) for each tensor."""
+
+    stream: Any = None
+    ev_start: Any = None  # timing event, recorded before the H2D copies
+    ev_stop: Any = None  # timing event, recorded after the D2H copies
+    ev_done: Any = None  # completion event: no timing; blocking-sync in "blocking" mode
+    buffers: list[Any] = field(default_factory=list)  # every pinned/device buffer, for close()
+    device: dict[str, Any] = field(default_factory=dict)  # tensor name -> DeviceBuffer
+    h2d: list[tuple[Any, int, int]] = field(default_factory=list)
+    d2h: list[tuple[int, Any, int]] = field(default_factory=list)
+    graphs: dict[int, Any] = field(default_factory=dict)  # bucket rows -> GraphExec
+
+
+def default_runtime() -> Any:
+    """The real CUDA layer, imported only when a GPU engine is built without a stand-in."""
+    from workers.cuda.runtime import CudaRuntime
+
+    return CudaRuntime()
+
+
+class GpuEngineBase(Engine):
+    """Everything a GPU engine does except the compute step (`_compute`) and loading (`__init__`)."""
+
+    kind = "gpu"
+
+    def __init__(self, cfg: Config, rt: Any = None) -> None:
+        self.cfg = cfg
+        self.rt = rt if rt is not None else default_runtime()
+        self.sync = cfg.pipeline.sync
+        # Context scheduling matches the sync mode: SPIN makes cuEventSynchronize on a plain event busy-
+        # wait inside the driver with the GIL released (trtexec's spin wait); BLOCKING_SYNC sleeps.
+        self.ctx = self.rt.context("spin" if self.sync == "spin" else "blocking")
+        self.want_graphs = cfg.pipeline.cuda_graphs
+        self.pads_to_buckets = self.want_graphs
+        self.graphs_captured = 0
+        self.graph_failures = 0
+        self.slots: list[GpuSlot] = []
+        self._closed = False
+        self._tls = threading.local()  # which threads have the CUDA context bound
+        self._tls.bound = True  # the constructing thread: context() made it current
+
+    # --- subclass hooks --------------------------------------------------------------------------
+
+    def _compute(self, slot: GpuSlot, rows: int) -> Any:
+        """Enqueue the model on slot.stream for `rows` rows (device buffers already hold the input).
+        May return False to signal an enqueue failure during graph capture."""
+        raise NotImplementedError
+
+    def _alloc_rows(self) -> int:
+        """Rows each slot buffer holds (the engine may compute more rows than it accepts)."""
+        return self.max_batch
+
+    def _init_slot(self, slot: GpuSlot) -> None:
+        """Per-slot setup after the buffers exist (kernel args, execution contexts...)."""
+
+    # --- slots --------------------------------------------------------------------------------------
+
+    def _alloc_tensor(self, slot: GpuSlot, spec: TensorSpec, rows: int) -> tuple[np.ndarray, Any, int]:
+        row_bytes = int(np.prod(spec.item_shape, dtype=np.int64)) * spec.dtype.itemsize
+        nbytes = max(row_bytes * rows, 1)
+        detail = f"slot {slot.index} {spec.name} {nbytes} B"
+        host = self.rt.PinnedBuffer(nbytes, detail)
+        dev = self.rt.DeviceBuffer(nbytes, detail)
+        slot.buffers += [host, dev]
+        slot.device[spec.name] = dev
+        return host.view(spec.dtype, (rows, *spec.item_shape)), dev, row_bytes
+
+    def create_slots(self, depth: int) -> list[Slot]:
+        rows = self._alloc_rows()
+        blocking = self.sync == "blocking"
+        for i in range(depth):
+            slot = GpuSlot(index=i, inputs={}, outputs={})
+            slot.stream = self.rt.Stream(non_blocking=True)
+            slot.ev_start = self.rt.Event(timing=True)
+            slot.ev_stop = self.rt.Event(timing=True)
+            slot.ev_done = self.rt.Event(timing=False, blocking_sync=blocking)
+            for spec in self.inputs:
+                arr, dev, row_bytes = self._alloc_tensor(slot, spec, rows)
+                slot.inputs[spec.name] = arr
+                slot.h2d.append((dev.handle, arr.ctypes.data, row_bytes))
+            for spec in self.outputs:
+                arr, dev, row_bytes = self._alloc_tensor(slot, spec, rows)
+                slot.outputs[spec.name] = arr
+                slot.d2h.append((arr.ctypes.data, dev.handle, row_bytes))
+            self._init_slot(slot)
+            self.slots.append(slot)
+        log.info("[ready] %s: %d slot(s) of %d rows allocated", self.kind, depth, rows)
+        return list(self.slots)
+
+    # --- per batch (hot path: no allocation, no sync) ------------------------------------------
+
+    def _enqueue_eager(self, slot: GpuSlot, rows: int) -> Any:
+        stream = slot.stream
+        handle = stream.handle
+        htod = self.rt.copy_htod_async
+        for dst, src, row_bytes in slot.h2d:
+            htod(dst, src, rows * row_bytes, handle)
+        ok = self._compute(slot, rows)
+        dtoh = self.rt.copy_dtoh_async
+        for dst, src, row_bytes in slot.d2h:
+            dtoh(dst, src, rows * row_bytes, handle)
+        return ok
+
+    def launch(self, slot: Slot, rows: int) -> None:
+        assert isinstance(slot, GpuSlot)
+        stream = slot.stream
+        slot.ev_start.record(stream)
+        graph = slot.graphs.get(rows)
+        if graph is not None:
+            graph.launch(stream)
+        else:  # graphs off, or this bucket's capture failed
+            self._enqueue_eager(slot, rows)
+        slot.ev_stop.record(stream)
+        slot.ev_done.record(stream)
+
+    def done(self, slot: Slot) -> bool:
+        return slot.ev_done.query()  # type: ignore[attr-defined]
+
+    def wait(self, slot: Slot) -> None:
+        # Both modes wait in cuEventSynchronize, which releases the GIL: in "spin" mode the event has no
+        # blocking-sync flag and the context is SCHED_SPIN, so the driver busy-waits (lowest latency);
+        # in "blocking" mode the event's BLOCKING_SYNC flag makes the thread sleep until the GPU is done.
+        # A Python query loop would hold the GIL between queries and starve the worker's other threads.
+        if not getattr(self._tls, "bound", False):
+            self._bind_thread()  # e.g. the worker's completion-waiter thread, on its first wait
+        slot.ev_done.synchronize()  # type: ignore[attr-defined]
+
+    def _bind_thread(self) -> None:
+        """Make the CUDA context current on the calling thread (it is per OS thread)."""
+        make_current = getattr(self.ctx, "make_current", None)
+        if make_current is not None:
+            make_current()
+        self._tls.bound = True
+
+    def gpu_time_us(self, slot: Slot) -> float | None:
+        """Stream time of the slot's last batch, H2D through D2H, from its timing events."""
+        s: GpuSlot = slot  # type: ignore[assignment]
+        return s.ev_stop.elapsed_ms(s.ev_start) * 1000.0
+
+    def timeline_us(self, slot: Slot, ref: Any) -> tuple[float, float]:
+        """(start, stop) of the slot's last batch in microseconds after timing event `ref`: lets a
+        benchmark merge overlapping batches of different slots into true GPU-busy time."""
+        s: GpuSlot = slot  # type: ignore[assignment]
+        return s.ev_start.elapsed_ms(ref) * 1000.0, s.ev_stop.elapsed_ms(ref) * 1000.0
+
+    # --- warm-up, readiness ----------------------------------------------------------------------
+
+    def warmup(self, slots: list[Slot], buckets: tuple[int, ...]) -> None:
+        """Run every bucket on every slot eagerly, then capture one graph per (slot, bucket)."""
+        for slot in slots:
+            assert isinstance(slot, GpuSlot)
+            for rows in buckets:
+                if self._enqueue_eager(slot, rows) is False:
+                    raise EngineError(f"{self.kind}: warm-up enqueue of {rows} rows failed (see the log)")
+                slot.stream.synchronize()
+                if self.want_graphs:
+                    self._capture(slot, rows)
+                self.launch(slot, rows)  # the real launch path once, events included
+                self.wait(slot)
+                self.gpu_time_us(slot)
+        log.info("[ready] %s warmed up: %d slot(s) x buckets %s, %d graph(s) captured, %d capture failure(s)",
+                 self.kind, len(slots), list(buckets), self.graphs_captured, self.graph_failures)
+
+    def _capture(self, slot: GpuSlot, rows: int) -> None:
+        detail = f"{self.kind} slot {slot.index} bucket {rows}"
+        graph = self.rt.capture(slot.stream, lambda: self._enqueue_eager(slot, rows), detail)
+        if graph is None:
+            self.graph_failures += 1
+            return
+        slot.graphs[rows] = graph
+        self.graphs_captured += 1
+
+    def mark_ready(self) -> None:
+        JOURNAL.mark_ready()
+
+    def faults(self) -> int:
+        return JOURNAL.faults
+
+    def describe(self) -> dict[str, Any]:
+        info = self.ctx.info
+        return {
+            "kind": self.kind,
+            "device": info.name,
+            "uuid": info.uuid,
+            "compute_capability": f"{info.compute_capability[0]}.{info.compute_capability[1]}",
+            "driver": info.driver_version,
+            "module_loading": self.ctx.loading_mode,
+            "cuda_graphs": bool(self.want_graphs and self.graphs_captured and not self.graph_failures),
+            "graphs_captured": self.graphs_captured,
+            "sync": self.sync,
+            "max_batch": self.max_batch,
+            "depth": len(self.slots),
+        }
+
+    def close(self) -> None:
+        """Destroy graphs, events and streams; free buffers. Runs at worker exit, after serving stopped."""
+        if self._closed:
+            return
+        self._closed = True
+        # Shutting down is not steady state: frees here must not be counted as post-READY faults.
+        JOURNAL.ready = False
+        for slot in self.slots:
+            try:
+                slot.stream.synchronize()
+            except EngineError as exc:  # a failed context still lets us release host memory
+                log.warning("[shutdown] slot %d stream sync failed: %s", slot.index, exc)
+            for graph in slot.graphs.values():
+                graph.destroy()
+            slot.graphs.clear()
+            slot.inputs.clear()
+            slot.outputs.clear()
+            for buf in slot.buffers:
+                buf.free()
+            for ev in (slot.ev_start, slot.ev_stop, slot.ev_done):
+                ev.destroy()
+            slot.stream.destroy()
+        self.slots.clear()
