@@ -56,6 +56,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     model = cfg.model.path or f"synthetic work={cfg.model.work} item_shape={list(cfg.model.item_shape)}"
     print(f"{args.config}: OK: {where}; {cfg.model.kind} model {model}; max batch {cfg.model.max_batch}; "
           f"pipeline depth {cfg.pipeline.depth}; run dir {cfg.run_dir}")
+    from orchestrator.mps import config_warnings
+
+    for text in config_warnings(cfg):
+        _err(f"warning: {text}")
     return EXIT_OK
 
 
@@ -66,7 +70,17 @@ def _preflight(cfg: Config) -> None:
     if cfg.workers.device == "gpu":
         from orchestrator.devices import discover_or_explain
 
-        discover_or_explain(cfg)  # raises ConfigError naming what is missing
+        gpus = discover_or_explain(cfg)  # raises ConfigError naming what is missing
+        if cfg.mps.enabled:
+            from orchestrator.devices import plan_workers
+            from orchestrator.mps import MpsDaemon
+
+            uuids = list(dict.fromkeys(p.gpu_uuid for p in plan_workers(cfg, RunDir(cfg.run_dir), gpus) if p.gpu_uuid))
+            MpsDaemon(cfg, cfg.run_dir, uuids).check()  # MpsError: binary missing, compute mode, foreign daemon
+    from orchestrator.mps import config_warnings
+
+    for text in config_warnings(cfg):
+        _err(f"warning: {text}")
 
 
 def cmd_start(args: argparse.Namespace) -> int:

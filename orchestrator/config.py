@@ -58,7 +58,7 @@ class WorkersSection:
     device: Literal["cpu", "gpu"] = field(default="cpu", metadata={"doc": "CPU workers (no GPU needed) or one worker per GPU"})
     count: int = field(default=1, metadata=_int_range(1, 256, "CPU mode: number of workers"))
     gpus: str | tuple[int | str, ...] = field(default="all", metadata={"doc": 'GPU mode: "all" or a list of indices or UUIDs'})
-    per_gpu: int = field(default=1, metadata=_int_range(1, 16, "workers per GPU (use with MPS)"))
+    per_gpu: int = field(default=1, metadata=_int_range(1, 16, "workers per GPU; without MPS they time-slice the GPU (warning)"))
     cpu_affinity: str | tuple[tuple[int, ...], ...] = field(
         default="auto", metadata={"doc": '"auto" (NUMA-local cores from NVML), "none", or one list of cores per worker'}
     )
@@ -73,6 +73,7 @@ class ModelSection:
     max_batch: int = field(default=64, metadata=_int_range(1, None, "largest batch (rows) the engine runs"))
     item_shape: tuple[int, ...] = field(default=(256,), metadata={"doc": "synthetic: shape of one item (row)"})
     work: int = field(default=0, metadata=_int_range(0, 1 << 24, "synthetic: iterations per element"))
+    fill_gpu: bool = field(default=True, metadata={"doc": "synthetic on a GPU: one full batch occupies every SM (like a real model at its max batch), so batches of different slots do not run side by side"})
     runtime: Literal["auto", "tensorrt", "tensorrt_lean"] = field(default="auto", metadata={"doc": "tensorrt: which runtime module loads the plan"})
     trust_host_code: bool = field(default=False, metadata={"doc": "tensorrt: allow host code in version-compatible plans (trusted plans only)"})
     intra_op_threads: int = field(default=1, metadata=_int_range(0, 256, "onnx: ONNX Runtime threads per worker (0 = its default)"))
@@ -94,6 +95,7 @@ class TransportSection:
     host: str = field(default="127.0.0.1", metadata={"doc": "tcp: bind address (loopback unless you mean it)"})
     port_base: int = field(default=0, metadata=_port("tcp: first worker port (0 = ephemeral)"))
     max_message_bytes: int = field(default=256 << 20, metadata=_int_range(1, None, "largest accepted message on any socket (bytes)"))
+    io_threads: int = field(default=1, metadata=_int_range(1, 16, "ZeroMQ I/O threads per worker (large payloads may need 2)"))
     control_port: int = field(default=0, metadata=_port("tcp: port of a TCP control socket for remote discovery (status, endpoints; never stop), events on the next port; 0 = none"))
     curve: bool = field(default=False, metadata={"doc": "tcp: encrypt and authenticate with ZeroMQ CURVE (keys from `orchestrator keygen`)"})
     curve_server_secret: str = field(default="", metadata={"doc": "tcp+curve: the server's secret certificate file (relative to the config file)"})
@@ -103,9 +105,9 @@ class TransportSection:
 
 @dataclass(frozen=True)
 class MpsSection:
-    enabled: bool = field(default=False, metadata={"doc": "start and manage an NVIDIA MPS control daemon"})
-    active_thread_percentage: int = field(default=0, metadata=_int_range(0, 100, "per-worker SM share in percent (0 = unset)"))
-    use_existing: bool = field(default=False, metadata={"doc": "use an MPS daemon that is already running"})
+    enabled: bool = field(default=False, metadata={"doc": "start an NVIDIA MPS control daemon (pipe and log directories under <run_dir>/mps) before the workers; quit it on stop"})
+    active_thread_percentage: int = field(default=0, metadata=_int_range(0, 100, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for every worker: its share of each GPU's SMs (0 = unset)"))
+    use_existing: bool = field(default=False, metadata={"doc": "use an MPS daemon that is already running (CUDA_MPS_PIPE_DIRECTORY if set, else the one found) instead of refusing; it is never stopped"})
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,10 @@ class WorkerDeadError(OrchestratorError):
     """The worker holding a request died and the request could not be retried elsewhere."""
 
 
+class MpsError(OrchestratorError):
+    """MPS cannot be used as configured: binary missing, compute mode, a foreign daemon, or no answer."""
+
+
 class ControlError(OrchestratorError):
     """The supervisor refused or failed a control command."""
 

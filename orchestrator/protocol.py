@@ -135,6 +135,8 @@ def decode_tensors(header: RequestHeader, frames: Sequence, nbytes_of=len) -> di
     out: dict[str, np.ndarray] = {}
     for (name, dtype, shape), frame in zip(header.specs, frames, strict=True):
         buf = frame.buffer if hasattr(frame, "buffer") else frame
+        if math.prod(d or 1 for d in shape) * dtype.itemsize > 1 << 40:  # np.empty refuses [0, 2**31-1, 2**31-1, ...]
+            raise DecodeError(ErrorCode.MALFORMED, f"tensor {name!r}: shape {list(shape)} is too large", header.request_id)
         expected = math.prod(shape) * dtype.itemsize  # Python ints: a hostile shape cannot wrap around
         if len(buf) != expected:
             raise DecodeError(

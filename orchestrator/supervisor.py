@@ -7,6 +7,7 @@ It never imports CUDA. `python -m orchestrator.supervisor CONFIG` runs it detach
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from orchestrator.config import Config, load_config
 from orchestrator.devices import discover_or_explain, plan_workers
 from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.monitor.monitor import Monitor
+from orchestrator.mps import MpsDaemon, config_warnings
 from orchestrator.restart_policy import Action
 from orchestrator.rundir import RunDir
 from orchestrator.security import secure_server, stop_authenticator
@@ -44,6 +46,7 @@ class Supervisor:
         self._killed_all = False
         self.gpus: list[dict] = []
         self.monitor: Monitor | None = None
+        self.mps: MpsDaemon | None = None
         self.exit_code = 0
         self._startup_settled = False
 
@@ -83,7 +86,15 @@ class Supervisor:
     def _plan(self) -> None:
         if self.cfg.workers.device == "gpu":
             self.gpus = discover_or_explain(self.cfg)
-        for plan in plan_workers(self.cfg, self.rundir, self.gpus):
+        for text in config_warnings(self.cfg):
+            log.warning("[spawn] %s", text)
+        plans = plan_workers(self.cfg, self.rundir, self.gpus)
+        if self.cfg.mps.enabled:
+            # Before any worker starts: a CUDA context created while no daemon answers silently runs without MPS.
+            self.mps = MpsDaemon(self.cfg, self.rundir.root, list(dict.fromkeys(p.gpu_uuid for p in plans if p.gpu_uuid)))
+            self.mps.start()  # MpsError (an OrchestratorError) says why not: binary, compute mode, foreign daemon
+            plans = [dataclasses.replace(p, env={**p.env, **self.mps.worker_env(i)}) for i, p in enumerate(plans)]
+        for plan in plans:
             self.workers[plan.id] = WorkerHandle(plan, self.cfg, self.rundir)
 
     # --- events ---------------------------------------------------------------------------------
@@ -200,7 +211,7 @@ class Supervisor:
             "stopping": self.stopping, "device": self.cfg.workers.device,
             "workers": [w.describe(now) for w in self.workers.values()],
             "monitor": self.monitor.snapshot() if self.monitor is not None else {},
-            "mps": None,
+            "mps": self.mps.status() if self.mps is not None else None,
         }
 
     def endpoints(self, local: bool = True) -> dict[str, Any]:
@@ -325,6 +336,8 @@ class Supervisor:
                 if w.proc is not None:
                     w.proc.wait(5)
                 w.reap()
+        if self.mps is not None:
+            self.mps.stop()  # only now: every client has exited (also after crashes); idempotent
         if self.monitor is not None:
             self.monitor.stop()
         if hasattr(self, "ctx"):

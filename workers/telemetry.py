@@ -90,12 +90,13 @@ class _Counters:
     """Counters for one reporting interval (also used for the cumulative totals)."""
 
     __slots__ = ("requests", "batches", "rows", "padded_rows", "gpu_time_us", "gpu_batches", "vcsw",
-                 "ivcsw", "runq_ns", "stalls", "knock_on", "suppressed", "failures", "latency", "queue",
-                 "enqueue", "gpu")
+                 "ivcsw", "runq_ns", "stalls", "knock_on", "suppressed", "enqueue_over_1ms", "failures",
+                 "latency", "queue", "enqueue", "gpu")
 
     def __init__(self) -> None:
         self.requests = self.batches = self.rows = self.padded_rows = self.gpu_batches = 0
         self.vcsw = self.ivcsw = self.runq_ns = self.stalls = self.knock_on = self.suppressed = 0
+        self.enqueue_over_1ms = 0  # exact count of launches slower than 1 ms (the stall-detection yardstick)
         self.gpu_time_us = 0.0
         self.failures: dict[int, int] = {}
         self.latency = Histogram()  # end-to-end per request: receive -> reply sent
@@ -105,7 +106,7 @@ class _Counters:
 
     def add(self, o: _Counters) -> None:
         for name in ("requests", "batches", "rows", "padded_rows", "gpu_batches", "vcsw", "ivcsw",
-                     "runq_ns", "stalls", "knock_on", "suppressed", "gpu_time_us"):
+                     "runq_ns", "stalls", "knock_on", "suppressed", "enqueue_over_1ms", "gpu_time_us"):
             setattr(self, name, getattr(self, name) + getattr(o, name))
         for code, n in o.failures.items():
             self.failures[code] = self.failures.get(code, 0) + n
@@ -120,6 +121,7 @@ class _Counters:
             "padded_rows": self.padded_rows, "gpu_time_us": self.gpu_time_us, "gpu_batches": self.gpu_batches,
             "launch_vcsw": self.vcsw, "launch_ivcsw": self.ivcsw, "launch_runq_us": self.runq_ns / 1e3,
             "stalls": self.stalls, "knock_on": self.knock_on, "suppressed": self.suppressed,
+            "enqueue_over_1ms": self.enqueue_over_1ms,
             "failures": {str(c): n for c, n in self.failures.items()},
             "hist": {f"{h}_us": getattr(self, h).to_wire() for h in hists},
         }
@@ -224,6 +226,8 @@ class WorkerTelemetry:
         iv.rows += batch.rows
         iv.padded_rows += batch.padded
         iv.enqueue.record(enqueue_us)
+        if enqueue_us > 1000.0:
+            iv.enqueue_over_1ms += 1
         if gpu_time_us is not None:
             iv.gpu_time_us += gpu_time_us
             iv.gpu_batches += 1
@@ -351,7 +355,7 @@ class WorkerTelemetry:
         shipped = entries[-MAX_JOURNAL_PER_REPORT:]
         interval = iv.to_wire(("latency", "queue", "enqueue", "gpu"))
         interval["gpu_busy_pct"] = (100.0 * iv.gpu_time_us / (interval_s * 1e6)) if iv.gpu_batches else None
-        total = self._total.to_wire(("latency",))
+        total = self._total.to_wire(("latency", "enqueue"))
         rep = {
             "v": REPORT_VERSION, "worker_id": self.worker_id, "pid": self.pid, "seq": self._seq, "t_ns": now,
             "interval_s": interval_s, "uptime_s": (now - self._t_start) / 1e9, "sync_mode": self.sync_mode,

@@ -92,7 +92,7 @@ def run_worker(spec_path: str) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    ctx = zmq.Context(io_threads=1)
+    ctx = zmq.Context(io_threads=cfg.transport.io_threads)
     sup = ctx.socket(zmq.PUSH)
     sup.setsockopt(zmq.LINGER, 2000)
     sup.setsockopt(zmq.SNDHWM, 1000)

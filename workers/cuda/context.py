@@ -81,6 +81,13 @@ class DeviceInfo:
         return f"sm_{major}{minor}"
 
 
+def device_attribute(name: str) -> int:
+    """A CU_DEVICE_ATTRIBUTE_<name> of the worker's device (ordinal 0), e.g. "MULTIPROCESSOR_COUNT"."""
+    attr = getattr(driver.CUdevice_attribute, f"CU_DEVICE_ATTRIBUTE_{name}")
+    dev = check(driver.cuDeviceGet(0), "cuDeviceGet")
+    return int(check(driver.cuDeviceGetAttribute(attr, dev), f"cuDeviceGetAttribute({name})"))
+
+
 def _format_uuid(raw: bytes) -> str:
     h = bytes(raw[:16]).hex()
     return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

@@ -98,6 +98,18 @@ class KernelArgs:
         self._store[index][0] = value
 
 
+def max_active_blocks(func: Any, block: int, dynamic_smem: int) -> int:
+    """Blocks of `func` one SM can hold at once with this block size and dynamic shared memory."""
+    return int(check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(func, block, dynamic_smem),
+                     "cuOccupancyMaxActiveBlocksPerMultiprocessor"))
+
+
+def allow_dynamic_smem(func: Any, nbytes: int) -> None:
+    """Let launches of `func` request up to `nbytes` of dynamic shared memory (above 48 KiB needs opt-in)."""
+    attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    check(driver.cuFuncSetAttribute(func, attr, nbytes), "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
+
+
 def launch_kernel(func: Any, grid: int, block: int, stream: Stream, args: KernelArgs, shared_mem: int = 0) -> None:
     """One-dimensional launch of `func` on `stream`. Returns at once (no sync)."""
     err = driver.cuLaunchKernel(func, grid, 1, 1, block, 1, 1, shared_mem, stream.handle, args.ptr, 0)[0]

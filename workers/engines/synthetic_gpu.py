@@ -13,7 +13,16 @@ import numpy as np
 
 from orchestrator.config import Config
 from orchestrator.errors import EngineError
-from workers.cuda.module import KernelArgs, Module, compile_cubin, launch_kernel, nvrtc_version
+from workers.cuda.context import device_attribute
+from workers.cuda.module import (
+    KernelArgs,
+    Module,
+    allow_dynamic_smem,
+    compile_cubin,
+    launch_kernel,
+    max_active_blocks,
+    nvrtc_version,
+)
 from workers.engines import synthetic_math
 from workers.engines.base import Slot, TensorSpec
 from workers.engines.gpu_base import GpuEngineBase, GpuSlot
@@ -46,8 +55,31 @@ class SyntheticGpuEngine(GpuEngineBase):
         self.module = Module(cubin, f"synthetic kernel ({arch})")
         self.function = self.module.function(KERNEL)
         self._args: dict[int, Any] = {}  # slot index -> KernelArgs
-        log.info("[ready] synthetic GPU engine: item %s, work %d, %s, NVRTC %s",
-                 self.item_shape, self.work, arch, self.nvrtc_version)
+        self.smem = self._fill_smem() if m.fill_gpu else 0
+        log.info("[ready] synthetic GPU engine: item %s, work %d, %s, NVRTC %s, %d B shared memory per block",
+                 self.item_shape, self.work, arch, self.nvrtc_version, self.smem)
+
+    def _fill_smem(self) -> int:
+        """Dynamic shared memory per block that makes one full batch occupy every SM, and no more.
+
+        The kernel is one thread per element and uses few registers, so left alone a max batch fills
+        only part of a large GPU and the batches of different slots run side by side: "GPU time per
+        batch" would then overstate how busy the GPU is. A real model at its max batch fills the GPU;
+        reserving shared memory (which the kernel never touches) caps the blocks resident per SM at
+        what one full batch needs, so the synthetic workload behaves the same way."""
+        blocks = -(-self.max_batch * self.item_elems // BLOCK)
+        sms = device_attribute("MULTIPROCESSOR_COUNT")
+        per_sm = -(-blocks // sms)
+        if per_sm >= max_active_blocks(self.function, BLOCK, 0):
+            return 0  # a full batch already fills every SM
+        optin = device_attribute("MAX_SHARED_MEMORY_PER_BLOCK_OPTIN")
+        allow_dynamic_smem(self.function, optin)
+        smem = min(optin, device_attribute("MAX_SHARED_MEMORY_PER_MULTIPROCESSOR") // per_sm)
+        while smem > 0 and max_active_blocks(self.function, BLOCK, smem) < per_sm:
+            smem -= 256
+        log.info("[ready] fill_gpu: %d blocks per full batch on %d SMs -> %d resident per SM (%d B each)",
+                 blocks, sms, max_active_blocks(self.function, BLOCK, smem), smem)
+        return smem
 
     def _init_slot(self, slot: GpuSlot) -> None:
         # (x, y, n, work): pointers and n as 64-bit, work as 32-bit, exactly the kernel's C types.
@@ -63,7 +95,7 @@ class SyntheticGpuEngine(GpuEngineBase):
         n = rows * self.item_elems
         args = self._args[slot.index]
         args.set(2, n)
-        launch_kernel(self.function, (n + BLOCK - 1) // BLOCK, BLOCK, slot.stream, args)
+        launch_kernel(self.function, (n + BLOCK - 1) // BLOCK, BLOCK, slot.stream, args, self.smem)
 
     def warmup(self, slots: list[Slot], buckets: tuple[int, ...]) -> None:
         super().warmup(slots, buckets)
@@ -86,7 +118,7 @@ class SyntheticGpuEngine(GpuEngineBase):
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d.update(work=self.work, item_shape=list(self.item_shape), nvrtc=self.nvrtc_version)
+        d.update(work=self.work, item_shape=list(self.item_shape), nvrtc=self.nvrtc_version, fill_gpu_smem=self.smem)
         return d
 
     def close(self) -> None:

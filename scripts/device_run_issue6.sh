@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Issue 6 on a GPU machine, in one command: carried wheels, GPU tests, then the benchmark for MODE.
+#   bash scripts/device_run_issue6.sh single   # one GPU: scripts/bench_mps.py (+ a 1-GPU smoke of bench_scaling)
+#   bash scripts/device_run_issue6.sh quad     # four GPUs: scripts/bench_scaling.py (+ an MPS run on all four)
+# Every step runs even when an earlier one failed; its log and exit status go under $OUT; a summary ends it.
+# The whole run stays under TOTAL_S seconds (default 460, under 8 minutes).
+set -x
+MODE=${1:-single}
+OUT=${OUT:-/tmp/issue6-out}
+RES=/tmp/issue6-results            # bulky files, sent back as one tarball ($OUT takes at most 8 files)
+TOTAL_S=${TOTAL_S:-460}
+mkdir -p "$OUT" "$RES"
+exec > >(tee -a "$OUT/run.log") 2>&1
+export PYTHONUNBUFFERED=1 PATH="$PATH:/usr/local/nvidia/bin"
+T0=$SECONDS
+SUMMARY=()
+FAILED=0
+
+left() { echo $((TOTAL_S - (SECONDS - T0))); }
+
+# step NAME CAP_SECONDS COMMAND...: runs with a timeout of min(CAP, time left - 20 s), logs to $RES/NAME.log
+step() {
+    local name=$1 cap=$2 t rc start=$SECONDS
+    shift 2
+    t=$(( $(left) - 20 ))
+    [ "$t" -gt "$cap" ] && t=$cap
+    if [ "$t" -lt 10 ]; then
+        SUMMARY+=("SKIP  $name (no time left)")
+        return 0
+    fi
+    echo "=== [$name] timeout ${t}s: $*"
+    timeout --kill-after=10 "$t" "$@" 2>&1 | tee "$RES/$name.log"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 0 ]; then
+        SUMMARY+=("OK    $name ($((SECONDS - start))s)")
+    else
+        [ "$rc" -eq 124 ] && rc="$rc (timed out)"
+        SUMMARY+=("FAIL  $name: exit $rc ($((SECONDS - start))s), log $RES/$name.log")
+        FAILED=1
+    fi
+    return 0
+}
+
+mps_processes() {
+    ps -eo pid,ppid,stat,args | grep '[n]vidia-cuda-mps' || echo "no MPS processes"
+}
+
+step install 120 bash -c 'python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl'
+export PYTHONPATH=/tmp/site:$PWD
+
+step env 60 bash -c 'date -u; uname -a; nproc; python3 -VV
+    nvidia-smi
+    nvidia-smi --query-gpu=index,name,uuid,driver_version,compute_mode,persistence_mode --format=csv
+    nvidia-smi topo -m
+    command -v nvidia-cuda-mps-control || ls -l /usr/local/nvidia/bin/nvidia-cuda-mps-*
+    python3 -c "import zmq, numpy, psutil, pynvml, msgpack; print(zmq.__version__, numpy.__version__, psutil.__version__)"'
+echo "MPS before:"; mps_processes | tee "$RES/mps-before.txt"
+
+if [ -d tests/gpu ]; then
+    step gpu-tests 150 python3 -m pytest tests/gpu -q -p no:cacheprovider
+fi
+step mps-unit-tests 60 python3 -m pytest tests/unit/test_mps.py -q -p no:cacheprovider
+
+case "$MODE" in
+single)
+    step bench-mps 330 python3 scripts/bench_mps.py --budget-s $(( $(left) - 110 )) \
+        --out "$OUT/bench-mps" --logs "$RES/logs-mps"
+    step scaling-smoke 90 python3 scripts/bench_scaling.py --smoke --gpus 0 --seconds 3 --clients-per-gpu 4 \
+        --out "$RES/scaling-smoke" --logs "$RES/logs-scaling-smoke"
+    ;;
+quad)
+    step bench-scaling 330 python3 scripts/bench_scaling.py --with-mps-run \
+        --out "$OUT/bench-scaling" --logs "$RES/logs-scaling"
+    ;;
+*)
+    echo "unknown mode '$MODE' (single or quad)"
+    SUMMARY+=("FAIL  mode: unknown '$MODE'")
+    FAILED=1
+    ;;
+esac
+
+echo "MPS after:"; mps_processes | tee "$RES/mps-after.txt"
+# A daemon the benchmarks started and failed to stop (its temp pipe dir is gone by now): end it by pid.
+python3 - <<'EOF' 2>&1 | tee -a "$RES/mps-after.txt"
+import os, signal
+from orchestrator.mps import list_mps_processes
+ours = [p for p in list_mps_processes() if p.pipe_dir and p.pipe_dir.startswith(("/tmp/bmps-", "/tmp/bscale-"))]
+for p in ours:
+    print(f"LEAKED {p.role} pid {p.pid} (pipe dir {p.pipe_dir}): SIGKILL")
+    os.kill(p.pid, signal.SIGKILL)
+print(f"leaked MPS processes: {len(ours)}")
+EOF
+
+tar czf "$OUT/issue6-$MODE.tar.gz" -C "$RES" . || SUMMARY+=("FAIL  tar of $RES")
+set +x
+{
+    echo "=== summary: mode $MODE, $((SECONDS - T0))s"
+    printf '%s\n' "${SUMMARY[@]}"
+    echo "files in $OUT:"; ls -la "$OUT"
+} | tee "$OUT/summary.txt"
+exit $FAILED
