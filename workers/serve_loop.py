@@ -182,7 +182,8 @@ class ServeLoop:
     def _complete(self) -> None:
         """Reply to the oldest finished batch, then account it (telemetry after the replies are out)."""
         batch = self.pipeline.complete_oldest(self._on_complete)
-        candidate = self.telemetry.on_batch(batch, self.engine.gpu_time_us(batch.slot))
+        slot = batch.slot
+        candidate = self.telemetry.on_batch(batch, self.engine.gpu_time_us(slot), self.engine.gpu_span_ns(slot))
         if candidate is not None:
             try:
                 self.sup.send(protocol.pack({"kind": "stall", "id": self.id, "candidate": candidate}), zmq.NOBLOCK)

@@ -90,13 +90,14 @@ class _Counters:
     """Counters for one reporting interval (also used for the cumulative totals)."""
 
     __slots__ = ("requests", "batches", "rows", "padded_rows", "gpu_time_us", "gpu_batches", "vcsw",
-                 "ivcsw", "runq_ns", "stalls", "knock_on", "suppressed", "enqueue_over_1ms", "failures",
+                 "ivcsw", "runq_ns", "stalls", "knock_on", "suppressed", "enqueue_over_1ms", "gpu_busy_ns", "failures",
                  "latency", "queue", "enqueue", "gpu")
 
     def __init__(self) -> None:
         self.requests = self.batches = self.rows = self.padded_rows = self.gpu_batches = 0
         self.vcsw = self.ivcsw = self.runq_ns = self.stalls = self.knock_on = self.suppressed = 0
         self.enqueue_over_1ms = 0  # exact count of launches slower than 1 ms (the stall-detection yardstick)
+        self.gpu_busy_ns = 0  # union of batch spans on the device: overlapping batches counted once
         self.gpu_time_us = 0.0
         self.failures: dict[int, int] = {}
         self.latency = Histogram()  # end-to-end per request: receive -> reply sent
@@ -106,7 +107,7 @@ class _Counters:
 
     def add(self, o: _Counters) -> None:
         for name in ("requests", "batches", "rows", "padded_rows", "gpu_batches", "vcsw", "ivcsw",
-                     "runq_ns", "stalls", "knock_on", "suppressed", "enqueue_over_1ms", "gpu_time_us"):
+                     "runq_ns", "stalls", "knock_on", "suppressed", "enqueue_over_1ms", "gpu_busy_ns", "gpu_time_us"):
             setattr(self, name, getattr(self, name) + getattr(o, name))
         for code, n in o.failures.items():
             self.failures[code] = self.failures.get(code, 0) + n
@@ -121,7 +122,7 @@ class _Counters:
             "padded_rows": self.padded_rows, "gpu_time_us": self.gpu_time_us, "gpu_batches": self.gpu_batches,
             "launch_vcsw": self.vcsw, "launch_ivcsw": self.ivcsw, "launch_runq_us": self.runq_ns / 1e3,
             "stalls": self.stalls, "knock_on": self.knock_on, "suppressed": self.suppressed,
-            "enqueue_over_1ms": self.enqueue_over_1ms,
+            "enqueue_over_1ms": self.enqueue_over_1ms, "gpu_busy_ns": self.gpu_busy_ns,
             "failures": {str(c): n for c, n in self.failures.items()},
             "hist": {f"{h}_us": getattr(self, h).to_wire() for h in hists},
         }
@@ -191,11 +192,14 @@ class WorkerTelemetry:
         # Recent launch snapshots: a latency stall's probe window starts at the last one before its oldest
         # request arrived, so run-queue waits between receive and launch are seen too.
         self._snaps: deque[tuple] = deque(maxlen=64)
+        self._busy_until = 0  # end of the GPU-busy union so far (host monotonic ns)
 
     # --- per batch ------------------------------------------------------------------------------
 
-    def on_batch(self, batch: Any, gpu_time_us: float | None) -> dict | None:
-        """Account one replied batch; return a stall candidate to push to the supervisor, or None."""
+    def on_batch(self, batch: Any, gpu_time_us: float | None,
+                 gpu_span: tuple[int, int] | None = None) -> dict | None:
+        """Account one replied batch; return a stall candidate to push to the supervisor, or None.
+        `gpu_span` is the batch's (start, stop) on the device in host monotonic ns, for GPU-busy time."""
         now = time.monotonic_ns()
         t_launch = batch.t_launch_ns
         enqueue_us = (batch.t_enqueued_ns - t_launch) / 1e3
@@ -228,6 +232,11 @@ class WorkerTelemetry:
         iv.enqueue.record(enqueue_us)
         if enqueue_us > 1000.0:
             iv.enqueue_over_1ms += 1
+        if gpu_span is not None:  # batches finish in submission order: a running union of their spans
+            start, stop = gpu_span
+            if stop > self._busy_until:
+                iv.gpu_busy_ns += stop - max(start, self._busy_until)
+                self._busy_until = stop
         if gpu_time_us is not None:
             iv.gpu_time_us += gpu_time_us
             iv.gpu_batches += 1
@@ -354,7 +363,8 @@ class WorkerTelemetry:
             self._journal_seq = entries[-1].seq
         shipped = entries[-MAX_JOURNAL_PER_REPORT:]
         interval = iv.to_wire(("latency", "queue", "enqueue", "gpu"))
-        interval["gpu_busy_pct"] = (100.0 * iv.gpu_time_us / (interval_s * 1e6)) if iv.gpu_batches else None
+        interval["gpu_busy_pct"] = ((100.0 * iv.gpu_busy_ns / (interval_s * 1e9)) if iv.gpu_busy_ns
+                                    else (100.0 * iv.gpu_time_us / (interval_s * 1e6)) if iv.gpu_batches else None)
         total = self._total.to_wire(("latency", "enqueue"))
         rep = {
             "v": REPORT_VERSION, "worker_id": self.worker_id, "pid": self.pid, "seq": self._seq, "t_ns": now,

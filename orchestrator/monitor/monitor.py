@@ -80,7 +80,10 @@ class _Worker:
     def view(self, now: int) -> dict:
         rate = self._recent(now, RATE_WINDOW_S)
         span = sum(iv.get("interval_s", 0.0) for iv in rate) or None
-        gpu_us = sum(iv.get("gpu_time_us", 0.0) for iv in rate)
+        # Prefer the union of batch spans (exact when batches overlap); the sum of per-batch times is the
+        # fallback for engines that cannot place their batches on the host clock.
+        busy_ns = sum(iv.get("gpu_busy_ns", 0) for iv in rate)
+        gpu_us = busy_ns / 1e3 if busy_ns else sum(iv.get("gpu_time_us", 0.0) for iv in rate)
         lat = Histogram()
         for iv in self._recent(now, PCT_WINDOW_S):
             lat.merge(Histogram.from_wire((iv.get("hist") or {}).get("latency_us")))

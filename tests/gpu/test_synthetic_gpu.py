@@ -155,3 +155,26 @@ def test_wait_from_another_thread(engines: list) -> None:
     t.join(10)
     assert not errors and eng.done(slot)
     assert same_bits(slot.outputs["y"][:4], synthetic_math.reference(slot.inputs["x"][:4], 2000))
+
+
+def test_batch_spans_merge_into_gpu_busy_time(engines: list) -> None:
+    """Spans are on the host clock, in order, inside the wall time of the run; back to back at depth 3 the
+    union of spans covers most of the wall time, and fill_gpu reserved shared memory for a full batch."""
+    eng, pipe = build(engines, 3, True, "spin", work=2000, item=(1024,), max_batch=64)
+    assert eng.describe()["fill_gpu_smem"] > 0  # 64 x 1024 threads would fill only part of a large GPU
+    x = np.random.default_rng(3).random((64, 1024), dtype=np.float32)
+    spans: list[tuple[int, int]] = []
+    t0 = time.monotonic_ns()
+    drive(pipe, [{"x": x}] * 600, lambda b: spans.append(eng.gpu_span_ns(b.slot)))
+    t1 = time.monotonic_ns()
+    assert all(s < e for s, e in spans)
+    assert all(b[1] >= a[1] for a, b in zip(spans, spans[1:], strict=False)), "batches finish in order"
+    assert spans[0][0] >= t0 - 1_000_000 and spans[-1][1] <= t1 + 1_000_000  # host clock, within 1 ms
+    busy, until = 0, 0
+    for s, e in spans:
+        if e > until:
+            busy += e - max(s, until)
+            until = e
+    frac = busy / (t1 - t0)
+    log.warning("spans: %d batches, GPU busy %.1f%% of %.3f s", len(spans), 100 * frac, (t1 - t0) / 1e9)
+    assert 0.5 < frac <= 1.0 + 1e-3

@@ -210,3 +210,16 @@ def _time_snaps(probe: ThreadProbe, n: int = 5000) -> float:
     for _ in range(n):
         probe.snap()
     return (time.perf_counter_ns() - t0) / n / 1e3
+
+
+def test_gpu_busy_is_the_union_of_overlapping_batch_spans() -> None:
+    tel = make_tel()
+    base = time.monotonic_ns()
+    # Three batches (ns on the host clock): [0, 100], [50, 150] overlaps the first, [300, 400] after a gap.
+    for start, stop in ((0, 100), (50, 150), (300, 400)):
+        tel.on_batch(make_batch(10.0, 50.0), 100.0, (base + start * 1000, base + stop * 1000))
+    rep = tel.report()
+    assert rep["interval"]["gpu_busy_ns"] == 250_000  # 150 us + 100 us, the overlap counted once
+    assert rep["interval"]["gpu_time_us"] == 300.0  # the per-batch sum overcounts: that is why the union exists
+    expected_pct = 100.0 * 250_000 / (rep["interval_s"] * 1e9)
+    assert rep["interval"]["gpu_busy_pct"] == pytest.approx(expected_pct)

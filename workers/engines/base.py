@@ -84,6 +84,11 @@ class Engine(ABC):
         """Device time of the last finished batch in `slot`, from events; None where not measured."""
         return None
 
+    def gpu_span_ns(self, slot: Slot) -> tuple[int, int] | None:
+        """(start, stop) of the slot's last finished batch on the device, on the host's monotonic clock;
+        called once per completed batch, so overlapping batches can be merged into true GPU-busy time."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """Facts for the READY message and `status` (device name, module loading mode, faults...)."""
         return {"kind": self.kind}

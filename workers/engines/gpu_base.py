@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,10 @@ from workers.driver_journal import JOURNAL
 from workers.engines.base import Engine, Slot, TensorSpec
 
 log = logging.getLogger(__name__)
+
+# Batch spans are read relative to an anchor event, re-recorded this often: cuEventElapsedTime returns
+# float milliseconds, whose resolution decays with distance from the reference (12 ns at 200 ms).
+_REANCHOR_NS = 200_000_000
 
 
 @dataclass(eq=False)
@@ -36,6 +41,7 @@ class GpuSlot(Slot):
     h2d: list[tuple[Any, int, int]] = field(default_factory=list)
     d2h: list[tuple[int, Any, int]] = field(default_factory=list)
     graphs: dict[int, Any] = field(default_factory=dict)  # bucket rows -> GraphExec
+    anchor: int = 0  # which of the engine's anchor events this slot's last batch is timed against
 
 
 def default_runtime() -> Any:
@@ -63,6 +69,10 @@ class GpuEngineBase(Engine):
         self.graph_failures = 0
         self.slots: list[GpuSlot] = []
         self._closed = False
+        self._anchors: list[Any] = []  # two timing events, alternately re-recorded (see launch)
+        self._anchor = -1
+        self._anchor_ns = [0, 0]  # host monotonic time at which each anchor was recorded
+        self._anchor_users = [0, 0]  # launched batches timed against each anchor, not yet read
         self._tls = threading.local()  # which threads have the CUDA context bound
         self._tls.bound = True  # the constructing thread: context() made it current
 
@@ -111,6 +121,7 @@ class GpuEngineBase(Engine):
                 slot.d2h.append((arr.ctypes.data, dev.handle, row_bytes))
             self._init_slot(slot)
             self.slots.append(slot)
+        self._anchors = [self.rt.Event(timing=True), self.rt.Event(timing=True)]
         log.info("[ready] %s: %d slot(s) of %d rows allocated", self.kind, depth, rows)
         return list(self.slots)
 
@@ -128,9 +139,22 @@ class GpuEngineBase(Engine):
             dtoh(dst, src, rows * row_bytes, handle)
         return ok
 
+    def _anchor_for(self, slot: GpuSlot, now: int) -> None:
+        """Pick the anchor this batch is timed against, re-recording the idle one when the current is old.
+        The anchor goes on this slot's stream, which is idle (its last batch finished before the slot was
+        freed), so the event fires at about `now` on the host clock."""
+        a = self._anchor
+        if a < 0 or (now - self._anchor_ns[a] > _REANCHOR_NS and self._anchor_users[1 - a] == 0):
+            a = self._anchor = 0 if a < 0 else 1 - a
+            self._anchors[a].record(slot.stream)
+            self._anchor_ns[a] = now
+        slot.anchor = a
+        self._anchor_users[a] += 1
+
     def launch(self, slot: Slot, rows: int) -> None:
         assert isinstance(slot, GpuSlot)
         stream = slot.stream
+        self._anchor_for(slot, time.monotonic_ns())
         slot.ev_start.record(stream)
         graph = slot.graphs.get(rows)
         if graph is not None:
@@ -163,6 +187,13 @@ class GpuEngineBase(Engine):
         """Stream time of the slot's last batch, H2D through D2H, from its timing events."""
         s: GpuSlot = slot  # type: ignore[assignment]
         return s.ev_stop.elapsed_ms(s.ev_start) * 1000.0
+
+    def gpu_span_ns(self, slot: Slot) -> tuple[int, int] | None:
+        s: GpuSlot = slot  # type: ignore[assignment]
+        a = s.anchor
+        ref, base = self._anchors[a], self._anchor_ns[a]
+        self._anchor_users[a] = max(0, self._anchor_users[a] - 1)
+        return (base + int(s.ev_start.elapsed_ms(ref) * 1e6), base + int(s.ev_stop.elapsed_ms(ref) * 1e6))
 
     def timeline_us(self, slot: Slot, ref: Any) -> tuple[float, float]:
         """(start, stop) of the slot's last batch in microseconds after timing event `ref`: lets a
@@ -198,6 +229,7 @@ class GpuEngineBase(Engine):
         self.graphs_captured += 1
 
     def mark_ready(self) -> None:
+        self._anchor_users = [0, 0]  # warm-up launches were never read as spans
         JOURNAL.mark_ready()
 
     def faults(self) -> int:
