@@ -119,7 +119,7 @@ class Client:
     def _submit_unbounded(self, inputs: Inputs, timeout: float | None) -> Future:
         if self._closed:
             raise UnavailableError("client is closed")
-        p = self._io.new_pending(self._named(inputs), timeout or self.timeout)
+        p = self._io.new_pending(self._named(inputs), self.timeout if timeout is None else timeout)
         self._io.submit(p)
         return p.future
 
@@ -129,7 +129,7 @@ class Client:
         Blocks while `max_in_flight` requests are outstanding (the client's own backpressure), for at most
         `timeout`, then raises OverloadedError. Do not modify the input arrays until the future is done:
         they are sent zero-copy."""
-        t = timeout or self.timeout
+        t = self.timeout if timeout is None else timeout
         if not self._slots.acquire(timeout=t):
             raise OverloadedError(f"{self.max_in_flight} requests already in flight for {t:g}s")
         try:
@@ -142,7 +142,7 @@ class Client:
 
     def infer(self, inputs: Inputs, timeout: float | None = None) -> dict[str, np.ndarray]:
         """Run one batch and wait for its outputs (a dict name -> array), on the calling thread."""
-        t = timeout or self.timeout
+        t = self.timeout if timeout is None else timeout
         if self._closed:
             raise UnavailableError("client is closed")
         named = self._named(inputs)
@@ -198,9 +198,9 @@ class Client:
             finally:
                 w.sync_load -= 1
             if reply is None:  # the worker died with our request: retry elsewhere or fail
-                last_error = WorkerDeadError(f"worker {w.id} died with this request in flight")
                 self._drop_socket(sock)
                 self._local.socks.pop(w.id, None)
+                last_error = WorkerDeadError(f"worker {w.id} died with this request in flight")
                 continue
             if reply.code == ErrorCode.OK:
                 return reply.tensors
@@ -227,7 +227,7 @@ class Client:
                    timeout: float | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Yield the outputs of `batches` in order, keeping up to `max_in_flight` of them in flight."""
         window: deque[Future] = deque()
-        t = timeout or self.timeout
+        t = self.timeout if timeout is None else timeout
         for inputs in batches:
             if len(window) >= max_in_flight:
                 yield window.popleft().result(t + 1.0)

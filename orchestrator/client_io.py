@@ -122,16 +122,11 @@ class ClientIO(threading.Thread):
     def pick(self, tried: set[str]) -> _Worker | None:
         """The ready worker with the least outstanding work, avoiding those already tried when possible.
         Called from the I/O thread and from blocking callers: it only reads."""
-        best = None
-        ready = self.ready_count()
         ws = list(self.workers.values())
         k = next(self._rotation) % len(ws)  # rotate the start so ties spread round-robin
-        for w in ws[k:] + ws[:k]:
-            if not w.ready or (w.id in tried and len(tried) < ready):
-                continue
-            if best is None or w.load < best.load:
-                best = w
-        return best
+        ready = [w for w in ws[k:] + ws[:k] if w.ready]
+        candidates = [w for w in ready if w.id not in tried] or ready
+        return min(candidates, key=lambda w: w.load, default=None)
 
     def _dispatch(self, p: Pending) -> None:
         if p.future.done():  # cancelled by the user

@@ -185,7 +185,7 @@ class WorkerHandle:
             "cpu_affinity": self.ready_info.get("cpu_affinity") or list(self.plan.cpu_affinity or []),
             "module_loading": eng.get("module_loading"), "engine": eng,
             "faults": hb.get("faults", 0), "queued": hb.get("queued", 0), "inflight": hb.get("inflight", 0),
-            "batches": hb.get("progress", 0), "requests": hb.get("requests", 0),
+            "batches": hb.get("progress", 0), "requests": hb.get("requests", 0), "host_ns": hb.get("host_ns", 0),
             "errors": hb.get("errors", {}), "last_error": self.last_error,
             "next_restart_in_s": round(self.restart_at - now, 1) if self.restart_at else None,
         }

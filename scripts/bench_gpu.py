@@ -139,10 +139,13 @@ def part_b(args: argparse.Namespace, shape: bare.Shape, results: dict) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ob-", dir="/tmp"))
     for c in cal:
         runs = []
-        for label, depth, graphs in [("orchestrator, depth 1, no graphs (baseline)", 1, False),
-                                     (f"orchestrator, depth {args.depth}, graphs (speed)", args.depth, True)]:
-            cfg = orch.write_config(tmp, f"bench{depth}", shape.rows, shape.item, c["work"], depth, graphs, args.sync,
-                                    args.device)
+        variants = [("orchestrator, depth 1, no graphs (baseline)", 1, False, 1),
+                    (f"orchestrator, depth {args.depth}, graphs (speed)", args.depth, True, 1)]
+        if args.io_threads_variant:
+            variants.append((f"orchestrator, depth {args.depth}, graphs, 2 ZeroMQ I/O threads", args.depth, True, 2))
+        for label, depth, graphs, io in variants:
+            cfg = orch.write_config(tmp, f"bench{depth}io{io}", shape.rows, shape.item, c["work"], depth, graphs,
+                                    args.sync, args.device, io)
             r = orch.run(label, cfg, args.clients, args.in_flight, args.seconds, shape.rows, shape.item, c["work"],
                          c["gpu_time_us"], say)
             say(f"  {label} @ work {c['work']}: {r['batches_per_s']:,.0f}/s busy {r['gpu_busy']:.1%} ({r['gpu_busy_source']})")
@@ -151,7 +154,7 @@ def part_b(args: argparse.Namespace, shape: bare.Shape, results: dict) -> None:
         if bare_runs:
             best = max(r["batches_per_s"] for _, r in bare_runs["runs"])
             same = {(r["depth"], r["cuda_graphs"], r["sync"]): r["batches_per_s"] for _, r in bare_runs["runs"]}
-            for (_, r), depth, graphs in zip(runs, (1, args.depth), (False, True), strict=True):
+            for (_, r), depth, graphs in zip(runs, (1, args.depth, args.depth), (False, True, True), strict=False):
                 r["fraction_of_bare"] = r["batches_per_s"] / best
                 if (depth, graphs, args.sync) in same:
                     r["fraction_of_bare_same_depth"] = r["batches_per_s"] / same[(depth, graphs, args.sync)]
@@ -197,7 +200,7 @@ def main() -> None:
     p.add_argument("--part", choices=["A", "B", "AB"], default="A")
     p.add_argument("--out", required=True, help="output path stem: writes STEM.md and STEM.json")
     p.add_argument("--rows", type=int, default=64)
-    p.add_argument("--item", type=int, default=1024)
+    p.add_argument("--item", type=int, default=512, help="floats per row: 512 = 128 KiB per 64-row batch, the size FACTS.md measured")
     p.add_argument("--targets", default="30,110,1000", help="GPU us per batch to calibrate for")
     p.add_argument("--works", default="", help="skip calibration: work values, one per target")
     p.add_argument("--gpu-us", default="", help="Part B alone: Part A's GPU us per batch for --works")
@@ -208,6 +211,7 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=3, help="Part B speed configuration's pipeline depth")
     p.add_argument("--sync", default="spin", choices=["spin", "blocking"])
     p.add_argument("--device", default="gpu", choices=["gpu", "cpu"], help="Part B workers (cpu: smoke test only)")
+    p.add_argument("--io-threads-variant", action="store_true", help="Part B: also run the speed config with 2 ZeroMQ I/O threads")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     shape = bare.Shape(args.rows, args.item)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_config(directory: Path, name: str, rows: int, item: int, work: int, depth: int, graphs: bool,
-                 sync: str, device: str = "gpu") -> Path:
+                 sync: str, device: str = "gpu", io_threads: int = 1) -> Path:
     """A benchmark config; device = "cpu" (no graphs) is a smoke test of this script on any host."""
     text = f"""[orchestrator]
 name = "{name}"
@@ -44,6 +44,9 @@ buckets = [{rows}]
 sync = "{sync}"
 max_queue = 4096
 max_queue_delay_us = 0
+
+[transport]
+io_threads = {io_threads}
 """
     path = directory / f"{name}.toml"
     path.write_text(text)
@@ -94,25 +97,21 @@ def _client_proc(config: str, rows: int, item: int, work: int, in_flight: int, s
 
 
 def _gpu_busy(before: dict, after: dict, wall_s: float, gpu_us_per_batch: float) -> tuple[float, str, int]:
-    """GPU busy over the run. Hook: when a worker's status carries a cumulative `gpu_time_us_total`
-    (event-measured, in `stats` or at top level), busy = its increase / wall. Otherwise it is estimated
-    from the batch count and Part A's GPU time per batch at the same work, and labelled so."""
-    def total(st: dict, key: str) -> float | None:
-        vals = []
-        for w in st.get("workers", []):
-            v = (w.get("stats") or {}).get(key, w.get(key))
-            if v is None:
-                return None
-            vals.append(float(v))
-        return sum(vals)
+    """GPU busy over the run: the increase of the workers' cumulative `gpu_busy_ns_total` (the union of
+    their batches' event spans) over wall time. Without it (older workers), an estimate from the batch
+    count and Part A's GPU time per batch at the same work, labelled so."""
+    def total(st: dict) -> float | None:
+        views = (st.get("monitor") or {}).get("workers") or {}
+        vals = [v.get("gpu_busy_ns_total") for v in views.values()]
+        return float(sum(vals)) if vals and all(v is not None for v in vals) else None
 
     def count(st: dict) -> int:  # heartbeat progress: cumulative batches completed per worker
         return sum(int(w.get("batches", 0)) for w in st.get("workers", []))
 
     batches = count(after) - count(before)
-    g0, g1 = total(before, "gpu_time_us_total"), total(after, "gpu_time_us_total")
-    if g0 is not None and g1 is not None:
-        return (g1 - g0) / (wall_s * 1e6), "events (worker stats)", batches
+    g0, g1 = total(before), total(after)
+    if g0 is not None and g1 is not None and g1 > g0:
+        return (g1 - g0) / (wall_s * 1e9), "events (union of batch spans)", batches
     return batches * gpu_us_per_batch / (wall_s * 1e6), "estimated: batches x Part A GPU time", batches
 
 
@@ -165,6 +164,7 @@ def run(label: str, config: Path, clients: int, in_flight: int, seconds: float, 
             p.start()
         oks = [q.get(timeout=120) for _ in procs]
         before = status(config)
+        cpu0 = _worker_cpu_s(before)
         util = NvmlUtil()
         t0 = time.perf_counter()
         start.set()
@@ -172,7 +172,7 @@ def run(label: str, config: Path, clients: int, in_flight: int, seconds: float, 
         lats = [np.frombuffer(q.get(timeout=seconds + 120)[1], dtype=np.float64) for _ in procs]
         wall = time.perf_counter() - t0
         nvml_util = util.stop()
-        after = status(config)
+        cpu1 = _worker_cpu_s(after := status(config))
     finally:
         for p in procs:
             p.join(30)
@@ -188,6 +188,12 @@ def run(label: str, config: Path, clients: int, in_flight: int, seconds: float, 
         # Overlapping batches on slot streams make batches x isolated GPU time overcount; NVML measures.
         estimate, busy, source = busy, nvml_util, "NVML utilization (sampled every 50 ms)"
     workers = after.get("workers", [])
+    views = list(((after.get("monitor") or {}).get("workers") or {}).values())
+    # Serving-thread working time per batch (receive, stage + launch, reply + account; no waits, no spin).
+    h0 = sum(int(w.get("host_ns", 0)) for w in before.get("workers", []))
+    h1 = sum(int(w.get("host_ns", 0)) for w in workers)
+    host_us = (h1 - h0) / batches / 1e3 if batches and h1 > h0 else None
+    cpu_us = (cpu1 - cpu0) / batches * 1e6 if batches and cpu0 is not None and cpu1 is not None else None
     return {
         "label": label, "clients": clients, "in_flight_per_client": in_flight, "seconds": round(wall, 3),
         "requests": int(lat.size), "batches": batches, "batches_per_s": lat.size / wall,
@@ -197,5 +203,22 @@ def run(label: str, config: Path, clients: int, in_flight: int, seconds: float, 
         "faults": sum(int(w.get("faults", 0)) for w in workers),
         "result_check": all(ok for _, ok in oks),
         "module_loading": [w.get("module_loading") for w in workers],
-        "worker_stats": [w.get("stats") for w in workers],
+        "host_us_per_batch": host_us,
+        "worker_cpu_us_per_batch": cpu_us,  # all threads, spinning included
+        "enqueue_us_p50": max((v.get("enqueue_p50_us") or 0) for v in views) if views else None,
+        "enqueue_us_p99": max((v.get("enqueue_p99_us") or 0) for v in views) if views else None,
     }
+
+
+def _worker_cpu_s(st: dict) -> float | None:
+    """CPU seconds (user + system, every thread) used so far by the worker processes in `st`."""
+    import psutil
+
+    total = 0.0
+    for w in st.get("workers", []):
+        try:
+            t = psutil.Process(w["pid"]).cpu_times()
+        except (psutil.Error, KeyError, TypeError):
+            return None
+        total += t.user + t.system
+    return total

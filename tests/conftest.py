@@ -25,10 +25,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.gpu)
 
 
+# Temporary directories of the test running now: a detached orchestrator left behind is recognised by its
+# command line naming one of them, so processes of other sessions on the same machine are never touched.
+_TEST_DIRS: set[str] = set()
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A temporary directory with a short path: ipc:// socket paths must stay under 108 bytes."""
     d = Path(tempfile.mkdtemp(prefix="orch-", dir="/tmp"))
+    _TEST_DIRS.add(str(d))
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
@@ -139,22 +145,27 @@ def no_leftover_processes() -> Iterator[None]:
         left = [p for p in _descendants() if p.pid not in before]
         left += [p for p in _orchestrator_orphans(started_at)]
         if not left:
+            _TEST_DIRS.clear()
             return
         time.sleep(0.1)
     for p in left:
         p.kill()
+    _TEST_DIRS.clear()
     pytest.fail(f"processes left behind: {[(p.pid, ' '.join(p.cmdline()[:4])) for p in left]}")
 
 
 def _orchestrator_orphans(since: float) -> list[psutil.Process]:
-    """Detached supervisors and their workers re-parent to init: find ours by command line and start time."""
+    """Detached supervisors and their workers re-parent to init: find this test's by command line (a role
+    and one of the test's own directories) and start time."""
+    if not _TEST_DIRS:
+        return []
     out = []
     for p in psutil.process_iter(["pid", "cmdline", "create_time"]):
         try:
-            cmd = p.info["cmdline"] or []
-            if p.info["create_time"] >= since - 1 and any(
-                m in " ".join(cmd) for m in ("orchestrator.supervisor", "workers.worker")
-            ) and p.pid != os.getpid() and p.status() != psutil.STATUS_ZOMBIE:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if (p.info["create_time"] >= since - 1 and p.pid != os.getpid()
+                    and any(m in cmd for m in ("orchestrator.supervisor", "workers.worker"))
+                    and any(d in cmd for d in _TEST_DIRS) and p.status() != psutil.STATUS_ZOMBIE):
                 out.append(p)
         except psutil.Error:
             continue

@@ -40,7 +40,7 @@ class _Worker:
         self.reports: deque[tuple[int, dict]] = deque(maxlen=128)  # (receive time ns, interval part)
         self.last: dict = {}
         self.last_rx_ns = 0
-        self.requests = self.batches = self.rows = self.enqueue_over_1ms = 0
+        self.requests = self.batches = self.rows = self.enqueue_over_1ms = self.gpu_busy_ns = 0
         self.failures: dict[str, int] = {}
         self.hists = {h: Histogram() for h in HISTS}
         self.faults_total = 0
@@ -63,6 +63,7 @@ class _Worker:
         self.batches += iv.get("batches", 0)
         self.rows += iv.get("rows", 0)
         self.enqueue_over_1ms += iv.get("enqueue_over_1ms", 0)
+        self.gpu_busy_ns += iv.get("gpu_busy_ns", 0)
         for code, n in (iv.get("failures") or {}).items():
             self.failures[str(code)] = self.failures.get(str(code), 0) + n
         for h in HISTS:
@@ -107,7 +108,7 @@ class _Worker:
             "stalls": self.stalls, "last_stall_cause": self.last_stall_cause,
             "stall_causes": dict(self.stall_causes),
             "requests_total": self.requests, "items_total": self.rows, "batches_total": self.batches,
-            "enqueue_over_1ms_total": self.enqueue_over_1ms,
+            "enqueue_over_1ms_total": self.enqueue_over_1ms, "gpu_busy_ns_total": self.gpu_busy_ns,
             "failures_total": sum(self.failures.values()), "failures_by_code": dict(self.failures),
             "baseline_us": last.get("baseline_us"), "sync_mode": last.get("sync_mode"),
             "report_age_s": (now - self.last_rx_ns) / 1e9 if self.last_rx_ns else None,

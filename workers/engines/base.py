@@ -56,6 +56,9 @@ class Engine(ABC):
     #: True when launches must use one of the warmed-up bucket sizes (CUDA graphs, fixed-shape plans);
     #: the pipeline then pads each batch up to its bucket.
     pads_to_buckets: bool = False
+    #: True when launch() computes the batch before returning (CPU engines): nothing overlaps it, so the
+    #: serving loop drains its socket first to coalesce; asynchronous (GPU) engines are fed first instead.
+    synchronous: bool = False
 
     @abstractmethod
     def create_slots(self, depth: int) -> list[Slot]:

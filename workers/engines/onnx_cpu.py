@@ -36,6 +36,7 @@ def _spec(arg: Any, where: str) -> TensorSpec:
 
 class OnnxCpuEngine(Engine):
     kind = "onnx"
+    synchronous = True
 
     def __init__(self, cfg: Config) -> None:
         import onnxruntime as ort  # heavy import: only in workers that serve ONNX

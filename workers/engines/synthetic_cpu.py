@@ -16,6 +16,7 @@ from workers.engines.base import Engine, Slot, TensorSpec
 
 class SyntheticCpuEngine(Engine):
     kind = "synthetic"
+    synchronous = True
 
     def __init__(self, cfg: Config) -> None:
         shape = tuple(cfg.model.item_shape)

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Issue 6 on a GPU machine, in one command: carried wheels, GPU tests, then the benchmark for MODE.
-#   bash scripts/device_run_issue6.sh single   # one GPU: scripts/bench_mps.py (+ a 1-GPU smoke of bench_scaling)
-#   bash scripts/device_run_issue6.sh quad     # four GPUs: scripts/bench_scaling.py (+ an MPS run on all four)
+# The GPU-machine runs, one command each: carried wheels, GPU tests, then the benchmarks for MODE.
+#   bash scripts/device_run.sh gpu      # issue 3: tests/gpu, bench_gpu.py parts A and B, 60 s steady run
+#   bash scripts/device_run.sh stalls   # issue 4: bench_stalls.py (clean + 3 injections, 60 s each)
+#   bash scripts/device_run.sh single   # issue 6 on one GPU: bench_mps.py (+ a 1-GPU smoke of bench_scaling)
+#   bash scripts/device_run.sh quad     # issue 6 on four GPUs: bench_scaling.py (+ an MPS run on all four)
 # Every step runs even when an earlier one failed; its log and exit status go under $OUT; a summary ends it.
-# The whole run stays under TOTAL_S seconds (default 460, under 8 minutes).
+# The whole run stays under TOTAL_S seconds (default 560, inside the device's 10-minute limit).
 set -x
 MODE=${1:-single}
-OUT=${OUT:-/tmp/issue6-out}
-RES=/tmp/issue6-results            # bulky files, sent back as one tarball ($OUT takes at most 8 files)
-TOTAL_S=${TOTAL_S:-460}
+OUT=${OUT:-/tmp/device-out}
+RES=/tmp/device-results            # bulky files, sent back as one tarball ($OUT takes at most 8 files)
+TOTAL_S=${TOTAL_S:-560}
 mkdir -p "$OUT" "$RES"
 exec > >(tee -a "$OUT/run.log") 2>&1
 export PYTHONUNBUFFERED=1 PATH="$PATH:/usr/local/nvidia/bin"
@@ -56,28 +58,42 @@ step env 60 bash -c 'date -u; uname -a; nproc; python3 -VV
     python3 -c "import zmq, numpy, psutil, pynvml, msgpack; print(zmq.__version__, numpy.__version__, psutil.__version__)"'
 echo "MPS before:"; mps_processes | tee "$RES/mps-before.txt"
 
-if [ -d tests/gpu ]; then
-    step gpu-tests 150 python3 -m pytest tests/gpu -q -p no:cacheprovider
-fi
-step mps-unit-tests 60 python3 -m pytest tests/unit/test_mps.py -q -p no:cacheprovider
+run_mode() {
+    case "$1" in
+    gpu)
+        step gpu-tests 150 python3 -m pytest tests/gpu -q -p no:cacheprovider -o log_cli=true -o log_cli_level=WARNING
+        # shellcheck disable=SC2086  # GPU_BENCH_ARGS is a list of options
+        step bench-gpu 400 python3 scripts/bench_gpu.py --part AB --seconds 4 --clients 8 --in-flight 8 \
+            ${GPU_BENCH_ARGS:---steady-seconds 60 --io-threads-variant} --out "$OUT/gpu-bench"
+        ;;
+    stalls)
+        step bench-stalls 340 python3 scripts/bench_stalls.py --out "$OUT/stalls"
+        ;;
+    single)
+        step mps-unit-tests 60 python3 -m pytest tests/unit/test_mps.py -q -p no:cacheprovider
+        step bench-mps 330 python3 scripts/bench_mps.py --budget-s $(( $(left) - 110 )) \
+            --out "$OUT/bench-mps" --logs "$RES/logs-mps"
+        step scaling-smoke 90 python3 scripts/bench_scaling.py --smoke --gpus 0 --seconds 3 --clients-per-gpu 4 \
+            --out "$RES/scaling-smoke" --logs "$RES/logs-scaling-smoke"
+        ;;
+    quad)
+        step mps-unit-tests 60 python3 -m pytest tests/unit/test_mps.py -q -p no:cacheprovider
+        step bench-scaling 330 python3 scripts/bench_scaling.py --with-mps-run \
+            --out "$OUT/bench-scaling" --logs "$RES/logs-scaling"
+        ;;
+    *)
+        echo "unknown mode '$1' (gpu, stalls, single or quad)"
+        SUMMARY+=("FAIL  mode: unknown '$1'")
+        FAILED=1
+        ;;
+    esac
+}
 
-case "$MODE" in
-single)
-    step bench-mps 330 python3 scripts/bench_mps.py --budget-s $(( $(left) - 110 )) \
-        --out "$OUT/bench-mps" --logs "$RES/logs-mps"
-    step scaling-smoke 90 python3 scripts/bench_scaling.py --smoke --gpus 0 --seconds 3 --clients-per-gpu 4 \
-        --out "$RES/scaling-smoke" --logs "$RES/logs-scaling-smoke"
-    ;;
-quad)
-    step bench-scaling 330 python3 scripts/bench_scaling.py --with-mps-run \
-        --out "$OUT/bench-scaling" --logs "$RES/logs-scaling"
-    ;;
-*)
-    echo "unknown mode '$MODE' (single or quad)"
-    SUMMARY+=("FAIL  mode: unknown '$MODE'")
-    FAILED=1
-    ;;
-esac
+# MODE may list several, comma-separated (e.g. gpu,stalls): they run in order.
+IFS=, read -ra MODES <<< "$MODE"
+for m in "${MODES[@]}"; do
+    run_mode "$m"
+done
 
 echo "MPS after:"; mps_processes | tee "$RES/mps-after.txt"
 # A daemon the benchmarks started and failed to stop (its temp pipe dir is gone by now): end it by pid.
@@ -91,7 +107,7 @@ for p in ours:
 print(f"leaked MPS processes: {len(ours)}")
 EOF
 
-tar czf "$OUT/issue6-$MODE.tar.gz" -C "$RES" . || SUMMARY+=("FAIL  tar of $RES")
+tar czf "$OUT/device-${MODE//,/-}.tar.gz" -C "$RES" . || SUMMARY+=("FAIL  tar of $RES")
 set +x
 {
     echo "=== summary: mode $MODE, $((SECONDS - T0))s"
