@@ -28,7 +28,7 @@ SERVER = "nvidia-cuda-mps-server"
 DEFAULT_PIPE_DIR = "/tmp/nvidia-mps"  # where a daemon started without CUDA_MPS_PIPE_DIRECTORY listens
 SEARCH_DIRS: tuple[str, ...] = ("/usr/local/nvidia/bin", "/usr/bin")  # after PATH
 PID_FILE = "nvidia-cuda-mps-control.pid"  # the daemon writes it into its pipe directory
-STATUS_REFRESH_S = 5.0  # status() asks the daemon for its servers at most this often
+STATUS_REFRESH_S = 2.0  # seconds between server/client queries (each runs the control program)
 # NVML compute modes (nvml.h nvmlComputeMode_t); MPS works in DEFAULT and EXCLUSIVE_PROCESS.
 _COMPUTE_MODES = {0: "default", 1: "exclusive_thread", 2: "prohibited", 3: "exclusive_process"}
 
@@ -352,8 +352,9 @@ class MpsDaemon:
         every STATUS_REFRESH_S, since each query runs the control program)."""
         alive = self.pid is not None and _alive(self.pid)
         now = time.monotonic()
+        # An empty answer is not kept: the server only starts when the first worker connects.
         if alive and self.pipe_dir is not None and not self._stopped and (
-                self._servers is None or now - self._servers[0] > STATUS_REFRESH_S):
+                self._servers is None or not self._servers[1] or now - self._servers[0] > STATUS_REFRESH_S):
             self._servers = (now, *self._server_list())
         servers, clients = (self._servers[1], self._servers[2]) if self._servers and alive else ([], {})
         return {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import subprocess
 import sys
 import threading
@@ -20,9 +21,20 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _split_cores() -> tuple[list[int], list[int]]:
+    """(worker cores, client cores): on hosts with 8+ cores the worker gets the first 4 and the client
+    processes the rest, as a deployment keeps a GPU worker's cores to itself; on small hosts, no split."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 8:
+        return [], []
+    return cores[:4], cores[4:]
+
+
 def write_config(directory: Path, name: str, rows: int, item: int, work: int, depth: int, graphs: bool,
                  sync: str, device: str = "gpu", io_threads: int = 1) -> Path:
     """A benchmark config; device = "cpu" (no graphs) is a smoke test of this script on any host."""
+    worker_cores = _split_cores()[0]
+    affinity = f"[{worker_cores}]" if worker_cores else '"auto"'
     text = f"""[orchestrator]
 name = "{name}"
 run_dir = "{directory / 'run'}"
@@ -30,6 +42,7 @@ startup_timeout_s = 120
 
 [workers]
 device = "{device}"
+cpu_affinity = {affinity}
 
 [model]
 kind = "synthetic"
@@ -69,6 +82,9 @@ def _client_proc(config: str, rows: int, item: int, work: int, in_flight: int, s
                  start: Any, q: Any) -> None:
     """One client process: warm up, wait for the common start, then keep `in_flight` requests going."""
     sys.path.insert(0, str(ROOT))
+    clients_cores = _split_cores()[1]
+    if clients_cores:  # keep the load generator off the worker's cores (see write_config)
+        os.sched_setaffinity(0, clients_cores)
     from orchestrator.client import Client
     from workers.engines import synthetic_math
 
