@@ -129,17 +129,33 @@ def plan_workers(cfg: Config, rundir: RunDir, gpus: list[dict] | None = None) ->
     chosen = _select_gpus(cfg, gpus or [])
     per = cfg.workers.per_gpu
     explicit = _explicit_affinity(cfg, len(chosen) * per)
+    local = _numa_split(chosen, per)
     plans: list[WorkerPlan] = []
     for g in chosen:
         ids = tuple(f"w{len(plans) + k}" for k in range(per))
-        local = _split(sorted(g.get("cpu_affinity") or []), per)
         for k, wid in enumerate(ids):
             i = len(plans)
             env = {"CUDA_VISIBLE_DEVICES": g["uuid"], "CUDA_MODULE_LOADING": "EAGER",
                    "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
             plans.append(WorkerPlan(
                 wid, f"gpu:{g['index']}", _endpoint(cfg, rundir, wid, i),
-                explicit[i] if explicit else local[k], env, g["index"], g["uuid"], g.get("name"),
+                explicit[i] if explicit else local[(g["index"], k)], env, g["index"], g["uuid"], g.get("name"),
                 tuple(x for x in ids if x != wid),
             ))
     return plans
+
+
+def _numa_split(gpus: list[dict], per_gpu: int) -> dict[tuple[int, int], tuple[int, ...] | None]:
+    """NUMA-local cores for each (GPU index, worker k). GPUs that NVML gives the same local cores (one NUMA
+    node, or a host where every core is local to every GPU) share those cores out among all their workers,
+    so no two workers of the node run on the same core; a GPU alone on its node splits its cores among its
+    own workers."""
+    groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    for g in gpus:
+        key = tuple(sorted(g.get("cpu_affinity") or []))
+        groups.setdefault(key, []).extend((g["index"], k) for k in range(per_gpu))
+    out: dict[tuple[int, int], tuple[int, ...] | None] = {}
+    for cores, members in groups.items():
+        for member, part in zip(members, _split(list(cores), len(members)), strict=True):
+            out[member] = part
+    return out

@@ -95,9 +95,11 @@ def scaled_config(tmp: Path, label: str, gpus: list[int], work: int | None,
     return path, run_dir, doc
 
 
-def verify_placement(st: dict[str, Any], gpus: list[int], nvml: dict[int, list[int]], per_gpu: int) -> dict[str, Any]:
-    """Every worker ready on a listed GPU, the configured number per GPU, and the CPU affinity that NVML
-    gives for its GPU: the workers of a GPU together hold exactly its NUMA-local CPUs, and the OS agrees."""
+def verify_placement(st: dict[str, Any], gpus: list[int], nvml: dict[int, list[int]], per_gpu: int,
+                     pinned: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """Every worker ready on a listed GPU, the configured number per GPU, and its CPU affinity: with
+    "auto", cores local to its GPU by NVML and shared with no other worker; with explicit cores, exactly
+    those. The OS's view of each worker process must agree with status."""
     import psutil
 
     workers, problems = st.get("workers", []), []
@@ -122,14 +124,24 @@ def verify_placement(st: dict[str, Any], gpus: list[int], nvml: dict[int, list[i
                      "nvml_cpus": ranges(nvml.get(idx, []))})
     if sorted(by_gpu) != sorted(gpus):
         problems.append(f"workers are on GPUs {sorted(by_gpu)}, expected {sorted(gpus)}")
+    owner: dict[int, str] = {}
     for idx, ws in by_gpu.items():
         if len(ws) != per_gpu:
             problems.append(f"GPU {idx} has {len(ws)} workers, expected {per_gpu}")
-        held = sorted({c for w in ws for c in (w.get("cpu_affinity") or [])})
-        if not nvml.get(idx):
-            problems.append(f"GPU {idx}: NVML gave no CPU affinity, so the workers' cores are not verified")
-        elif held != nvml[idx]:
-            problems.append(f"GPU {idx}: its workers hold cores {ranges(held)}, NVML says {ranges(nvml[idx])}")
+        for w in ws:
+            cores = sorted(w.get("cpu_affinity") or [])
+            if pinned is not None:  # explicit cpu_affinity in the config: exactly what was asked
+                if cores != pinned.get(w["id"]):
+                    problems.append(f"{w['id']}: cores {ranges(cores)}, configured {ranges(pinned.get(w['id'], []))}")
+            elif not nvml.get(idx):
+                problems.append(f"GPU {idx}: NVML gave no CPU affinity, so the workers' cores are not verified")
+            elif not set(cores) <= set(nvml[idx]):  # auto: NUMA-local to its GPU...
+                problems.append(f"{w['id']}: cores {ranges(cores)} are not all local to GPU {idx} ({ranges(nvml[idx])})")
+            for c in cores:  # ...and no core shared with another worker
+                if c in owner:
+                    problems.append(f"{w['id']} and {owner[c]} share core {c}")
+                    break
+                owner[c] = w["id"]
     uuids = [w.get("gpu_uuid") for w in workers]
     if per_gpu == 1 and len(set(uuids)) != len(uuids):
         problems.append(f"two workers share a GPU UUID: {uuids}")
@@ -154,12 +166,28 @@ def verify_telemetry(st: dict[str, Any], gpus: list[int]) -> dict[str, Any]:
                      for i in gpus if i in seen]}
 
 
+def pinning(n_workers: int, max_workers: int) -> tuple[list[list[int]] | None, list[int] | None]:
+    """(cores per worker, client cores): 4 cores of its own per worker and the load generator on every
+    other core, when the host has the cores for the largest run; otherwise (None, None)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 4 * max_workers + 8:
+        return None, None
+    return [cores[4 * i:4 * i + 4] for i in range(n_workers)], cores[4 * n_workers:]
+
+
 def one_run(args: argparse.Namespace, tmp: Path, label: str, gpus: list[int], nvml: dict[int, list[int]],
-            capture: Path | None = None, extra: dict | None = None) -> dict[str, Any]:
+            capture: Path | None = None, extra: dict | None = None, seconds: float | None = None,
+            pin: bool = True) -> dict[str, Any]:
+    extra = {k: dict(v) for k, v in (extra or {}).items()}
+    per_gpu = extra.get("workers", {}).get("per_gpu", 1)
+    worker_cores, client_cores = pinning(len(gpus) * per_gpu, args.max_workers) if pin else (None, None)
+    if worker_cores:
+        extra.setdefault("workers", {})["cpu_affinity"] = worker_cores
     config, run_dir, doc = scaled_config(tmp, label, gpus, args.work, extra)
+    seconds = seconds or args.seconds
     procs = args.clients_per_gpu * len(args.gpus)  # the same drive for every run: the baseline is not starved
     r: dict[str, Any] = {"label": label, "gpus": gpus, "clients": procs, "in_flight_per_client": args.in_flight,
-                         "ok": False, "config": doc}
+                         "ok": False, "config": doc, "worker_cores": worker_cores, "client_cores": client_cores}
     t0 = time.monotonic()
     start = cli("start", str(config), "--detach", timeout=200)
     r["start_s"] = round(time.monotonic() - t0, 1)
@@ -168,13 +196,14 @@ def one_run(args: argparse.Namespace, tmp: Path, label: str, gpus: list[int], nv
         copy_logs(run_dir, args.logs / label if args.logs else None)
         return r
     try:
-        r["placement"] = verify_placement(status_json(config), gpus, nvml, doc["workers"].get("per_gpu", 1))
+        pinned = {f"w{i}": c for i, c in enumerate(worker_cores)} if worker_cores else None
+        r["placement"] = verify_placement(status_json(config), gpus, nvml, per_gpu, pinned)
         r["check"] = check_results(config, doc["model"]["work"])
-        sampler = StatusSampler(config, args.seconds)
+        sampler = StatusSampler(config, seconds)
         sampler.start()
-        grab = threading.Timer(args.seconds * 0.6, lambda: r.update(capture=capture_status(config)))
+        grab = threading.Timer(seconds * 0.6, lambda: r.update(capture=capture_status(config)))
         grab.start()
-        load = run_load(config, (ROWS, ITEM), procs, args.in_flight, args.seconds)
+        load = run_load(config, (ROWS, ITEM), procs, args.in_flight, seconds, cpus=client_cores)
         sampler.join(30)
         grab.join(30)
         r.update(batches_per_s=load.throughput, items_per_s=load.rows / load.wall_s if load.wall_s else 0.0,
@@ -232,7 +261,11 @@ def report(args: argparse.Namespace, info: dict, runs: list[dict], ratio: float 
                      f"{cell(r.get('errors') or r.get('error') or 'none')} |")
     verdict = ("not measured" if ratio is None else
                f"**{ratio:.2f}x** ({'meets' if ratio >= TARGET_RATIO else 'BELOW'} the {TARGET_RATIO}x target)")
-    placement = next((r["placement"]["workers"] for r in runs if r.get("placement")), [])
+    auto = next((r for r in reversed(runs) if r.get("placement") and not r.get("worker_cores")), None)
+    placement = auto["placement"]["workers"] if auto else []
+    pins = [f"- {r['label']}: workers on cores {'; '.join(ranges(c) for c in r['worker_cores'])}, clients on "
+            f"{ranges(r['client_cores'])}" if r.get("worker_cores") else f"- {r['label']}: workers.cpu_affinity = auto"
+            for r in runs]
     return "\n".join([
         f"# Scaling: {info['device']} x {len(args.gpus)} (driver {info['driver']})", "",
         f"- date: {info['date']}", f"- command: `{info['command']}`",
@@ -242,7 +275,9 @@ def report(args: argparse.Namespace, info: dict, runs: list[dict], ratio: float 
         f"- load: {args.clients_per_gpu * len(args.gpus)} client processes x {args.in_flight} in flight in every run "
         f"(batches of {ROWS} x {ITEM} float32), {args.seconds:g} s",
         f"- throughput ratio, {len(args.gpus)} GPUs / 1 GPU: {verdict}", "", "\n".join(lines), "",
-        "Worker placement (all-GPU run): status cores, the OS's view of the worker process, NVML's cores for its GPU",
+        "CPU placement per run:", "", *pins, "",
+        "Worker placement with workers.cpu_affinity = auto (the product's NUMA placement): status cores, the OS's "
+        "view of the worker process, NVML's cores for its GPU",
         "", "| worker | GPU | pid | state | cores (status) | cores (OS) | NVML cores of its GPU |",
         "| --- | --- | --- | --- | --- | --- | --- |",
         *[f"| {w['id']} | {w['gpu']} | {w['pid']} | {w['state']} | {w['cpus']} | {w['os_cpus']} | {w['nvml_cpus']} |"
@@ -253,7 +288,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", default="0,1,2,3", help="GPU indices of the all-GPU run (default 0,1,2,3)")
     ap.add_argument("--work", type=int, default=None, help="override the config's synthetic work")
-    ap.add_argument("--clients-per-gpu", type=int, default=8, help="client processes per GPU of the all-GPU run")
+    ap.add_argument("--clients-per-gpu", type=int, default=12, help="client processes per GPU of the all-GPU run")
     ap.add_argument("--in-flight", type=int, default=8, help="requests in flight per client process")
     ap.add_argument("--seconds", type=float, default=15.0, help="load duration per run")
     ap.add_argument("--with-mps-run", action="store_true",
@@ -263,6 +298,7 @@ def main() -> int:
     ap.add_argument("--logs", type=Path, help="copy each run's supervisor and worker logs here")
     args = ap.parse_args()
     args.gpus = [int(g) for g in args.gpus.split(",")]
+    args.max_workers = len(args.gpus) * (2 if args.with_mps_run else 1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     info = machine_info()
     try:
@@ -275,11 +311,16 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     runs = []
     with tempfile.TemporaryDirectory(prefix="bscale-", dir="/tmp") as tmp:
-        runs.append(one_run(args, Path(tmp), f"{len(args.gpus)}gpu", args.gpus, nvml, Path(f"{args.out}-status")))
+        n = len(args.gpus)
+        # Throughput runs pin each worker to 4 cores and the clients elsewhere (as a deployment keeps
+        # clients off a GPU worker's cores); the last run checks the product's "auto" NUMA placement.
+        runs.append(one_run(args, Path(tmp), f"{n}gpu", args.gpus, nvml, Path(f"{args.out}-status")))
         runs.append(one_run(args, Path(tmp), "1gpu", args.gpus[:1], nvml))
         if args.with_mps_run:
-            runs.append(one_run(args, Path(tmp), f"{len(args.gpus)}gpu-mps-2w", args.gpus, nvml,
+            runs.append(one_run(args, Path(tmp), f"{n}gpu-mps-2w", args.gpus, nvml,
                                 extra={"workers": {"per_gpu": 2}, "mps": {"enabled": True}}))
+        runs.append(one_run(args, Path(tmp), f"{n}gpu-auto-affinity", args.gpus, nvml, seconds=min(5.0, args.seconds),
+                            pin=False))
         for r in runs:
             log.info("run %s: %s", r["label"], {k: r.get(k) for k in ("batches_per_s", "ok", "error")})
     all_, one = runs[0].get("batches_per_s"), runs[1].get("batches_per_s")
@@ -291,7 +332,8 @@ def main() -> int:
                                                     "runs": runs}, indent=1, default=str))
     log.info("wrote %s.md, .json and -status.txt/.json", args.out)
     meets = args.smoke or (ratio is not None and ratio >= TARGET_RATIO)
-    return 0 if meets and runs[0]["ok"] and runs[1]["ok"] else 1  # the optional MPS run is reported, not judged
+    placed = runs[-1].get("placement", {}).get("ok", False)  # the auto-affinity run
+    return 0 if meets and runs[0]["ok"] and runs[1]["ok"] and placed else 1  # the MPS run is reported, not judged
 
 
 if __name__ == "__main__":

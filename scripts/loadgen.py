@@ -35,8 +35,11 @@ class LoadResult:
 
 
 def _client_proc(config: str, shape: tuple[int, ...], dtype: str, seconds: float, in_flight: int,
-                 sample_every: int, q: Any) -> None:
+                 sample_every: int, q: Any, cpus: list[int] | None = None) -> None:
     from orchestrator.client import Client
+
+    if cpus:  # keep the load generator off the workers' cores
+        os.sched_setaffinity(0, cpus)
 
     rng = np.random.default_rng(os.getpid())
     x = rng.standard_normal(shape).astype(dtype)
@@ -68,11 +71,12 @@ def _client_proc(config: str, shape: tuple[int, ...], dtype: str, seconds: float
 
 
 def run_load(config: str | Path, shape: tuple[int, ...], procs: int, in_flight: int, seconds: float,
-             dtype: str = "float32", sample_every: int = 1) -> LoadResult:
-    """Drive the orchestrator behind `config` with `procs` client processes x `in_flight` requests each."""
+             dtype: str = "float32", sample_every: int = 1, cpus: list[int] | None = None) -> LoadResult:
+    """Drive the orchestrator behind `config` with `procs` client processes x `in_flight` requests each,
+    optionally pinned to `cpus`."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    ps = [ctx.Process(target=_client_proc, args=(str(config), shape, dtype, seconds, in_flight, sample_every, q))
+    ps = [ctx.Process(target=_client_proc, args=(str(config), shape, dtype, seconds, in_flight, sample_every, q, cpus))
           for _ in range(procs)]
     for p in ps:
         p.start()

@@ -81,7 +81,7 @@ class MonitorCollector:
                                         labels=L),
             "infl": GaugeMetricFamily("orchestrator_inflight_batches", "Batches launched and not yet completed",
                                       labels=L),
-            "busy": GaugeMetricFamily("orchestrator_gpu_busy_ratio", "Sum of batch GPU time over wall time",
+            "busy": GaugeMetricFamily("orchestrator_gpu_busy_ratio", "Fraction of wall time the GPU ran this worker's batches (union of their event spans)",
                                       labels=L),
             "faults": CounterMetricFamily("orchestrator_driver_faults",
                                           "Driver-lock operations (allocation, module load...) after READY", labels=L),
