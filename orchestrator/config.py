@@ -7,6 +7,7 @@ with its key path and what was expected, e.g. `model.max_batch: expected a posit
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 import types
@@ -399,14 +400,21 @@ def _type_name(tp: Any) -> str:
     return str(tp)
 
 
-def _toml(v: Any) -> str:
+def toml_value(v: Any) -> str:
+    """One TOML value: str, bool, int, float, or a list/tuple of them."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return f'"{v}"'
-    if isinstance(v, tuple):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return repr(v)
+
+
+def dump_toml(doc: dict[str, dict[str, Any]]) -> str:
+    """A config as TOML text ({section: {key: value}}), for tests and benchmark scripts that write configs."""
+    return "\n".join(f"[{sec}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items())
+                     for sec, keys in doc.items())
 
 
 def reference() -> str:
@@ -415,7 +423,7 @@ def reference() -> str:
     for section, cls in _SECTIONS.items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            default = _toml(f.default) if f.default is not dataclasses.MISSING else ""
+            default = toml_value(f.default) if f.default is not dataclasses.MISSING else ""
             lines.append(f"| `{section}.{f.name}` | {_type_name(hints[f.name])} | `{default}` | "
                          f"{f.metadata.get('doc', '')} |")
     return "\n".join(lines)

@@ -66,7 +66,11 @@ class Supervisor:
         self.inbox.setsockopt(zmq.LINGER, 0)
         self.inbox.setsockopt(zmq.MAXMSGSIZE, min(limit, 16 << 20))
         self.inbox.bind(self.rundir.inbox_endpoint())
-        for p in (self.rundir.control, self.rundir.events, self.rundir.inbox):
+        # The run directory (0700) is the gate. The control socket is group-accessible so that `status` works
+        # for another user the owner lets into the directory (e.g. chmod 0750 and a shared group); the
+        # worker inbox and the event stream stay owner-only.
+        os.chmod(self.rundir.control, 0o660)
+        for p in (self.rundir.events, self.rundir.inbox):
             os.chmod(p, 0o600)
         self.tcp_ctl = self.tcp_pub = None
         t = self.cfg.transport

@@ -13,13 +13,9 @@ from CUDA events. Runs on a GPU host, in this process (Part A) and spawned proce
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
-import platform
-import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +27,7 @@ os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")  # read by cuInit: set bef
 
 from scripts import bench_gpu_bare as bare  # noqa: E402
 from scripts import bench_gpu_orch as orch  # noqa: E402
+from scripts.benchlib import machine_info as machine  # noqa: E402
 
 log = logging.getLogger("bench_gpu")
 
@@ -39,39 +36,6 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def machine() -> dict[str, Any]:
-    """Device name and driver version from NVML (nvidia-smi as fallback), plus the software stack."""
-    info: dict[str, Any] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                            "command": shlex.join([sys.executable, *sys.argv]), "python": platform.python_version(),
-                            "host_cpus": os.cpu_count(), "affinity_cpus": len(os.sched_getaffinity(0))}
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(0)
-        info["device"] = pynvml.nvmlDeviceGetName(h)
-        info["driver"] = pynvml.nvmlSystemGetDriverVersion()
-        pynvml.nvmlShutdown()
-    except Exception as exc:  # no NVML binding or library: ask nvidia-smi
-        name, drv = "unknown", "unknown"
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=30)
-            if out.returncode == 0 and out.stdout.strip():
-                name, _, drv = out.stdout.strip().splitlines()[0].partition(", ")
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        info.update(device=name, driver=drv, nvml_error=str(exc))
-    try:
-        import cuda.bindings
-
-        from workers.cuda.module import nvrtc_version
-
-        info["cuda_bindings"] = cuda.bindings.__version__
-        info["nvrtc"] = nvrtc_version()
-    except Exception as exc:
-        info["cuda_bindings"] = f"unavailable: {exc}"
-    return info
 
 
 COLUMNS = [

@@ -5,10 +5,8 @@ scripts/bench_gpu.py; the client processes are started with multiprocessing "spa
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -17,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from scripts.benchlib import cli
+from scripts.benchlib import status_json as status
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,16 +67,8 @@ io_threads = {io_threads}
     return path
 
 
-def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
 
 
-def status(config: Path) -> dict[str, Any]:
-    proc = cli("status", str(config), "--once", "--json", timeout=30)
-    if proc.returncode != 0:
-        raise RuntimeError(f"orchestrator status failed: {proc.stderr.strip()[-500:]}")
-    return json.loads(proc.stdout)
 
 
 def _client_proc(config: str, rows: int, item: int, work: int, in_flight: int, seconds: float, check: bool,

@@ -9,11 +9,8 @@ Runs in this process (orchestration, checks, status sampling) and in spawned cli
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
-import os
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -30,6 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from orchestrator import mps  # noqa: E402
+from orchestrator.config import dump_toml  # noqa: E402
+from scripts.benchlib import cli, machine_info, status_json  # noqa: E402
 from scripts.loadgen import run_load  # noqa: E402
 
 log = logging.getLogger("bench_mps")
@@ -45,52 +44,12 @@ WORK_110US = 4597
 # --- helpers shared with scripts/bench_scaling.py --------------------------------------------------
 
 
-def toml_text(doc: dict[str, dict[str, Any]]) -> str:
-    """A config dict ({section: {key: value}}) as TOML; values are str, bool, int, float or lists of them."""
-    def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        return repr(v)
-
-    return "\n".join(f"[{sec}]\n" + "".join(f"{k} = {val(v)}\n" for k, v in keys.items())
-                     for sec, keys in doc.items())
 
 
-def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    """`orchestrator ARGS` as a user runs it (this interpreter, the repository's package)."""
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
 
 
-def status_json(config: Path) -> dict[str, Any]:
-    proc = cli("status", str(config), "--once", "--json", timeout=30)
-    if proc.returncode != 0:
-        raise RuntimeError(f"orchestrator status failed: {proc.stderr.strip()[-500:]}")
-    return json.loads(proc.stdout)
 
 
-def machine_info() -> dict[str, Any]:
-    """Device and driver from nvidia-smi (as the issue asks), host and date; 'n/a' where there is no GPU."""
-    info: dict[str, Any] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                            "command": shlex.join([sys.executable, *sys.argv]), "host_cpus": os.cpu_count(),
-                            "python": sys.version.split()[0], "device": "n/a", "driver": "n/a"}
-    smi = shutil.which("nvidia-smi") or ("/usr/local/nvidia/bin/nvidia-smi"
-                                         if os.access("/usr/local/nvidia/bin/nvidia-smi", os.X_OK) else None)
-    if smi:
-        try:
-            out = subprocess.run([smi, "--query-gpu=name,driver_version,compute_mode", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=30)
-            lines = [ln.split(", ") for ln in out.stdout.strip().splitlines() if ln.strip()]
-            if out.returncode == 0 and lines:
-                info["device"], info["driver"] = lines[0][0], lines[0][1]
-                info["gpus"] = [" / ".join(ln) for ln in lines]
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            info["nvidia_smi_error"] = str(exc)
-    return info
 
 
 def same_bits(got: np.ndarray, want: np.ndarray) -> bool:
@@ -220,7 +179,7 @@ def write_config(tmp: Path, label: str, work: int, per_gpu: int, use_mps: bool, 
     if use_mps:
         doc["mps"] = {"enabled": True}
     path = tmp / f"{label}.toml"
-    path.write_text(toml_text(doc))
+    path.write_text(dump_toml(doc))
     return path, run_dir
 
 

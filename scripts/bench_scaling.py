@@ -23,22 +23,20 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from orchestrator.config import dump_toml  # noqa: E402
 from scripts.bench_mps import (  # noqa: E402
     ITEM,
     ROWS,
     StatusSampler,
     cell,
     check_results,
-    cli,
     copy_logs,
     fmt,
-    machine_info,
     mps_leftovers,
-    status_json,
     stop,
     summarize_status,
-    toml_text,
 )
+from scripts.benchlib import cli, machine_info, status_json  # noqa: E402
 from scripts.loadgen import run_load  # noqa: E402
 
 log = logging.getLogger("bench_scaling")
@@ -91,7 +89,7 @@ def scaled_config(tmp: Path, label: str, gpus: list[int], work: int | None,
     for section, keys in (extra or {}).items():
         doc.setdefault(section, {}).update(keys)
     path = tmp / f"{label}.toml"
-    path.write_text(toml_text(doc))
+    path.write_text(dump_toml(doc))
     return path, run_dir, doc
 
 

@@ -20,10 +20,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.config import load_config  # noqa: E402
+from orchestrator.config import dump_toml, load_config  # noqa: E402
 from orchestrator.rundir import RunDir  # noqa: E402
-from scripts import bench_gpu_orch as orch  # noqa: E402
-from scripts.bench_gpu import machine  # noqa: E402
+from scripts import benchlib  # noqa: E402
+from scripts.benchlib import machine_info as machine  # noqa: E402
 from scripts.loadgen import run_load  # noqa: E402
 
 GPU_SCENARIOS = ("clean", "pinned_alloc", "device_alloc", "module_load")
@@ -40,14 +40,6 @@ def say(msg: str) -> None:
 # --- config ---------------------------------------------------------------------------------------
 
 
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    return repr(v)
 
 
 def scenario_sections(args: argparse.Namespace, scenario: str, run_dir: Path) -> dict[str, dict[str, Any]]:
@@ -73,12 +65,7 @@ def scenario_sections(args: argparse.Namespace, scenario: str, run_dir: Path) ->
 
 
 def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
+    path.write_text(dump_toml(sections))
     load_config(path)  # ConfigError names the key at fault before anything starts
     return path
 
@@ -87,11 +74,11 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 
 
 def status_json(config: Path) -> dict[str, Any]:
-    return orch.status(config)  # `orchestrator status CFG --once --json`
+    return benchlib.status_json(config)  # `orchestrator status CFG --once --json`
 
 
 def status_text(config: Path) -> str:
-    proc = orch.cli("status", str(config), "--once", timeout=30)
+    proc = benchlib.cli("status", str(config), "--once", timeout=30)
     if proc.returncode != 0:
         raise RuntimeError(f"orchestrator status --once failed: {proc.stderr.strip()[-500:]}")
     return proc.stdout
@@ -110,7 +97,7 @@ def stop(config: Path, run_dir: Path) -> str | None:
     if not rd.is_running():
         return None
     try:
-        proc = orch.cli("stop", str(config), timeout=120)
+        proc = benchlib.cli("stop", str(config), timeout=120)
         if proc.returncode == 0:
             return None
         problem = f"orchestrator stop exited {proc.returncode}: {proc.stderr.strip()[-300:]}"
@@ -195,7 +182,7 @@ def run_scenario(args: argparse.Namespace, scenario: str, tmp: Path) -> dict[str
     res: dict[str, Any] = {"scenario": scenario, "config": sections, "ok": False}
     t_start = time.monotonic()
     try:
-        proc = orch.cli("start", str(config), "--detach", timeout=240)
+        proc = benchlib.cli("start", str(config), "--detach", timeout=240)
         if proc.returncode != 0:
             raise RuntimeError(f"orchestrator start failed ({proc.returncode}): {(proc.stdout + proc.stderr).strip()[-1500:]}")
         res["start_s"] = round(time.monotonic() - t_start, 1)

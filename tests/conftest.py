@@ -15,6 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from orchestrator.config import dump_toml
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / "models" / "demo.onnx"
 
@@ -39,14 +41,6 @@ def short_tmp() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def toml_value(v: object) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return f'"{v}"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return str(v)
 
 
 def write_config(directory: Path, sections: dict[str, dict[str, object]], name: str = "test.toml") -> Path:
@@ -56,13 +50,8 @@ def write_config(directory: Path, sections: dict[str, dict[str, object]], name: 
     orch.setdefault("name", "t")
     orch.setdefault("run_dir", str(directory / "run"))
     orch.setdefault("startup_timeout_s", 60)
-    lines = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
-        lines.append("")
     path = directory / name
-    path.write_text("\n".join(lines))
+    path.write_text(dump_toml(sections))
     return path
 
 

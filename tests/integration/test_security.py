@@ -44,7 +44,8 @@ def base(**transport: object) -> dict:
 def test_run_dir_and_socket_permissions(short_tmp, orchestrator_factory) -> None:
     orch = orchestrator_factory(write_config(short_tmp, base()))
     assert stat.S_IMODE(orch.run_dir.stat().st_mode) == 0o700
-    for name in ("control.sock", "events.sock", "supervisor.sock"):
+    assert stat.S_IMODE((orch.run_dir / "control.sock").stat().st_mode) == 0o660  # for users let into the dir
+    for name in ("events.sock", "supervisor.sock"):
         assert stat.S_IMODE((orch.run_dir / name).stat().st_mode) == 0o600, name
 
 

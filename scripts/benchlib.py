@@ -1,0 +1,67 @@
+"""Helpers shared by the benchmark scripts: the CLI as a user runs it, status as JSON, and the machine facts
+(device, driver, date, command) every report records. Runs in the benchmark's process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`orchestrator ARGS` as a user runs it (this interpreter, the repository's package)."""
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def status_json(config: Path) -> dict[str, Any]:
+    """`orchestrator status CONFIG --once --json`, parsed."""
+    proc = cli("status", str(config), "--once", "--json", timeout=30)
+    if proc.returncode != 0:
+        raise RuntimeError(f"orchestrator status failed: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout)
+
+
+def _nvidia_smi() -> str | None:
+    fallback = "/usr/local/nvidia/bin/nvidia-smi"
+    return shutil.which("nvidia-smi") or (fallback if os.access(fallback, os.X_OK) else None)
+
+
+def machine_info() -> dict[str, Any]:
+    """Date, command, host; device name and driver of every GPU (NVML, else nvidia-smi; "n/a" without a
+    GPU); cuda-bindings and NVRTC versions where installed."""
+    info: dict[str, Any] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                            "command": shlex.join([sys.executable, *sys.argv]), "python": platform.python_version(),
+                            "host_cpus": os.cpu_count(), "affinity_cpus": len(os.sched_getaffinity(0)),
+                            "device": "n/a", "driver": "n/a"}
+    smi = _nvidia_smi()
+    if smi:
+        try:
+            out = subprocess.run([smi, "--query-gpu=name,driver_version,compute_mode", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30)
+            lines = [ln.split(", ") for ln in out.stdout.strip().splitlines() if ln.strip()]
+            if out.returncode == 0 and lines:
+                info["device"], info["driver"] = lines[0][0], lines[0][1]
+                info["gpus"] = [" / ".join(ln) for ln in lines]
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            info["nvidia_smi_error"] = str(exc)
+    try:
+        import cuda.bindings
+
+        from workers.cuda.module import nvrtc_version
+
+        info["cuda_bindings"] = cuda.bindings.__version__
+        info["nvrtc"] = nvrtc_version()
+    except Exception as exc:  # no CUDA packages or no NVRTC library: recorded, not fatal
+        info["cuda_bindings"] = f"unavailable: {exc}"
+    return info
