@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from orchestrator import mps  # noqa: E402
 from orchestrator.config import dump_toml  # noqa: E402
-from scripts.benchlib import cli, machine_info, status_json  # noqa: E402
+from scripts.benchlib import cli, copy_logs, machine_info, start_or_record, status_json  # noqa: E402
 from scripts.loadgen import run_load  # noqa: E402
 
 log = logging.getLogger("bench_mps")
@@ -121,15 +120,6 @@ def summarize_status(snaps: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def copy_logs(run_dir: Path, dest: Path | None) -> None:
-    """The run directory's logs (supervisor, workers, MPS) for the record; sockets are not copied."""
-    if dest is None:
-        return
-    dest.mkdir(parents=True, exist_ok=True)
-    for src in [run_dir / "supervisor.log", run_dir / "stalls.jsonl", *sorted((run_dir / "logs").glob("*")),
-                *sorted((run_dir / "mps" / "log").glob("*"))]:
-        if src.is_file():
-            shutil.copy2(src, dest / (f"mps-{src.name}" if src.parent.name == "log" else src.name))
 
 
 def mps_leftovers(run_dir: Path | None = None, ignore: frozenset[int] = frozenset()) -> list[dict[str, Any]]:
@@ -197,12 +187,7 @@ def one_run(args: argparse.Namespace, tmp: Path, target: str, work: int, use_mps
     config, run_dir = write_config(tmp, label, work, per_gpu, use_mps, args.cpu_smoke)
     r: dict[str, Any] = {"label": label, "target": target, "work": work, "mps": use_mps, "workers_per_gpu": per_gpu,
                          "clients": args.procs, "in_flight_per_client": args.in_flight, "ok": False}
-    t0 = time.monotonic()
-    start = cli("start", str(config), "--detach", timeout=200)
-    r["start_s"] = round(time.monotonic() - t0, 1)
-    if start.returncode != 0:
-        r["error"] = f"start failed ({start.returncode}): {(start.stdout + start.stderr).strip()[-800:]}"
-        copy_logs(run_dir, args.logs / label if args.logs else None)
+    if not start_or_record(config, run_dir, r, args.logs / label if args.logs else None):
         return r
     try:
         first = status_json(config)

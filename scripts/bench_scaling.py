@@ -30,13 +30,12 @@ from scripts.bench_mps import (  # noqa: E402
     StatusSampler,
     cell,
     check_results,
-    copy_logs,
     fmt,
     mps_leftovers,
     stop,
     summarize_status,
 )
-from scripts.benchlib import cli, machine_info, status_json  # noqa: E402
+from scripts.benchlib import cli, copy_logs, machine_info, start_or_record, status_json  # noqa: E402
 from scripts.loadgen import run_load  # noqa: E402
 
 log = logging.getLogger("bench_scaling")
@@ -186,12 +185,7 @@ def one_run(args: argparse.Namespace, tmp: Path, label: str, gpus: list[int], nv
     procs = args.clients_per_gpu * len(args.gpus)  # the same drive for every run: the baseline is not starved
     r: dict[str, Any] = {"label": label, "gpus": gpus, "clients": procs, "in_flight_per_client": args.in_flight,
                          "ok": False, "config": doc, "worker_cores": worker_cores, "client_cores": client_cores}
-    t0 = time.monotonic()
-    start = cli("start", str(config), "--detach", timeout=200)
-    r["start_s"] = round(time.monotonic() - t0, 1)
-    if start.returncode != 0:
-        r["error"] = f"start failed ({start.returncode}): {(start.stdout + start.stderr).strip()[-800:]}"
-        copy_logs(run_dir, args.logs / label if args.logs else None)
+    if not start_or_record(config, run_dir, r, args.logs / label if args.logs else None):
         return r
     try:
         pinned = {f"w{i}": c for i, c in enumerate(worker_cores)} if worker_cores else None

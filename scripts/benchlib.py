@@ -12,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,30 @@ def status_json(config: Path) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(f"orchestrator status failed: {proc.stderr.strip()[-500:]}")
     return json.loads(proc.stdout)
+
+
+def copy_logs(run_dir: Path, dest: Path | None) -> None:
+    """The run directory's logs (supervisor, workers, MPS) for the record; sockets are not copied."""
+    if dest is None:
+        return
+    dest.mkdir(parents=True, exist_ok=True)
+    for src in [run_dir / "supervisor.log", run_dir / "stalls.jsonl", *sorted((run_dir / "logs").glob("*")),
+                *sorted((run_dir / "mps" / "log").glob("*"))]:
+        if src.is_file():
+            shutil.copy2(src, dest / (f"mps-{src.name}" if src.parent.name == "log" else src.name))
+
+
+def start_or_record(config: Path, run_dir: Path, r: dict[str, Any], logs: Path | None) -> bool:
+    """`orchestrator start CONFIG --detach`, timed into r["start_s"]; on failure the reason goes into
+    r["error"], the logs are kept, and False is returned."""
+    t0 = time.monotonic()
+    start = cli("start", str(config), "--detach", timeout=200)
+    r["start_s"] = round(time.monotonic() - t0, 1)
+    if start.returncode == 0:
+        return True
+    r["error"] = f"start failed ({start.returncode}): {(start.stdout + start.stderr).strip()[-800:]}"
+    copy_logs(run_dir, logs)
+    return False
 
 
 def _nvidia_smi() -> str | None:

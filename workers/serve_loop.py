@@ -199,7 +199,10 @@ class ServeLoop:
         t0 = time.monotonic_ns()
         batch = self.pipeline.complete_oldest(self._on_complete)
         slot = batch.slot
-        candidate = self.telemetry.on_batch(batch, self.engine.gpu_time_us(slot), self.engine.gpu_span_ns(slot))
+        span = self.engine.gpu_span_ns(slot)
+        # The batch's GPU time is its span's length: no second cuEventElapsedTime on this path.
+        gpu_us = (span[1] - span[0]) / 1e3 if span is not None else self.engine.gpu_time_us(slot)
+        candidate = self.telemetry.on_batch(batch, gpu_us, span)
         if candidate is not None:
             try:
                 self.sup.send(protocol.pack({"kind": "stall", "id": self.id, "candidate": candidate}), zmq.NOBLOCK)
