@@ -7,11 +7,17 @@ directly through one I/O thread (orchestrator.client_io).
     from orchestrator.client import Client
     with Client("configs/cpu.toml") as c:
         out = c.infer({"features": x})          # dict of named arrays (read-only, zero-copy views)
+
+Local clients (a config, a run directory or ipc://) use shared memory by default (`shm="auto"`): each
+worker leases the client a region of its arena; inputs are copied into it on the calling thread (or built
+there with `empty()`), the worker moves them straight to the device and writes the outputs back into it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import os
 import threading
 import time
@@ -28,6 +34,7 @@ from orchestrator import protocol
 from orchestrator.config import default_run_dir, load_config
 from orchestrator.control import ControlClient
 from orchestrator.errors import (
+    BatchTooLargeError,
     ConfigError,
     DeadlineExceededError,
     ErrorCode,
@@ -38,6 +45,9 @@ from orchestrator.errors import (
 )
 from orchestrator.rundir import RunDir
 from orchestrator.security import ClientKeys
+from orchestrator.shm import ClientLease, describe_lease
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 30.0
 Inputs = Mapping[str, np.ndarray] | np.ndarray
@@ -66,9 +76,17 @@ class Client:
     def __init__(self, target: str | os.PathLike | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
                  max_in_flight: int = 128, failover: bool = True, max_retries: int = 2,
                  max_message_bytes: int = 256 << 20, connect_timeout: float = 5.0,
-                 curve: ClientKeys | None = None) -> None:
+                 curve: ClientKeys | None = None, shm: bool | str = "auto", shm_lease_mb: int | None = None,
+                 copy_results: bool = False) -> None:
         """`target`: a config path, a run directory, or a control endpoint (ipc://..., tcp://host:port).
-        `curve`: keys for an orchestrator whose TCP endpoints use CURVE (see orchestrator.security)."""
+        `curve`: keys for an orchestrator whose TCP endpoints use CURVE (see orchestrator.security).
+        `shm`: "auto" (shared memory for local targets, frames for tcp://), True (shared memory or an
+        error) or False (frames). `shm_lease_mb`: the lease to ask each worker for (default: room for 32
+        of the model's largest requests, at least 1 MiB; the worker caps it at transport.shm_max_lease_mb).
+        Results are read-only views: of the reply's frames, or of the lease, whose span is reused once
+        the last array of that result is gone; `copy_results=True` returns copies instead."""
+        if shm not in (True, False, "auto"):
+            raise ValueError(f'shm must be True, False or "auto", got {shm!r}')
         from orchestrator.client_io import ClientIO  # keeps `import orchestrator.client` light
 
         self.timeout = timeout
@@ -91,11 +109,22 @@ class Client:
             raise UnavailableError(f"the orchestrator at {endpoint} has no ready worker")
         self.inputs = [name for name, _, _ in ready[0]["inputs"]]
         self.outputs = [name for name, _, _ in ready[0]["outputs"]]
+        self._out_specs = [(name, np.dtype(dt), tuple(shape)) for name, dt, shape in ready[0]["outputs"]]
         self.max_batch = ready[0]["max_batch"]
+        self.shm = self._shm_mode(shm, endpoint, info)
+        self._shm_forced = shm is True
+        self.copy_results = copy_results
+        self._lease_bytes = (shm_lease_mb << 20) if shm_lease_mb else self._default_lease(ready[0])
+        self._leases: dict[str, tuple[int, ClientLease | None]] = {}  # worker id -> (generation, lease)
+        self._lease_lock = threading.Lock()
+        self.connect_timeout = connect_timeout
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self.max_in_flight = max_in_flight
         self._io = ClientIO(self.ctx, self.workers, info.get("events"), failover, max_retries, max_message_bytes,
                             curve)
+        self._io.on_worker_lost = self._drop_lease
+        if copy_results:
+            self._io.finish = _copied
         self._io.start()
         self._closed = False
         self.failover = failover
@@ -106,6 +135,156 @@ class Client:
         self._local = threading.local()
         self._thread_sockets: list[zmq.Socket] = []
         self._sockets_lock = threading.Lock()
+
+    # --- shared memory ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _shm_mode(shm: bool | str, endpoint: str, info: dict) -> bool:
+        arena_mb = info.get("shm_mb", 0)
+        if shm is False:
+            return False
+        if shm == "auto":
+            return endpoint.startswith("ipc://") and bool(arena_mb)
+        if not arena_mb:
+            raise UnavailableError(f"shared memory was asked for (shm=True) but the orchestrator at {endpoint} has it "
+                                   "off (transport.shm_mb = 0)")
+        return True
+
+    def _default_lease(self, worker: dict) -> int:
+        row = sum(math.prod(shape) * np.dtype(dt).itemsize for _, dt, shape in [*worker["inputs"], *worker["outputs"]])
+        return max(1 << 20, 32 * (row * (worker["max_batch"] or 1) + 256 * (len(worker["inputs"]) + len(worker["outputs"]))))
+
+    def _drop_lease(self, worker_id: str) -> None:
+        """The worker died or stopped (from the I/O thread): its arena, and our lease on it, are void."""
+        with self._lease_lock:
+            entry = self._leases.pop(worker_id, None)
+        if entry is not None and entry[1] is not None:
+            entry[1].dropped = True
+
+    def _lease(self, w: Any, deadline: float) -> ClientLease | None:
+        """This client's lease on worker `w`, attaching on first use (and after the worker restarted).
+        None when shared memory is not used with it ("auto" and the attach was refused: logged once).
+        A worker that does not answer within the call's deadline fails the call as any request would."""
+        with self._lease_lock:
+            entry = self._leases.get(w.id)
+            if entry is not None and entry[0] == w.generation:
+                return entry[1]
+            gen = w.generation
+            try:
+                lease: ClientLease | None = self._attach(w, deadline)
+            except DeadlineExceededError:
+                raise
+            except (UnavailableError, OverloadedError, OSError, ValueError) as exc:
+                if self._shm_forced:
+                    raise UnavailableError(f"cannot use shared memory with worker {w.id}: {exc}") from None
+                log.warning("shared memory with worker %s refused (%s); sending it frames", w.id, exc)
+                lease = None
+            self._leases[w.id] = (gen, lease)
+            return lease
+
+    def _attach(self, w: Any, deadline: float) -> ClientLease:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve.apply(sock)
+        try:
+            sock.connect(w.endpoint)
+            rid = next(self._io.ids)
+            sock.send_multipart(protocol.encode_attach(rid, os.getpid(), self._lease_bytes))
+            wait_s = min(self.connect_timeout, deadline - time.monotonic())
+            if not sock.poll(max(0.0, wait_s) * 1000):
+                if wait_s < self.connect_timeout:
+                    raise DeadlineExceededError(f"no answer from {w.id} to attach within the deadline")
+                raise UnavailableError(f"no answer to attach within {self.connect_timeout:g}s")
+            reply = protocol.decode_reply(sock.recv_multipart())
+        finally:
+            sock.close(0)
+        if reply.code != ErrorCode.OK:
+            raise error_from_code(reply.code, reply.message)
+        lease_id, path, offset, size = describe_lease(reply.message)
+        return ClientLease(w.id, lease_id, path, offset, size)
+
+    def _detach_all(self) -> None:
+        """Tell each worker we are done with its lease (a worker also ends leases of exited processes)."""
+        with self._lease_lock:
+            leases = [(wid, e[1]) for wid, e in self._leases.items() if e[1] is not None]
+            self._leases.clear()
+        for wid, lease in leases:
+            lease.dropped = True
+            w = self._io.workers.get(wid)
+            if w is None or not w.ready:
+                continue
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            if self.curve is not None:
+                self.curve.apply(sock)
+            sock.connect(w.endpoint)
+            sock.send_multipart(protocol.encode_detach(next(self._io.ids), lease.lease_id))
+            sock.poll(500)  # the answer, or give up: the lease also ends when this process exits
+            sock.close(0)
+
+    def _shm_encode(self, w: Any, named: Mapping[str, np.ndarray], rid: int, timeout_ms: int,
+                    deadline: float) -> tuple[list, ClientLease, int] | None:
+        """Lay a request out in our lease on `w`: inputs copied into spans (unless they already lie in the
+        lease: `empty()`), one span for all outputs. None when `w` gets frames instead."""
+        lease = self._lease(w, deadline)
+        if lease is None:
+            return None
+        taken: list[int] = []
+        try:
+            specs = []
+            rows = 1
+            for i, (name, arr) in enumerate(named.items()):
+                arr = np.asarray(arr)
+                wire = protocol.wire_dtype(arr.dtype)
+                if i == 0:
+                    rows = arr.shape[0] if arr.ndim else 1
+                off = lease.contains(arr)
+                if off is None:
+                    off = lease.take(arr.nbytes, deadline)
+                    taken.append(off)
+                    np.copyto(lease.raw(off, arr.nbytes).view(arr.dtype).reshape(arr.shape), arr, casting="no")
+                specs.append([name, wire, list(arr.shape), off])
+            _, total = protocol.shm_layout([(n, d, (rows, *shape)) for n, d, shape in self._out_specs])
+            out_off = lease.take(total, deadline)
+            taken.append(out_off)
+        except BaseException:
+            for off in taken:
+                lease.release(off)
+            raise
+        lease.hold(rid, tuple(taken))
+        return protocol.encode_shm_request(rid, specs, lease.lease_id, out_off, timeout_ms), lease, out_off
+
+    def _lease_owner(self, named: Mapping[str, np.ndarray]) -> Any:
+        """The worker whose lease holds one of the inputs (built with empty()), if it is still ready."""
+        with self._lease_lock:
+            leases = [(wid, e[1]) for wid, e in self._leases.items() if e[1] is not None]
+        for arr in named.values():
+            if isinstance(arr, np.ndarray):
+                for wid, lease in leases:
+                    if lease.contains(arr) is not None:
+                        w = self._io.workers.get(wid)
+                        return w if w is not None and w.ready else None
+        return None
+
+    def empty(self, shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+        """A writable array inside this client's shared-memory lease on the least busy worker: fill it and
+        pass it as an input, and the request goes to that worker with no copy at all. Its span returns to
+        the lease when the array (and every view of it) is gone. Needs shared memory (see `shm`)."""
+        if not self.shm:
+            raise UnavailableError("empty() needs shared memory: this client sends frames (shm=False, a tcp:// "
+                                   "target, or transport.shm_mb = 0)")
+        w = self._io.pick(set())
+        if w is None:
+            raise UnavailableError("no ready worker to lease shared memory from")
+        lease = self._lease(w, time.monotonic() + self.timeout)
+        if lease is None:
+            raise UnavailableError(f"worker {w.id} refused a shared-memory lease (see the log)")
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        dt = np.dtype(dtype)
+        protocol.wire_dtype(dt)
+        off = lease.take(math.prod(shape) * dt.itemsize, time.monotonic() + self.timeout)
+        return lease.view(off, dt, shape, readonly=False)
 
     def _named(self, inputs: Inputs) -> Mapping[str, np.ndarray]:
         if isinstance(inputs, np.ndarray):
@@ -119,7 +298,21 @@ class Client:
     def _submit_unbounded(self, inputs: Inputs, timeout: float | None) -> Future:
         if self._closed:
             raise UnavailableError("client is closed")
-        p = self._io.new_pending(self._named(inputs), self.timeout if timeout is None else timeout)
+        named = self._named(inputs)
+        encode = None
+        if self.shm:
+            def encode(rid: int, timeout_ms: int, deadline: float) -> tuple | None:
+                w = self._lease_owner(named) or self._io.pick(set())
+                if w is None:
+                    return None  # the I/O thread fails it: no ready worker
+                out = self._shm_encode(w, named, rid, timeout_ms, deadline)
+                return None if out is None else (*out, w.id)
+        try:
+            p = self._io.new_pending(named, self.timeout if timeout is None else timeout, encode)
+        except (DeadlineExceededError, OverloadedError, BatchTooLargeError) as exc:  # the lease: a failed future
+            fut: Future = Future()
+            fut.set_exception(exc)
+            return fut
         self._io.submit(p)
         return p.future
 
@@ -182,19 +375,23 @@ class Client:
         deadline = time.monotonic() + t
         tried: set[str] = set()
         last_error: Exception | None = None
-        for _attempt in range(1 + (self.max_retries if self.failover else 0)):
-            w = self._io.pick(tried)
+        for attempt in range(1 + (self.max_retries if self.failover else 0)):
+            w = (self._lease_owner(named) if self.shm and attempt == 0 else None) or self._io.pick(tried)
             if w is None:
                 break
             tried.add(w.id)
             gen = w.generation
             sock = self._thread_socket(w)
             rid = next(self._io.ids)
-            remaining = deadline - time.monotonic()
-            sock.send_multipart(protocol.encode_request(rid, named, max(1, int(remaining * 1000))), copy=False)
+            remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
+            shm = self._shm_encode(w, named, rid, remaining_ms, deadline) if self.shm else None
+            if shm is None:
+                sock.send_multipart(protocol.encode_request(rid, named, remaining_ms), copy=False)
+            else:
+                sock.send_multipart(shm[0], copy=False)
             w.sync_load += 1
             try:
-                reply = self._await_reply(sock, rid, w, gen, deadline)
+                reply = self._await_reply(sock, rid, w, gen, deadline, shm)
             finally:
                 w.sync_load -= 1
             if reply is None:  # the worker died with our request: retry elsewhere or fail
@@ -203,23 +400,35 @@ class Client:
                 last_error = WorkerDeadError(f"worker {w.id} died with this request in flight")
                 continue
             if reply.code == ErrorCode.OK:
-                return reply.tensors
+                return _copied(reply.tensors) if self.copy_results else reply.tensors
             last_error = error_from_code(reply.code, reply.message)
             if reply.code != ErrorCode.SHUTTING_DOWN:
                 raise last_error
         raise last_error or UnavailableError("no ready worker to send the request to")
 
-    def _await_reply(self, sock: zmq.Socket, rid: int, w: Any, gen: int, deadline: float) -> Any:
-        """Wait for reply `rid`; None if the worker died meanwhile. Skips late replies of earlier calls."""
+    def _await_reply(self, sock: zmq.Socket, rid: int, w: Any, gen: int, deadline: float,
+                     shm: tuple | None = None) -> Any:
+        """Wait for reply `rid`; None if the worker died meanwhile. Skips late replies of earlier calls
+        (releasing their shared-memory spans, which the worker no longer uses)."""
+        lease = shm[1] if shm is not None else None
+
+        def shm_of(got: Any) -> tuple | None:
+            return (lease, shm[2]) if lease is not None and got == rid else None  # type: ignore[index]
+
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise DeadlineExceededError(f"no reply from {w.id} within the deadline")
+                raise DeadlineExceededError(f"no reply from {w.id} within the deadline")  # spans stay held
             # Short slices so a worker death announced by the supervisor is noticed promptly.
             if sock.poll(min(remaining, 0.05) * 1000):
-                reply = protocol.decode_reply(sock.recv_multipart(copy=False))
+                reply = protocol.decode_reply(sock.recv_multipart(copy=False), shm_of)
                 if reply.request_id == rid:
+                    if lease is not None:
+                        lease.settle(rid, keep=shm[2] if reply.code == ErrorCode.OK else None)  # type: ignore[index]
                     return reply
+                late = self._leases.get(w.id)
+                if late is not None and late[1] is not None:
+                    late[1].settle(reply.request_id)
             elif w.generation != gen:
                 return None
 
@@ -241,6 +450,7 @@ class Client:
         self._closed = True
         self._io.close()
         self._io.join(5)
+        self._detach_all()
         with self._sockets_lock:
             for sock in self._thread_sockets:
                 sock.close(0)
@@ -252,6 +462,11 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _copied(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Writable copies of a result (Client(copy_results=True)); the views, and their span, go at once."""
+    return {name: np.array(arr) for name, arr in tensors.items()}
 
 
 class AsyncClient:

@@ -44,10 +44,16 @@ class Pending:
     attempts: int = 0
     worker: str | None = None
     tried: set[str] = field(default_factory=set)
+    # Shared memory: the lease the request's spans are in (its worker is `target`), where the outputs
+    # go, and the caller's arrays, re-sent as frames if the request must fail over to another worker.
+    lease: Any = None
+    out_off: int = 0
+    target: str | None = None
+    tensors: Any = None
 
 
 class _Worker:
-    __slots__ = ("id", "endpoint", "sock", "outstanding", "ready", "generation", "sync_load")
+    __slots__ = ("id", "endpoint", "sock", "outstanding", "ready", "generation", "sync_load", "abandoned")
 
     def __init__(self, wid: str, endpoint: str) -> None:
         self.id = wid
@@ -57,6 +63,7 @@ class _Worker:
         self.ready = False
         self.generation = 0  # bumped when the worker dies: blocking callers waiting on it give up
         self.sync_load = 0  # blocking infer() calls in flight on this worker (from user threads)
+        self.abandoned: dict[int, Any] = {}  # shared-memory requests past their deadline -> lease (spans held)
 
     @property
     def load(self) -> int:
@@ -84,6 +91,8 @@ class ClientIO(threading.Thread):
         self._rotation = itertools.count()
         self.closing = False
         self.stray_replies = 0
+        self.on_worker_lost: Any = None  # callback(worker id), from the I/O thread: the client drops its lease
+        self.finish: Any = lambda tensors: tensors  # applied to results (Client(copy_results=True) copies)
 
     # --- called from user threads ---------------------------------------------------------------
 
@@ -130,16 +139,30 @@ class ClientIO(threading.Thread):
 
     def _dispatch(self, p: Pending) -> None:
         if p.future.done():  # cancelled by the user
+            if p.lease is not None:
+                p.lease.settle(p.request_id)
             return
+        if p.lease is not None:
+            w = self.workers.get(p.target)  # type: ignore[arg-type]
+            if p.attempts == 0 and w is not None and w.ready and not p.lease.dropped:
+                self._send(p, w)
+                return
+            # Its worker is gone (or this is a retry): the spans are void; fail over as frames.
+            p.lease.settle(p.request_id)
+            p.lease = None
+            p.frames = protocol.encode_request(p.request_id, p.tensors, p.timeout_ms)
         w = self.pick(p.tried)
         if w is None:
             p.future.set_exception(UnavailableError("no ready worker to send the request to"))
             return
+        self._send(p, w)
+
+    def _send(self, p: Pending, w: _Worker) -> None:
         p.attempts += 1
         p.worker = w.id
         p.tried.add(w.id)
         w.outstanding[p.request_id] = p
-        w.sock.send_multipart(p.frames, copy=False)
+        w.sock.send_multipart(p.frames, copy=False)  # type: ignore[union-attr]
 
     def _retry_or_fail(self, p: Pending, exc: Exception) -> None:
         if p.future.done():
@@ -155,23 +178,49 @@ class ClientIO(threading.Thread):
                 frames = w.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            found: list[Pending] = []
+
+            def shm_of(rid: Any, w: _Worker = w, found: list = found) -> tuple | None:
+                p = w.outstanding.pop(rid, None) if isinstance(rid, int) else None
+                if p is not None:
+                    found.append(p)
+                    if p.lease is not None:
+                        return p.lease, p.out_off
+                return None
+
             try:
-                reply = protocol.decode_reply(frames)
+                reply = protocol.decode_reply(frames, shm_of)
             except Exception as exc:  # a corrupt reply fails only its request, if we can tell which
                 log.warning("unreadable reply from %s: %s", w.id, exc)
+                if found:
+                    self._fail_unreadable(found[0], exc)
                 continue
-            p = w.outstanding.pop(reply.request_id, None)
+            rid = reply.request_id
+            p = found[0] if found else None
+            lease = p.lease if p is not None else None
             if p is None:
                 self.stray_replies += 1  # e.g. a late reply for a request already failed over
+                late = w.abandoned.pop(rid, None)
+                if late is not None:
+                    late.settle(rid)  # the worker is done with its spans at last
                 continue
+            if lease is not None:
+                lease.settle(rid, keep=p.out_off if reply.code == ErrorCode.OK else None)
             if p.future.done():
                 continue
             if reply.code == ErrorCode.OK:
-                p.future.set_result(reply.tensors)
+                p.future.set_result(self.finish(reply.tensors))
             elif reply.code in _RETRYABLE and len([x for x in self.workers.values() if x.ready and x.id != w.id]):
                 self._retry_or_fail(p, error_from_code(reply.code, reply.message))
             else:
                 p.future.set_exception(error_from_code(reply.code, reply.message))
+
+    @staticmethod
+    def _fail_unreadable(p: Pending, exc: Exception) -> None:
+        if p.lease is not None:
+            p.lease.settle(p.request_id)
+        if not p.future.done():
+            p.future.set_exception(exc)
 
     def _on_event(self) -> None:
         for _ in range(100):
@@ -193,8 +242,14 @@ class ClientIO(threading.Thread):
                 self._connect(w)
                 self.poller.register(w.sock, zmq.POLLIN)
             elif state in ("failed", "stopped") and w.sock is not None:
+                # A stopping worker answers everything it accepted before it says "stopped", and those
+                # replies travel ahead of this event (which goes through the supervisor): take them first.
+                self._on_reply(w)
                 w.generation += 1
                 self._disconnect(w)
+                w.abandoned.clear()  # its arena is gone with it; the client drops that lease
+                if self.on_worker_lost is not None:
+                    self.on_worker_lost(w.id)
                 lost = list(w.outstanding.values())
                 w.outstanding.clear()
                 for p in lost:
@@ -210,6 +265,8 @@ class ClientIO(threading.Thread):
             expired = [p for p in w.outstanding.values() if p.deadline <= now]
             for p in expired:
                 del w.outstanding[p.request_id]
+                if p.lease is not None:  # the worker may still use the spans: keep them until it answers
+                    w.abandoned[p.request_id] = p.lease
                 if not p.future.done():
                     p.future.set_exception(DeadlineExceededError(
                         f"no reply from {w.id} within {p.timeout_ms / 1000:g}s"))
@@ -275,8 +332,16 @@ class ClientIO(threading.Thread):
             self.sub.close(0)
         os.close(self.wake_fd)
 
-    def new_pending(self, tensors: dict[str, Any], timeout_s: float) -> Pending:
+    def new_pending(self, tensors: dict[str, Any], timeout_s: float, encode: Any = None) -> Pending:
+        """A request ready to dispatch. `encode(rid, timeout_ms, deadline)`, when given, lays it out in a
+        shared-memory lease and returns (frames, lease, out_off, worker id); None means send frames."""
         rid = next(self.ids)
         timeout_ms = max(1, int(timeout_s * 1000))
+        deadline = time.monotonic() + timeout_s
+        shm = encode(rid, timeout_ms, deadline) if encode is not None else None
+        if shm is not None:
+            frames, lease, out_off, target = shm
+            return Pending(rid, frames, Future(), deadline, timeout_ms, lease=lease, out_off=out_off, target=target,
+                           tensors=tensors)
         frames = protocol.encode_request(rid, tensors, timeout_ms)
-        return Pending(rid, frames, Future(), time.monotonic() + timeout_s, timeout_ms)
+        return Pending(rid, frames, Future(), deadline, timeout_ms)

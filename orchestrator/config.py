@@ -97,6 +97,8 @@ class TransportSection:
     port_base: int = field(default=0, metadata=_port("tcp: first worker port (0 = ephemeral)"))
     max_message_bytes: int = field(default=256 << 20, metadata=_int_range(1, None, "largest accepted message on any socket (bytes)"))
     io_threads: int = field(default=1, metadata=_int_range(1, 16, "ZeroMQ I/O threads per worker (large payloads may need 2)"))
+    shm_mb: int = field(default=256, metadata=_int_range(0, 1 << 20, "shared-memory arena per worker for local clients (MiB; registered as pinned memory on GPU workers before READY); 0 = off"))
+    shm_max_lease_mb: int = field(default=64, metadata=_int_range(1, 1 << 20, "largest share of the arena one client may lease (MiB)"))
     control_port: int = field(default=0, metadata=_port("tcp: port of a TCP control socket for remote discovery (status, endpoints; never stop), events on the next port; 0 = none"))
     curve: bool = field(default=False, metadata={"doc": "tcp: encrypt and authenticate with ZeroMQ CURVE (keys from `orchestrator keygen`)"})
     curve_server_secret: str = field(default="", metadata={"doc": "tcp+curve: the server's secret certificate file (relative to the config file)"})
@@ -323,6 +325,8 @@ def _cross_checks(cfg: Config, base: Path, check_files: bool, errors: list[str])
             errors.append("transport.control_port: the events socket takes the next port; use at most 65534")
     elif t.curve or t.control_port:
         errors.append('transport.curve and transport.control_port need transport.kind = "tcp"')
+    if t.shm_mb and t.shm_max_lease_mb > t.shm_mb:
+        errors.append(f"transport.shm_max_lease_mb: {t.shm_max_lease_mb} exceeds the arena (transport.shm_mb = {t.shm_mb})")
     run_dir = str(cfg.run_dir)
     if len(run_dir) > _MAX_RUN_DIR:
         errors.append(f"orchestrator.run_dir: {run_dir!r} is {len(run_dir)} characters; ipc socket paths need it under {_MAX_RUN_DIR}")

@@ -7,6 +7,12 @@ Data plane, client DEALER -> worker ROUTER:
            header = msgpack [VERSION, Kind.INFER, request_id, timeout_ms, [[name, dtype, shape], ...]]
   reply    [header, tensor_0, ...]
            header = msgpack [VERSION, code, request_id, [[name, dtype, shape], ...] | "error message"]
+Shared memory (orchestrator/shm.py), the same header with a sixth element and no tensor frames:
+  infer    [VERSION, Kind.INFER, id, timeout_ms, [[name, dtype, shape, offset], ...], [lease_id, out_offset]]
+           inputs at the offsets, outputs written one after another from out_offset (each 256-byte
+           aligned), all relative to the lease; the reply is the usual header with no frames.
+  attach   [VERSION, Kind.ATTACH, id, 0, [], [pid, nbytes]] -> reply payload {lease, path, offset, size}
+  detach   [VERSION, Kind.DETACH, id, 0, [], [lease_id]]   -> reply payload "detached"
 The worker's ROUTER sees the client identity as an extra first frame; it is not part of this format.
 """
 
@@ -32,6 +38,8 @@ _MAX_HEADER_BYTES = 1 << 16
 
 class Kind(IntEnum):
     INFER = 1
+    ATTACH = 2
+    DETACH = 3
 
 
 class DecodeError(ProtocolError):
@@ -74,13 +82,35 @@ def encode_request(request_id: int, tensors: Mapping[str, np.ndarray], timeout_m
     return frames
 
 
-class RequestHeader:
-    __slots__ = ("request_id", "timeout_ms", "specs")
+def encode_shm_request(request_id: int, specs: list[list], lease_id: int, out_offset: int, timeout_ms: int) -> list:
+    """One frame: a request whose tensors already lie in the lease (`specs` = [name, dtype, shape, offset])."""
+    return [msgpack.packb([VERSION, Kind.INFER, request_id, int(timeout_ms), specs, [lease_id, out_offset]])]
 
-    def __init__(self, request_id: int, timeout_ms: int, specs: list[tuple[str, np.dtype, tuple[int, ...]]]):
+
+def encode_attach(request_id: int, pid: int, nbytes: int) -> list:
+    return [msgpack.packb([VERSION, Kind.ATTACH, request_id, 0, [], [pid, nbytes]])]
+
+
+def encode_detach(request_id: int, lease_id: int) -> list:
+    return [msgpack.packb([VERSION, Kind.DETACH, request_id, 0, [], [lease_id]])]
+
+
+def encode_payload(request_id: int, payload: Any) -> list:
+    """A successful reply carrying a small msgpack payload instead of tensors (attach, detach)."""
+    return [msgpack.packb([VERSION, ErrorCode.OK, request_id, payload])]
+
+
+class RequestHeader:
+    __slots__ = ("request_id", "timeout_ms", "specs", "kind", "shm", "offsets")
+
+    def __init__(self, request_id: int, timeout_ms: int, specs: list[tuple[str, np.dtype, tuple[int, ...]]],
+                 kind: int = Kind.INFER, shm: list | None = None, offsets: list | None = None):
         self.request_id = request_id
         self.timeout_ms = timeout_ms
         self.specs = specs
+        self.kind = kind
+        self.shm = shm  # the sixth header element: [lease_id, out_offset], [pid, nbytes] or [lease_id]
+        self.offsets = offsets  # shared-memory inputs: each tensor's offset in the lease (unchecked)
 
 
 def decode_request_header(data: bytes | memoryview) -> RequestHeader:
@@ -91,25 +121,35 @@ def decode_request_header(data: bytes | memoryview) -> RequestHeader:
         head = msgpack.unpackb(data, use_list=True, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise DecodeError(ErrorCode.BAD_HEADER, f"header is not msgpack: {type(exc).__name__}") from None
-    if not isinstance(head, list) or len(head) != 5:
-        raise DecodeError(ErrorCode.BAD_HEADER, "header must be a 5-element msgpack array")
-    version, kind, request_id, timeout_ms, specs = head
+    if not isinstance(head, list) or len(head) not in (5, 6):
+        raise DecodeError(ErrorCode.BAD_HEADER, "header must be a 5- or 6-element msgpack array")
+    version, kind, request_id, timeout_ms, specs = head[:5]
+    shm = head[5] if len(head) == 6 else None
     rid = request_id if isinstance(request_id, int) and not isinstance(request_id, bool) else None
     if version != VERSION:
         raise DecodeError(ErrorCode.UNSUPPORTED_VERSION, f"protocol version {version!r}, expected {VERSION}", rid)
     if rid is None or not (0 <= rid < 1 << 63):
         raise DecodeError(ErrorCode.BAD_HEADER, "request id must be a non-negative integer")
-    if kind != Kind.INFER:
+    if kind not in (Kind.INFER, Kind.ATTACH, Kind.DETACH) or isinstance(kind, bool):
         raise DecodeError(ErrorCode.BAD_HEADER, f"unknown message kind {kind!r}", rid)
+    if shm is not None and not (isinstance(shm, list) and 1 <= len(shm) <= 2):
+        raise DecodeError(ErrorCode.BAD_HEADER, "the shared-memory element must be a 1- or 2-element array", rid)
+    if kind != Kind.INFER and shm is None:
+        raise DecodeError(ErrorCode.BAD_HEADER, f"message kind {kind} needs its sixth header element", rid)
     if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) or timeout_ms < 0:
         raise DecodeError(ErrorCode.BAD_HEADER, "timeout_ms must be a non-negative integer", rid)
     if not isinstance(specs, list) or len(specs) > _MAX_TENSORS:
         raise DecodeError(ErrorCode.BAD_HEADER, "tensor list missing or too long", rid)
     parsed = []
+    width = 4 if shm is not None and kind == Kind.INFER else 3
+    offsets: list | None = [] if width == 4 else None
     for spec in specs:
-        if not (isinstance(spec, list) and len(spec) == 3 and isinstance(spec[0], str)):
-            raise DecodeError(ErrorCode.BAD_HEADER, "each tensor spec must be [name, dtype, shape]", rid)
-        name, dtype_text, shape = spec
+        if not (isinstance(spec, list) and len(spec) == width and isinstance(spec[0], str)):
+            raise DecodeError(ErrorCode.BAD_HEADER, "each tensor spec must be [name, dtype, shape]"
+                              + (", offset]" if width == 4 else ""), rid)
+        name, dtype_text, shape = spec[:3]
+        if offsets is not None:
+            offsets.append(spec[3])
         try:
             dtype = parse_dtype(dtype_text)
         except Exception as exc:  # numpy raises TypeError, ValueError, even SyntaxError (for ",") on garbage
@@ -121,7 +161,21 @@ def decode_request_header(data: bytes | memoryview) -> RequestHeader:
         ):
             raise DecodeError(ErrorCode.BAD_HEADER, f"tensor {name!r}: bad shape {shape!r}", rid)
         parsed.append((name, dtype, tuple(shape)))
-    return RequestHeader(rid, timeout_ms, parsed)
+    return RequestHeader(rid, timeout_ms, parsed, kind, shm, offsets)
+
+
+def check_tensor_sizes(header: RequestHeader) -> list[int]:
+    """Byte size of each tensor the header describes; DecodeError for absurd shapes or repeated names."""
+    sizes = []
+    seen = set()
+    for name, dtype, shape in header.specs:
+        if math.prod(d or 1 for d in shape) * dtype.itemsize > 1 << 40:
+            raise DecodeError(ErrorCode.MALFORMED, f"tensor {name!r}: shape {list(shape)} is too large", header.request_id)
+        if name in seen:
+            raise DecodeError(ErrorCode.INVALID_INPUT, f"tensor {name!r} given twice", header.request_id)
+        seen.add(name)
+        sizes.append(math.prod(shape) * dtype.itemsize)
+    return sizes
 
 
 def decode_tensors(header: RequestHeader, frames: Sequence, nbytes_of=len) -> dict[str, np.ndarray]:
@@ -175,8 +229,12 @@ class Reply:
         self.tensors = tensors
 
 
-def decode_reply(frames: Sequence) -> Reply:
-    """Parse a reply (client side). Raises ProtocolError if the worker sent something unreadable."""
+def decode_reply(frames: Sequence, shm_of: Any = None) -> Reply:
+    """Parse a reply (client side). Raises ProtocolError if the worker sent something unreadable.
+
+    `shm_of(request_id)` returns (lease, out_offset) for a shared-memory request (else None): the
+    frameless reply then becomes read-only views of the outputs in that orchestrator.shm.ClientLease;
+    the span they share goes back to the lease when the last of them is gone."""
     if not frames:
         raise ProtocolError("empty reply")
     try:
@@ -186,15 +244,43 @@ def decode_reply(frames: Sequence) -> Reply:
         raise ProtocolError("reply header is not a msgpack [version, code, id, payload] array") from None
     if version != VERSION:
         raise ProtocolError(f"reply protocol version {version!r}, expected {VERSION}")
+    shm = shm_of(request_id) if shm_of is not None else None
     if code != ErrorCode.OK:
         return Reply(request_id, int(code), str(payload), {})
     tensors: dict[str, np.ndarray] = {}
-    if len(payload) != len(frames) - 1:
+    if isinstance(payload, dict):  # attach/detach (encode_payload): the map is the answer
+        return Reply(request_id, 0, payload, {})  # type: ignore[arg-type]
+    if shm is not None:
+        return Reply(request_id, 0, "", shm_outputs(payload, *shm))
+    if not isinstance(payload, list) or len(payload) != len(frames) - 1:
         raise ProtocolError("reply frame count does not match its header")
     for (name, dtype_text, shape), frame in zip(payload, frames[1:], strict=True):
         buf = frame.buffer if hasattr(frame, "buffer") else frame
         tensors[name] = np.frombuffer(buf, dtype=np.dtype(dtype_text)).reshape(shape)
     return Reply(request_id, 0, "", tensors)
+
+
+def shm_layout(specs: Sequence[tuple[Any, np.dtype, Sequence[int]]]) -> tuple[list[int], int]:
+    """Offsets of tensors laid out one after another, each 256-byte aligned, and the total bytes."""
+    offs, total = [], 0
+    for _, dtype, shape in specs:
+        offs.append(total)
+        total += -(-(math.prod(shape) * dtype.itemsize) // 256) * 256
+    return offs, total
+
+
+def shm_outputs(payload: Any, lease: Any, out_offset: int) -> dict[str, np.ndarray]:
+    try:
+        specs = [(name, np.dtype(dt), tuple(shape)) for name, dt, shape in payload]
+    except Exception:
+        raise ProtocolError("shared-memory reply header does not list [name, dtype, shape] outputs") from None
+    offs, total = shm_layout(specs)
+    whole = lease.view(out_offset, np.dtype(np.uint8), (total,), readonly=True)
+    out: dict[str, np.ndarray] = {}
+    for (name, dtype, shape), off in zip(specs, offs, strict=True):
+        n = math.prod(shape) * dtype.itemsize
+        out[name] = whole[off:off + n].view(dtype).reshape(shape)
+    return out
 
 
 # --- control plane ------------------------------------------------------------------------------

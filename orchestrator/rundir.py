@@ -116,16 +116,31 @@ class RunDir:
         return fd
 
     def _clean_stale(self) -> None:
-        stale = [p for p in self.root.glob("*.sock")] + [self.pidfile]
+        stale = [p for p in self.root.glob("*.sock")] + [self.pidfile] + self._arenas()
         for p in stale:
             if p.exists():
                 log.info("[spawn] removing stale %s", p.name)
                 p.unlink(missing_ok=True)
 
+    def _arenas(self) -> list[Path]:
+        """Shared-memory arena files of this run (orchestrator.shm.arena_dir): each worker removes its own,
+        a killed one leaves it behind."""
+        from orchestrator.shm import arena_dir
+
+        return sorted(arena_dir(self.root).glob("*.arena"))
+
     def cleanup(self) -> None:
-        """Remove sockets and the pid file at a clean exit (logs and the stall log stay)."""
+        """Remove sockets, arenas and the pid file at a clean exit (logs and the stall log stay)."""
         for p in self.root.glob("*.sock"):
             p.unlink(missing_ok=True)
         for p in self.specs.glob("*.json"):
             p.unlink(missing_ok=True)
+        for p in self._arenas():
+            p.unlink(missing_ok=True)
+        from orchestrator.shm import arena_dir
+
+        try:
+            arena_dir(self.root).rmdir()
+        except OSError:  # absent, or not empty (another process's file): leave it
+            pass
         self.pidfile.unlink(missing_ok=True)

@@ -124,6 +124,22 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}%"
 
 
+def _shm(w: dict) -> Text:
+    """Share of this worker process's requests that came through shared memory (since it started)."""
+    shm = w.get("shm")
+    if not shm:
+        return Text("-", style="dim")  # a supervisor without shared-memory status
+    if not shm.get("enabled"):
+        return Text("off", style="dim")
+    total = w.get("requests") or 0
+    if total <= 0:
+        return Text("-")
+    pct = 100.0 * (shm.get("requests") or 0) / total
+    if 0 < pct < 1:
+        return Text("<1%")
+    return Text(f"{min(100, int(pct))}%")  # floored: 100% only when every request used it
+
+
 def _worker_table(status: dict) -> Table:
     mon = status.get("monitor") or {}
     gpus = {g.get("uuid"): g for g in mon.get("gpus") or ()}
@@ -131,7 +147,7 @@ def _worker_table(status: dict) -> Table:
     t = Table(expand=False, header_style="bold", pad_edge=False, box=None, padding=(0, 1))
     for name, justify in (("worker", "left"), ("device", "left"), ("state", "left"), ("pid", "right"),
                           ("rst", "right"), ("up", "right"), ("req/s", "right"), ("items/s", "right"),
-                          ("p50", "right"), ("p99", "right"), ("q/infl", "right"), ("busy", "right"),
+                          ("shm", "right"), ("p50", "right"), ("p99", "right"), ("q/infl", "right"), ("busy", "right"),
                           ("SM MHz", "right"), ("power", "right"), ("temp", "right"), ("throttle", "left"),
                           ("faults", "right"), ("stalls", "left")):
         t.add_column(name, justify=justify, no_wrap=True)
@@ -144,7 +160,7 @@ def _worker_table(status: dict) -> Table:
         t.add_row(
             str(w.get("id", "?")), str(w.get("device") or "-"), _state(w.get("state")),
             str(w.get("pid") or "-"), str(w.get("restarts", 0)), _dur(w.get("uptime_s")),
-            _rate(m.get("requests_per_s")), _rate(m.get("items_per_s")),
+            _rate(m.get("requests_per_s")), _rate(m.get("items_per_s")), _shm(w),
             _ms(m.get("latency_p50_ms")), _ms(m.get("latency_p99_ms")),
             f"{queued if queued is not None else '-'}/{inflight if inflight is not None else '-'}",
             _pct(m.get("gpu_busy_pct")), _clock(g), _power(g), _temp(g), _reasons(g) if g else Text("-"),

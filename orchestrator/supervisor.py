@@ -128,6 +128,8 @@ class Supervisor:
             if self.monitor is not None and isinstance(msg.get("report"), dict):
                 self.monitor.on_report(w.id, msg["report"])
             w.on_heartbeat(msg, now)
+            if self.monitor is not None:
+                self.monitor.on_shm(w.id, w.shm)
         elif kind == "stall" and self.monitor is not None:
             rec = self.monitor.on_stall(w.id, msg.get("candidate", {}))
             log.warning("[stall] %s: %s", w.id, rec.get("summary", rec.get("causes")))
@@ -222,7 +224,7 @@ class Supervisor:
         t = self.cfg.transport
         events = self.rundir.events_endpoint() if local else f"tcp://{t.host}:{t.control_port + 1}"
         return {
-            "events": events, "curve": t.curve,
+            "events": events, "curve": t.curve, "shm_mb": t.shm_mb,
             "workers": [
                 {"id": w.id, "endpoint": w.endpoint, "state": w.state.value, "device": w.plan.device,
                  "inputs": w.ready_info.get("inputs", []), "outputs": w.ready_info.get("outputs", []),

@@ -36,6 +36,28 @@ class State(StrEnum):
     FAILED = "failed"
 
 
+SHM_COUNTS = ("arena_bytes", "free_bytes", "leases", "requests", "bytes")
+
+
+def shm_status(shm: Any) -> dict[str, Any]:
+    """The status `shm` object built from a heartbeat's `shm` entry; runs in the supervisor.
+
+    Always the same numeric keys (integers), so scripts need no special case: `enabled` is False with zeros
+    when the heartbeat has none (an older worker, or transport.shm_mb = 0). `requests` and `bytes` count
+    since this worker process started, like the heartbeat's `requests` (which covers both paths).
+    """
+    if not isinstance(shm, dict):
+        return {"enabled": False} | dict.fromkeys(SHM_COUNTS, 0)
+    out = {**shm, "enabled": True, "path": str(shm.get("path") or ""),
+           "registered": bool(shm.get("registered"))}
+    for key in SHM_COUNTS:
+        try:
+            out[key] = int(shm.get(key) or 0)
+        except (TypeError, ValueError):
+            out[key] = 0
+    return out
+
+
 def tail(path: Path, lines: int = 20, max_bytes: int = 16384) -> str:
     try:
         with open(path, "rb") as f:
@@ -89,7 +111,7 @@ class WorkerHandle:
             "id": self.id, "device": self.plan.device, "endpoint": self.plan.endpoint,
             "supervisor_endpoint": self.rundir.inbox_endpoint(), "ppid": os.getpid(),
             "cpu_affinity": list(self.plan.cpu_affinity) if self.plan.cpu_affinity else None,
-            "gpu_uuid": self.plan.gpu_uuid, "config": to_dict(self.cfg),
+            "gpu_uuid": self.plan.gpu_uuid, "config": to_dict(self.cfg), "run_dir": str(self.rundir.root),
         }
         spec_path = self.rundir.specs / f"{self.id}.json"
         fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -157,6 +179,11 @@ class WorkerHandle:
             self.last_progress = progress
             self.last_progress_at = now
 
+    @property
+    def shm(self) -> dict[str, Any]:
+        """The latest heartbeat's shared-memory counters in status form (see shm_status)."""
+        return shm_status(self.heartbeat.get("shm"))
+
     def hung(self, now: float) -> str | None:
         """Why this worker looks hung, judged by progress rather than liveness; None if it is fine."""
         if self.proc is None or self.pidfd is None:
@@ -186,6 +213,6 @@ class WorkerHandle:
             "module_loading": eng.get("module_loading"), "engine": eng,
             "faults": hb.get("faults", 0), "queued": hb.get("queued", 0), "inflight": hb.get("inflight", 0),
             "batches": hb.get("progress", 0), "requests": hb.get("requests", 0), "host_ns": hb.get("host_ns", 0),
-            "errors": hb.get("errors", {}), "last_error": self.last_error,
+            "shm": self.shm, "errors": hb.get("errors", {}), "last_error": self.last_error,
             "next_restart_in_s": round(self.restart_at - now, 1) if self.restart_at else None,
         }

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 # Operations that take the driver's write lock and stall launches in the same process (FACTS.md).
-OPS = ("device_alloc", "device_free", "pinned_alloc", "pinned_free", "module_load", "module_unload",
-       "graph_instantiate", "engine_load", "context_create")
+OPS = ("device_alloc", "device_free", "pinned_alloc", "pinned_free", "host_register", "host_unregister",
+       "module_load", "module_unload", "graph_instantiate", "engine_load", "context_create")
 
 
 @dataclass(frozen=True)

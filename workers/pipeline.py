@@ -18,13 +18,27 @@ from orchestrator.errors import BatchTooLargeError, InvalidInputError
 from workers.engines.base import Engine, Slot
 
 
+class ShmSpans:
+    """Where a shared-memory request's tensors lie: arena offsets (already checked against its lease) of
+    each input and output, in the engine's input and output order."""
+
+    __slots__ = ("lease", "inputs", "outputs", "nbytes")
+
+    def __init__(self, lease: Any, inputs: list[int], outputs: list[int], nbytes: int) -> None:
+        self.lease = lease
+        self.inputs = inputs
+        self.outputs = outputs
+        self.nbytes = nbytes  # payload bytes, inputs plus outputs
+
+
 class Request:
-    """One accepted client request. `tensors` are zero-copy views over the received frames."""
+    """One accepted client request. `tensors` are zero-copy views over the received frames; a shared-
+    memory request has `shm` instead (its data stays in the arena until the engine reads it)."""
 
-    __slots__ = ("identity", "request_id", "tensors", "rows", "t_recv_ns", "deadline_ns", "keep")
+    __slots__ = ("identity", "request_id", "tensors", "rows", "t_recv_ns", "deadline_ns", "keep", "shm")
 
-    def __init__(self, identity: Any, request_id: int, tensors: dict[str, np.ndarray], rows: int,
-                 t_recv_ns: int, deadline_ns: int = 0, keep: Any = None) -> None:
+    def __init__(self, identity: Any, request_id: int, tensors: dict[str, np.ndarray] | None, rows: int,
+                 t_recv_ns: int, deadline_ns: int = 0, keep: Any = None, shm: ShmSpans | None = None) -> None:
         self.identity = identity
         self.request_id = request_id
         self.tensors = tensors
@@ -32,18 +46,21 @@ class Request:
         self.t_recv_ns = t_recv_ns
         self.deadline_ns = deadline_ns  # 0 = none; time.monotonic_ns() clock
         self.keep = keep  # the received frames, kept alive until staging has copied them
+        self.shm = shm
 
 
 class Batch:
     """A launched batch: which slot, which requests at which row offsets, and its timings."""
 
-    __slots__ = ("slot", "parts", "rows", "padded", "t_launch_ns", "t_enqueued_ns", "t_done_ns", "probe0", "probe1")
+    __slots__ = ("slot", "parts", "rows", "padded", "t_launch_ns", "t_enqueued_ns", "t_done_ns", "probe0", "probe1",
+                 "direct")
 
     def __init__(self, slot: Slot, parts: list[tuple[Request, int]], rows: int, padded: int) -> None:
         self.slot = slot
         self.parts = parts
         self.rows = rows
         self.padded = padded
+        self.direct = False  # a synchronous engine computed straight from and into the arena
         self.t_launch_ns = 0  # host clock when staging started
         self.t_enqueued_ns = 0  # host clock when engine.launch returned
         self.t_done_ns = 0  # host clock when completion was observed
@@ -55,7 +72,7 @@ class Pipeline:
     """Queue -> coalesce -> stage into a free slot -> launch; complete in submission order."""
 
     def __init__(self, engine: Engine, depth: int, max_queue: int, max_queue_delay_us: int,
-                 buckets: tuple[int, ...], probe: Any = None) -> None:
+                 buckets: tuple[int, ...], probe: Any = None, arena: Any = None) -> None:
         self.engine = engine
         self.depth = depth
         self.max_queue = max_queue
@@ -70,12 +87,19 @@ class Pipeline:
         self.completed_batches = 0  # progress counter reported in heartbeats
         self.completed_requests = 0
         self._in_specs = {s.name: s for s in engine.inputs}
+        self.arena = arena  # workers.arena.Arena, for synchronous engines' views of shared-memory requests
 
     # --- admission ------------------------------------------------------------------------------
 
     def check(self, tensors: dict[str, np.ndarray]) -> int:
         """Validate a request's tensors against the engine; return its row count or raise RequestError."""
-        names = set(tensors)
+        return self.check_specs([(name, arr.dtype, arr.shape) for name, arr in tensors.items()])
+
+    def check_specs(self, specs: list[tuple[str, np.dtype, tuple[int, ...]]]) -> int:
+        """check() on (name, dtype, shape) triples, as a request header lists them."""
+        names = {name for name, _, _ in specs}
+        if len(names) != len(specs):
+            raise InvalidInputError("a tensor is given twice")
         expected = set(self._in_specs)
         if names != expected:
             unknown = sorted(names - expected)
@@ -87,18 +111,18 @@ class Pipeline:
                 parts.append(f"missing tensor(s) {missing}")
             raise InvalidInputError(f"{'; '.join(parts)}; the model takes {sorted(expected)}")
         rows = -1
-        for name, arr in tensors.items():
+        for name, dtype, shape in specs:
             spec = self._in_specs[name]
-            if arr.dtype != spec.dtype:
-                raise InvalidInputError(f"tensor {name!r}: dtype {arr.dtype}, the model takes {spec.dtype}")
-            if arr.ndim != len(spec.item_shape) + 1 or tuple(arr.shape[1:]) != spec.item_shape:
+            if dtype != spec.dtype:
+                raise InvalidInputError(f"tensor {name!r}: dtype {dtype}, the model takes {spec.dtype}")
+            if len(shape) != len(spec.item_shape) + 1 or tuple(shape[1:]) != spec.item_shape:
                 raise InvalidInputError(
-                    f"tensor {name!r}: shape {list(arr.shape)}, the model takes [batch, {', '.join(map(str, spec.item_shape))}]"
+                    f"tensor {name!r}: shape {list(shape)}, the model takes [batch, {', '.join(map(str, spec.item_shape))}]"
                 )
             if rows == -1:
-                rows = arr.shape[0]
-            elif arr.shape[0] != rows:
-                raise InvalidInputError(f"tensor {name!r}: batch {arr.shape[0]} differs from the other inputs' {rows}")
+                rows = shape[0]
+            elif shape[0] != rows:
+                raise InvalidInputError(f"tensor {name!r}: batch {shape[0]} differs from the other inputs' {rows}")
         if rows <= 0:
             raise InvalidInputError("empty batch: at least one row is needed")
         if rows > self.engine.max_batch:
@@ -131,9 +155,13 @@ class Pipeline:
         return None
 
     def launch_next(self, now_ns: int, on_expired: Callable[[Request], None]) -> Batch | None:
-        """Coalesce queued requests (whole requests only) into a free slot and launch it."""
+        """Coalesce queued requests (whole requests only) into a free slot and launch it.
+
+        Frame requests are staged (copied) into the slot's first rows; shared-memory requests follow them
+        and are not copied here: an asynchronous engine copies them from the arena to the device itself
+        (slot.shm_parts), a synchronous one reads them as arena views."""
         slot = self.free.popleft()
-        parts: list[tuple[Request, int]] = []
+        picked: list[Request] = []
         rows = 0
         limit = self.engine.max_batch
         queue = self.queue
@@ -143,15 +171,30 @@ class Pipeline:
             if req.deadline_ns and now_ns > req.deadline_ns:
                 on_expired(req)
                 continue
-            for name, arr in req.tensors.items():
-                slot.inputs[name][rows:rows + req.rows] = arr
-            req.tensors = None  # type: ignore[assignment]  # staged: drop the frame views
-            req.keep = None
-            parts.append((req, rows))
+            picked.append(req)
             rows += req.rows
-        if not parts:
+        if not picked:
             self.free.appendleft(slot)
             return None
+        parts: list[tuple[Request, int]] = []
+        shm: list[tuple[Request, int]] = []
+        off = 0
+        for req in picked:
+            if req.shm is not None:
+                shm.append(req)  # type: ignore[arg-type]
+                continue
+            for name, arr in req.tensors.items():  # type: ignore[union-attr]
+                slot.inputs[name][off:off + req.rows] = arr
+            req.tensors = None  # staged: drop the frame views
+            req.keep = None
+            parts.append((req, off))
+            off += req.rows
+        slot.frames_rows = off
+        slot.shm_parts = []
+        for req in shm:  # type: ignore[assignment]
+            parts.append((req, off))
+            slot.shm_parts.append((off, req.rows, req.shm.inputs, req.shm.outputs))  # type: ignore[attr-defined]
+            off += req.rows
         padded = rows
         if self.engine.pads_to_buckets:
             padded = next(b for b in self.buckets if b >= rows)
@@ -161,12 +204,41 @@ class Pipeline:
         if probe is not None:
             batch.probe0 = probe.snap()
         slot.rows = padded
-        self.engine.launch(slot, padded)
+        if self.engine.synchronous and slot.shm_parts:
+            batch.direct = self._run_synchronous_shm(slot, batch, padded)
+        else:
+            self.engine.launch(slot, padded)
         batch.t_enqueued_ns = time.monotonic_ns()
         if probe is not None:
             batch.probe1 = probe.snap()
         self.inflight.append(batch)
         return batch
+
+    def _run_synchronous_shm(self, slot: Slot, batch: Batch, rows: int) -> bool:
+        """A synchronous (CPU) engine and shared-memory requests: one request alone is computed straight
+        from its input views into its output views; several are staged into the slot like frames (the
+        engine needs one contiguous batch) and their outputs copied back by `write_shm_outputs`."""
+        engine, arena = self.engine, self.arena
+        if len(batch.parts) == 1 and engine.computes_views:
+            req = batch.parts[0][0]
+            ins = {s.name: arena.view(o, s.dtype, (req.rows, *s.item_shape)) for s, o in zip(engine.inputs, req.shm.inputs, strict=True)}
+            outs = {s.name: arena.view(o, s.dtype, (req.rows, *s.item_shape)) for s, o in zip(engine.outputs, req.shm.outputs, strict=True)}
+            engine.compute_views(ins, outs)
+            return True
+        for row, n, in_offs, _ in slot.shm_parts:
+            for s, o in zip(engine.inputs, in_offs, strict=True):
+                slot.inputs[s.name][row:row + n] = arena.view(o, s.dtype, (n, *s.item_shape))
+        engine.launch(slot, rows)
+        return False
+
+    def write_shm_outputs(self, batch: Batch) -> None:
+        """After a synchronous engine's staged batch: copy shared-memory requests' rows into their spans."""
+        if batch.direct or not self.engine.synchronous:
+            return
+        engine, arena, slot = self.engine, self.arena, batch.slot
+        for row, n, _, out_offs in slot.shm_parts:
+            for s, o in zip(engine.outputs, out_offs, strict=True):
+                arena.view(o, s.dtype, (n, *s.item_shape))[...] = slot.outputs[s.name][row:row + n]
 
     # --- completion -----------------------------------------------------------------------------
 

@@ -10,17 +10,21 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
 
 from orchestrator import protocol
 from orchestrator.config import Config
-from orchestrator.errors import ErrorCode, RequestError
+from orchestrator.errors import EngineError, ErrorCode, InvalidInputError, OrchestratorError, RequestError
+from orchestrator.protocol import Kind
 from orchestrator.security import secure_server, stop_authenticator
+from workers.arena import Arena
 from workers.driver_journal import JOURNAL
 from workers.engines.base import Engine, Slot
-from workers.pipeline import Batch, Pipeline, Request
+from workers.pipeline import Batch, Pipeline, Request, ShmSpans
 from workers.telemetry import WorkerTelemetry
 
 log = logging.getLogger(__name__)
@@ -87,9 +91,13 @@ class ServeLoop:
         self.ctx = ctx
         # Constructed on the serving thread: its probe reads this thread's scheduler counters.
         self.telemetry = WorkerTelemetry(self.id, cfg.monitor, JOURNAL, cfg.pipeline.sync)
+        self.arena = self._make_arena(spec, cfg, engine)
         self.pipeline = Pipeline(engine, cfg.pipeline.depth, cfg.pipeline.max_queue,
-                                 cfg.pipeline.max_queue_delay_us, cfg.buckets, probe=self.telemetry.probe)
+                                 cfg.pipeline.max_queue_delay_us, cfg.buckets, probe=self.telemetry.probe,
+                                 arena=self.arena)
         engine.warmup(self.pipeline.slots, self.pipeline.buckets)
+        self._in_row_bytes = [int(np.prod(s.item_shape, dtype=np.int64)) * s.dtype.itemsize for s in engine.inputs]
+        self._out_specs = [(s.name, s.dtype, s.item_shape) for s in engine.outputs]
         self.data = ctx.socket(zmq.ROUTER)
         self.data.setsockopt(zmq.LINGER, 0)
         self.data.setsockopt(zmq.MAXMSGSIZE, cfg.transport.max_message_bytes)
@@ -110,6 +118,21 @@ class ServeLoop:
         self.hang_armed = cfg.debug.inject == "hang_after" and injected_here(cfg, self.id)
         engine.mark_ready()
         self._send_ready()
+
+    @staticmethod
+    def _make_arena(spec: dict[str, Any], cfg: Config, engine: Engine) -> Arena | None:
+        """The shared-memory arena (transport.shm_mb), registered with the GPU before warm-up and READY."""
+        t = cfg.transport
+        if not t.shm_mb:
+            return None
+        arena = Arena(Path(spec.get("run_dir") or cfg.run_dir), spec["id"], t.shm_mb, t.shm_max_lease_mb)
+        try:
+            arena.registered = engine.attach_arena(arena.addr, arena.size)
+        except EngineError as exc:
+            arena.close()
+            raise EngineError(f"cannot register the {t.shm_mb} MiB shared-memory arena as pinned memory: {exc} "
+                              "(lower transport.shm_mb, or 0 to turn shared memory off)") from None
+        return arena
 
     def _bind(self, endpoint: str) -> str:
         if self.cfg.transport.kind == "tcp":
@@ -158,10 +181,21 @@ class ServeLoop:
                 self.dropped += 1  # identity only: nothing to answer
                 continue
             identity = frames[0]
+            shm = None
             try:
                 header = protocol.decode_request_header(frames[1].buffer)
-                tensors = protocol.decode_tensors(header, frames[2:])
-                rows = pipeline.check(tensors)
+                if header.kind != Kind.INFER:
+                    self._lease_message(identity, header, len(frames))
+                    continue
+                if header.shm is None:
+                    tensors = protocol.decode_tensors(header, frames[2:])
+                    rows = pipeline.check(tensors)
+                else:
+                    tensors = None
+                    if len(frames) != 2:
+                        raise InvalidInputError("a shared-memory request carries no tensor frames")
+                    rows = pipeline.check_specs(header.specs)
+                    shm = self._shm_spans(header, rows)
             except protocol.DecodeError as exc:
                 self._reply_error(identity, exc.request_id, exc.code, str(exc))
                 continue
@@ -172,11 +206,59 @@ class ServeLoop:
                 self._reply_error(identity, header.request_id, ErrorCode.SHUTTING_DOWN, "worker is stopping")
                 continue
             deadline = now + header.timeout_ms * 1_000_000 if header.timeout_ms else 0
-            req = Request(identity, header.request_id, tensors, rows, now, deadline, frames)
+            req = Request(identity, header.request_id, tensors, rows, now, deadline, frames, shm)
             if not pipeline.offer(req):
                 self._reply_error(identity, header.request_id, ErrorCode.OVERLOADED,
                                   f"worker queue full ({pipeline.max_queue} requests)")
+            elif shm is not None:
+                self.arena.begin(shm.lease)  # type: ignore[union-attr]
         self.host_ns = base + (time.monotonic_ns() - start)  # serving-thread work: the whole burst
+
+    # --- shared memory ----------------------------------------------------------------------------
+
+    def _shm_spans(self, header: protocol.RequestHeader, rows: int) -> ShmSpans:
+        """Resolve a checked shared-memory request's spans against its lease (RequestError if any lies
+        outside it). Inputs come in header order; ShmSpans lists them in the engine's order."""
+        arena = self.arena
+        if arena is None:
+            raise InvalidInputError("shared memory is off on this worker (transport.shm_mb = 0): send frames")
+        if len(header.shm) != 2:  # type: ignore[arg-type]
+            raise InvalidInputError("a shared-memory request names [lease, output offset]")
+        lease = arena.lease_for(header.shm[0])  # type: ignore[index]
+        given = {name: off for (name, _, _), off in zip(header.specs, header.offsets, strict=True)}  # type: ignore[arg-type]
+        ins = [arena.span(lease, given[s.name], rows * rb, f"input {s.name!r}")
+               for s, rb in zip(self.engine.inputs, self._in_row_bytes, strict=True)]
+        offs, total = protocol.shm_layout([(n, d, (rows, *shape)) for n, d, shape in self._out_specs])
+        start = arena.span(lease, header.shm[1], total, "outputs")  # type: ignore[index]
+        return ShmSpans(lease, ins, [start + o for o in offs], rows * sum(self._in_row_bytes) + total)
+
+    def _lease_message(self, identity: Any, header: protocol.RequestHeader, nframes: int) -> None:
+        """ATTACH (a new lease for a local client) or DETACH (end one)."""
+        arena, rid = self.arena, header.request_id
+        try:
+            if nframes != 2:
+                raise InvalidInputError("attach and detach carry no tensor frames")
+            if arena is None:
+                raise InvalidInputError("shared memory is off on this worker (transport.shm_mb = 0)")
+            if header.kind == Kind.ATTACH:
+                if self.draining:
+                    self._reply_error(identity, rid, ErrorCode.SHUTTING_DOWN, "worker is stopping")
+                    return
+                if len(header.shm) != 2:  # type: ignore[arg-type]
+                    raise InvalidInputError("attach names [pid, bytes]")
+                lease = arena.attach(*header.shm)  # type: ignore[misc]
+                payload: Any = {"lease": lease.id, "path": str(arena.path), "offset": lease.offset, "size": lease.size}
+            else:
+                payload = {"detached": arena.detach(header.shm[0])}  # type: ignore[index]
+        except OrchestratorError as exc:
+            self._reply_error(identity, rid, exc.code, str(exc))
+            return
+        self.data.send_multipart([identity, *protocol.encode_payload(rid, payload)])
+
+    def _answered(self, req: Request) -> None:
+        """Bookkeeping once a shared-memory request has its reply: its lease may now be freed."""
+        if req.shm is not None:
+            self.arena.end(req.shm.lease)  # type: ignore[union-attr]
 
     # --- complete -------------------------------------------------------------------------------
 
@@ -184,8 +266,18 @@ class ServeLoop:
         outputs = batch.slot.outputs
         names = [s.name for s in self.engine.outputs]
         send = self.data.send_multipart
+        if batch.slot.shm_parts:
+            self.pipeline.write_shm_outputs(batch)
         for req, off in batch.parts:
             end = off + req.rows
+            if req.shm is not None:  # the outputs are already in the client's lease
+                head = protocol.encode_result(req.request_id, [(n, outputs[n][off:end]) for n in names])[0]
+                send([req.identity, head], copy=False)
+                arena = self.arena
+                arena.requests += 1  # type: ignore[union-attr]
+                arena.bytes += req.shm.nbytes  # type: ignore[union-attr]
+                arena.end(req.shm.lease)  # type: ignore[union-attr]
+                continue
             frames = protocol.encode_result(req.request_id, [(n, outputs[n][off:end]) for n in names])
             # copy=True: the slot's buffers are reused by the next batch, so ZeroMQ must own a copy.
             send([req.identity, *frames], copy=True)
@@ -193,6 +285,7 @@ class ServeLoop:
     def _on_expired(self, req: Request) -> None:
         self._reply_error(req.identity, req.request_id, ErrorCode.DEADLINE_EXCEEDED,
                           "deadline passed while queued")
+        self._answered(req)
 
     def _complete(self) -> None:
         """Reply to the oldest finished batch, then account it (telemetry after the replies are out)."""
@@ -299,6 +392,7 @@ class ServeLoop:
         for req in self.pipeline.drain_queue():
             self._reply_error(req.identity, req.request_id, ErrorCode.SHUTTING_DOWN,
                               "worker stopped before running this request")
+            self._answered(req)
         p = self.pipeline
         while p.inflight and not self.hang:
             p.wait_oldest()
@@ -306,6 +400,7 @@ class ServeLoop:
         for batch in list(p.inflight):  # hung: answer rather than leave clients waiting
             for req, _ in batch.parts:
                 self._reply_error(req.identity, req.request_id, ErrorCode.SHUTTING_DOWN, "worker stopped")
+                self._answered(req)
         log.info("[shutdown] drained after %d batches", p.completed_batches)
         self._send_state("stopped")
 
@@ -324,11 +419,21 @@ class ServeLoop:
             "requests": p.completed_requests, "queued": len(p.queue), "inflight": len(p.inflight),
             "faults": self.engine.faults(), "errors": self.errors_by_code, "dropped": self.dropped,
             "host_ns": self.host_ns, "report": self.telemetry.report(),
+            "shm": self._shm_status(),
         }
         try:
             self.sup.send(protocol.pack(msg), zmq.NOBLOCK)
         except zmq.Again:
             pass
+
+    def _shm_status(self) -> dict[str, Any] | None:
+        arena = self.arena
+        if arena is None:
+            return None
+        reaped = arena.reap()  # leases of client processes that exited: once per heartbeat
+        if reaped:
+            log.info("[shm] %d lease(s) ended: their client process exited", reaped)
+        return arena.stats()
 
     def close(self) -> None:
         if self.waiter is not None:
@@ -336,4 +441,6 @@ class ServeLoop:
         self.data.close(linger=500)  # let the last replies leave
         stop_authenticator(self.ctx)
         self.telemetry.close()
-        self.engine.close()
+        self.engine.close()  # unregisters the arena on GPU workers
+        if self.arena is not None:
+            self.arena.close()

@@ -30,6 +30,19 @@ _WORKER_HISTS = (
     ("enqueue", "orchestrator_enqueue_seconds", "Host time to stage and launch one batch"),
     ("gpu", "orchestrator_gpu_time_seconds", "Device time of one batch, from CUDA events"),
 )
+# (key in the worker's "shm" entry, metric name, help, family); only for workers that had shared memory on
+_SHM_METRICS = (
+    ("requests_total", "orchestrator_shm_requests", "Requests served through shared memory",
+     CounterMetricFamily),
+    ("bytes_total", "orchestrator_shm_bytes", "Payload bytes (inputs and outputs) through shared memory",
+     CounterMetricFamily),
+    ("leases", "orchestrator_shm_leases", "Client leases currently held on the worker's arena",
+     GaugeMetricFamily),
+    ("arena_bytes", "orchestrator_shm_arena_bytes", "Size of the worker's shared-memory arena",
+     GaugeMetricFamily),
+    ("free_bytes", "orchestrator_shm_free_bytes", "Free bytes in the worker's shared-memory arena",
+     GaugeMetricFamily),
+)
 # (sample key, metric name, help, scale to base units)
 _GPU_GAUGES = (
     ("sm_clock_mhz", "orchestrator_gpu_sm_clock_hertz", "Current SM clock", 1e6),
@@ -89,6 +102,7 @@ class MonitorCollector:
                                           labels=["worker", "cause"]),
         }
         hists = {k: HistogramMetricFamily(name, doc, labels=L) for k, name, doc in _WORKER_HISTS}
+        shm = {k: cls(name, doc, labels=L) for k, name, doc, cls in _SHM_METRICS}
         for wid, w in sorted(workers.items()):
             fams["up"].add_metric([wid], 1.0 if w.get("up") else 0.0)
             fams["req"].add_metric([wid], w.get("requests_total", 0))
@@ -109,8 +123,12 @@ class MonitorCollector:
                 h = (w.get("hists") or {}).get(key)
                 if h is not None and h.count:
                     hists[key].add_metric([wid], _buckets(h), h.sum_us / 1e6)
+            if w.get("shm"):
+                for key, fam in shm.items():
+                    fam.add_metric([wid], w["shm"].get(key, 0))
         yield from fams.values()
         yield from hists.values()
+        yield from shm.values()
 
     def _gpus(self, gpus: list[dict]) -> Iterator[Metric]:
         L = ["gpu", "uuid"]

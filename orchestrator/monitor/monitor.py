@@ -1,7 +1,7 @@
 """The monitor facade the supervisor uses: worker reports, stall attribution, GPU and host sampling.
 
-Runs in the supervisor. on_report/on_stall are called from the thread that receives worker telemetry,
-snapshot() from the control and metrics threads; the NVML and host samplers have their own threads.
+Runs in the supervisor. on_report/on_shm/on_stall are called from the thread that receives worker
+telemetry, snapshot() from the control and metrics threads; the NVML and host samplers have their own threads.
 """
 
 from __future__ import annotations
@@ -50,6 +50,12 @@ class _Worker:
         self.stall_causes: dict[str, int] = {}
         self.last_stall_cause: str | None = None
         self.journal: deque[dict] = deque(maxlen=20)
+        # shared memory: the running process's latest counters (None while it reports none) and slot totals
+        self.shm: dict | None = None
+        self.shm_used = False  # some process of this slot served with shared memory on
+        self.shm_requests = self.shm_bytes = 0
+        self._shm_seen = (0, 0)
+        self._shm_pid: int | None = None
 
     def add_report(self, rep: dict, now: int) -> None:
         iv = {**(rep.get("interval") or {}), "interval_s": rep.get("interval_s", 0.0)}
@@ -73,6 +79,31 @@ class _Worker:
         self.faults_total += max(0, faults - self._faults_seen)
         self._faults_seen = max(self._faults_seen, faults)
         self.journal.extend(journal.get("entries") or ())
+
+    def add_shm(self, shm: dict) -> None:
+        """One heartbeat's `shm` status (worker_handle.shm_status form); per-process counts feed the totals."""
+        if not shm.get("enabled"):
+            self.shm = None
+            return
+        req, nbytes = shm.get("requests", 0), shm.get("bytes", 0)
+        seen_req, seen_bytes = self._shm_seen
+        if self.pid != self._shm_pid or req < seen_req or nbytes < seen_bytes:  # a new process counts from 0
+            self._shm_pid = self.pid
+            seen_req = seen_bytes = 0
+        self.shm_requests += req - seen_req
+        self.shm_bytes += nbytes - seen_bytes
+        self._shm_seen = (req, nbytes)
+        self.shm = shm
+        self.shm_used = True
+
+    def shm_metrics(self) -> dict | None:
+        """Prometheus values; None if shared memory was never on here. Gauges read 0 while no arena is up."""
+        if not self.shm_used:
+            return None
+        cur = self.shm or {}
+        return {"requests_total": self.shm_requests, "bytes_total": self.shm_bytes,
+                "leases": cur.get("leases", 0), "arena_bytes": cur.get("arena_bytes", 0),
+                "free_bytes": cur.get("free_bytes", 0)}
 
     def _recent(self, now: int, window_s: float) -> list[dict]:
         cut = now - int(window_s * 1e9)
@@ -183,6 +214,8 @@ class Monitor:
         """A worker slot was (re)spawned (pid set) or died (pid None)."""
         with self._lock:
             w = self._worker(worker_id)
+            if pid != w.pid:
+                w.shm = None  # the old process's arena is gone; the new one reports its own
             w.pid = pid
             w.gpu_uuid = gpu_uuid
 
@@ -190,6 +223,11 @@ class Monitor:
         now = time.monotonic_ns()
         with self._lock:
             self._worker(worker_id).add_report(report, now)
+
+    def on_shm(self, worker_id: str, shm: dict) -> None:
+        """A heartbeat's shared-memory counters, in status form (called on the supervisor's main thread)."""
+        with self._lock:
+            self._worker(worker_id).add_shm(shm)
 
     def on_stall(self, worker_id: str, candidate: dict) -> dict:
         """Attribute one stall candidate, log it to stalls.jsonl and return the record."""
@@ -254,6 +292,7 @@ class Monitor:
                     "items_total": w.rows, "failures": dict(w.failures), "hists": h,
                     "queued": view["queued"], "inflight": view["inflight"], "gpu_busy_pct": view["gpu_busy_pct"],
                     "faults_total": w.faults_total, "stall_causes": dict(w.stall_causes), "up": w.pid is not None,
+                    "shm": w.shm_metrics(),
                 }
         return {"nvml": self.sampler is not None, "gpus": self._gpu_views(), "workers": workers,
                 "stall_counts": self.stall_log.snapshot_counts(), "causes": CAUSES}

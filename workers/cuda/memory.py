@@ -90,6 +90,25 @@ class DeviceBuffer:
                 check(driver.cuMemFree(handle), "cuMemFree")
 
 
+class HostRegistration:
+    """Existing host memory (the shared-memory arena) page-locked with cuMemHostRegister, so async copies
+    from and to it are DMA like those of a PinnedBuffer. Registration takes the driver's write lock, so
+    workers do it once, before READY."""
+
+    def __init__(self, ptr: int, nbytes: int, detail: str = "") -> None:
+        self.nbytes = nbytes
+        self._detail = detail or f"{nbytes} B"
+        with JOURNAL.timed("host_register", self._detail):
+            check(driver.cuMemHostRegister(ptr, nbytes, 0), "cuMemHostRegister")
+        self.ptr = ptr
+
+    def free(self) -> None:
+        if self.ptr:
+            ptr, self.ptr = self.ptr, 0
+            with JOURNAL.timed("host_unregister", self._detail):
+                check(driver.cuMemHostUnregister(ptr), "cuMemHostUnregister")
+
+
 # --- async copies (hot path: no allocation, one checked driver call each) -------------------------
 
 

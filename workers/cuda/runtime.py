@@ -15,6 +15,7 @@ class CudaRuntime:
 
     PinnedBuffer = memory.PinnedBuffer
     DeviceBuffer = memory.DeviceBuffer
+    HostRegistration = memory.HostRegistration
     Stream = stream.Stream
     Event = stream.Event
     copy_htod_async = staticmethod(memory.copy_htod_async)

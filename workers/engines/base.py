@@ -39,6 +39,10 @@ class Slot:
     outputs: dict[str, np.ndarray]
     rows: int = 0  # rows of the batch currently launched, after padding
     extra: dict[str, Any] = field(default_factory=dict)
+    # The batch's layout: rows [0, frames_rows) were staged into `inputs`; each shared-memory request
+    # follows as (first row, rows, input arena offsets, output arena offsets), in engine tensor order.
+    frames_rows: int = 0
+    shm_parts: list[tuple[int, int, list[int], list[int]]] = field(default_factory=list)
 
 
 class Engine(ABC):
@@ -59,6 +63,9 @@ class Engine(ABC):
     #: True when launch() computes the batch before returning (CPU engines): nothing overlaps it, so the
     #: serving loop drains its socket first to coalesce; asynchronous (GPU) engines are fed first instead.
     synchronous: bool = False
+    #: Synchronous engines that can compute straight from input views into output views (a lone shared-
+    #: memory request then needs no copy at all): they implement compute_views.
+    computes_views: bool = False
 
     @abstractmethod
     def create_slots(self, depth: int) -> list[Slot]:
@@ -74,6 +81,16 @@ class Engine(ABC):
         GPU engines only enqueue (H2D, kernels or graph, D2H, event record) and return at once; CPU
         engines may compute synchronously.
         """
+
+    def compute_views(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """Synchronous engines with `computes_views`: compute one batch from `inputs` into `outputs`."""
+        raise NotImplementedError
+
+    def attach_arena(self, addr: int, nbytes: int) -> bool:
+        """The worker's shared-memory arena, before warm-up. GPU engines register it as pinned host memory
+        (so copies from and to it are true DMA) and capture compute-only graphs. Returns whether it was
+        registered with the device (False on CPU engines, which read it as plain memory)."""
+        return False
 
     @abstractmethod
     def done(self, slot: Slot) -> bool:

@@ -40,7 +40,10 @@ class GpuSlot(Slot):
     device: dict[str, Any] = field(default_factory=dict)  # tensor name -> DeviceBuffer
     h2d: list[tuple[Any, int, int]] = field(default_factory=list)
     d2h: list[tuple[int, Any, int]] = field(default_factory=list)
-    graphs: dict[int, Any] = field(default_factory=dict)  # bucket rows -> GraphExec
+    graphs: dict[int, Any] = field(default_factory=dict)  # bucket rows -> GraphExec (H2D, compute, D2H)
+    compute_graphs: dict[int, Any] = field(default_factory=dict)  # bucket rows -> GraphExec (compute only)
+    in_dev: list[tuple[int, int]] = field(default_factory=list)  # (device pointer, bytes per row) per input
+    out_dev: list[tuple[int, int]] = field(default_factory=list)  # the same per output
     anchor: int = 0  # which of the engine's anchor events this slot's last batch is timed against
 
 
@@ -75,6 +78,8 @@ class GpuEngineBase(Engine):
         self._anchor_users = [0, 0]  # launched batches timed against each anchor, not yet read
         self._tls = threading.local()  # which threads have the CUDA context bound
         self._tls.bound = True  # the constructing thread: context() made it current
+        self.arena_addr = 0  # the shared-memory arena, registered as pinned host memory (attach_arena)
+        self._arena_reg: Any = None
 
     # --- subclass hooks --------------------------------------------------------------------------
 
@@ -115,10 +120,12 @@ class GpuEngineBase(Engine):
                 arr, dev, row_bytes = self._alloc_tensor(slot, spec, rows)
                 slot.inputs[spec.name] = arr
                 slot.h2d.append((dev.handle, arr.ctypes.data, row_bytes))
+                slot.in_dev.append((dev.ptr, row_bytes))
             for spec in self.outputs:
                 arr, dev, row_bytes = self._alloc_tensor(slot, spec, rows)
                 slot.outputs[spec.name] = arr
                 slot.d2h.append((arr.ctypes.data, dev.handle, row_bytes))
+                slot.out_dev.append((dev.ptr, row_bytes))
             self._init_slot(slot)
             self.slots.append(slot)
         self._anchors = [self.rt.Event(timing=True), self.rt.Event(timing=True)]
@@ -151,18 +158,52 @@ class GpuEngineBase(Engine):
         slot.anchor = a
         self._anchor_users[a] += 1
 
+    def _enqueue_shm(self, slot: GpuSlot, rows: int) -> None:
+        """A batch with shared-memory requests: staged frame rows (if any) and each request's spans go
+        straight between the registered arena and the device rows, around the compute-only graph. No
+        payload byte is touched by the CPU."""
+        handle = slot.stream.handle
+        htod, dtoh = self.rt.copy_htod_async, self.rt.copy_dtoh_async
+        base = self.arena_addr
+        frames = slot.frames_rows
+        if frames:
+            for dst, src, row_bytes in slot.h2d:
+                htod(dst, src, frames * row_bytes, handle)
+        for row, n, ins, _ in slot.shm_parts:
+            for (dev, row_bytes), off in zip(slot.in_dev, ins, strict=True):
+                htod(dev + row * row_bytes, base + off, n * row_bytes, handle)
+        graph = slot.compute_graphs.get(rows)
+        if graph is not None:
+            graph.launch(slot.stream)
+        else:
+            self._compute(slot, rows)
+        if frames:
+            for dst, src, row_bytes in slot.d2h:
+                dtoh(dst, src, frames * row_bytes, handle)
+        for row, n, _, outs in slot.shm_parts:
+            for (dev, row_bytes), off in zip(slot.out_dev, outs, strict=True):
+                dtoh(base + off, dev + row * row_bytes, n * row_bytes, handle)
+
     def launch(self, slot: Slot, rows: int) -> None:
         assert isinstance(slot, GpuSlot)
         stream = slot.stream
         self._anchor_for(slot, time.monotonic_ns())
         slot.ev_start.record(stream)
-        graph = slot.graphs.get(rows)
-        if graph is not None:
-            graph.launch(stream)
-        else:  # graphs off, or this bucket's capture failed
-            self._enqueue_eager(slot, rows)
+        if slot.shm_parts:
+            self._enqueue_shm(slot, rows)
+        else:
+            graph = slot.graphs.get(rows)
+            if graph is not None:
+                graph.launch(stream)
+            else:  # graphs off, or this bucket's capture failed
+                self._enqueue_eager(slot, rows)
         slot.ev_stop.record(stream)
         slot.ev_done.record(stream)
+
+    def attach_arena(self, addr: int, nbytes: int) -> bool:
+        self._arena_reg = self.rt.HostRegistration(addr, nbytes, f"shared-memory arena {nbytes >> 20} MiB")
+        self.arena_addr = addr
+        return True
 
     def done(self, slot: Slot) -> bool:
         return slot.ev_done.query()  # type: ignore[attr-defined]
@@ -213,9 +254,16 @@ class GpuEngineBase(Engine):
                 slot.stream.synchronize()
                 if self.want_graphs:
                     self._capture(slot, rows)
+                    if self.arena_addr:
+                        self._capture_compute(slot, rows)
                 self.launch(slot, rows)  # the real launch path once, events included
                 self.wait(slot)
                 self.gpu_time_us(slot)
+                if self.arena_addr:  # and the shared-memory path: one row from and to the arena's start
+                    slot.shm_parts = [(0, 1, [0] * len(slot.in_dev), [0] * len(slot.out_dev))]
+                    self.launch(slot, rows)
+                    self.wait(slot)
+                    slot.shm_parts = []
         log.info("[ready] %s warmed up: %d slot(s) x buckets %s, %d graph(s) captured, %d capture failure(s)",
                  self.kind, len(slots), list(buckets), self.graphs_captured, self.graph_failures)
 
@@ -226,6 +274,16 @@ class GpuEngineBase(Engine):
             self.graph_failures += 1
             return
         slot.graphs[rows] = graph
+        self.graphs_captured += 1
+
+    def _capture_compute(self, slot: GpuSlot, rows: int) -> None:
+        """The compute step alone, for batches whose copies go to and from the arena (_enqueue_shm)."""
+        graph = self.rt.capture(slot.stream, lambda: self._compute(slot, rows), f"{self.kind} slot {slot.index} "
+                                f"bucket {rows} compute")
+        if graph is None:
+            self.graph_failures += 1
+            return
+        slot.compute_graphs[rows] = graph
         self.graphs_captured += 1
 
     def mark_ready(self) -> None:
@@ -263,9 +321,10 @@ class GpuEngineBase(Engine):
                 slot.stream.synchronize()
             except EngineError as exc:  # a failed context still lets us release host memory
                 log.warning("[shutdown] slot %d stream sync failed: %s", slot.index, exc)
-            for graph in slot.graphs.values():
+            for graph in [*slot.graphs.values(), *slot.compute_graphs.values()]:
                 graph.destroy()
             slot.graphs.clear()
+            slot.compute_graphs.clear()
             slot.inputs.clear()
             slot.outputs.clear()
             for buf in slot.buffers:
@@ -274,3 +333,6 @@ class GpuEngineBase(Engine):
                 ev.destroy()
             slot.stream.destroy()
         self.slots.clear()
+        if self._arena_reg is not None:
+            self._arena_reg.free()
+            self._arena_reg = None

@@ -37,6 +37,7 @@ def _spec(arg: Any, where: str) -> TensorSpec:
 class OnnxCpuEngine(Engine):
     kind = "onnx"
     synchronous = True
+    computes_views = True
 
     def __init__(self, cfg: Config) -> None:
         import onnxruntime as ort  # heavy import: only in workers that serve ONNX
@@ -67,11 +68,16 @@ class OnnxCpuEngine(Engine):
 
     def launch(self, slot: Slot, rows: int) -> None:
         feeds = {name: arr[:rows] for name, arr in slot.inputs.items()}
-        results = self.session.run(self._out_names, feeds)
+        self.compute_views(feeds, {name: arr[:rows] for name, arr in slot.outputs.items()})
+
+    def compute_views(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        # ONNX Runtime reads the inputs in place (views of the arena or of the slot) and returns new arrays.
+        results = self.session.run(self._out_names, inputs)
         for name, value in zip(self._out_names, results, strict=True):
-            if value.shape[0] != rows:
-                raise EngineError(f"model output {name!r} has {value.shape[0]} rows for a batch of {rows}")
-            slot.outputs[name][:rows] = value
+            out = outputs[name]
+            if value.shape != out.shape:
+                raise EngineError(f"model output {name!r} has shape {list(value.shape)}, expected {list(out.shape)}")
+            out[...] = value
 
     def done(self, slot: Slot) -> bool:
         return True

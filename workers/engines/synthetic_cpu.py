@@ -17,6 +17,7 @@ from workers.engines.base import Engine, Slot, TensorSpec
 class SyntheticCpuEngine(Engine):
     kind = "synthetic"
     synchronous = True
+    computes_views = True
 
     def __init__(self, cfg: Config) -> None:
         shape = tuple(cfg.model.item_shape)
@@ -36,6 +37,9 @@ class SyntheticCpuEngine(Engine):
     def launch(self, slot: Slot, rows: int) -> None:
         # Synchronous: the batch is finished when launch returns, so done() is always True.
         synthetic_math.reference(slot.inputs["x"][:rows], self.work, out=slot.outputs["y"][:rows])
+
+    def compute_views(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        synthetic_math.reference(inputs["x"], self.work, out=outputs["y"])
 
     def done(self, slot: Slot) -> bool:
         return True
