@@ -64,6 +64,8 @@ def table(title: str, rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SHM = {"auto": "auto", "on": True, "off": False}  # --shm -> Client(shm=...)
+
 BARE_RUNS = [("bare, depth 1, no graphs (sync per batch)", 1, False, "spin"),
              ("bare, depth 2, graphs, spin", 2, True, "spin"),
              ("bare, depth 3, graphs, spin", 3, True, "spin"),
@@ -111,7 +113,7 @@ def part_b(args: argparse.Namespace, shape: bare.Shape, results: dict) -> None:
             cfg = orch.write_config(tmp, f"bench{depth}io{io}", shape.rows, shape.item, c["work"], depth, graphs,
                                     args.sync, args.device, io)
             r = orch.run(label, cfg, args.clients, args.in_flight, args.seconds, shape.rows, shape.item, c["work"],
-                         c["gpu_time_us"], say)
+                         c["gpu_time_us"], say, SHM[args.shm])
             say(f"  {label} @ work {c['work']}: {r['batches_per_s']:,.0f}/s busy {r['gpu_busy']:.1%} ({r['gpu_busy_source']})")
             runs.append((label, r))
         bare_runs = next((x for x in results["runs"] if x["part"] == "A" and x["work"] == c["work"]), None)
@@ -144,7 +146,8 @@ def report(results: dict, out: Path) -> None:
                     frac += f"{r['fraction_of_bare_same_depth']:.1%} of the bare run with the same depth/graphs/sync; "
                 if r.get("gpu_busy_estimate") is not None:
                     frac += f"(batches x isolated GPU time would say {r['gpu_busy_estimate']:.1%}); "
-                lines.append(f"- {label}: {frac}GPU busy {r['gpu_busy_source']}; results checked: {r.get('result_check')}")
+                via = f"; via shared memory {r['via_shm']:.0%} (shm={r['shm']})" if r.get("via_shm") is not None else ""
+                lines.append(f"- {label}: {frac}GPU busy {r['gpu_busy_source']}; results checked: {r.get('result_check')}{via}")
         lines.append("")
     if "steady" in results:
         s = results["steady"]
@@ -176,6 +179,8 @@ def main() -> None:
     p.add_argument("--sync", default="spin", choices=["spin", "blocking"])
     p.add_argument("--device", default="gpu", choices=["gpu", "cpu"], help="Part B workers (cpu: smoke test only)")
     p.add_argument("--io-threads-variant", action="store_true", help="Part B: also run the speed config with 2 ZeroMQ I/O threads")
+    p.add_argument("--shm", choices=sorted(SHM), default="auto",
+                   help="Part B clients' data path: auto (shared memory where the worker offers it), on, off (frames)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     shape = bare.Shape(args.rows, args.item)

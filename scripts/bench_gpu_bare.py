@@ -141,20 +141,45 @@ def bare_run(shape: Shape, work: int, depth: int, graphs: bool, sync: str, secon
     }
 
 
-def measure_gpu_us(shape: Shape, work: int, batches: int = 300) -> float:
-    """Median GPU time per batch at `work`, one batch at a time (depth 1, graphs on)."""
+def serial_batches(shape: Shape, work: int, batches: int = 1 << 30, seconds: float = float("inf"),
+                   reps: int = 1) -> list[dict[str, Any]]:
+    """`reps` runs of one batch at a time (depth 1, graphs, spin) on one engine, each of `batches` batches or
+    `seconds`, whichever ends first: per batch, the latency from staging the input to the copied-out result
+    (the bare loop at concurrency 1) and the GPU time. The first fifth of each run is dropped (warm-up)."""
     eng, pipe = _build(shape, work, 1, True, "spin")
+    lat: list[int] = []
+    gpu: list[float] = []
+
+    def complete(batch: Batch) -> None:
+        batch.slot.outputs["y"][:batch.rows].copy()  # the copy a server makes for its reply
+        gpu.append(eng.gpu_time_us(batch.slot))
+
+    runs = []
     try:
         x = np.random.default_rng(1).random((shape.rows, shape.item), dtype=np.float32)
-        times: list[float] = []
-        for i in range(batches):
-            pipe.offer(Request(None, i, {"x": x}, shape.rows, 0))
-            pipe.launch_next(0, lambda r: None)
-            pipe.wait_oldest()
-            pipe.complete_oldest(lambda b: times.append(eng.gpu_time_us(b.slot)))
+        for _ in range(reps):
+            lat.clear()
+            gpu.clear()
+            end = time.monotonic_ns() + min(seconds, 1e6) * 1e9
+            while len(lat) < batches and time.monotonic_ns() < end:
+                t0 = time.monotonic_ns()
+                pipe.offer(Request(None, len(lat), {"x": x}, shape.rows, t0))
+                pipe.launch_next(t0, lambda r: None)
+                pipe.wait_oldest()
+                pipe.complete_oldest(complete)
+                lat.append(time.monotonic_ns() - t0)
+            k = len(lat) // 5
+            lat_us = np.array(lat[k:], dtype=np.float64) / 1e3
+            runs.append({"work": work, "batches": len(lat) - k, "latency_us_p50": _pct(lat_us, 50),
+                         "latency_us_p99": _pct(lat_us, 99), "gpu_time_us": float(np.median(gpu[k:]))})
     finally:
         eng.close()
-    return float(np.median(times[batches // 5:]))
+    return runs
+
+
+def measure_gpu_us(shape: Shape, work: int, batches: int = 300) -> float:
+    """Median GPU time per batch at `work`, one batch at a time (depth 1, graphs on)."""
+    return serial_batches(shape, work, batches)[0]["gpu_time_us"]
 
 
 def calibrate(shape: Shape, target_us: float, log: Callable[[str], None], steps: int = 8) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,51 @@ io_threads = {io_threads}
 
 
 
+def closed_loop(c: Any, inputs: Any, in_flight: int, seconds: float, start_at: float | None = None,
+                check: Callable[[dict], bool] | None = None) -> dict[str, Any]:
+    """Drive Client `c` with `inputs` for `seconds` from `start_at` (a time.monotonic() value, the same clock in
+    every process; default now): `in_flight` requests kept going through c.submit(), or with in_flight 1
+    back-to-back c.infer() calls (the synchronous path). `check` judges each result. Returns the window
+    (t0, t1), every answered request's latency (s), the number of wrong results and the errors by type."""
+    if start_at is not None:
+        time.sleep(max(0.0, start_at - time.monotonic()))
+    lat: list[float] = []
+    errors: dict[str, int] = {}
+    wrong = 0
+
+    def finish(t_sub: float, call: Callable, *args: Any) -> None:
+        nonlocal wrong
+        try:
+            out = call(*args)
+        except Exception as exc:  # counted, never fatal: the caller reports them
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+            return
+        lat.append(time.monotonic() - t_sub)
+        if check is not None and not check(out):
+            wrong += 1
+
+    window: deque = deque()
+    t0 = time.monotonic()
+    end = t0 + seconds
+    while True:
+        now = time.monotonic()
+        if in_flight == 1 and now < end:
+            finish(now, c.infer, inputs, 60)
+        elif in_flight > 1 and now < end and len(window) < in_flight:
+            try:
+                window.append((now, c.submit(inputs, 60)))
+            except Exception as exc:  # e.g. no ready worker: counted like a failed request
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+        elif window:
+            t_sub, fut = window.popleft()
+            finish(t_sub, fut.result, 60)
+        else:
+            break
+    return {"t0": t0, "t1": time.monotonic(), "lat": lat, "wrong": wrong, "errors": errors}
+
+
 def _client_proc(config: str, rows: int, item: int, work: int, in_flight: int, seconds: float, check: bool,
-                 start: Any, q: Any) -> None:
+                 start: Any, q: Any, shm: bool | str = "auto") -> None:
     """One client process: warm up, wait for the common start, then keep `in_flight` requests going."""
     sys.path.insert(0, str(ROOT))
     clients_cores = _split_cores()[1]
@@ -82,7 +126,7 @@ def _client_proc(config: str, rows: int, item: int, work: int, in_flight: int, s
     from workers.engines import synthetic_math
 
     x = np.random.default_rng().random((rows, item), dtype=np.float32)
-    with Client(config, max_in_flight=in_flight, timeout=60) as c:
+    with Client(config, max_in_flight=in_flight, timeout=60, shm=shm) as c:
         first = c.infer({"x": x})
         ok = True
         if check:  # one row against the numpy reference (the whole batch would take seconds at large work)
@@ -91,18 +135,8 @@ def _client_proc(config: str, rows: int, item: int, work: int, in_flight: int, s
             c.infer({"x": x})
         q.put(("ready", ok))
         start.wait()
-        lat: list[float] = []
-        window: deque = deque()
-        end = time.perf_counter() + seconds
-        while True:
-            while len(window) < in_flight and time.perf_counter() < end:
-                window.append((time.perf_counter(), c.submit({"x": x})))
-            if not window:
-                break
-            t0, fut = window.popleft()
-            fut.result(60)
-            lat.append(time.perf_counter() - t0)
-        q.put(("done", np.asarray(lat, dtype=np.float64).tobytes()))
+        res = closed_loop(c, {"x": x}, in_flight, seconds)
+        q.put(("done", np.asarray(res["lat"], dtype=np.float64).tobytes(), res["errors"]))
 
 
 def _gpu_busy(before: dict, after: dict, wall_s: float, gpu_us_per_batch: float) -> tuple[float, str, int]:
@@ -159,14 +193,16 @@ class NvmlUtil:
 
 
 def run(label: str, config: Path, clients: int, in_flight: int, seconds: float, rows: int, item: int,
-        work: int, gpu_us_per_batch: float, log: Any) -> dict[str, Any]:
+        work: int, gpu_us_per_batch: float, log: Any, shm: bool | str = "auto") -> dict[str, Any]:
+    """Start `config`, drive it with `clients` processes x `in_flight` requests for `seconds` (their Clients
+    get `shm`: "auto", True or False), stop it; throughput, GPU busy, host time per batch, latency."""
     proc = cli("start", str(config), "--detach")
     if proc.returncode != 0:
         raise RuntimeError(f"orchestrator start failed ({proc.returncode}): {(proc.stdout + proc.stderr).strip()[-1500:]}")
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     start = ctx.Event()
-    procs = [ctx.Process(target=_client_proc, args=(str(config), rows, item, work, in_flight, seconds, i == 0, start, q))
+    procs = [ctx.Process(target=_client_proc, args=(str(config), rows, item, work, in_flight, seconds, i == 0, start, q, shm))
              for i in range(clients)]
     try:
         for p in procs:
@@ -178,7 +214,7 @@ def run(label: str, config: Path, clients: int, in_flight: int, seconds: float, 
         t0 = time.perf_counter()
         start.set()
         util.start()
-        lats = [np.frombuffer(q.get(timeout=seconds + 120)[1], dtype=np.float64) for _ in procs]
+        done = [q.get(timeout=seconds + 120) for _ in procs]
         wall = time.perf_counter() - t0
         nvml_util = util.stop()
         cpu1 = _worker_cpu_s(after := status(config))
@@ -190,7 +226,11 @@ def run(label: str, config: Path, clients: int, in_flight: int, seconds: float, 
         stop = cli("stop", str(config), timeout=120)
         if stop.returncode != 0:
             log(f"orchestrator stop: {stop.stderr.strip()[-300:]}")
-    lat = np.concatenate(lats) * 1e6
+    lat = np.concatenate([np.frombuffer(d[1], dtype=np.float64) for d in done]) * 1e6
+    errors: dict[str, int] = {}
+    for d in done:
+        for name, n in d[2].items():
+            errors[name] = errors.get(name, 0) + n
     busy, source, batches = _gpu_busy(before, after, wall, gpu_us_per_batch)
     estimate = None
     if source.startswith("estimated") and nvml_util is not None:
@@ -199,9 +239,8 @@ def run(label: str, config: Path, clients: int, in_flight: int, seconds: float, 
     workers = after.get("workers", [])
     views = list(((after.get("monitor") or {}).get("workers") or {}).values())
     # Serving-thread working time per batch (receive, stage + launch, reply + account; no waits, no spin).
-    h0 = sum(int(w.get("host_ns", 0)) for w in before.get("workers", []))
-    h1 = sum(int(w.get("host_ns", 0)) for w in workers)
-    host_us = (h1 - h0) / batches / 1e3 if batches and h1 > h0 else None
+    delta = {k: v - totals(before)[k] for k, v in totals(after).items()}
+    host_us = delta["host_ns"] / batches / 1e3 if batches and delta["host_ns"] > 0 else None
     cpu_us = (cpu1 - cpu0) / batches * 1e6 if batches and cpu0 is not None and cpu1 is not None else None
     return {
         "label": label, "clients": clients, "in_flight_per_client": in_flight, "seconds": round(wall, 3),
@@ -210,7 +249,8 @@ def run(label: str, config: Path, clients: int, in_flight: int, seconds: float, 
         "gpu_busy_estimate": estimate, "nvml_util": nvml_util,
         "latency_us_p50": float(np.percentile(lat, 50)), "latency_us_p99": float(np.percentile(lat, 99)),
         "faults": sum(int(w.get("faults", 0)) for w in workers),
-        "result_check": all(ok for _, ok in oks),
+        "result_check": all(ok for _, ok in oks), "errors": errors, "shm": shm,
+        "via_shm": delta["shm_requests"] / delta["requests"] if delta["requests"] else None,
         "module_loading": [w.get("module_loading") for w in workers],
         "host_us_per_batch": host_us,
         "worker_cpu_us_per_batch": cpu_us,  # all threads, spinning included
@@ -231,3 +271,22 @@ def _worker_cpu_s(st: dict) -> float | None:
             return None
         total += t.user + t.system
     return total
+
+
+def totals(st: dict) -> dict[str, int]:
+    """The cumulative counters of one `orchestrator status --json`, summed over the workers: requests and
+    batches served, serving-thread working time (host_ns), driver faults since READY, the shared-memory
+    counters (requests, bytes, leases, free and arena bytes); from the monitor: rows, GPU busy ns (union of
+    batch spans) and launches over 1 ms."""
+    workers = st.get("workers", [])
+    shm = [w.get("shm") or {} for w in workers]
+    views = list(((st.get("monitor") or {}).get("workers") or {}).values())
+
+    def add(items: list[dict], key: str) -> int:
+        return sum(int(x.get(key) or 0) for x in items)
+
+    return {"requests": add(workers, "requests"), "batches": add(workers, "batches"), "host_ns": add(workers, "host_ns"),
+            "faults": add(workers, "faults"), "shm_requests": add(shm, "requests"), "shm_bytes": add(shm, "bytes"),
+            "leases": add(shm, "leases"), "free_bytes": add(shm, "free_bytes"), "arena_bytes": add(shm, "arena_bytes"),
+            "rows": add(views, "items_total"), "gpu_busy_ns": add(views, "gpu_busy_ns_total"),
+            "launches_over_1ms": add(views, "enqueue_over_1ms_total")}

@@ -4,13 +4,18 @@
 #   bash scripts/device_run.sh stalls   # issue 4: bench_stalls.py (clean + 3 injections, 60 s each)
 #   bash scripts/device_run.sh single   # issue 6 on one GPU: bench_mps.py (+ a 1-GPU smoke of bench_scaling)
 #   bash scripts/device_run.sh quad     # issue 6 on four GPUs: bench_scaling.py (+ an MPS run on all four)
+#   bash scripts/device_run.sh shm      # issue 9: tests/gpu, bench_shm.py table (1 and 2 workers under MPS) + 1-row requests
+#   bash scripts/device_run.sh shm2     # issue 9: bench_shm.py latency at concurrency 1 + 60 s attach/detach steady run
 # Every step runs even when an earlier one failed; its log and exit status go under $OUT; a summary ends it.
-# The whole run stays under TOTAL_S seconds (default 560, inside the device's 10-minute limit).
+# The whole run stays under TOTAL_S seconds (default 560, inside the device's 10-minute limit; 530 for shm modes).
 set -x
 MODE=${1:-single}
 OUT=${OUT:-/tmp/device-out}
 RES=/tmp/device-results            # bulky files, sent back as one tarball ($OUT takes at most 8 files)
-TOTAL_S=${TOTAL_S:-560}
+case $MODE in
+    *shm*) TOTAL_S=${TOTAL_S:-530} ;;   # called with a 9-minute limit
+    *) TOTAL_S=${TOTAL_S:-560} ;;
+esac
 mkdir -p "$OUT" "$RES"
 exec > >(tee -a "$OUT/run.log") 2>&1
 export PYTHONUNBUFFERED=1 PATH="$PATH:/usr/local/nvidia/bin"
@@ -19,6 +24,13 @@ SUMMARY=()
 FAILED=0
 
 left() { echo $((TOTAL_S - (SECONDS - T0))); }
+
+# budget CAP: seconds a benchmark with a --budget-s option may plan for inside a step of cap CAP
+budget() {
+    local b=$(( $(left) - 50 ))
+    [ "$b" -gt $(( $1 - 30 )) ] && b=$(( $1 - 30 ))
+    echo "$b"
+}
 
 # step NAME CAP_SECONDS COMMAND...: runs with a timeout of min(CAP, time left - 20 s), logs to $RES/NAME.log
 step() {
@@ -55,6 +67,7 @@ step env 60 bash -c 'date -u; uname -a; nproc; python3 -VV
     nvidia-smi --query-gpu=index,name,uuid,driver_version,compute_mode,persistence_mode --format=csv
     nvidia-smi topo -m
     command -v nvidia-cuda-mps-control || ls -l /usr/local/nvidia/bin/nvidia-cuda-mps-*
+    grep -m1 "model name" /proc/cpuinfo; df -h /dev/shm /tmp
     python3 -c "import zmq, numpy, psutil, pynvml, msgpack; print(zmq.__version__, numpy.__version__, psutil.__version__)"'
 echo "MPS before:"; mps_processes | tee "$RES/mps-before.txt"
 
@@ -81,8 +94,19 @@ run_mode() {
         step bench-scaling 330 python3 scripts/bench_scaling.py --with-mps-run \
             --out "$OUT/bench-scaling" --logs "$RES/logs-scaling"
         ;;
+    shm)
+        step gpu-tests 120 python3 -m pytest tests/gpu -q -p no:cacheprovider
+        # shellcheck disable=SC2086  # SHM_ARGS is a list of options
+        step bench-shm 420 python3 scripts/bench_shm.py --parts table,small --budget-s "$(budget 420)" \
+            --out "$OUT/shm-table" --logs "$RES/logs-shm" ${SHM_ARGS:-}
+        ;;
+    shm2)
+        # shellcheck disable=SC2086
+        step bench-shm2 420 python3 scripts/bench_shm.py --parts latency,steady --budget-s "$(budget 420)" \
+            --out "$OUT/shm-latency-steady" --logs "$RES/logs-shm2" ${SHM_ARGS:-}
+        ;;
     *)
-        echo "unknown mode '$1' (gpu, stalls, single or quad)"
+        echo "unknown mode '$1' (gpu, stalls, single, quad, shm or shm2)"
         SUMMARY+=("FAIL  mode: unknown '$1'")
         FAILED=1
         ;;
@@ -100,7 +124,7 @@ echo "MPS after:"; mps_processes | tee "$RES/mps-after.txt"
 python3 - <<'EOF' 2>&1 | tee -a "$RES/mps-after.txt"
 import os, signal
 from orchestrator.mps import list_mps_processes
-ours = [p for p in list_mps_processes() if p.pipe_dir and p.pipe_dir.startswith(("/tmp/bmps-", "/tmp/bscale-"))]
+ours = [p for p in list_mps_processes() if p.pipe_dir and p.pipe_dir.startswith(("/tmp/bmps-", "/tmp/bscale-", "/tmp/bshm-"))]
 for p in ours:
     print(f"LEAKED {p.role} pid {p.pid} (pipe dir {p.pipe_dir}): SIGKILL")
     os.kill(p.pid, signal.SIGKILL)

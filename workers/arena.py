@@ -14,6 +14,7 @@ process exits (pidfd); its region is reused only once no request on it is in fli
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import os
 import secrets
@@ -169,7 +170,7 @@ class Arena:
             self._free(lease)
 
     def view(self, arena_off: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        n = math.prod(shape) * dtype.itemsize
         return self.buf[arena_off:arena_off + n].view(dtype).reshape(shape)
 
     # --- status -----------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import numpy as np
 from orchestrator.errors import BatchTooLargeError, InvalidInputError
 from workers.engines.base import Engine, Slot
 
+SHM_DMA_MIN_BYTES = 64 << 10
+
 
 class ShmSpans:
     """Where a shared-memory request's tensors lie: arena offsets (already checked against its lease) of
@@ -88,6 +90,10 @@ class Pipeline:
         self.completed_requests = 0
         self._in_specs = {s.name: s for s in engine.inputs}
         self.arena = arena  # workers.arena.Arena, for synchronous engines' views of shared-memory requests
+        # A shared-memory request smaller than this (inputs plus outputs) is staged by a CPU copy like a
+        # frame request: copying a few KiB costs well under a microsecond, an async copy's driver call
+        # several, and a batch whose rows are all staged runs as one graph launch (docs/design.md).
+        self.dma_min_bytes = SHM_DMA_MIN_BYTES
 
     # --- admission ------------------------------------------------------------------------------
 
@@ -157,9 +163,10 @@ class Pipeline:
     def launch_next(self, now_ns: int, on_expired: Callable[[Request], None]) -> Batch | None:
         """Coalesce queued requests (whole requests only) into a free slot and launch it.
 
-        Frame requests are staged (copied) into the slot's first rows; shared-memory requests follow them
-        and are not copied here: an asynchronous engine copies them from the arena to the device itself
-        (slot.shm_parts), a synchronous one reads them as arena views."""
+        Frame requests, and shared-memory requests smaller than `dma_min_bytes`, are staged (copied) into
+        the slot's first rows; larger shared-memory requests follow and are not copied here: the engine
+        copies them between the arena and the device itself (slot.shm_parts). A synchronous engine stages
+        every request, except a shared-memory request alone, which it computes from arena views."""
         slot = self.free.popleft()
         picked: list[Request] = []
         rows = 0
@@ -177,66 +184,79 @@ class Pipeline:
             self.free.appendleft(slot)
             return None
         parts: list[tuple[Request, int]] = []
-        shm: list[tuple[Request, int]] = []
+        dma: list[Request] = []
+        staged: list[tuple[int, int, list[int], list[int]]] = []
+        engine, arena = self.engine, self.arena
+        if engine.synchronous and len(picked) == 1 and picked[0].shm is not None and engine.computes_views:
+            return self._launch_direct(slot, picked[0], now_ns)
         off = 0
         for req in picked:
-            if req.shm is not None:
-                shm.append(req)  # type: ignore[arg-type]
+            shm = req.shm
+            if shm is None:
+                for name, arr in req.tensors.items():  # type: ignore[union-attr]
+                    slot.inputs[name][off:off + req.rows] = arr
+                req.tensors = None  # staged: drop the frame views
+                req.keep = None
+            elif engine.synchronous or shm.nbytes < self.dma_min_bytes:
+                for s, o in zip(engine.inputs, shm.inputs, strict=True):
+                    slot.inputs[s.name][off:off + req.rows] = arena.view(o, s.dtype, (req.rows, *s.item_shape))
+                staged.append((off, req.rows, shm.inputs, shm.outputs))
+            else:
+                dma.append(req)
                 continue
-            for name, arr in req.tensors.items():  # type: ignore[union-attr]
-                slot.inputs[name][off:off + req.rows] = arr
-            req.tensors = None  # staged: drop the frame views
-            req.keep = None
             parts.append((req, off))
             off += req.rows
         slot.frames_rows = off
+        slot.staged_shm = staged
         slot.shm_parts = []
-        for req in shm:  # type: ignore[assignment]
+        for req in dma:
             parts.append((req, off))
-            slot.shm_parts.append((off, req.rows, req.shm.inputs, req.shm.outputs))  # type: ignore[attr-defined]
+            slot.shm_parts.append((off, req.rows, req.shm.inputs, req.shm.outputs))  # type: ignore[union-attr]
             off += req.rows
         padded = rows
-        if self.engine.pads_to_buckets:
+        if engine.pads_to_buckets:
             padded = next(b for b in self.buckets if b >= rows)
         batch = Batch(slot, parts, rows, padded)
+        self._launch(batch, now_ns)
+        return batch
+
+    def _launch(self, batch: Batch, now_ns: int, direct: Request | None = None) -> None:
+        slot = batch.slot
         batch.t_launch_ns = now_ns
         probe = self.probe
         if probe is not None:
             batch.probe0 = probe.snap()
-        slot.rows = padded
-        if self.engine.synchronous and slot.shm_parts:
-            batch.direct = self._run_synchronous_shm(slot, batch, padded)
+        slot.rows = batch.padded
+        if direct is None:
+            self.engine.launch(slot, batch.padded)
         else:
-            self.engine.launch(slot, padded)
+            self.engine.compute_views(*self._views(direct))
         batch.t_enqueued_ns = time.monotonic_ns()
         if probe is not None:
             batch.probe1 = probe.snap()
         self.inflight.append(batch)
+
+    def _launch_direct(self, slot: Slot, req: Request, now_ns: int) -> Batch:
+        """A synchronous (CPU) engine and one shared-memory request alone: computed straight from its input
+        views into its output views, with no copy at all."""
+        slot.frames_rows = 0
+        slot.staged_shm = []
+        slot.shm_parts = []
+        batch = Batch(slot, [(req, 0)], req.rows, req.rows)
+        batch.direct = True
+        self._launch(batch, now_ns, direct=req)
         return batch
 
-    def _run_synchronous_shm(self, slot: Slot, batch: Batch, rows: int) -> bool:
-        """A synchronous (CPU) engine and shared-memory requests: one request alone is computed straight
-        from its input views into its output views; several are staged into the slot like frames (the
-        engine needs one contiguous batch) and their outputs copied back by `write_shm_outputs`."""
-        engine, arena = self.engine, self.arena
-        if len(batch.parts) == 1 and engine.computes_views:
-            req = batch.parts[0][0]
-            ins = {s.name: arena.view(o, s.dtype, (req.rows, *s.item_shape)) for s, o in zip(engine.inputs, req.shm.inputs, strict=True)}
-            outs = {s.name: arena.view(o, s.dtype, (req.rows, *s.item_shape)) for s, o in zip(engine.outputs, req.shm.outputs, strict=True)}
-            engine.compute_views(ins, outs)
-            return True
-        for row, n, in_offs, _ in slot.shm_parts:
-            for s, o in zip(engine.inputs, in_offs, strict=True):
-                slot.inputs[s.name][row:row + n] = arena.view(o, s.dtype, (n, *s.item_shape))
-        engine.launch(slot, rows)
-        return False
+    def _views(self, req: Request) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        engine, arena, shm, n = self.engine, self.arena, req.shm, req.rows
+        ins = {s.name: arena.view(o, s.dtype, (n, *s.item_shape)) for s, o in zip(engine.inputs, shm.inputs, strict=True)}
+        outs = {s.name: arena.view(o, s.dtype, (n, *s.item_shape)) for s, o in zip(engine.outputs, shm.outputs, strict=True)}
+        return ins, outs
 
     def write_shm_outputs(self, batch: Batch) -> None:
-        """After a synchronous engine's staged batch: copy shared-memory requests' rows into their spans."""
-        if batch.direct or not self.engine.synchronous:
-            return
+        """After a batch with staged shared-memory requests: copy their output rows into their spans."""
         engine, arena, slot = self.engine, self.arena, batch.slot
-        for row, n, _, out_offs in slot.shm_parts:
+        for row, n, _, out_offs in slot.staged_shm:
             for s, o in zip(engine.outputs, out_offs, strict=True):
                 arena.view(o, s.dtype, (n, *s.item_shape))[...] = slot.outputs[s.name][row:row + n]
 

@@ -39,10 +39,13 @@ class Slot:
     outputs: dict[str, np.ndarray]
     rows: int = 0  # rows of the batch currently launched, after padding
     extra: dict[str, Any] = field(default_factory=dict)
-    # The batch's layout: rows [0, frames_rows) were staged into `inputs`; each shared-memory request
+    # The batch's layout: rows [0, frames_rows) were staged into `inputs`; each DMA shared-memory request
     # follows as (first row, rows, input arena offsets, output arena offsets), in engine tensor order.
+    # Staged shared-memory requests (among the first frames_rows rows) are listed in staged_shm in the same
+    # form: their outputs are copied back into the arena when the batch completes.
     frames_rows: int = 0
     shm_parts: list[tuple[int, int, list[int], list[int]]] = field(default_factory=list)
+    staged_shm: list[tuple[int, int, list[int], list[int]]] = field(default_factory=list)
 
 
 class Engine(ABC):
