@@ -5,6 +5,7 @@
 #   bash scripts/device_run.sh single   # issue 6 on one GPU: bench_mps.py (+ a 1-GPU smoke of bench_scaling)
 #   bash scripts/device_run.sh quad     # issue 6 on four GPUs: bench_scaling.py (+ an MPS run on all four)
 #   bash scripts/device_run.sh shm      # issue 9: tests/gpu, bench_shm.py table (1 and 2 workers under MPS) + 1-row requests
+#   bash scripts/device_run.sh profile  # issue 9: tests/gpu + py-spy profile of the serving thread, frames and shm
 #   bash scripts/device_run.sh shm2     # issue 9: bench_shm.py latency at concurrency 1 + 60 s attach/detach steady run
 # Every step runs even when an earlier one failed; its log and exit status go under $OUT; a summary ends it.
 # The whole run stays under TOTAL_S seconds (default 560, inside the device's 10-minute limit; 530 for shm modes).
@@ -60,7 +61,7 @@ mps_processes() {
 }
 
 step install 120 bash -c 'python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl'
-export PYTHONPATH=/tmp/site:$PWD
+export PYTHONPATH=/tmp/site:$PWD PATH="$PATH:/tmp/site/bin"
 
 step env 60 bash -c 'date -u; uname -a; nproc; python3 -VV
     nvidia-smi
@@ -100,13 +101,17 @@ run_mode() {
         step bench-shm 420 python3 scripts/bench_shm.py --parts table,small --budget-s "$(budget 420)" \
             --out "$OUT/shm-table" --logs "$RES/logs-shm" ${SHM_ARGS:-}
         ;;
+    profile)
+        step gpu-tests 120 python3 -m pytest tests/gpu -q -p no:cacheprovider
+        step profile 120 python3 scripts/profile_serving.py --work 762 --seconds 6 --out "$OUT/profile"
+        ;;
     shm2)
         # shellcheck disable=SC2086
         step bench-shm2 420 python3 scripts/bench_shm.py --parts latency,steady --budget-s "$(budget 420)" \
             --out "$OUT/shm-latency-steady" --logs "$RES/logs-shm2" ${SHM_ARGS:-}
         ;;
     *)
-        echo "unknown mode '$1' (gpu, stalls, single, quad, shm or shm2)"
+        echo "unknown mode '$1' (gpu, stalls, single, quad, shm, profile or shm2)"
         SUMMARY+=("FAIL  mode: unknown '$1'")
         FAILED=1
         ;;

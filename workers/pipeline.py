@@ -274,6 +274,8 @@ class Pipeline:
         before returning; then the slot is free for reuse."""
         batch = self.inflight.popleft()
         batch.t_done_ns = time.monotonic_ns()
+        if batch.slot.staged_shm:
+            self.write_shm_outputs(batch)
         on_complete(batch)
         self.free.append(batch.slot)
         self.completed_batches += 1

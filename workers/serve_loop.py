@@ -266,8 +266,6 @@ class ServeLoop:
         outputs = batch.slot.outputs
         names = [s.name for s in self.engine.outputs]
         send = self.data.send_multipart
-        if batch.slot.staged_shm:
-            self.pipeline.write_shm_outputs(batch)
         for req, off in batch.parts:
             end = off + req.rows
             if req.shm is not None:  # the outputs are already in the client's lease
