@@ -58,12 +58,20 @@ def wire_dtype(dtype: np.dtype) -> str:
     return dtype.str
 
 
+_DTYPES: dict[str, np.dtype] = {}  # accepted dtype strings, parsed once (np.dtype() costs ~1 us)
+
+
 def parse_dtype(text: Any) -> np.dtype:
+    dt = _DTYPES.get(text) if isinstance(text, str) else None
+    if dt is not None:
+        return dt
     if not isinstance(text, str) or len(text) > 8:
         raise ValueError(f"bad dtype {text!r}")
     dt = np.dtype(text)  # raises TypeError on garbage
     if dt.kind not in _ALLOWED_KINDS or dt.hasobject:
         raise ValueError(f"dtype {text!r} is not allowed")
+    if len(_DTYPES) < 64:  # bounded: a hostile client cannot grow it
+        _DTYPES[text] = dt
     return dt
 
 
@@ -213,6 +221,15 @@ def encode_result(request_id: int, tensors: Sequence[tuple[str, np.ndarray]]) ->
     frames: list = [msgpack.packb([VERSION, ErrorCode.OK, request_id, specs])]
     frames.extend(arr.data if arr.nbytes else b"" for _, arr in tensors)
     return frames
+
+
+_RESULT_PREFIX = b"\x94" + msgpack.packb(VERSION) + msgpack.packb(int(ErrorCode.OK))  # a 4-element array
+
+
+def result_head(request_id: int, packed_specs: bytes) -> bytes:
+    """encode_result's header for outputs already in place (shared memory): [VERSION, OK, id, specs]
+    with the specs packed once per shape by the caller."""
+    return _RESULT_PREFIX + msgpack.packb(request_id) + packed_specs
 
 
 def encode_error(request_id: int | None, code: ErrorCode, message: str) -> list:

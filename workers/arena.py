@@ -155,8 +155,8 @@ class Arena:
 
     @staticmethod
     def span(lease: Lease, off: Any, nbytes: int, what: str) -> int:
-        """Arena offset of the lease-relative span [off, off + nbytes), or InvalidInputError."""
-        if not isinstance(off, int) or isinstance(off, bool) or off < 0 or off + nbytes > lease.size:
+        """Arena offset of the lease-relative span [off, off + nbytes) of tensor `what`, or InvalidInputError."""
+        if off.__class__ is not int or off < 0 or off + nbytes > lease.size:
             raise InvalidInputError(f"{what}: span at {off!r} of {nbytes:,} B lies outside the lease of {lease.size:,} B")
         return lease.offset + off
 

@@ -98,6 +98,11 @@ class ServeLoop:
         engine.warmup(self.pipeline.slots, self.pipeline.buckets)
         self._in_row_bytes = [int(np.prod(s.item_shape, dtype=np.int64)) * s.dtype.itemsize for s in engine.inputs]
         self._out_specs = [(s.name, s.dtype, s.item_shape) for s in engine.outputs]
+        self._in_row_total = sum(self._in_row_bytes)
+        self._out_layouts: dict[int, tuple[list[int], int]] = {}  # rows -> output offsets and bytes in a span
+        # Reply headers of shared-memory requests: the msgpack of [VERSION, OK, id, specs] with the specs
+        # for each row count packed once (only the request id differs).
+        self._shm_heads: dict[int, bytes] = {}
         self.data = ctx.socket(zmq.ROUTER)
         self.data.setsockopt(zmq.LINGER, 0)
         self.data.setsockopt(zmq.MAXMSGSIZE, cfg.transport.max_message_bytes)
@@ -222,15 +227,25 @@ class ServeLoop:
         arena = self.arena
         if arena is None:
             raise InvalidInputError("shared memory is off on this worker (transport.shm_mb = 0): send frames")
-        if len(header.shm) != 2:  # type: ignore[arg-type]
+        shm = header.shm
+        if len(shm) != 2:  # type: ignore[arg-type]
             raise InvalidInputError("a shared-memory request names [lease, output offset]")
-        lease = arena.lease_for(header.shm[0])  # type: ignore[index]
-        given = {name: off for (name, _, _), off in zip(header.specs, header.offsets, strict=True)}  # type: ignore[arg-type]
-        ins = [arena.span(lease, given[s.name], rows * rb, f"input {s.name!r}")
-               for s, rb in zip(self.engine.inputs, self._in_row_bytes, strict=True)]
-        offs, total = protocol.shm_layout([(n, d, (rows, *shape)) for n, d, shape in self._out_specs])
-        start = arena.span(lease, header.shm[1], total, "outputs")  # type: ignore[index]
-        return ShmSpans(lease, ins, [start + o for o in offs], rows * sum(self._in_row_bytes) + total)
+        lease = arena.lease_for(shm[0])  # type: ignore[index]
+        span = arena.span
+        offsets = header.offsets
+        if len(self._in_row_bytes) == 1:  # one input: check_specs made sure it is the model's
+            ins = [span(lease, offsets[0], rows * self._in_row_bytes[0], self.engine.inputs[0].name)]  # type: ignore[index]
+        else:
+            given = {name: off for (name, _, _), off in zip(header.specs, offsets, strict=True)}  # type: ignore[arg-type]
+            ins = [span(lease, given[s.name], rows * rb, s.name)
+                   for s, rb in zip(self.engine.inputs, self._in_row_bytes, strict=True)]
+        layout = self._out_layouts.get(rows)
+        if layout is None:
+            layout = self._out_layouts[rows] = protocol.shm_layout(
+                [(n, d, (rows, *shape)) for n, d, shape in self._out_specs])
+        offs, total = layout
+        start = span(lease, shm[1], total, "outputs")  # type: ignore[index]
+        return ShmSpans(lease, ins, [start + o for o in offs], rows * self._in_row_total + total)
 
     def _lease_message(self, identity: Any, header: protocol.RequestHeader, nframes: int) -> None:
         """ATTACH (a new lease for a local client) or DETACH (end one)."""
@@ -269,8 +284,11 @@ class ServeLoop:
         for req, off in batch.parts:
             end = off + req.rows
             if req.shm is not None:  # the outputs are already in the client's lease
-                head = protocol.encode_result(req.request_id, [(n, outputs[n][off:end]) for n in names])[0]
-                send([req.identity, head], copy=False)
+                specs = self._shm_heads.get(req.rows)
+                if specs is None:
+                    specs = self._shm_heads[req.rows] = protocol.pack(
+                        [[n, d.str, [req.rows, *shape]] for n, d, shape in self._out_specs])
+                send([req.identity, protocol.result_head(req.request_id, specs)], copy=False)
                 arena = self.arena
                 arena.requests += 1  # type: ignore[union-attr]
                 arena.bytes += req.shm.nbytes  # type: ignore[union-attr]
