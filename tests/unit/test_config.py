@@ -69,7 +69,7 @@ def test_run_dir_too_long_for_ipc() -> None:
     assert err.startswith("orchestrator.run_dir:") and "ipc socket paths" in err
 
 
-@pytest.mark.parametrize("name", ["cpu.toml", "cpu-synthetic.toml", "4gpu-synthetic.toml"])
+@pytest.mark.parametrize("name", ["cpu.toml", "cpu-synthetic.toml", "4gpu-synthetic.toml", "gpu-shm.toml", "gpu-shm-mps.toml"])
 def test_shipped_configs_validate(name: str) -> None:
     cfg = load_config(ROOT / "configs" / name)
     assert isinstance(cfg, Config)
@@ -91,3 +91,9 @@ def test_round_trip_through_plain_data() -> None:
 def test_reference_lists_every_key() -> None:
     ref = reference()
     assert "`model.max_batch`" in ref and "`pipeline.max_queue_delay_us`" in ref
+
+
+def test_shm_lease_cannot_exceed_the_arena() -> None:
+    (err,) = errors_of({"transport": {"shm_mb": 16, "shm_max_lease_mb": 32}})
+    assert err.startswith("transport.shm_max_lease_mb:") and "shm_mb = 16" in err
+    assert parse_config({"transport": {"shm_mb": 0, "shm_max_lease_mb": 32}}).transport.shm_mb == 0  # off
