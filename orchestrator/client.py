@@ -45,7 +45,7 @@ from orchestrator.errors import (
 )
 from orchestrator.rundir import RunDir
 from orchestrator.security import ClientKeys
-from orchestrator.shm import ClientLease, describe_lease
+from orchestrator.shm import ClientLease, describe_lease, span_lease
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class Client:
                 wire = protocol.wire_dtype(arr.dtype)
                 if i == 0:
                     rows = arr.shape[0] if arr.ndim else 1
-                off = lease.contains(arr)
+                off = lease.contains(arr) if span_lease(arr) is lease else None
                 if off is None:
                     off = lease.take(arr.nbytes, deadline)
                     taken.append(off)
@@ -257,14 +257,11 @@ class Client:
 
     def _lease_owner(self, named: Mapping[str, np.ndarray]) -> Any:
         """The worker whose lease holds one of the inputs (built with empty()), if it is still ready."""
-        with self._lease_lock:
-            leases = [(wid, e[1]) for wid, e in self._leases.items() if e[1] is not None]
         for arr in named.values():
-            if isinstance(arr, np.ndarray):
-                for wid, lease in leases:
-                    if lease.contains(arr) is not None:
-                        w = self._io.workers.get(wid)
-                        return w if w is not None and w.ready else None
+            lease = span_lease(arr)
+            if lease is not None and not lease.dropped:
+                w = self._io.workers.get(lease.worker_id)
+                return w if w is not None and w.ready else None
         return None
 
     def empty(self, shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:

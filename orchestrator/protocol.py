@@ -288,7 +288,7 @@ def shm_layout(specs: Sequence[tuple[Any, np.dtype, Sequence[int]]]) -> tuple[li
 
 def shm_outputs(payload: Any, lease: Any, out_offset: int) -> dict[str, np.ndarray]:
     try:
-        specs = [(name, np.dtype(dt), tuple(shape)) for name, dt, shape in payload]
+        specs = [(name, parse_dtype(dt), tuple(shape)) for name, dt, shape in payload]
     except Exception:
         raise ProtocolError("shared-memory reply header does not list [name, dtype, shape] outputs") from None
     offs, total = shm_layout(specs)

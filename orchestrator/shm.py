@@ -152,6 +152,19 @@ class _SpanOwner:
         self.lease.release(self.off)
 
 
+def span_lease(arr: Any) -> ClientLease | None:
+    """The lease an array made by Client.empty() (or a view of one) lives in, from its base chain: no
+    pointer arithmetic for the arrays that are not."""
+    base = getattr(arr, "base", None)
+    for _ in range(8):
+        if base is None:
+            return None
+        if isinstance(base, _SpanOwner):
+            return base.lease
+        base = getattr(base, "base", None)
+    return None
+
+
 class ClientLease:
     """A client's lease on one worker's arena: the mapped region, a thread-safe span allocator over it,
     and the spans of requests still in flight.
@@ -233,7 +246,7 @@ class ClientLease:
         """Offset of `arr`'s data in this lease if it lies wholly inside and is C-contiguous, else None."""
         if not arr.flags.c_contiguous:
             return None
-        ptr = arr.ctypes.data
+        ptr = arr.__array_interface__["data"][0]
         off = ptr - self.addr
         return off if 0 <= off and off + arr.nbytes <= self.size else None
 
