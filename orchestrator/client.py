@@ -110,6 +110,7 @@ class Client:
         self.inputs = [name for name, _, _ in ready[0]["inputs"]]
         self.outputs = [name for name, _, _ in ready[0]["outputs"]]
         self._out_specs = [(name, np.dtype(dt), tuple(shape)) for name, dt, shape in ready[0]["outputs"]]
+        self._in_specs = [(name, np.dtype(dt), tuple(shape)) for name, dt, shape in ready[0]["inputs"]]
         self.max_batch = ready[0]["max_batch"]
         self.shm = self._shm_mode(shm, endpoint, info)
         self._shm_forced = shm is True
@@ -123,6 +124,7 @@ class Client:
         self._io = ClientIO(self.ctx, self.workers, info.get("events"), failover, max_retries, max_message_bytes,
                             curve)
         self._io.on_worker_lost = self._drop_lease
+        self._io.out_specs = [(n, d.str, shape) for n, d, shape in self._out_specs]
         if copy_results:
             self._io.finish = _copied
         self._io.start()
@@ -224,9 +226,12 @@ class Client:
             sock.close(0)
 
     def _shm_encode(self, w: Any, named: Mapping[str, np.ndarray], rid: int, timeout_ms: int,
-                    deadline: float) -> tuple[list, ClientLease, int] | None:
+                    deadline: float) -> tuple[list, ClientLease, int, list | None] | None:
         """Lay a request out in our lease on `w`: inputs copied into spans (unless they already lie in the
-        lease: `empty()`), one span for all outputs. None when `w` gets frames instead."""
+        lease: `empty()`), one span for all outputs. Returns (frames, lease, output offset, entry), where
+        `entry` ([id, rows, [input offsets], output offset]) is set when the inputs are exactly the model's
+        (names in order, dtypes, item shapes), so the I/O thread may send it with others in one message.
+        None when `w` gets frames instead."""
         lease = self._lease(w, deadline)
         if lease is None:
             return None
@@ -234,11 +239,16 @@ class Client:
         try:
             specs = []
             rows = 1
+            exact = len(named) == len(self._in_specs)
             for i, (name, arr) in enumerate(named.items()):
                 arr = np.asarray(arr)
                 wire = protocol.wire_dtype(arr.dtype)
                 if i == 0:
                     rows = arr.shape[0] if arr.ndim else 1
+                if exact:
+                    want = self._in_specs[i]
+                    exact = (name == want[0] and arr.dtype == want[1] and arr.ndim >= 1 and arr.shape[0] == rows
+                             and arr.shape[1:] == want[2])
                 off = lease.contains(arr) if span_lease(arr) is lease else None
                 if off is None:
                     off = lease.take(arr.nbytes, deadline)
@@ -253,7 +263,8 @@ class Client:
                 lease.release(off)
             raise
         lease.hold(rid, tuple(taken))
-        return protocol.encode_shm_request(rid, specs, lease.lease_id, out_off, timeout_ms), lease, out_off
+        entry = [rid, rows, [sp[3] for sp in specs], out_off] if exact and rows >= 1 else None
+        return protocol.encode_shm_request(rid, specs, lease.lease_id, out_off, timeout_ms), lease, out_off, entry
 
     def _lease_owner(self, named: Mapping[str, np.ndarray]) -> Any:
         """The worker whose lease holds one of the inputs (built with empty()), if it is still ready."""

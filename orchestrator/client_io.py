@@ -32,6 +32,7 @@ from orchestrator.errors import (
 log = logging.getLogger(__name__)
 
 _RETRYABLE = (ErrorCode.SHUTTING_DOWN,)
+_MANY_PER_MESSAGE = 256  # shared-memory requests sent together in one INFER_MANY message
 
 
 @dataclass(eq=False)
@@ -50,6 +51,7 @@ class Pending:
     out_off: int = 0
     target: str | None = None
     tensors: Any = None
+    entry: list | None = None  # [id, rows, [input offsets], output offset]: may share a message (INFER_MANY)
 
 
 class _Worker:
@@ -92,6 +94,8 @@ class ClientIO(threading.Thread):
         self.closing = False
         self.stray_replies = 0
         self.on_worker_lost: Any = None  # callback(worker id), from the I/O thread: the client drops its lease
+        self.out_specs: list = []  # the model's outputs (name, dtype string, item shape), for INFER_MANY replies
+        self._out_specs_cache: dict[int, list] = {}
         self.finish: Any = lambda tensors: tensors  # applied to results (Client(copy_results=True) copies)
 
     # --- called from user threads ---------------------------------------------------------------
@@ -157,6 +161,36 @@ class ClientIO(threading.Thread):
             return
         self._send(p, w)
 
+    def _dispatch_all(self) -> None:
+        """Send every submission; shared-memory requests for the same worker that arrived together go in one
+        message (Kind.INFER_MANY): one receive and one header decode on the worker for all of them."""
+        groups: dict[str, list[Pending]] = {}
+        while self.submissions:
+            p = self.submissions.popleft()
+            if p.entry is not None and p.attempts == 0 and not p.future.done() and not p.lease.dropped:
+                w = self.workers.get(p.target)  # type: ignore[arg-type]
+                if w is not None and w.ready:
+                    groups.setdefault(w.id, []).append(p)
+                    continue
+            self._dispatch(p)
+        for wid, group in groups.items():
+            w = self.workers[wid]
+            for i in range(0, len(group), _MANY_PER_MESSAGE):
+                self._send_many(w, group[i:i + _MANY_PER_MESSAGE])
+
+    def _send_many(self, w: _Worker, ps: list[Pending]) -> None:
+        if len(ps) == 1:
+            self._send(ps[0], w)
+            return
+        for p in ps:
+            p.attempts += 1
+            p.worker = w.id
+            p.tried.add(w.id)
+            w.outstanding[p.request_id] = p
+        frames = protocol.encode_shm_many([p.entry for p in ps], ps[0].lease.lease_id,  # type: ignore[misc]
+                                          max(p.timeout_ms for p in ps))
+        w.sock.send_multipart(frames, copy=False)  # type: ignore[union-attr]
+
     def _send(self, p: Pending, w: _Worker) -> None:
         p.attempts += 1
         p.worker = w.id
@@ -196,6 +230,9 @@ class ClientIO(threading.Thread):
                     self._fail_unreadable(found[0], exc)
                 continue
             rid = reply.request_id
+            if rid == 0 and reply.code == ErrorCode.OK and isinstance(reply.message, list):
+                self._on_completions(w, reply.message)
+                continue
             p = found[0] if found else None
             lease = p.lease if p is not None else None
             if p is None:
@@ -214,6 +251,37 @@ class ClientIO(threading.Thread):
                 self._retry_or_fail(p, error_from_code(reply.code, reply.message))
             else:
                 p.future.set_exception(error_from_code(reply.code, reply.message))
+
+    def _on_completions(self, w: _Worker, done: list) -> None:
+        """A combined reply to INFER_MANY requests: [[id, rows], ...], each one's outputs in its span."""
+        for item in done:
+            try:
+                rid, rows = item
+                p = w.outstanding.pop(rid, None)
+            except (TypeError, ValueError):
+                log.warning("unreadable completion from %s: %r", w.id, item)
+                continue
+            if p is None or p.lease is None:
+                self.stray_replies += 1
+                late = w.abandoned.pop(rid, None) if isinstance(rid, int) else None
+                if late is not None:
+                    late.settle(rid)
+                continue
+            try:
+                tensors = protocol.shm_outputs(self.out_specs_for(rows), p.lease, p.out_off)
+            except Exception as exc:  # a malformed completion fails only its request
+                self._fail_unreadable(p, exc)
+                continue
+            p.lease.settle(rid, keep=p.out_off)
+            if not p.future.done():
+                p.future.set_result(self.finish(tensors))
+
+    def out_specs_for(self, rows: int) -> list:
+        """[[name, dtype, [rows, *item_shape]], ...] of the model's outputs (cached per row count)."""
+        specs = self._out_specs_cache.get(rows)
+        if specs is None:
+            specs = self._out_specs_cache[rows] = [[n, d, [rows, *shape]] for n, d, shape in self.out_specs]
+        return specs
 
     @staticmethod
     def _fail_unreadable(p: Pending, exc: Exception) -> None:
@@ -304,8 +372,8 @@ class ClientIO(threading.Thread):
                     os.eventfd_read(self.wake_fd)
                 except BlockingIOError:
                     pass
-            while self.submissions:
-                self._dispatch(self.submissions.popleft())
+            if self.submissions:
+                self._dispatch_all()
             for w in self.workers.values():
                 if w.sock is not None and w.sock in events:
                     self._on_reply(w)
@@ -340,8 +408,8 @@ class ClientIO(threading.Thread):
         deadline = time.monotonic() + timeout_s
         shm = encode(rid, timeout_ms, deadline) if encode is not None else None
         if shm is not None:
-            frames, lease, out_off, target = shm
+            frames, lease, out_off, entry, target = shm
             return Pending(rid, frames, Future(), deadline, timeout_ms, lease=lease, out_off=out_off, target=target,
-                           tensors=tensors)
+                           tensors=tensors, entry=entry)
         frames = protocol.encode_request(rid, tensors, timeout_ms)
         return Pending(rid, frames, Future(), deadline, timeout_ms)

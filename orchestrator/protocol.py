@@ -11,6 +11,10 @@ Shared memory (orchestrator/shm.py), the same header with a sixth element and no
   infer    [VERSION, Kind.INFER, id, timeout_ms, [[name, dtype, shape, offset], ...], [lease_id, out_offset]]
            inputs at the offsets, outputs written one after another from out_offset (each 256-byte
            aligned), all relative to the lease; the reply is the usual header with no frames.
+  many     [VERSION, Kind.INFER_MANY, 0, timeout_ms, [], [lease_id, [[id, rows, [in_offset, ...], out_offset], ...]]]
+           several shared-memory requests in one message, each with the model's own dtypes and item shapes
+           (inputs in the model's order); their completions may come back together as
+           [VERSION, OK, 0, [[id, rows], ...]] (outputs in each request's span, as above).
   attach   [VERSION, Kind.ATTACH, id, 0, [], [pid, nbytes]] -> reply payload {lease, path, offset, size}
   detach   [VERSION, Kind.DETACH, id, 0, [], [lease_id]]   -> reply payload "detached"
 The worker's ROUTER sees the client identity as an extra first frame; it is not part of this format.
@@ -40,6 +44,7 @@ class Kind(IntEnum):
     INFER = 1
     ATTACH = 2
     DETACH = 3
+    INFER_MANY = 4
 
 
 class DecodeError(ProtocolError):
@@ -95,6 +100,16 @@ def encode_shm_request(request_id: int, specs: list[list], lease_id: int, out_of
     return [msgpack.packb([VERSION, Kind.INFER, request_id, int(timeout_ms), specs, [lease_id, out_offset]])]
 
 
+def encode_shm_many(entries: list[list], lease_id: int, timeout_ms: int) -> list:
+    """One frame carrying several shared-memory requests: entries are [id, rows, [in_offsets], out_offset]."""
+    return [msgpack.packb([VERSION, Kind.INFER_MANY, 0, int(timeout_ms), [], [lease_id, entries]])]
+
+
+def encode_completions(done: list[list[int]]) -> bytes:
+    """The header of a combined reply: requests [[id, rows], ...] completed, outputs in their spans."""
+    return msgpack.packb([VERSION, ErrorCode.OK, 0, done])
+
+
 def encode_attach(request_id: int, pid: int, nbytes: int) -> list:
     return [msgpack.packb([VERSION, Kind.ATTACH, request_id, 0, [], [pid, nbytes]])]
 
@@ -138,7 +153,7 @@ def decode_request_header(data: bytes | memoryview) -> RequestHeader:
         raise DecodeError(ErrorCode.UNSUPPORTED_VERSION, f"protocol version {version!r}, expected {VERSION}", rid)
     if rid is None or not (0 <= rid < 1 << 63):
         raise DecodeError(ErrorCode.BAD_HEADER, "request id must be a non-negative integer")
-    if kind not in (Kind.INFER, Kind.ATTACH, Kind.DETACH) or isinstance(kind, bool):
+    if kind not in (Kind.INFER, Kind.ATTACH, Kind.DETACH, Kind.INFER_MANY) or isinstance(kind, bool):
         raise DecodeError(ErrorCode.BAD_HEADER, f"unknown message kind {kind!r}", rid)
     if shm is not None and not (isinstance(shm, list) and 1 <= len(shm) <= 2):
         raise DecodeError(ErrorCode.BAD_HEADER, "the shared-memory element must be a 1- or 2-element array", rid)
@@ -267,6 +282,8 @@ def decode_reply(frames: Sequence, shm_of: Any = None) -> Reply:
     tensors: dict[str, np.ndarray] = {}
     if isinstance(payload, dict):  # attach/detach (encode_payload): the map is the answer
         return Reply(request_id, 0, payload, {})  # type: ignore[arg-type]
+    if request_id == 0:  # completions of INFER_MANY requests (encode_completions): [[id, rows], ...]
+        return Reply(0, 0, payload, {})  # type: ignore[arg-type]
     if shm is not None:
         return Reply(request_id, 0, "", shm_outputs(payload, *shm))
     if not isinstance(payload, list) or len(payload) != len(frames) - 1:

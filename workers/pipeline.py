@@ -37,7 +37,7 @@ class Request:
     """One accepted client request. `tensors` are zero-copy views over the received frames; a shared-
     memory request has `shm` instead (its data stays in the arena until the engine reads it)."""
 
-    __slots__ = ("identity", "request_id", "tensors", "rows", "t_recv_ns", "deadline_ns", "keep", "shm")
+    __slots__ = ("identity", "request_id", "tensors", "rows", "t_recv_ns", "deadline_ns", "keep", "shm", "many")
 
     def __init__(self, identity: Any, request_id: int, tensors: dict[str, np.ndarray] | None, rows: int,
                  t_recv_ns: int, deadline_ns: int = 0, keep: Any = None, shm: ShmSpans | None = None) -> None:
@@ -49,6 +49,7 @@ class Request:
         self.deadline_ns = deadline_ns  # 0 = none; time.monotonic_ns() clock
         self.keep = keep  # the received frames, kept alive until staging has copied them
         self.shm = shm
+        self.many = False  # came in a multi-request message: its completion may be sent with others
 
 
 class Batch:

@@ -18,7 +18,14 @@ import zmq
 
 from orchestrator import protocol
 from orchestrator.config import Config
-from orchestrator.errors import EngineError, ErrorCode, InvalidInputError, OrchestratorError, RequestError
+from orchestrator.errors import (
+    BatchTooLargeError,
+    EngineError,
+    ErrorCode,
+    InvalidInputError,
+    OrchestratorError,
+    RequestError,
+)
 from orchestrator.protocol import Kind
 from orchestrator.security import secure_server, stop_authenticator
 from workers.arena import Arena
@@ -30,6 +37,7 @@ from workers.telemetry import WorkerTelemetry
 log = logging.getLogger(__name__)
 
 _RECV_BURST = 256  # messages drained per poll wake-up before the pipeline gets a turn
+_MAX_MANY = 4096  # requests in one INFER_MANY message (the client sends at most 256)
 _FEED_EVERY = 4  # GPU workers: give the pipeline a turn after this many when it can use one
 
 
@@ -189,6 +197,9 @@ class ServeLoop:
             shm = None
             try:
                 header = protocol.decode_request_header(frames[1].buffer)
+                if header.kind == Kind.INFER_MANY:
+                    self._receive_many(identity, header, len(frames), now)
+                    continue
                 if header.kind != Kind.INFER:
                     self._lease_message(identity, header, len(frames))
                     continue
@@ -247,6 +258,62 @@ class ServeLoop:
         start = span(lease, shm[1], total, "outputs")  # type: ignore[index]
         return ShmSpans(lease, ins, [start + o for o in offs], rows * self._in_row_total + total)
 
+    def _receive_many(self, identity: Any, header: protocol.RequestHeader, nframes: int, now: int) -> None:
+        """Several shared-memory requests in one message (Kind.INFER_MANY), each with the model's own dtypes
+        and item shapes: each becomes its own Request, checked and answered on its own."""
+        arena, pipeline = self.arena, self.pipeline
+        entries = header.shm[1] if len(header.shm) == 2 else None  # type: ignore[arg-type]
+        if not isinstance(entries, list) or len(entries) > _MAX_MANY:
+            self._reply_error(identity, None, ErrorCode.BAD_HEADER, "INFER_MANY needs [lease, [entries]]")
+            return
+        try:
+            if nframes != 2:
+                raise InvalidInputError("shared-memory requests carry no tensor frames")
+            if arena is None:
+                raise InvalidInputError("shared memory is off on this worker (transport.shm_mb = 0): send frames")
+            lease = arena.lease_for(header.shm[0])  # type: ignore[index]
+        except RequestError as exc:
+            for e in entries:
+                if isinstance(e, list) and e and e[0].__class__ is int:
+                    self._reply_error(identity, e[0], exc.code, str(exc))
+            return
+        span, n_in = arena.span, len(self._in_row_bytes)
+        deadline = now + header.timeout_ms * 1_000_000 if header.timeout_ms else 0
+        max_batch = self.engine.max_batch
+        for e in entries:
+            if not (isinstance(e, list) and len(e) == 4 and e[0].__class__ is int and 0 <= e[0] < 1 << 63):
+                self.dropped += 1  # no usable request id: nothing to answer
+                continue
+            rid, rows, ins, out = e
+            try:
+                if rows.__class__ is not int or rows < 1:
+                    raise InvalidInputError(f"rows must be a positive integer, got {rows!r}")
+                if rows > max_batch:
+                    raise BatchTooLargeError(f"batch of {rows} rows exceeds the model's max batch {max_batch}")
+                if not isinstance(ins, list) or len(ins) != n_in:
+                    raise InvalidInputError(f"expected {n_in} input offset(s)")
+                in_offs = [span(lease, o, rows * rb, s.name)
+                           for o, rb, s in zip(ins, self._in_row_bytes, self.engine.inputs, strict=True)]
+                layout = self._out_layouts.get(rows)
+                if layout is None:
+                    layout = self._out_layouts[rows] = protocol.shm_layout(
+                        [(n, d, (rows, *shape)) for n, d, shape in self._out_specs])
+                offs, total = layout
+                start = span(lease, out, total, "outputs")
+            except RequestError as exc:
+                self._reply_error(identity, rid, exc.code, str(exc))
+                continue
+            if self.draining:
+                self._reply_error(identity, rid, ErrorCode.SHUTTING_DOWN, "worker is stopping")
+                continue
+            shm = ShmSpans(lease, in_offs, [start + o for o in offs], rows * self._in_row_total + total)
+            req = Request(identity, rid, None, rows, now, deadline, None, shm)
+            req.many = True
+            if not pipeline.offer(req):
+                self._reply_error(identity, rid, ErrorCode.OVERLOADED, f"worker queue full ({pipeline.max_queue} requests)")
+            else:
+                arena.begin(lease)
+
     def _lease_message(self, identity: Any, header: protocol.RequestHeader, nframes: int) -> None:
         """ATTACH (a new lease for a local client) or DETACH (end one)."""
         arena, rid = self.arena, header.request_id
@@ -281,8 +348,20 @@ class ServeLoop:
         outputs = batch.slot.outputs
         names = [s.name for s in self.engine.outputs]
         send = self.data.send_multipart
+        together: dict[bytes, tuple[Any, list[list[int]]]] = {}
         for req, off in batch.parts:
             end = off + req.rows
+            if req.shm is not None and req.many:  # answered together with the others of its client
+                key = req.identity.bytes
+                group = together.get(key)
+                if group is None:
+                    group = together[key] = (req.identity, [])
+                group[1].append([req.request_id, req.rows])
+                arena = self.arena
+                arena.requests += 1  # type: ignore[union-attr]
+                arena.bytes += req.shm.nbytes  # type: ignore[union-attr]
+                arena.end(req.shm.lease)  # type: ignore[union-attr]
+                continue
             if req.shm is not None:  # the outputs are already in the client's lease
                 specs = self._shm_heads.get(req.rows)
                 if specs is None:
@@ -297,6 +376,8 @@ class ServeLoop:
             frames = protocol.encode_result(req.request_id, [(n, outputs[n][off:end]) for n in names])
             # copy=True: the slot's buffers are reused by the next batch, so ZeroMQ must own a copy.
             send([req.identity, *frames], copy=True)
+        for identity, done in together.values():
+            send([identity, protocol.encode_completions(done)], copy=False)
 
     def _on_expired(self, req: Request) -> None:
         self._reply_error(req.identity, req.request_id, ErrorCode.DEADLINE_EXCEEDED,

@@ -195,6 +195,22 @@ def test_hostile_spans_get_typed_errors_and_the_worker_keeps_serving(short_tmp, 
             code = infer(*args)
             assert code in (ErrorCode.INVALID_INPUT, ErrorCode.BATCH_TOO_LARGE), f"{what}: code {code}"
         assert raw.call([protocol.VERSION, 1, 0, 0, [["x", "<f4", [1, 256], 0, 9]], [la, 0]]).code == ErrorCode.BAD_HEADER
+        # Several requests in one message (INFER_MANY): the good ones complete together, each bad one gets
+        # its own typed error, an entry without a usable id is dropped.
+        raw.rid += 1
+        entries = [[901, 1, [0], row], [902, 2, [size], 3 * row], [903, 0, [0], row], [904, 1, [0, 0], row],
+                   [905, 1, [4 * row], 5 * row], ["x", 1, [0], row], [906, 10 ** 6, [0], row]]
+        raw.sock.send_multipart([msgpack.packb([protocol.VERSION, 4, 0, 0, [], [la, entries]])])
+        got: dict[int, int] = {}
+        while len(got) < 6:
+            assert raw.sock.poll(5000), f"missing replies, got {got}"
+            _, code, rid, payload = msgpack.unpackb(raw.sock.recv_multipart()[0], raw=False)
+            if rid == 0:
+                got.update({r: code for r, _ in payload})
+            else:
+                got[rid] = code
+        assert got == {901: 0, 905: 0, 902: ErrorCode.INVALID_INPUT, 903: ErrorCode.INVALID_INPUT,
+                       904: ErrorCode.INVALID_INPUT, 906: ErrorCode.BATCH_TOO_LARGE}
         assert raw.call([protocol.VERSION, 3, 0, 0, [], [la]]).code == ErrorCode.OK  # detach
         assert infer(la, 0, row) == ErrorCode.INVALID_INPUT, "a detached lease must be refused"
         assert infer(lb, 0, row) == ErrorCode.OK
