@@ -121,6 +121,7 @@ class Client:
         self.connect_timeout = connect_timeout
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self.max_in_flight = max_in_flight
+        max_message_bytes = min(max_message_bytes, info.get("max_message_bytes") or max_message_bytes)
         self._io = ClientIO(self.ctx, self.workers, info.get("events"), failover, max_retries, max_message_bytes,
                             curve)
         self._io.on_worker_lost = self._drop_lease
@@ -394,6 +395,7 @@ class Client:
             remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
             shm = self._shm_encode(w, named, rid, remaining_ms, deadline) if self.shm else None
             if shm is None:
+                self._io.check_size(named)
                 sock.send_multipart(protocol.encode_request(rid, named, remaining_ms), copy=False)
             else:
                 sock.send_multipart(shm[0], copy=False)

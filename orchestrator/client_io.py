@@ -21,6 +21,7 @@ import zmq
 
 from orchestrator import protocol
 from orchestrator.errors import (
+    BatchTooLargeError,
     DeadlineExceededError,
     ErrorCode,
     ShuttingDownError,
@@ -154,6 +155,11 @@ class ClientIO(threading.Thread):
             # Its worker is gone (or this is a retry): the spans are void; fail over as frames.
             p.lease.settle(p.request_id)
             p.lease = None
+            try:
+                self.check_size(p.tensors)
+            except BatchTooLargeError as exc:
+                p.future.set_exception(exc)
+                return
             p.frames = protocol.encode_request(p.request_id, p.tensors, p.timeout_ms)
         w = self.pick(p.tried)
         if w is None:
@@ -411,5 +417,15 @@ class ClientIO(threading.Thread):
             frames, lease, out_off, entry, target = shm
             return Pending(rid, frames, Future(), deadline, timeout_ms, lease=lease, out_off=out_off, target=target,
                            tensors=tensors, entry=entry)
+        self.check_size(tensors)
         frames = protocol.encode_request(rid, tensors, timeout_ms)
         return Pending(rid, frames, Future(), deadline, timeout_ms)
+
+    def check_size(self, tensors: Any) -> None:
+        """Refuse at once a request whose frames would exceed the message limit: ZeroMQ would drop the
+        connection (failing the other requests on it) and the caller would wait out its deadline."""
+        total = sum(getattr(a, "nbytes", 0) for a in tensors.values()) + 1024  # + the header, generously
+        if total > self.max_message_bytes:
+            raise BatchTooLargeError(
+                f"request of {total:,} B exceeds the {self.max_message_bytes:,} B message limit "
+                "(transport.max_message_bytes on the orchestrator, Client(max_message_bytes=...)); split the batch")

@@ -224,7 +224,7 @@ class Supervisor:
         t = self.cfg.transport
         events = self.rundir.events_endpoint() if local else f"tcp://{t.host}:{t.control_port + 1}"
         return {
-            "events": events, "curve": t.curve, "shm_mb": t.shm_mb,
+            "events": events, "curve": t.curve, "shm_mb": t.shm_mb, "max_message_bytes": t.max_message_bytes,
             "workers": [
                 {"id": w.id, "endpoint": w.endpoint, "state": w.state.value, "device": w.plan.device,
                  "inputs": w.ready_info.get("inputs", []), "outputs": w.ready_info.get("outputs", []),

@@ -288,3 +288,24 @@ def test_killed_clients_leave_no_lease_behind(short_tmp, orchestrator_factory) -
     with Client(config) as c:  # and it still serves
         x = np.ones((2, 256), np.float32)
         assert np.array_equal(c.infer(x)["y"], reference(x, 300))
+
+
+def test_oversized_frames_request_fails_at_once_and_others_succeed(short_tmp, orchestrator_factory) -> None:
+    config = write_config(short_tmp, {"workers": {"device": "cpu"},
+                                      "model": {"kind": "synthetic", "item_shape": [256], "max_batch": 100000},
+                                      "transport": {"max_message_bytes": 1 << 20, "shm_mb": 0}})
+    orchestrator_factory(config)
+    big = np.ones((2048, 256), np.float32)  # 2 MiB: over the 1 MiB limit
+    small = np.ones((4, 256), np.float32)
+    with Client(config) as c:
+        t0 = time.monotonic()
+        with pytest.raises(BatchTooLargeError, match="message limit"):
+            c.infer(big)
+        futs = [c.submit(small) for _ in range(50)]
+        futs.insert(25, c.submit(big))
+        futs += [c.submit(small) for _ in range(50)]
+        done, _ = wait(futs, timeout=30)
+        assert time.monotonic() - t0 < 30
+        errors = [f.exception() for f in futs if f.exception() is not None]
+        assert len(errors) == 1 and isinstance(errors[0], BatchTooLargeError)
+        assert all(np.array_equal(f.result()["y"], reference(small, 0)) for f in futs if f.exception() is None)
