@@ -93,6 +93,9 @@ class Client:
         self.curve = curve
         self.ctx = zmq.Context(io_threads=1)
         endpoint = resolve_control_endpoint(target)
+        if endpoint.startswith("ipc://") and not RunDir(Path(endpoint[6:]).parent).is_running():
+            self.ctx.term()
+            raise UnavailableError(f"no orchestrator is running in {Path(endpoint[6:]).parent}")
         ctl = ControlClient(endpoint, self.ctx, connect_timeout, keys=curve)
         try:
             info = ctl.call("endpoints")
@@ -123,7 +126,8 @@ class Client:
         self.max_in_flight = max_in_flight
         max_message_bytes = min(max_message_bytes, info.get("max_message_bytes") or max_message_bytes)
         self._io = ClientIO(self.ctx, self.workers, info.get("events"), failover, max_retries, max_message_bytes,
-                            curve)
+                            curve, control_endpoint=endpoint, supervisor_pid=info.get("pid"),
+                            beat_s=info.get("beat_s"))
         self._io.on_worker_lost = self._drop_lease
         self._io.out_specs = [(n, d.str, shape) for n, d, shape in self._out_specs]
         if copy_results:
@@ -405,6 +409,8 @@ class Client:
             finally:
                 w.sync_load -= 1
             if reply is None:  # the worker died with our request: retry elsewhere or fail
+                if self._io.lost:
+                    raise UnavailableError(self._io.lost)
                 self._drop_socket(sock)
                 self._local.socks.pop(w.id, None)
                 last_error = WorkerDeadError(f"worker {w.id} died with this request in flight")
@@ -414,6 +420,8 @@ class Client:
             last_error = error_from_code(reply.code, reply.message)
             if reply.code != ErrorCode.SHUTTING_DOWN:
                 raise last_error
+        if self._io.lost:
+            raise UnavailableError(self._io.lost)
         raise last_error or UnavailableError("no ready worker to send the request to")
 
     def _await_reply(self, sock: zmq.Socket, rid: int, w: Any, gen: int, deadline: float,

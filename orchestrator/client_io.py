@@ -33,6 +33,7 @@ from orchestrator.errors import (
 log = logging.getLogger(__name__)
 
 _RETRYABLE = (ErrorCode.SHUTTING_DOWN,)
+_REMOTE_SILENCE_S = 3.0  # a remote client's verdict on a supervisor it cannot see: no heartbeat this long
 _MANY_PER_MESSAGE = 256  # shared-memory requests sent together in one INFER_MANY message
 
 
@@ -75,9 +76,23 @@ class _Worker:
 
 class ClientIO(threading.Thread):
     def __init__(self, ctx: zmq.Context, workers: list[dict], events_endpoint: str | None,
-                 failover: bool, max_retries: int, max_message_bytes: int, curve: Any = None) -> None:
+                 failover: bool, max_retries: int, max_message_bytes: int, curve: Any = None,
+                 control_endpoint: str | None = None, supervisor_pid: int | None = None,
+                 beat_s: float | None = None) -> None:
         super().__init__(name="orchestrator-client-io", daemon=True)
         self.ctx = ctx
+        # Supervisor liveness: its heartbeats on the events socket (every beat_s). After a silence, a local
+        # client checks the supervisor's pid; a remote one waits _REMOTE_SILENCE_S. A lost supervisor fails
+        # every call at once with UnavailableError(lost), and the client keeps asking the control socket
+        # for endpoints until an orchestrator answers there again.
+        self.control_endpoint = control_endpoint
+        self.supervisor_pid = supervisor_pid
+        self.beat_s = beat_s
+        self.local = bool(events_endpoint and events_endpoint.startswith("ipc://"))
+        self.last_event = time.monotonic()
+        self.lost: str | None = None
+        self._rediscover: zmq.Socket | None = None
+        self._rediscover_at = 0.0
         self.curve = curve  # orchestrator.security.ClientKeys or None
         self.failover = failover
         self.max_retries = max_retries
@@ -163,7 +178,7 @@ class ClientIO(threading.Thread):
             p.frames = protocol.encode_request(p.request_id, p.tensors, p.timeout_ms)
         w = self.pick(p.tried)
         if w is None:
-            p.future.set_exception(UnavailableError("no ready worker to send the request to"))
+            p.future.set_exception(UnavailableError(self.lost or "no ready worker to send the request to"))
             return
         self._send(p, w)
 
@@ -304,8 +319,9 @@ class ClientIO(threading.Thread):
                 return
             except ValueError:
                 continue
+            self.last_event = time.monotonic()
             msg = protocol.unpack(payload)
-            if topic == b"supervisor" and msg.get("state") == "stopping":
+            if topic == b"supervisor":  # heartbeat, or "stopping"
                 continue
             w = self.workers.get(msg.get("id"))
             if w is None:
@@ -385,10 +401,98 @@ class ClientIO(threading.Thread):
                     self._on_reply(w)
             if self.events_endpoint and self.sub in events:
                 self._on_event()
+            if self._rediscover is not None and self._rediscover in events:
+                self._on_rediscovered()
             now = time.monotonic()
+            if self.beat_s and now - self.last_event > max(4 * self.beat_s, 1.0):
+                self._check_supervisor(now)
             if now >= next_check:
                 next_check = self._expire(now)
+            if self.beat_s:
+                next_check = min(next_check, now + self.beat_s)
             timeout = max(1, int((next_check - time.monotonic()) * 1000) + 1)
+
+    # --- supervisor liveness ----------------------------------------------------------------------
+
+    def _supervisor_gone(self, silence: float) -> bool:
+        if self.local and self.supervisor_pid:
+            try:
+                os.kill(self.supervisor_pid, 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:  # alive, another user's
+                return False
+            return False
+        return silence > _REMOTE_SILENCE_S
+
+    def _check_supervisor(self, now: float) -> None:
+        if self.lost is None:
+            silence = now - self.last_event
+            if self._supervisor_gone(silence):
+                why = (f"the orchestrator's supervisor (pid {self.supervisor_pid}) is gone"
+                       if self.local else f"the orchestrator sent no heartbeat for {silence:.1f}s")
+                self._lose(f"{why}; its workers exit with it")
+            return
+        if self._rediscover is None and now >= self._rediscover_at and self.control_endpoint:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            if self.curve is not None:
+                self.curve.apply(sock)
+            sock.connect(self.control_endpoint)
+            sock.send(protocol.pack({"id": 1, "cmd": "endpoints", "args": {}}))
+            self.poller.register(sock, zmq.POLLIN)
+            self._rediscover, self._rediscover_at = sock, now + 1.0
+        elif self._rediscover is not None and now >= self._rediscover_at:
+            self._close_rediscover()  # nobody answered within a second: ask again next time
+
+    def _close_rediscover(self) -> None:
+        if self._rediscover is not None:
+            self.poller.unregister(self._rediscover)
+            self._rediscover.close(0)
+            self._rediscover = None
+
+    def _on_rediscovered(self) -> None:
+        """An orchestrator answers on the control socket again (restarted on the same run directory)."""
+        try:
+            reply = protocol.unpack(self._rediscover.recv(zmq.NOBLOCK))  # type: ignore[union-attr]
+            info = reply["data"]
+            workers = {d["id"]: d for d in info["workers"]}
+        except Exception:  # not an answer we can use: ask again later
+            return
+        finally:
+            self._close_rediscover()
+        self.lost = None
+        self.last_event = time.monotonic()
+        self.supervisor_pid = info.get("pid")
+        for wid, d in workers.items():
+            w = self.workers.get(wid)
+            if w is not None and d.get("state") == "ready" and w.sock is None:
+                w.endpoint = d.get("endpoint", w.endpoint)
+                self._connect(w)
+                self.poller.register(w.sock, zmq.POLLIN)
+        log.info("orchestrator at %s answers again: reconnected", self.control_endpoint)
+
+    def _lose(self, reason: str) -> None:
+        """The supervisor is gone: fail everything in flight now rather than at each deadline."""
+        self.lost = reason
+        self._rediscover_at = time.monotonic() + 1.0
+        err = UnavailableError(reason)
+        for w in self.workers.values():
+            if w.sock is None:
+                continue
+            w.generation += 1
+            self._disconnect(w)
+            w.abandoned.clear()
+            lost = list(w.outstanding.values())
+            w.outstanding.clear()
+            for p in lost:
+                if p.lease is not None:
+                    p.lease.settle(p.request_id)
+                if not p.future.done():
+                    p.future.set_exception(err)
+            if self.on_worker_lost is not None:
+                self.on_worker_lost(w.id)
+        log.warning("%s", reason)
 
     def _shutdown(self) -> None:
         err = ShuttingDownError("client closed")

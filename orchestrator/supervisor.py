@@ -31,6 +31,7 @@ from orchestrator.worker_handle import State, WorkerHandle, tail
 log = logging.getLogger("orchestrator.supervisor")
 
 _TICK_MS = 100  # housekeeping period: hang checks, scheduled restarts, stop deadlines
+_BEAT_S = 0.25  # the events socket carries a supervisor heartbeat this often
 
 
 class Supervisor:
@@ -59,6 +60,7 @@ class Supervisor:
         self.ctl.setsockopt(zmq.LINGER, 0)
         self.ctl.setsockopt(zmq.MAXMSGSIZE, 1 << 16)
         self.ctl.bind(self.rundir.control_endpoint())
+        self._next_beat = 0.0
         self.pub = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.bind(self.rundir.events_endpoint())
@@ -173,6 +175,9 @@ class Supervisor:
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
+        if now >= self._next_beat:  # clients tell a live supervisor from a dead one by these
+            self._next_beat = now + _BEAT_S
+            self._emit(b"supervisor", {"state": "alive", "pid": os.getpid(), "t": time.time()})
         for w in self.workers.values():
             if w.pidfd is not None and not self.stopping and w.state in (State.STARTING, State.READY):
                 why = w.hung(now)
@@ -225,6 +230,7 @@ class Supervisor:
         events = self.rundir.events_endpoint() if local else f"tcp://{t.host}:{t.control_port + 1}"
         return {
             "events": events, "curve": t.curve, "shm_mb": t.shm_mb, "max_message_bytes": t.max_message_bytes,
+            "pid": os.getpid(), "beat_s": _BEAT_S,
             "workers": [
                 {"id": w.id, "endpoint": w.endpoint, "state": w.state.value, "device": w.plan.device,
                  "inputs": w.ready_info.get("inputs", []), "outputs": w.ready_info.get("outputs", []),

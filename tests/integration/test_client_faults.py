@@ -1,0 +1,85 @@
+"""Clients when the supervisor dies: calls in flight and new calls fail with UnavailableError within
+seconds (not at their deadlines), a new Client fails at once, and a client reconnects when an orchestrator
+is started again on the same run directory. Real processes over ipc (CPU workers)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import wait
+
+import numpy as np
+import pytest
+
+from orchestrator.client import Client
+from orchestrator.errors import UnavailableError
+from tests.conftest import cli
+from tests.integration.test_reliability import rows, synthetic_config, wait_until
+from workers.engines.synthetic_math import reference
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.mark.parametrize("shm", [False, True])
+def test_dead_supervisor_fails_calls_at_once_and_clients_reconnect(short_tmp, orchestrator_factory, shm: bool) -> None:
+    cfg = synthetic_config(short_tmp, work=3000, count=2)  # slow batches: requests are queued when it dies
+    orch = orchestrator_factory(cfg)
+    sup_pid = orch.status()["pid"]
+    x = rows(1, 64)
+    c = Client(cfg, timeout=30, shm=shm)
+    try:
+        c.infer(x)
+        futs = [c.submit(x) for _ in range(16)]
+        blocking: dict[str, object] = {}
+        started = threading.Event()
+
+        def call() -> None:
+            started.set()
+            try:
+                c.infer(x)
+                blocking["outcome"] = "result"
+            except Exception as exc:  # noqa: BLE001 - the test inspects it
+                blocking["outcome"] = exc
+            blocking["t"] = time.monotonic()
+
+        th = threading.Thread(target=call)
+        th.start()
+        started.wait(5)
+        wait_until(lambda: futs[0].done(), 20, "the workers to be busy with the submitted requests", every=0.01)
+        os.kill(sup_pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        done, not_done = wait(futs, timeout=10)
+        assert not not_done, "calls in flight waited for their deadlines"
+        th.join(10)
+        failed = [f.exception() for f in futs if f.exception() is not None]
+        assert failed, "nothing was in flight when the supervisor died"
+        assert all(isinstance(e, UnavailableError) for e in failed), [repr(e) for e in failed]
+        assert "supervisor" in str(failed[0])
+        if blocking.get("outcome") != "result":
+            assert isinstance(blocking["outcome"], UnavailableError), repr(blocking.get("outcome"))
+            assert blocking["t"] - t0 <= 3.0
+        t1 = time.monotonic()
+        with pytest.raises(UnavailableError, match="supervisor"):
+            c.infer(x)
+        with pytest.raises(UnavailableError):
+            c.submit(x).result(5)
+        assert time.monotonic() - t1 < 1.0, "new calls on a client that knows the supervisor is gone must fail at once"
+        assert time.monotonic() - t0 <= 3.0 + 1.0
+        t2 = time.monotonic()
+        with pytest.raises(UnavailableError):
+            Client(cfg)
+        assert time.monotonic() - t2 < 1.0, "a new Client must fail at once when no orchestrator runs"
+        # The orchestrator is started again on the same run directory: the old client reconnects.
+        cli("start", str(cfg), "--detach", timeout=90, check=True)
+
+        def served() -> bool:
+            try:
+                return bool(np.array_equal(c.infer(x, timeout=2)["y"], reference(x, 3000)))
+            except UnavailableError:
+                return False
+
+        wait_until(served, 20, "the client to reconnect to the restarted orchestrator", every=0.2)
+    finally:
+        c.close()
