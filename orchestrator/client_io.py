@@ -37,6 +37,16 @@ _REMOTE_SILENCE_S = 3.0  # a remote client's verdict on a supervisor it cannot s
 _MANY_PER_MESSAGE = 256  # shared-memory requests sent together in one INFER_MANY message
 
 
+def _process_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
 @dataclass(eq=False)
 class Pending:
     request_id: int
@@ -416,13 +426,7 @@ class ClientIO(threading.Thread):
 
     def _supervisor_gone(self, silence: float) -> bool:
         if self.local and self.supervisor_pid:
-            try:
-                os.kill(self.supervisor_pid, 0)
-            except ProcessLookupError:
-                return True
-            except PermissionError:  # alive, another user's
-                return False
-            return False
+            return not _process_alive(self.supervisor_pid)
         return silence > _REMOTE_SILENCE_S
 
     def _check_supervisor(self, now: float) -> None:

@@ -24,14 +24,14 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.mark.parametrize("shm", [False, True])
 def test_dead_supervisor_fails_calls_at_once_and_clients_reconnect(short_tmp, orchestrator_factory, shm: bool) -> None:
-    cfg = synthetic_config(short_tmp, work=3000, count=2)  # slow batches: requests are queued when it dies
+    cfg = synthetic_config(short_tmp, work=100000, count=2)  # ~0.2 s batches: requests are queued when it dies
     orch = orchestrator_factory(cfg)
     sup_pid = orch.status()["pid"]
     x = rows(1, 64)
     c = Client(cfg, timeout=30, shm=shm)
     try:
         c.infer(x)
-        futs = [c.submit(x) for _ in range(16)]
+        futs = [c.submit(x) for _ in range(40)]
         blocking: dict[str, object] = {}
         started = threading.Event()
 
@@ -76,7 +76,7 @@ def test_dead_supervisor_fails_calls_at_once_and_clients_reconnect(short_tmp, or
 
         def served() -> bool:
             try:
-                return bool(np.array_equal(c.infer(x, timeout=2)["y"], reference(x, 3000)))
+                return bool(np.array_equal(c.infer(x, timeout=2)["y"], reference(x, 100000)))
             except UnavailableError:
                 return False
 
