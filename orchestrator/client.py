@@ -39,6 +39,7 @@ from orchestrator.errors import (
     DeadlineExceededError,
     ErrorCode,
     OverloadedError,
+    ShuttingDownError,
     UnavailableError,
     WorkerDeadError,
     error_from_code,
@@ -403,22 +404,25 @@ class Client:
                 sock.send_multipart(protocol.encode_request(rid, named, remaining_ms), copy=False)
             else:
                 sock.send_multipart(shm[0], copy=False)
-            w.sync_load += 1
+            sent = w.sync_started[rid] = time.monotonic()
             try:
                 reply = self._await_reply(sock, rid, w, gen, deadline, shm)
             finally:
-                w.sync_load -= 1
+                w.sync_started.pop(rid, None)
+            if reply is not None and reply.code == ErrorCode.OK:
+                self._io.note_latency(time.monotonic() - sent)
             if reply is None:  # the worker died with our request: retry elsewhere or fail
                 if self._io.lost:
                     raise UnavailableError(self._io.lost)
                 self._drop_socket(sock)
                 self._local.socks.pop(w.id, None)
-                last_error = WorkerDeadError(f"worker {w.id} died with this request in flight")
+                last_error = (ShuttingDownError(f"worker {w.id} stopped before answering this request")
+                              if w.stopped_cleanly else WorkerDeadError(f"worker {w.id} died with this request in flight"))
                 continue
             if reply.code == ErrorCode.OK:
                 return _copied(reply.tensors) if self.copy_results else reply.tensors
             last_error = error_from_code(reply.code, reply.message)
-            if reply.code != ErrorCode.SHUTTING_DOWN:
+            if not self._io.retryable(reply.code, w):
                 raise last_error
         if self._io.lost:
             raise UnavailableError(self._io.lost)

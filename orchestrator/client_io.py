@@ -33,6 +33,8 @@ from orchestrator.errors import (
 log = logging.getLogger(__name__)
 
 _RETRYABLE = (ErrorCode.SHUTTING_DOWN,)
+_SUSPECT_MIN_S = 0.5  # a worker is suspect once its oldest request is older than this...
+_SUSPECT_FACTOR = 20.0  # ...and than this many times the recent request latency
 _REMOTE_SILENCE_S = 3.0  # a remote client's verdict on a supervisor it cannot see: no heartbeat this long
 _MANY_PER_MESSAGE = 256  # shared-memory requests sent together in one INFER_MANY message
 
@@ -64,10 +66,12 @@ class Pending:
     target: str | None = None
     tensors: Any = None
     entry: list | None = None  # [id, rows, [input offsets], output offset]: may share a message (INFER_MANY)
+    sent_at: float = 0.0  # time.monotonic() of the last send
 
 
 class _Worker:
-    __slots__ = ("id", "endpoint", "sock", "outstanding", "ready", "generation", "sync_load", "abandoned")
+    __slots__ = ("id", "endpoint", "sock", "outstanding", "ready", "generation", "abandoned", "sync_started",
+                 "stopped_cleanly")
 
     def __init__(self, wid: str, endpoint: str) -> None:
         self.id = wid
@@ -76,12 +80,20 @@ class _Worker:
         self.outstanding: dict[int, Pending] = {}
         self.ready = False
         self.generation = 0  # bumped when the worker dies: blocking callers waiting on it give up
-        self.sync_load = 0  # blocking infer() calls in flight on this worker (from user threads)
+        self.stopped_cleanly = False  # its last exit was a clean stop (state "stopped"), not a crash
         self.abandoned: dict[int, Any] = {}  # shared-memory requests past their deadline -> lease (spans held)
+        # Blocking infer() calls in flight here (request id -> time sent), kept by user threads: a dict's
+        # item set and pop are atomic, so the I/O thread's reads need no lock (and see no torn counter).
+        self.sync_started: dict[int, float] = {}
+
+    def oldest(self) -> float | None:
+        """When the oldest request still in flight on this worker was sent (time.monotonic()), or None."""
+        times = [p.sent_at for p in list(self.outstanding.values())] + list(self.sync_started.values())
+        return min(times, default=None)
 
     @property
     def load(self) -> int:
-        return len(self.outstanding) + self.sync_load
+        return len(self.outstanding) + len(self.sync_started)
 
 
 class ClientIO(threading.Thread):
@@ -120,6 +132,7 @@ class ClientIO(threading.Thread):
         self.closing = False
         self.stray_replies = 0
         self.on_worker_lost: Any = None  # callback(worker id), from the I/O thread: the client drops its lease
+        self.latency_s = 0.01  # recent request latency (EWMA over both paths)
         self.out_specs: list = []  # the model's outputs (name, dtype string, item shape), for INFER_MANY replies
         self._out_specs_cache: dict[int, list] = {}
         self.finish: Any = lambda tensors: tensors  # applied to results (Client(copy_results=True) copies)
@@ -161,11 +174,27 @@ class ClientIO(threading.Thread):
     def pick(self, tried: set[str]) -> _Worker | None:
         """The ready worker with the least outstanding work, avoiding those already tried when possible.
         Called from the I/O thread and from blocking callers: it only reads."""
+        if self.lost:
+            return None
         ws = list(self.workers.values())
         k = next(self._rotation) % len(ws)  # rotate the start so ties spread round-robin
         ready = [w for w in ws[k:] + ws[:k] if w.ready]
-        candidates = [w for w in ready if w.id not in tried] or ready
+        # A worker whose oldest request has waited far longer than requests usually take is frozen or
+        # stuck (SIGSTOP, a hung device): send it nothing new while others can serve. The requests already
+        # there wait for it to resume or to be declared dead and fail over.
+        limit = time.monotonic() - max(_SUSPECT_MIN_S, _SUSPECT_FACTOR * self.latency_s)
+        healthy = [w for w in ready if (t := w.oldest()) is None or t > limit] or ready
+        candidates = [w for w in healthy if w.id not in tried] or healthy
         return min(candidates, key=lambda w: w.load, default=None)
+
+    def retryable(self, code: int, w: _Worker) -> bool:
+        """The one retry rule of both request paths: a worker that is stopping (SHUTTING_DOWN) hands the
+        request on, when another worker is ready to take it and failover is on."""
+        return self.failover and code in _RETRYABLE and any(x.ready and x.id != w.id for x in self.workers.values())
+
+    def note_latency(self, seconds: float) -> None:
+        """A request's round trip, for the frozen-worker threshold (an EWMA; races only blur it)."""
+        self.latency_s += 0.05 * (seconds - self.latency_s)
 
     def _dispatch(self, p: Pending) -> None:
         if p.future.done():  # cancelled by the user
@@ -213,7 +242,9 @@ class ClientIO(threading.Thread):
         if len(ps) == 1:
             self._send(ps[0], w)
             return
+        now = time.monotonic()
         for p in ps:
+            p.sent_at = now
             p.attempts += 1
             p.worker = w.id
             p.tried.add(w.id)
@@ -223,6 +254,7 @@ class ClientIO(threading.Thread):
         w.sock.send_multipart(frames, copy=False)  # type: ignore[union-attr]
 
     def _send(self, p: Pending, w: _Worker) -> None:
+        p.sent_at = time.monotonic()
         p.attempts += 1
         p.worker = w.id
         p.tried.add(w.id)
@@ -277,8 +309,9 @@ class ClientIO(threading.Thread):
             if p.future.done():
                 continue
             if reply.code == ErrorCode.OK:
+                self.note_latency(time.monotonic() - p.sent_at)
                 p.future.set_result(self.finish(reply.tensors))
-            elif reply.code in _RETRYABLE and len([x for x in self.workers.values() if x.ready and x.id != w.id]):
+            elif self.retryable(reply.code, w):
                 self._retry_or_fail(p, error_from_code(reply.code, reply.message))
             else:
                 p.future.set_exception(error_from_code(reply.code, reply.message))
@@ -304,6 +337,7 @@ class ClientIO(threading.Thread):
                 self._fail_unreadable(p, exc)
                 continue
             p.lease.settle(rid, keep=p.out_off)
+            self.note_latency(time.monotonic() - p.sent_at)
             if not p.future.done():
                 p.future.set_result(self.finish(tensors))
 
@@ -343,8 +377,11 @@ class ClientIO(threading.Thread):
                 self.poller.register(w.sock, zmq.POLLIN)
             elif state in ("failed", "stopped") and w.sock is not None:
                 # A stopping worker answers everything it accepted before it says "stopped", and those
-                # replies travel ahead of this event (which goes through the supervisor): take them first.
+                # replies usually travel ahead of this event (which goes through the supervisor): take
+                # them first. One still in transit is answered ShuttingDownError (or retried elsewhere),
+                # as the worker itself would have: a clean stop never reads as a dead worker.
                 self._on_reply(w)
+                w.stopped_cleanly = state == "stopped"
                 w.generation += 1
                 self._disconnect(w)
                 w.abandoned.clear()  # its arena is gone with it; the client drops that lease
@@ -353,8 +390,9 @@ class ClientIO(threading.Thread):
                 lost = list(w.outstanding.values())
                 w.outstanding.clear()
                 for p in lost:
-                    self._retry_or_fail(p, WorkerDeadError(
-                        f"worker {w.id} {state} with this request in flight and no retry was possible"))
+                    self._retry_or_fail(p, ShuttingDownError(f"worker {w.id} stopped before answering this request")
+                                        if w.stopped_cleanly else WorkerDeadError(
+                                            f"worker {w.id} {state} with this request in flight and no retry was possible"))
             elif state == "draining":
                 w.ready = False  # stop sending new work there; replies still arrive
 

@@ -70,6 +70,15 @@ def tail(path: Path, lines: int = 20, max_bytes: int = 16384) -> str:
     return "\n".join(data.splitlines()[-lines:])
 
 
+def _stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped by a signal or traced (state T or t in /proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
+
+
 class WorkerHandle:
     def __init__(self, plan: WorkerPlan, cfg: Config, rundir: RunDir) -> None:
         self.plan = plan
@@ -193,8 +202,13 @@ class WorkerHandle:
                 return f"not READY after {self.cfg.orchestrator.startup_timeout_s:g}s"
             return None
         limit = self.cfg.workers.hang_timeout_s
-        if now - self.last_beat > limit:
-            return f"no heartbeat for {now - self.last_beat:.1f}s (stopped or stuck)"
+        silent = now - self.last_beat
+        if silent > limit:
+            return f"no heartbeat for {silent:.1f}s (stopped or stuck)"
+        # A process stopped by a signal (SIGSTOP, a debugger) serves nobody: no need to wait out the hang
+        # timeout, which is there for slow batches. A few missed heartbeats and the stopped state suffice.
+        if silent > max(1.0, 5 * self.cfg.workers.heartbeat_interval_ms / 1000) and _stopped(self.proc.pid):
+            return f"stopped (state T) with no heartbeat for {silent:.1f}s"
         busy = self.heartbeat.get("queued", 0) or self.heartbeat.get("inflight", 0)
         if busy and now - self.last_progress_at > limit:
             return f"{busy} requests waiting and no progress for {now - self.last_progress_at:.1f}s"

@@ -83,3 +83,53 @@ def test_dead_supervisor_fails_calls_at_once_and_clients_reconnect(short_tmp, or
         wait_until(served, 20, "the client to reconnect to the restarted orchestrator", every=0.2)
     finally:
         c.close()
+
+
+def test_frozen_worker_costs_only_its_own_requests(short_tmp, orchestrator_factory) -> None:
+    cfg = synthetic_config(short_tmp, work=5, count=3)
+    orch = orchestrator_factory(cfg)
+    frozen = orch.status()["workers"][0]["pid"]
+    calls: list[tuple[float, float]] = []  # (start, duration) of every call, all threads
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    x = rows(3, 8)
+    want = reference(x, 5)
+    with Client(cfg, timeout=30) as c:
+
+        def loop() -> None:
+            while not stop.is_set():
+                t = time.monotonic()
+                try:
+                    out = c.infer(x)
+                    assert np.array_equal(out["y"], want)
+                except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
+                    errors.append(exc)
+                calls.append((t, time.monotonic() - t))
+
+        threads = [threading.Thread(target=loop) for _ in range(4)]
+        for th in threads:
+            th.start()
+        wait_until(lambda: len(calls) > 200, 20, "load to get going")
+        t_before = time.monotonic()
+        n_before = len(calls)
+        wait_until(lambda: len(calls) > n_before + 300, 20, "a baseline")
+        before_rate = (len(calls) - n_before) / (time.monotonic() - t_before)
+        os.kill(frozen, signal.SIGSTOP)
+        t_stop = time.monotonic()
+        try:
+            wait_until(lambda: time.monotonic() - t_stop > 6.0, 10, "the 6 s stop", every=0.1)
+        finally:
+            try:
+                os.kill(frozen, signal.SIGCONT)
+            except ProcessLookupError:  # the supervisor killed it as hung: expected
+                pass
+        t_end = time.monotonic()
+        stop.set()
+        for th in threads:
+            th.join(30)
+    during = [d for t, d in calls if t_stop <= t < t_end]
+    assert not errors, errors[:3]
+    rate = len(during) / (t_end - t_stop)
+    assert rate >= 0.5 * before_rate, f"{rate:.0f} calls/s during the stop against {before_rate:.0f} before"
+    slow = [d for t, d in calls if t_stop - 0.5 <= t < t_end and d > 2.0]
+    assert not slow, f"{len(slow)} calls waited over 2 s, the longest {max(slow):.2f} s"

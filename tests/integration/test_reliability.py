@@ -206,7 +206,9 @@ def test_flapping_worker_is_quarantined_while_the_healthy_one_keeps_serving(shor
 
 
 def test_sigstopped_worker_is_detected_and_replaced(short_tmp, orchestrator_factory) -> None:
-    hang = 1.5
+    # A stopped process (state T) is declared hung after 1 s without heartbeats, well inside the hang timeout
+    # that slow batches get (5 s by default).
+    hang = 5.0
     orch = orchestrator_factory(synthetic_config(short_tmp, workers={"hang_timeout_s": hang}))
     old = by_id(orch.status())["w1"]["pid"]
     with Client(orch.config, timeout=20) as c, Load(c, work=5) as load:
@@ -214,7 +216,7 @@ def test_sigstopped_worker_is_detected_and_replaced(short_tmp, orchestrator_fact
         os.kill(old, signal.SIGSTOP)
         t0 = time.monotonic()
         try:
-            wait_until(lambda: gone(old), hang + 4.0, "the stopped worker to be killed", every=0.02)
+            wait_until(lambda: gone(old), 5.0, "the stopped worker to be killed", every=0.02)
             detect = time.monotonic() - t0
             st = orch.wait_status(lambda s: by_id(s)["w1"]["state"] == "ready" and by_id(s)["w1"]["pid"] != old, 30)
             recover = time.monotonic() - t0
@@ -223,10 +225,10 @@ def test_sigstopped_worker_is_detected_and_replaced(short_tmp, orchestrator_fact
                 os.kill(old, signal.SIGCONT)
         time.sleep(0.3)  # some load on the replacement too
     w1 = by_id(st)["w1"]
-    # the last heartbeat may precede the SIGSTOP by one interval (0.2 s)
-    assert hang - 0.3 <= detect <= hang + 2.5, f"detected after {detect:.2f}s (hang_timeout_s = {hang})"
+    # the last heartbeat may precede the SIGSTOP by one interval (0.2 s); housekeeping runs every 0.1 s
+    assert 0.7 <= detect <= 2.0, f"detected after {detect:.2f}s"
     assert w1["pid"] != old and w1["restarts"] == 1, w1
-    assert "w1 looks hung: no heartbeat for" in sup_log(orch)
+    assert "w1 looks hung: stopped (state T)" in sup_log(orch)
     assert recover < hang + 15, recover
     # requests that sat on the stopped worker were failed over, so every call returned a correct result
     assert not load.errors, load.errors[:3]
@@ -333,22 +335,20 @@ def test_every_client_call_has_a_finite_deadline(short_tmp, orchestrator_factory
     with pytest.raises(UnavailableError):
         Client(short_tmp, connect_timeout=0.5)  # nothing runs there
     assert time.monotonic() - t0 < 3
-    # One worker, stopped, hang detection far away: only the client's own deadline can end the calls.
-    orch = orchestrator_factory(synthetic_config(short_tmp, count=1, workers={"hang_timeout_s": 60}))
-    pid = orch.status()["workers"][0]["pid"]
+    # One worker that stops serving after its first batch but keeps heartbeating, hang detection far away:
+    # only the client's own deadline can end the calls.
+    orch = orchestrator_factory(synthetic_config(short_tmp, count=1, workers={"hang_timeout_s": 60},
+                                                 debug={"inject": "hang_after", "inject_after_batches": 1}))
     with Client(orch.config) as c:
         assert c.timeout == DEFAULT_TIMEOUT_S
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        with Client(orch.config, timeout=0.5) as c:
-            x = rows(3)
-            for call in (lambda: c.infer(x), lambda: c.submit(x).result(10), lambda: c.infer(x, timeout=0.3)):
-                t0 = time.monotonic()
-                with pytest.raises(DeadlineExceededError):
-                    call()
-                assert time.monotonic() - t0 < 2.5
-    finally:
-        os.kill(pid, signal.SIGCONT)
+        c.infer(rows(2))  # the one batch it serves
+    with Client(orch.config, timeout=0.5) as c:
+        x = rows(3)
+        for call in (lambda: c.infer(x), lambda: c.submit(x).result(10), lambda: c.infer(x, timeout=0.3)):
+            t0 = time.monotonic()
+            with pytest.raises(DeadlineExceededError):
+                call()
+            assert time.monotonic() - t0 < 2.5
 
 
 @pytest.mark.slow
