@@ -537,6 +537,7 @@ class ClientIO(threading.Thread):
         log.warning("%s", reason)
 
     def _shutdown(self) -> None:
+        self._close_rediscover()  # every socket of the context must be closed, or Context.term() waits forever
         err = ShuttingDownError("client closed")
         for w in self.workers.values():
             for p in w.outstanding.values():
