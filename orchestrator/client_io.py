@@ -452,7 +452,9 @@ class ClientIO(threading.Thread):
             if self._rediscover is not None and self._rediscover in events:
                 self._on_rediscovered()
             now = time.monotonic()
-            if self.beat_s and now - self.last_event > max(4 * self.beat_s, 1.0):
+            if self.lost is not None:
+                self._rediscover_tick(now)
+            elif self.beat_s and now - self.last_event > max(4 * self.beat_s, 1.0):
                 self._check_supervisor(now)
             if now >= next_check:
                 next_check = self._expire(now)
@@ -468,13 +470,14 @@ class ClientIO(threading.Thread):
         return silence > _REMOTE_SILENCE_S
 
     def _check_supervisor(self, now: float) -> None:
-        if self.lost is None:
-            silence = now - self.last_event
-            if self._supervisor_gone(silence):
-                why = (f"the orchestrator's supervisor (pid {self.supervisor_pid}) is gone"
-                       if self.local else f"the orchestrator sent no heartbeat for {silence:.1f}s")
-                self._lose(f"{why}; its workers exit with it")
-            return
+        silence = now - self.last_event
+        if self._supervisor_gone(silence):
+            why = (f"the orchestrator's supervisor (pid {self.supervisor_pid}) is gone"
+                   if self.local else f"the orchestrator sent no heartbeat for {silence:.1f}s")
+            self._lose(f"{why}; its workers exit with it")
+
+    def _rediscover_tick(self, now: float) -> None:
+        """While the supervisor is lost: ask the control socket for endpoints, once a second."""
         if self._rediscover is None and now >= self._rediscover_at and self.control_endpoint:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
