@@ -60,6 +60,8 @@ def test_dead_supervisor_fails_calls_at_once_and_clients_reconnect(short_tmp, or
         if blocking.get("outcome") != "result":
             assert isinstance(blocking["outcome"], UnavailableError), repr(blocking.get("outcome"))
             assert blocking["t"] - t0 <= 3.0
+        print(f"figure: {len(failed)} calls in flight failed with UnavailableError {time.monotonic() - t0:.2f} s "
+              f"after the supervisor's SIGKILL at the latest")
         t1 = time.monotonic()
         with pytest.raises(UnavailableError, match="supervisor"):
             c.infer(x)
@@ -71,6 +73,8 @@ def test_dead_supervisor_fails_calls_at_once_and_clients_reconnect(short_tmp, or
         with pytest.raises(UnavailableError):
             Client(cfg)
         assert time.monotonic() - t2 < 1.0, "a new Client must fail at once when no orchestrator runs"
+        print(f"figure: a new Client failed after {time.monotonic() - t2:.3f} s")
+        t3 = time.monotonic()
         # The orchestrator is started again on the same run directory: the old client reconnects.
         cli("start", str(cfg), "--detach", timeout=90, check=True)
 
@@ -81,6 +85,7 @@ def test_dead_supervisor_fails_calls_at_once_and_clients_reconnect(short_tmp, or
                 return False
 
         wait_until(served, 20, "the client to reconnect to the restarted orchestrator", every=0.2)
+        print(f"figure: the old client served again {time.monotonic() - t3:.2f} s after `start` was called")
     finally:
         c.close()
 
@@ -133,3 +138,29 @@ def test_frozen_worker_costs_only_its_own_requests(short_tmp, orchestrator_facto
     assert rate >= 0.5 * before_rate, f"{rate:.0f} calls/s during the stop against {before_rate:.0f} before"
     slow = [d for t, d in calls if t_stop - 0.5 <= t < t_end and d > 2.0]
     assert not slow, f"{len(slow)} calls waited over 2 s, the longest {max(slow):.2f} s"
+    print(f"figure: {rate:.0f} calls/s during the stop against {before_rate:.0f} before; longest call "
+          f"{max(d for t, d in calls if t_stop - 0.5 <= t < t_end):.2f} s")
+
+
+@pytest.mark.slow
+def test_supervisor_memory_stays_flat_as_clients_come_and_go(short_tmp, orchestrator_factory) -> None:
+    import psutil
+
+    cfg = synthetic_config(short_tmp, work=1, count=1)
+    orch = orchestrator_factory(cfg)
+    sup = psutil.Process(orch.status()["pid"])
+    x = rows(4, 2)
+
+    def clients(n: int) -> None:
+        for _ in range(n):
+            with Client(cfg) as c:  # discovery, events subscription, a shared-memory lease, one request
+                c.infer(x)
+
+    clients(300)  # warm-up: allocator pools and caches reach their working size
+    before = sup.memory_info().rss
+    clients(3000)
+    grown = (sup.memory_info().rss - before) / 1e6
+    assert grown < 5.0, f"the supervisor grew {grown:.1f} MB over 3,000 clients"
+    print(f"figure: the supervisor grew {grown:.2f} MB over 3,000 clients")
+    st = orch.wait_status(lambda st: st["workers"][0]["shm"]["leases"] == 0)  # counters come with heartbeats
+    assert st["workers"][0]["shm"]["leases"] == 0
