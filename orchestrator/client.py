@@ -163,9 +163,10 @@ class Client:
         return max(1 << 20, 32 * (row * (worker["max_batch"] or 1) + 256 * (len(worker["inputs"]) + len(worker["outputs"]))))
 
     def _drop_lease(self, worker_id: str) -> None:
-        """The worker died or stopped (from the I/O thread): its arena, and our lease on it, are void."""
-        with self._lease_lock:
-            entry = self._leases.pop(worker_id, None)
+        """The worker died or stopped (from the I/O thread): its arena, and our lease on it, are void. No
+        lock: a user thread may hold it for a whole attach round trip, and the I/O thread must not wait
+        (dict.pop is atomic)."""
+        entry = self._leases.pop(worker_id, None)
         if entry is not None and entry[1] is not None:
             entry[1].dropped = True
 
