@@ -49,8 +49,27 @@ def _running_or_explain(rd: RunDir) -> bool:
 # --- validate ------------------------------------------------------------------------------------
 
 
+def _check_shm_space(cfg: Config, workers: int | None) -> None:
+    """Refuse a config whose arenas would not fit in shared memory (ConfigError: one line, exit 2)."""
+    from orchestrator.shm import space_problem
+
+    problem = space_problem(cfg.run_dir, workers or 0, cfg.transport.shm_mb)
+    if problem:
+        raise ConfigError([problem], cfg.source or None)
+
+
+def _planned_workers(cfg: Config, gpus: int | None = None) -> int | None:
+    w = cfg.workers
+    if w.device == "cpu":
+        return w.count
+    if gpus is None and not isinstance(w.gpus, str):
+        gpus = len(w.gpus)
+    return gpus * w.per_gpu if gpus is not None else None
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
+    _check_shm_space(cfg, _planned_workers(cfg))
     w = cfg.workers
     where = f"{w.count} CPU worker(s)" if w.device == "cpu" else f"GPU(s) {w.gpus}, {w.per_gpu} worker(s) per GPU"
     model = cfg.model.path or f"synthetic work={cfg.model.work} item_shape={list(cfg.model.item_shape)}"
@@ -71,12 +90,15 @@ def _preflight(cfg: Config) -> None:
         from orchestrator.devices import discover_or_explain
 
         gpus = discover_or_explain(cfg)  # raises ConfigError naming what is missing
+        _check_shm_space(cfg, _planned_workers(cfg, len(gpus)))
         if cfg.mps.enabled:
             from orchestrator.devices import plan_workers
             from orchestrator.mps import MpsDaemon
 
             uuids = list(dict.fromkeys(p.gpu_uuid for p in plan_workers(cfg, RunDir(cfg.run_dir), gpus) if p.gpu_uuid))
             MpsDaemon(cfg, cfg.run_dir, uuids).check()  # MpsError: binary missing, compute mode, foreign daemon
+    else:
+        _check_shm_space(cfg, _planned_workers(cfg))
     from orchestrator.mps import config_warnings
 
     for text in config_warnings(cfg):

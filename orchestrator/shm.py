@@ -77,6 +77,30 @@ def ensure_private_dir(path: Path) -> None:
         os.chmod(path, 0o700)
 
 
+def space_problem(run_dir: Path, workers: int, shm_mb: int) -> str | None:
+    """Why `workers` arenas of `shm_mb` MiB would not fit where this run's arenas live, or None. Checked by
+    `validate` and `start`, so a full /dev/shm (a container's is often 64 MiB) is a config error, not a worker
+    that fails to start."""
+    if not shm_mb or workers <= 0:
+        return None
+    directory = arena_dir(run_dir)
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return None
+    free = st.f_bavail * st.f_frsize
+    if directory.is_dir():  # this run's old arenas are replaced, not added to
+        free += sum(p.stat().st_size for p in directory.glob("*.arena"))
+    need = workers * (shm_mb << 20)
+    if need <= free:
+        return None
+    return (f"transport.shm_mb: {workers} worker(s) x {shm_mb} MiB need {need >> 20} MiB of shared memory in {probe}, "
+            f"{free >> 20} MiB free (lower transport.shm_mb, or 0 to turn shared memory off)")
+
+
 # --- allocation -----------------------------------------------------------------------------------
 
 

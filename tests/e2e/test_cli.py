@@ -100,3 +100,21 @@ def test_foreground_start_and_ctrl_c(short_tmp) -> None:
             proc.wait()
     assert proc.returncode == 0, err
     assert "[shutdown]" in err and "Traceback" not in err
+
+
+def test_arenas_that_do_not_fit_in_shared_memory_are_a_config_error(short_tmp) -> None:
+    import os
+
+    from orchestrator.shm import arena_dir
+
+    probe = arena_dir(short_tmp / "run")
+    while not probe.exists():
+        probe = probe.parent
+    st = os.statvfs(probe)
+    too_big = (st.f_bavail * st.f_frsize >> 20) + 1  # one MiB more than is free, per worker
+    cfg = write_config(short_tmp, {"workers": {"device": "cpu", "count": 2},
+                                   "transport": {"shm_mb": too_big, "shm_max_lease_mb": 1}})
+    for cmd in ("validate", "start"):
+        proc = cli(cmd, str(cfg))
+        assert proc.returncode == 2, (cmd, proc.stdout, proc.stderr)
+        assert "transport.shm_mb: 2 worker(s)" in proc.stderr and "Traceback" not in proc.stderr
