@@ -65,10 +65,12 @@ def test_live_view_in_a_terminal(short_tmp, orchestrator_factory) -> None:
 
 @pytest.mark.slow
 def test_cpu_hog_is_attributed_to_preemption(short_tmp, orchestrator_factory) -> None:
-    # One worker on one core with busy-loop hogs on the same core: its batches get preempted.
+    # One worker on one core with busy-loop hogs on the same core: its batches get preempted. Each batch
+    # computes for about a millisecond (work 200): with the ~0.1 ms batches of work 20, a shared-memory
+    # request computed in place was too short to be preempted often, and under load no stall showed.
     cfg = write_config(short_tmp, {
         "workers": {"count": 1, "cpu_affinity": [[0]]},
-        "model": {"kind": "synthetic", "item_shape": [256], "work": 20, "max_batch": 16},
+        "model": {"kind": "synthetic", "item_shape": [256], "work": 200, "max_batch": 16},
         "monitor": {"stall_factor": 4.0, "stall_min_us": 1000},
         "debug": {"inject": "cpu_hog", "inject_period_ms": 50}})
     orch = orchestrator_factory(cfg)
