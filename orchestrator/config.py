@@ -409,7 +409,9 @@ def toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
+        # A JSON string is a TOML basic string, given two fixes: characters outside the BMP go as UTF-8, not
+        # as the surrogate pairs JSON escapes them to (TOML rejects those), and DEL, which JSON leaves bare.
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return repr(v)

@@ -97,3 +97,12 @@ def test_shm_lease_cannot_exceed_the_arena() -> None:
     (err,) = errors_of({"transport": {"shm_mb": 16, "shm_max_lease_mb": 32}})
     assert err.startswith("transport.shm_max_lease_mb:") and "shm_mb = 16" in err
     assert parse_config({"transport": {"shm_mb": 0, "shm_max_lease_mb": 32}}).transport.shm_mb == 0  # off
+
+
+def test_dump_toml_round_trips_any_string() -> None:
+    import tomllib
+
+    from orchestrator.config import dump_toml
+
+    for text in ["plain", "tab\there", "quote \" and \\\\", "emoji \U0001F600 and é", "ctl \x00\x01\x1f del \x7f", "\u2028"]:
+        assert tomllib.loads(dump_toml({"s": {"v": text}}))["s"]["v"] == text, repr(text)
