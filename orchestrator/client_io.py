@@ -29,6 +29,7 @@ from orchestrator.errors import (
     WorkerDeadError,
     error_from_code,
 )
+from orchestrator.procstat import process_state
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,7 @@ _MANY_PER_MESSAGE = 256  # shared-memory requests sent together in one INFER_MAN
 
 def _process_alive(pid: int) -> bool:
     """Whether process `pid` runs (a zombie, killed but not yet reaped, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in (b"Z", b"X")
+    return process_state(pid) not in (None, b"Z", b"X")
 
 
 @dataclass(eq=False)
@@ -87,8 +83,14 @@ class _Worker:
         self.sync_started: dict[int, float] = {}
 
     def oldest(self) -> float | None:
-        """When the oldest request still in flight on this worker was sent (time.monotonic()), or None."""
-        times = [p.sent_at for p in list(self.outstanding.values())] + list(self.sync_started.values())
+        """When the oldest request still in flight on this worker was sent (time.monotonic()), or None.
+        Both maps are filled in send order, so their first entries are the oldest: O(1) on every pick."""
+        try:  # another thread may add or remove one meanwhile: then this pick simply skips the check
+            first = next(iter(self.outstanding.values()), None)
+            sync = next(iter(self.sync_started.values()), None)
+        except RuntimeError:
+            return None
+        times = [t for t in (first.sent_at if first is not None else None, sync) if t is not None]
         return min(times, default=None)
 
     @property

@@ -187,20 +187,6 @@ def decode_request_header(data: bytes | memoryview) -> RequestHeader:
     return RequestHeader(rid, timeout_ms, parsed, kind, shm, offsets)
 
 
-def check_tensor_sizes(header: RequestHeader) -> list[int]:
-    """Byte size of each tensor the header describes; DecodeError for absurd shapes or repeated names."""
-    sizes = []
-    seen = set()
-    for name, dtype, shape in header.specs:
-        if math.prod(d or 1 for d in shape) * dtype.itemsize > 1 << 40:
-            raise DecodeError(ErrorCode.MALFORMED, f"tensor {name!r}: shape {list(shape)} is too large", header.request_id)
-        if name in seen:
-            raise DecodeError(ErrorCode.INVALID_INPUT, f"tensor {name!r} given twice", header.request_id)
-        seen.add(name)
-        sizes.append(math.prod(shape) * dtype.itemsize)
-    return sizes
-
-
 def decode_tensors(header: RequestHeader, frames: Sequence, nbytes_of=len) -> dict[str, np.ndarray]:
     """Zero-copy numpy views over the tensor frames, after checking count and sizes against the header."""
     if len(frames) != len(header.specs):

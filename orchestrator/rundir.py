@@ -122,12 +122,16 @@ class RunDir:
                 log.info("[spawn] removing stale %s", p.name)
                 p.unlink(missing_ok=True)
 
-    def _arenas(self) -> list[Path]:
-        """Shared-memory arena files of this run (orchestrator.shm.arena_dir): each worker removes its own,
-        a killed one leaves it behind."""
+    def _arena_dir(self) -> Path:
+        """Where this run's shared-memory arenas live (orchestrator.shm.arena_dir; imported here, not at the
+        top, so `status` and `stop` do not load numpy)."""
         from orchestrator.shm import arena_dir
 
-        return sorted(arena_dir(self.root).glob("*.arena"))
+        return arena_dir(self.root)
+
+    def _arenas(self) -> list[Path]:
+        """Arena files of this run: each worker removes its own, a killed one leaves it behind."""
+        return sorted(self._arena_dir().glob("*.arena"))
 
     def cleanup(self) -> None:
         """Remove sockets, arenas and the pid file at a clean exit (logs and the stall log stay)."""
@@ -137,10 +141,8 @@ class RunDir:
             p.unlink(missing_ok=True)
         for p in self._arenas():
             p.unlink(missing_ok=True)
-        from orchestrator.shm import arena_dir
-
         try:
-            arena_dir(self.root).rmdir()
+            self._arena_dir().rmdir()
         except OSError:  # absent, or not empty (another process's file): leave it
             pass
         self.pidfile.unlink(missing_ok=True)

@@ -259,11 +259,6 @@ class ClientLease:
             if spans:
                 self._cv.notify_all()
 
-    @property
-    def free_bytes(self) -> int:
-        with self._cv:
-            return self._alloc.free_bytes
-
     # views ----------------------------------------------------------------------------------------
 
     def contains(self, arr: np.ndarray) -> int | None:
@@ -281,10 +276,6 @@ class ClientLease:
     def raw(self, off: int, nbytes: int) -> np.ndarray:
         """A plain byte view (no ownership) for copying into a span the caller already holds."""
         return self._base[off:off + nbytes]
-
-    def spans_in_use(self) -> int:
-        with self._cv:
-            return self._alloc.live
 
 
 def describe_lease(reply: Any) -> tuple[int, str, int, int]:

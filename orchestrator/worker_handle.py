@@ -20,6 +20,7 @@ from typing import Any
 
 from orchestrator.config import Config, to_dict
 from orchestrator.devices import WorkerPlan
+from orchestrator.procstat import process_state
 from orchestrator.restart_policy import RestartTracker
 from orchestrator.rundir import RunDir
 
@@ -71,12 +72,8 @@ def tail(path: Path, lines: int = 20, max_bytes: int = 16384) -> str:
 
 
 def _stopped(pid: int) -> bool:
-    """Whether process `pid` is stopped by a signal or traced (state T or t in /proc/PID/stat)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
-    except (OSError, IndexError):
-        return False
+    """Whether process `pid` is stopped by a signal or traced (state T or t)."""
+    return process_state(pid) in (b"T", b"t")
 
 
 class WorkerHandle:

@@ -163,6 +163,12 @@ class Arena:
     def begin(self, lease: Lease) -> None:
         lease.inflight += 1
 
+    def served(self, shm: Any) -> None:
+        """A shared-memory request (workers.pipeline.ShmSpans) was answered with its results."""
+        self.requests += 1
+        self.bytes += shm.nbytes
+        self.end(shm.lease)
+
     def end(self, lease: Lease) -> None:
         """A request on `lease` was answered: a closing lease is freed after its last one."""
         lease.inflight -= 1

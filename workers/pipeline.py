@@ -55,15 +55,13 @@ class Request:
 class Batch:
     """A launched batch: which slot, which requests at which row offsets, and its timings."""
 
-    __slots__ = ("slot", "parts", "rows", "padded", "t_launch_ns", "t_enqueued_ns", "t_done_ns", "probe0", "probe1",
-                 "direct")
+    __slots__ = ("slot", "parts", "rows", "padded", "t_launch_ns", "t_enqueued_ns", "t_done_ns", "probe0", "probe1")
 
     def __init__(self, slot: Slot, parts: list[tuple[Request, int]], rows: int, padded: int) -> None:
         self.slot = slot
         self.parts = parts
         self.rows = rows
         self.padded = padded
-        self.direct = False  # a synchronous engine computed straight from and into the arena
         self.t_launch_ns = 0  # host clock when staging started
         self.t_enqueued_ns = 0  # host clock when engine.launch returned
         self.t_done_ns = 0  # host clock when completion was observed
@@ -244,7 +242,6 @@ class Pipeline:
         slot.staged_shm = []
         slot.shm_parts = []
         batch = Batch(slot, [(req, 0)], req.rows, req.rows)
-        batch.direct = True
         self._launch(batch, now_ns, direct=req)
         return batch
 
@@ -254,7 +251,7 @@ class Pipeline:
         outs = {s.name: arena.view(o, s.dtype, (n, *s.item_shape)) for s, o in zip(engine.outputs, shm.outputs, strict=True)}
         return ins, outs
 
-    def write_shm_outputs(self, batch: Batch) -> None:
+    def _write_shm_outputs(self, batch: Batch) -> None:
         """After a batch with staged shared-memory requests: copy their output rows into their spans."""
         engine, arena, slot = self.engine, self.arena, batch.slot
         for row, n, _, out_offs in slot.staged_shm:
@@ -276,7 +273,7 @@ class Pipeline:
         batch = self.inflight.popleft()
         batch.t_done_ns = time.monotonic_ns()
         if batch.slot.staged_shm:
-            self.write_shm_outputs(batch)
+            self._write_shm_outputs(batch)
         on_complete(batch)
         self.free.append(batch.slot)
         self.completed_batches += 1

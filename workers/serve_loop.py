@@ -250,12 +250,16 @@ class ServeLoop:
             given = {name: off for (name, _, _), off in zip(header.specs, offsets, strict=True)}  # type: ignore[arg-type]
             ins = [span(lease, given[s.name], rows * rb, s.name)
                    for s, rb in zip(self.engine.inputs, self._in_row_bytes, strict=True)]
+        return self._spans(lease, ins, shm[1], rows)  # type: ignore[index]
+
+    def _spans(self, lease: Any, ins: list[int], out: Any, rows: int) -> ShmSpans:
+        """ShmSpans for checked input spans and the outputs laid out from lease offset `out` (checked here)."""
         layout = self._out_layouts.get(rows)
         if layout is None:
             layout = self._out_layouts[rows] = protocol.shm_layout(
                 [(n, d, (rows, *shape)) for n, d, shape in self._out_specs])
         offs, total = layout
-        start = span(lease, shm[1], total, "outputs")  # type: ignore[index]
+        start = self.arena.span(lease, out, total, "outputs")  # type: ignore[union-attr]
         return ShmSpans(lease, ins, [start + o for o in offs], rows * self._in_row_total + total)
 
     def _receive_many(self, identity: Any, header: protocol.RequestHeader, nframes: int, now: int) -> None:
@@ -294,19 +298,13 @@ class ServeLoop:
                     raise InvalidInputError(f"expected {n_in} input offset(s)")
                 in_offs = [span(lease, o, rows * rb, s.name)
                            for o, rb, s in zip(ins, self._in_row_bytes, self.engine.inputs, strict=True)]
-                layout = self._out_layouts.get(rows)
-                if layout is None:
-                    layout = self._out_layouts[rows] = protocol.shm_layout(
-                        [(n, d, (rows, *shape)) for n, d, shape in self._out_specs])
-                offs, total = layout
-                start = span(lease, out, total, "outputs")
+                shm = self._spans(lease, in_offs, out, rows)
             except RequestError as exc:
                 self._reply_error(identity, rid, exc.code, str(exc))
                 continue
             if self.draining:
                 self._reply_error(identity, rid, ErrorCode.SHUTTING_DOWN, "worker is stopping")
                 continue
-            shm = ShmSpans(lease, in_offs, [start + o for o in offs], rows * self._in_row_total + total)
             req = Request(identity, rid, None, rows, now, deadline, None, shm)
             req.many = True
             if not pipeline.offer(req):
@@ -357,10 +355,7 @@ class ServeLoop:
                 if group is None:
                     group = together[key] = (req.identity, [])
                 group[1].append([req.request_id, req.rows])
-                arena = self.arena
-                arena.requests += 1  # type: ignore[union-attr]
-                arena.bytes += req.shm.nbytes  # type: ignore[union-attr]
-                arena.end(req.shm.lease)  # type: ignore[union-attr]
+                self.arena.served(req.shm)  # type: ignore[union-attr]
                 continue
             if req.shm is not None:  # the outputs are already in the client's lease
                 specs = self._shm_heads.get(req.rows)
@@ -368,10 +363,7 @@ class ServeLoop:
                     specs = self._shm_heads[req.rows] = protocol.pack(
                         [[n, d.str, [req.rows, *shape]] for n, d, shape in self._out_specs])
                 send([req.identity, protocol.result_head(req.request_id, specs)], copy=False)
-                arena = self.arena
-                arena.requests += 1  # type: ignore[union-attr]
-                arena.bytes += req.shm.nbytes  # type: ignore[union-attr]
-                arena.end(req.shm.lease)  # type: ignore[union-attr]
+                self.arena.served(req.shm)  # type: ignore[union-attr]
                 continue
             frames = protocol.encode_result(req.request_id, [(n, outputs[n][off:end]) for n in names])
             # copy=True: the slot's buffers are reused by the next batch, so ZeroMQ must own a copy.
@@ -508,15 +500,20 @@ class ServeLoop:
             pass
 
     def _heartbeat(self) -> None:
-        """Liveness plus progress (for hang detection) and the telemetry report, in one message."""
+        """Liveness plus progress (for hang detection) and the telemetry report, in one message. Also ends
+        the shared-memory leases of client processes that exited since the last one."""
         p = self.pipeline
+        if self.arena is not None:
+            reaped = self.arena.reap()
+            if reaped:
+                log.info("[shm] %d lease(s) ended: their client process exited", reaped)
         self.telemetry.note_queue(len(p.queue), len(p.inflight))
         msg = {
             "kind": "hb", "id": self.id, "t_ns": time.monotonic_ns(), "progress": p.completed_batches,
             "requests": p.completed_requests, "queued": len(p.queue), "inflight": len(p.inflight),
             "faults": self.engine.faults(), "errors": self.errors_by_code, "dropped": self.dropped,
             "host_ns": self.host_ns, "report": self.telemetry.report(),
-            "shm": self._shm_status(),
+            "shm": self.arena.stats() if self.arena is not None else None,
         }
         try:
             self.sup.send(protocol.pack(msg), zmq.NOBLOCK)

@@ -256,7 +256,7 @@ class GpuEngineBase(Engine):
                 if self.want_graphs:
                     self._capture(slot, rows)
                     if self.arena_addr:
-                        self._capture_compute(slot, rows)
+                        self._capture(slot, rows, compute_only=True)
                 self.launch(slot, rows)  # the real launch path once, events included
                 self.wait(slot)
                 self.gpu_time_us(slot)
@@ -268,23 +268,17 @@ class GpuEngineBase(Engine):
         log.info("[ready] %s warmed up: %d slot(s) x buckets %s, %d graph(s) captured, %d capture failure(s)",
                  self.kind, len(slots), list(buckets), self.graphs_captured, self.graph_failures)
 
-    def _capture(self, slot: GpuSlot, rows: int) -> None:
-        detail = f"{self.kind} slot {slot.index} bucket {rows}"
-        graph = self.rt.capture(slot.stream, lambda: self._enqueue_eager(slot, rows), detail)
+    def _capture(self, slot: GpuSlot, rows: int, compute_only: bool = False) -> None:
+        """One graph per (slot, bucket): H2D + compute + D2H for staged batches, or the compute step alone
+        (compute_only) for batches whose copies go to and from the arena (_enqueue_shm)."""
+        into = slot.compute_graphs if compute_only else slot.graphs
+        step = self._compute if compute_only else self._enqueue_eager
+        detail = f"{self.kind} slot {slot.index} bucket {rows}" + (" compute" if compute_only else "")
+        graph = self.rt.capture(slot.stream, lambda: step(slot, rows), detail)
         if graph is None:
             self.graph_failures += 1
             return
-        slot.graphs[rows] = graph
-        self.graphs_captured += 1
-
-    def _capture_compute(self, slot: GpuSlot, rows: int) -> None:
-        """The compute step alone, for batches whose copies go to and from the arena (_enqueue_shm)."""
-        graph = self.rt.capture(slot.stream, lambda: self._compute(slot, rows), f"{self.kind} slot {slot.index} "
-                                f"bucket {rows} compute")
-        if graph is None:
-            self.graph_failures += 1
-            return
-        slot.compute_graphs[rows] = graph
+        into[rows] = graph
         self.graphs_captured += 1
 
     def mark_ready(self) -> None:
