@@ -445,3 +445,47 @@ def test_runtime_choice_order(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(EngineError):
         tensorrt_engine.import_tensorrt("tensorrt")
     assert tried == ["tensorrt", "tensorrt_bindings"]
+
+
+class FakeRegistration:
+    def __init__(self, ptr: int, nbytes: int, detail: str = "") -> None:
+        self.ptr = ptr
+
+    def free(self) -> None:
+        self.ptr = 0
+
+
+def test_shared_memory_batches_copy_spans_around_the_compute_graph(tmp_path: Path) -> None:
+    """The GPU engines' shared-memory path on the fake runtime: each request's spans are copied between the
+    arena and its device rows around a compute-only graph (one per slot and bucket, beside the full one),
+    mixed with a staged frame request in the same batch."""
+    from workers.arena import Arena
+    from workers.pipeline import ShmSpans
+
+    calls: list[tuple] = []
+    rt = FakeRuntime()
+    rt.HostRegistration = FakeRegistration  # type: ignore[attr-defined]
+    eng = TensorRTEngine(config(tmp_path, cuda_graphs=True, buckets=[2, 4, 8]), trt=make_fake_trt(calls), rt=rt)
+    arena = Arena(tmp_path, "w0", 1, 1)
+    assert eng.attach_arena(arena.addr, arena.size)
+    pipe = Pipeline(eng, 2, max_queue=64, max_queue_delay_us=0, buckets=(2, 4, 8), arena=arena)
+    pipe.dma_min_bytes = 0  # every shared-memory request by DMA, however small
+    eng.warmup(pipe.slots, pipe.buckets)
+    eng.mark_ready()
+    assert eng.graphs_captured == 2 * 3 * 2  # full and compute-only, per slot and bucket
+    rng = np.random.default_rng(1)
+    framed = rng.random((2, 4), dtype=np.float32)
+    shared = rng.random((3, 4), dtype=np.float32)
+    arena.view(0, np.dtype(np.float32), (3, 4))[...] = shared
+    arena.view(4096, np.dtype(np.float32), (3, 4))[...] = np.nan
+    assert pipe.offer(Request("f", 1, {"input": framed}, 2, 0))
+    assert pipe.offer(Request("s", 2, None, 3, 0, shm=ShmSpans(None, [0], [4096], 96)))
+    batch = pipe.launch_next(0, lambda r: None)
+    assert batch is not None and batch.padded == 8 and batch.slot.frames_rows == 2
+    pipe.wait_oldest()
+    got: dict[int, np.ndarray] = {}
+    pipe.complete_oldest(lambda b: got.update({1: b.slot.outputs["output"][:2].copy()}))
+    np.testing.assert_array_equal(got[1], framed * 2 + 1)
+    np.testing.assert_array_equal(arena.view(4096, np.dtype(np.float32), (3, 4)), shared * 2 + 1)
+    eng.close()
+    arena.close()

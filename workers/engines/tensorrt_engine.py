@@ -256,10 +256,10 @@ class TensorRTEngine(GpuEngineBase):
             return False
         raise EngineError(f"TensorRT execute_async_v3 failed for a batch of {rows} rows (see the [trt] log lines)")
 
-    def _capture(self, slot: GpuSlot, rows: int) -> None:
+    def _capture(self, slot: GpuSlot, rows: int, compute_only: bool = False) -> None:
         self._capturing = True
         try:
-            super()._capture(slot, rows)
+            super()._capture(slot, rows, compute_only)
         finally:
             self._capturing = False
 
