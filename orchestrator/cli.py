@@ -16,7 +16,7 @@ from pathlib import Path
 
 from orchestrator.config import Config, default_run_dir, load_config
 from orchestrator.control import ControlClient
-from orchestrator.errors import ConfigError, OrchestratorError, UnavailableError
+from orchestrator.errors import ConfigError, EngineError, OrchestratorError, UnavailableError
 from orchestrator.rundir import RunDir
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -67,8 +67,31 @@ def _planned_workers(cfg: Config, gpus: int | None = None) -> int | None:
     return gpus * w.per_gpu if gpus is not None else None
 
 
+def _check_model(cfg: Config) -> None:
+    """What can be known about the model without a GPU: ONNX models are loaded (their dynamic dimensions
+    checked against [[model.dims]]); a torch program must be a .pt2 archive, and torch installed."""
+    m = cfg.model
+    try:
+        if m.kind == "onnx":
+            from workers.engines.onnx_cpu import OnnxCpuEngine
+
+            OnnxCpuEngine(cfg)
+        elif m.kind == "torch":
+            import importlib.util
+
+            from workers.engines.torch_engine import TORCH_MISSING
+            from workers.engines.torch_program import program_kind
+
+            if importlib.util.find_spec("torch") is None:
+                raise ConfigError([TORCH_MISSING], cfg.source or None)
+            program_kind(m.path)
+    except EngineError as exc:
+        raise ConfigError([f"model: {exc}"], cfg.source or None) from None
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
+    _check_model(cfg)
     _check_shm_space(cfg, _planned_workers(cfg))
     w = cfg.workers
     where = f"{w.count} CPU worker(s)" if w.device == "cpu" else f"GPU(s) {w.gpus}, {w.per_gpu} worker(s) per GPU"
@@ -86,6 +109,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _preflight(cfg: Config) -> None:
+    _check_model(cfg)
     if cfg.workers.device == "gpu":
         from orchestrator.devices import discover_or_explain
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from orchestrator import protocol
+from orchestrator import protocol, shapes
 from orchestrator.config import default_run_dir, load_config
 from orchestrator.control import ControlClient
 from orchestrator.errors import (
@@ -38,6 +38,7 @@ from orchestrator.errors import (
     ConfigError,
     DeadlineExceededError,
     ErrorCode,
+    InvalidInputError,
     OverloadedError,
     ShuttingDownError,
     UnavailableError,
@@ -116,6 +117,8 @@ class Client:
         self._out_specs = [(name, np.dtype(dt), tuple(shape)) for name, dt, shape in ready[0]["outputs"]]
         self._in_specs = [(name, np.dtype(dt), tuple(shape)) for name, dt, shape in ready[0]["inputs"]]
         self.max_batch = ready[0]["max_batch"]
+        # Dynamic dimensions (e.g. [batch, seq] inputs): output sizes then follow each request's inputs.
+        self._dynamic = any(shapes.is_dynamic(shape) for _, _, shape in self._in_specs + self._out_specs)
         self.shm = self._shm_mode(shm, endpoint, info)
         self._shm_forced = shm is True
         self.copy_results = copy_results
@@ -159,7 +162,9 @@ class Client:
         return True
 
     def _default_lease(self, worker: dict) -> int:
-        row = sum(math.prod(shape) * np.dtype(dt).itemsize for _, dt, shape in [*worker["inputs"], *worker["outputs"]])
+        largest = {d[0]: d[2] for d in worker.get("dims") or []}  # dynamic dimensions at their largest
+        row = sum(math.prod(shapes.resolve(shape, largest)) * np.dtype(dt).itemsize
+                  for _, dt, shape in [*worker["inputs"], *worker["outputs"]])
         return max(1 << 20, 32 * (row * (worker["max_batch"] or 1) + 256 * (len(worker["inputs"]) + len(worker["outputs"]))))
 
     def _drop_lease(self, worker_id: str) -> None:
@@ -262,7 +267,7 @@ class Client:
                     taken.append(off)
                     np.copyto(lease.raw(off, arr.nbytes).view(arr.dtype).reshape(arr.shape), arr, casting="no")
                 specs.append([name, wire, list(arr.shape), off])
-            _, total = protocol.shm_layout([(n, d, (rows, *shape)) for n, d, shape in self._out_specs])
+            _, total = protocol.shm_layout(self._out_shapes(rows, named))
             out_off = lease.take(total, deadline)
             taken.append(out_off)
         except BaseException:
@@ -272,6 +277,19 @@ class Client:
         lease.hold(rid, tuple(taken))
         entry = [rid, rows, [sp[3] for sp in specs], out_off] if exact and rows >= 1 else None
         return protocol.encode_shm_request(rid, specs, lease.lease_id, out_off, timeout_ms), lease, out_off, entry
+
+    def _out_shapes(self, rows: int, named: Mapping[str, np.ndarray]) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+        """The outputs' full shapes for a request: with dynamic dimensions, their sizes come from the inputs."""
+        if not self._dynamic:
+            return [(n, d, (rows, *shape)) for n, d, shape in self._out_specs]
+        try:
+            dims = shapes.bind([(n, shape) for n, _, shape in self._in_specs],
+                               {n: np.shape(named[n]) for n, _, _ in self._in_specs})
+            return [(n, d, (rows, *shapes.resolve(shape, dims))) for n, d, shape in self._out_specs]
+        except (KeyError, IndexError):
+            want = ", ".join(f"{n} {shapes.describe(shape)}" for n, _, shape in self._in_specs)
+            raise InvalidInputError(f"inputs {sorted(named)} with shapes {[list(np.shape(a)) for a in named.values()]} "
+                                    f"do not match the model's: {want}") from None
 
     def _lease_owner(self, named: Mapping[str, np.ndarray]) -> Any:
         """The worker whose lease holds one of the inputs (built with empty()), if it is still ready."""

@@ -68,9 +68,21 @@ class WorkersSection:
 
 
 @dataclass(frozen=True)
+class DimSection:
+    """One dynamic non-batch dimension of the model (`[[model.dims]]`), e.g. BERT's sequence length."""
+
+    name: str = field(default="", metadata={"doc": "the dimension's name in the model (ONNX dim_param, torch.export Dim)"})
+    min: int = field(default=1, metadata=_int_range(1, None, "smallest size a request may carry"))
+    max: int = field(default=0, metadata=_int_range(0, None, "largest size a request may carry (0 = the model's own bound)"))
+    buckets: tuple[int, ...] = field(default=(), metadata={"doc": "pad coalesced requests up to one of these sizes (the last is max); empty = batch only requests of equal size (GPU engines need buckets)"})
+    pad: dict[str, float] = field(default_factory=dict, metadata={"doc": "value of padded positions per input (default 0), e.g. {input_ids = 0, attention_mask = 0}"})
+    follow: dict[str, int] = field(default_factory=dict, metadata={"doc": "outputs with this dimension at an axis (batch = 0) where the model's dimension names do not say so, e.g. {last_hidden_state = 1}"})
+
+
+@dataclass(frozen=True)
 class ModelSection:
-    kind: Literal["onnx", "synthetic", "tensorrt"] = field(default="synthetic", metadata={"doc": "engine: ONNX Runtime (CPU), synthetic calibrated workload, or a TensorRT plan (GPU)"})
-    path: str = field(default="", metadata={"doc": "model file (onnx, tensorrt); relative to the config file"})
+    kind: Literal["onnx", "synthetic", "tensorrt", "torch"] = field(default="synthetic", metadata={"doc": "engine: ONNX Runtime (CPU), synthetic calibrated workload, a TensorRT plan (GPU), or a PyTorch .pt2 program (GPU; the torch extra)"})
+    path: str = field(default="", metadata={"doc": "model file (onnx, tensorrt, torch .pt2); relative to the config file"})
     max_batch: int = field(default=64, metadata=_int_range(1, None, "largest batch (rows) the engine runs"))
     item_shape: tuple[int, ...] = field(default=(256,), metadata={"doc": "synthetic: shape of one item (row)"})
     work: int = field(default=0, metadata=_int_range(0, 1 << 24, "synthetic: iterations per element"))
@@ -78,6 +90,7 @@ class ModelSection:
     runtime: Literal["auto", "tensorrt", "tensorrt_lean"] = field(default="auto", metadata={"doc": "tensorrt: which runtime module loads the plan"})
     trust_host_code: bool = field(default=False, metadata={"doc": "tensorrt: allow host code in version-compatible plans (trusted plans only)"})
     intra_op_threads: int = field(default=1, metadata=_int_range(0, 256, "onnx: ONNX Runtime threads per worker (0 = its default)"))
+    dims: tuple[DimSection, ...] = field(default=(), metadata={"doc": "dynamic non-batch dimensions: ranges, padding buckets and values ([[model.dims]] tables; see Dynamic dimensions)"})
 
 
 @dataclass(frozen=True)
@@ -237,6 +250,17 @@ def _convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
             errors.extend(sub)
             out.append(conv)
         return tuple(out)
+    elif dataclasses.is_dataclass(tp):
+        return _build_section(tp, value, path, errors)
+    elif origin is dict:
+        inner = get_args(tp)[1]
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected a table, got {_describe(value)}")
+            return None
+        out_d = {}
+        for k, item in value.items():
+            out_d[k] = _convert(inner, item, f"{path}.{k}", errors)
+        return out_d
     elif origin in (typing.Union, types.UnionType):
         for alt in get_args(tp):
             sub = []
@@ -278,7 +302,7 @@ def _build_section(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
 
 def _cross_checks(cfg: Config, base: Path, check_files: bool, errors: list[str]) -> Config:
     m, p, w = cfg.model, cfg.pipeline, cfg.workers
-    if m.kind in ("onnx", "tensorrt"):
+    if m.kind in ("onnx", "tensorrt", "torch"):
         if not m.path:
             errors.append(f"model.path: required for kind = \"{m.kind}\"")
         else:
@@ -297,8 +321,9 @@ def _cross_checks(cfg: Config, base: Path, check_files: bool, errors: list[str])
         errors.append("workers.device: CUDA graphs and MPS need device = \"gpu\"")
     if w.device == "cpu" and cfg.debug.inject in ("pinned_alloc", "device_alloc", "module_load"):
         errors.append(f'debug.inject: "{cfg.debug.inject}" needs workers.device = "gpu"; CPU workers can use "cpu_hog"')
-    if w.device == "cpu" and m.kind == "tensorrt":
-        errors.append('model.kind: "tensorrt" needs workers.device = "gpu"')
+    if w.device == "cpu" and m.kind in ("tensorrt", "torch"):
+        errors.append(f'model.kind: "{m.kind}" needs workers.device = "gpu"')
+    _check_dims(m, errors)
     if isinstance(w.gpus, str) and w.gpus != "all":
         errors.append(f'workers.gpus: expected "all" or a list of GPU indices or UUIDs, got "{w.gpus}"')
     if isinstance(w.cpu_affinity, str) and w.cpu_affinity not in ("auto", "none"):
@@ -333,6 +358,31 @@ def _cross_checks(cfg: Config, base: Path, check_files: bool, errors: list[str])
     if not cfg.orchestrator.name or "/" in cfg.orchestrator.name:
         errors.append("orchestrator.name: expected a non-empty name without '/'")
     return cfg
+
+
+def _check_dims(m: ModelSection, errors: list[str]) -> None:
+    """[[model.dims]]: named once each, buckets increasing and within [min, max]."""
+    if m.dims and m.kind == "synthetic":
+        errors.append("model.dims: the synthetic model has no dynamic dimensions")
+    seen: set[str] = set()
+    for i, d in enumerate(m.dims):
+        at = f"model.dims[{i}]"
+        if not d.name:
+            errors.append(f"{at}.name: required (the dimension's name in the model)")
+        elif d.name in seen:
+            errors.append(f"{at}.name: dimension {d.name!r} is configured twice")
+        seen.add(d.name)
+        if d.max and d.min > d.max:
+            errors.append(f"{at}: min {d.min} exceeds max {d.max}")
+        if d.buckets:
+            b = d.buckets
+            if list(b) != sorted(set(b)) or b[0] < d.min:
+                errors.append(f"{at}.buckets: expected strictly increasing sizes from min ({d.min}) up")
+            elif d.max and b[-1] != d.max:
+                errors.append(f"{at}.buckets: the last bucket must equal max ({d.max})")
+        for name, axis in d.follow.items():
+            if axis is not None and axis < 1:
+                errors.append(f"{at}.follow.{name}: expected an axis >= 1 (axis 0 is the batch)")
 
 
 def parse_config(raw: dict, source: str = "", base_dir: Path | None = None, check_files: bool = True) -> Config:
@@ -399,6 +449,10 @@ def _type_name(tp: Any) -> str:
         return " / ".join(f'"{a}"' for a in get_args(tp))
     if origin is tuple:
         return f"list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return f"table of {_type_name(get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "list of tables"
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in get_args(tp))
     return str(tp)
@@ -414,7 +468,15 @@ def toml_value(v: Any) -> str:
         return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table (e.g. [[model.dims]] entries, written as a list of them)
+        return "{" + ", ".join(f"{_toml_key(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return toml_value(dataclasses.asdict(v))
     return repr(v)
+
+
+def _toml_key(k: str) -> str:
+    return k if k and all(c.isascii() and (c.isalnum() or c in "-_") for c in k) else toml_value(k)
 
 
 def dump_toml(doc: dict[str, dict[str, Any]]) -> str:
@@ -423,13 +485,27 @@ def dump_toml(doc: dict[str, dict[str, Any]]) -> str:
                      for sec, keys in doc.items())
 
 
+def _reference_row(key: str, tp: Any, f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        default = toml_value(f.default)
+    elif f.default_factory is not dataclasses.MISSING:
+        default = toml_value(f.default_factory())
+    else:
+        default = ""
+    type_name = "list of tables" if get_origin(tp) is tuple and dataclasses.is_dataclass(get_args(tp)[0]) else _type_name(tp)
+    return f"| `{key}` | {type_name} | `{default}` | {f.metadata.get('doc', '')} |"
+
+
 def reference() -> str:
     """The config reference as a Markdown table, generated from the dataclasses (the README embeds it)."""
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for section, cls in _SECTIONS.items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            default = toml_value(f.default) if f.default is not dataclasses.MISSING else ""
-            lines.append(f"| `{section}.{f.name}` | {_type_name(hints[f.name])} | `{default}` | "
-                         f"{f.metadata.get('doc', '')} |")
+            lines.append(_reference_row(f"{section}.{f.name}", hints[f.name], f))
+            inner = get_args(hints[f.name])
+            if get_origin(hints[f.name]) is tuple and inner and dataclasses.is_dataclass(inner[0]):
+                sub_hints = typing.get_type_hints(inner[0])
+                lines.extend(_reference_row(f"{section}.{f.name}[].{g.name}", sub_hints[g.name], g)
+                             for g in dataclasses.fields(inner[0]))
     return "\n".join(lines)

@@ -234,7 +234,7 @@ class Supervisor:
             "workers": [
                 {"id": w.id, "endpoint": w.endpoint, "state": w.state.value, "device": w.plan.device,
                  "inputs": w.ready_info.get("inputs", []), "outputs": w.ready_info.get("outputs", []),
-                 "max_batch": w.ready_info.get("max_batch")}
+                 "max_batch": w.ready_info.get("max_batch"), "dims": w.ready_info.get("dims", [])}
                 for w in self.workers.values()
             ],
         }

@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator import shapes
 from orchestrator.errors import BatchTooLargeError, InvalidInputError
 from workers.engines.base import Engine, Slot
+from workers.engines.dims import batch_view
 
 SHM_DMA_MIN_BYTES = 64 << 10
 
@@ -37,7 +39,8 @@ class Request:
     """One accepted client request. `tensors` are zero-copy views over the received frames; a shared-
     memory request has `shm` instead (its data stays in the arena until the engine reads it)."""
 
-    __slots__ = ("identity", "request_id", "tensors", "rows", "t_recv_ns", "deadline_ns", "keep", "shm", "many")
+    __slots__ = ("identity", "request_id", "tensors", "rows", "t_recv_ns", "deadline_ns", "keep", "shm", "many",
+                 "dims", "key")
 
     def __init__(self, identity: Any, request_id: int, tensors: dict[str, np.ndarray] | None, rows: int,
                  t_recv_ns: int, deadline_ns: int = 0, keep: Any = None, shm: ShmSpans | None = None) -> None:
@@ -50,6 +53,8 @@ class Request:
         self.keep = keep  # the received frames, kept alive until staging has copied them
         self.shm = shm
         self.many = False  # came in a multi-request message: its completion may be sent with others
+        self.dims: tuple[int, ...] = ()  # sizes of the model's dynamic dimensions in this request
+        self.key: tuple[int, ...] = ()  # the sizes it is launched at (its padding buckets): batches share one
 
 
 class Batch:
@@ -88,6 +93,11 @@ class Pipeline:
         self.completed_batches = 0  # progress counter reported in heartbeats
         self.completed_requests = 0
         self._in_specs = {s.name: s for s in engine.inputs}
+        self._out_specs = {s.name: s for s in engine.outputs}
+        self.dims = engine.dims  # dynamic non-batch dimensions (workers/engines/dims.py); () for most models
+        self.bound: tuple[int, ...] = ()  # their sizes in the request check_specs() last accepted
+        self._dim_names = tuple(d.name for d in self.dims)
+        self._shapes: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = {}  # (tensor, dims) -> item shape
         self.arena = arena  # workers.arena.Arena, for synchronous engines' views of shared-memory requests
         # A shared-memory request smaller than this (inputs plus outputs) is staged by a CPU copy like a
         # frame request: copying a few KiB costs well under a microsecond, an async copy's driver call
@@ -120,10 +130,9 @@ class Pipeline:
             spec = self._in_specs[name]
             if dtype != spec.dtype:
                 raise InvalidInputError(f"tensor {name!r}: dtype {dtype}, the model takes {spec.dtype}")
-            if len(shape) != len(spec.item_shape) + 1 or tuple(shape[1:]) != spec.item_shape:
-                raise InvalidInputError(
-                    f"tensor {name!r}: shape {list(shape)}, the model takes [batch, {', '.join(map(str, spec.item_shape))}]"
-                )
+            item = spec.item_shape
+            if len(shape) != len(item) + 1 or (tuple(shape[1:]) != item and not self._fits(item, shape)):
+                raise InvalidInputError(f"tensor {name!r}: shape {list(shape)}, the model takes {shapes.describe(item)}")
             if rows == -1:
                 rows = shape[0]
             elif shape[0] != rows:
@@ -132,7 +141,31 @@ class Pipeline:
             raise InvalidInputError("empty batch: at least one row is needed")
         if rows > self.engine.max_batch:
             raise BatchTooLargeError(f"batch of {rows} rows exceeds the model's max batch {self.engine.max_batch}")
+        if self.dims:
+            bound = shapes.bind([(n, self._in_specs[n].item_shape) for n, _, _ in specs], {n: s for n, _, s in specs})
+            for d in self.dims:
+                size = bound[d.name]
+                if not d.lo <= size <= d.hi:
+                    raise InvalidInputError(f"dimension {d.name!r} is {size}; the model takes {d.lo} to {d.hi}")
+            self.bound = tuple(bound[n] for n in self._dim_names)
         return rows
+
+    @staticmethod
+    def _fits(item: tuple[int | str, ...], shape: tuple[int, ...]) -> bool:
+        """A shape matches an item shape with dynamic dimensions in its fixed entries (sizes come later)."""
+        return all(d.__class__ is str or d == got for d, got in zip(item, shape[1:], strict=True))
+
+    def key_of(self, dims: tuple[int, ...]) -> tuple[int, ...]:
+        """The sizes a request with dynamic-dimension sizes `dims` is launched at."""
+        return tuple(d.launch_size(v) for d, v in zip(self.dims, dims, strict=True))
+
+    def item_shape(self, spec: Any, dims: tuple[int, ...]) -> tuple[int, ...]:
+        """A tensor's concrete item shape for dynamic-dimension sizes `dims` (cached)."""
+        k = (spec.name, dims)
+        shape = self._shapes.get(k)
+        if shape is None:
+            shape = self._shapes[k] = shapes.resolve(spec.item_shape, dict(zip(self._dim_names, dims, strict=True)))
+        return shape
 
     def offer(self, req: Request) -> bool:
         """Queue a checked request; False when the bounded queue is full (reply OVERLOADED)."""
@@ -166,6 +199,8 @@ class Pipeline:
         the slot's first rows; larger shared-memory requests follow and are not copied here: the engine
         copies them between the arena and the device itself (slot.shm_parts). A synchronous engine stages
         every request, except a shared-memory request alone, which it computes from arena views."""
+        if self.dims:
+            return self._launch_dynamic(now_ns, on_expired)
         slot = self.free.popleft()
         picked: list[Request] = []
         rows = 0
@@ -219,6 +254,91 @@ class Pipeline:
         self._launch(batch, now_ns)
         return batch
 
+    def _launch_dynamic(self, now_ns: int, on_expired: Callable[[Request], None]) -> Batch | None:
+        """launch_next for a model with dynamic dimensions: the oldest request's launch sizes (its padding
+        buckets) pick the batch; queued requests with the same launch sizes join it in arrival order, the
+        others keep their place. Every request is staged (padded where it is smaller than the batch's
+        sizes), except a lone shared-memory request on an engine that computes views at any size."""
+        queue, limit = self.queue, self.engine.max_batch
+        while queue and queue[0].deadline_ns and now_ns > queue[0].deadline_ns:
+            req = queue.popleft()
+            self.queued_rows -= req.rows
+            on_expired(req)
+        if not queue:
+            return None
+        slot = self.free.popleft()
+        key = queue[0].key
+        picked: list[Request] = []
+        rest: list[Request] = []
+        rows = 0
+        for req in queue:
+            if req.key != key or rows + req.rows > limit:
+                rest.append(req)
+            elif req.deadline_ns and now_ns > req.deadline_ns:
+                self.queued_rows -= req.rows
+                on_expired(req)
+            else:
+                picked.append(req)
+                rows += req.rows
+                self.queued_rows -= req.rows
+        queue.clear()
+        queue.extend(rest)
+        engine = self.engine
+        one = picked[0]
+        if (engine.synchronous and engine.computes_views and len(picked) == 1 and one.shm is not None
+                and one.dims == key):
+            return self._launch_direct(slot, one, now_ns)
+        padded = next(b for b in self.buckets if b >= rows) if engine.pads_to_buckets else rows
+        slot.dims = key
+        ins = {s.name: batch_view(slot.inputs[s.name], padded, self.item_shape(s, key)) for s in engine.inputs}
+        parts: list[tuple[Request, int]] = []
+        staged: list[tuple[int, int, list[int], list[int]]] = []
+        off = 0
+        for req in picked:
+            n, shm = req.rows, req.shm
+            for s in engine.inputs:
+                dst = ins[s.name][off:off + n]
+                if req.dims != key:  # pad: the whole block, then the request's own part over it
+                    dst[...] = self._pad_value(s.name)
+                    dst = dst[(slice(None), *(slice(0, v) for v in self.item_shape(s, req.dims)))]
+                if shm is None:
+                    dst[...] = req.tensors[s.name]  # type: ignore[index]
+                else:
+                    i = engine.inputs.index(s)
+                    dst[...] = self.arena.view(shm.inputs[i], s.dtype, (n, *self.item_shape(s, req.dims)))
+            if shm is None:
+                req.tensors = None
+                req.keep = None
+            else:
+                staged.append((off, n, shm.inputs, shm.outputs))
+            parts.append((req, off))
+            off += n
+        slot.frames_rows = off
+        slot.staged_shm = staged
+        slot.shm_parts = []
+        batch = Batch(slot, parts, rows, padded)
+        self._launch(batch, now_ns)
+        return batch
+
+    def _pad_value(self, tensor: str) -> float:
+        """What padded positions of an input hold: its value in [[model.dims]] pad (0 by default). With
+        several dynamic dimensions, the first that names the input decides."""
+        for d in self.dims:
+            if tensor in d.pad:
+                return d.pad[tensor]
+        return 0
+
+    def output_view(self, batch: Batch, name: str, off: int, req: Request) -> np.ndarray:
+        """One request's part of an output of a finished batch: its rows, cut back to its own sizes of the
+        dynamic dimensions (a view; not contiguous where the batch was padded)."""
+        spec = self._out_specs[name]
+        key = batch.slot.dims
+        whole = batch_view(batch.slot.outputs[name], batch.padded, self.item_shape(spec, key))
+        part = whole[off:off + req.rows]
+        if req.dims != key:
+            part = part[(slice(None), *(slice(0, v) for v in self.item_shape(spec, req.dims)))]
+        return part
+
     def _launch(self, batch: Batch, now_ns: int, direct: Request | None = None) -> None:
         slot = batch.slot
         batch.t_launch_ns = now_ns
@@ -238,6 +358,7 @@ class Pipeline:
     def _launch_direct(self, slot: Slot, req: Request, now_ns: int) -> Batch:
         """A synchronous (CPU) engine and one shared-memory request alone: computed straight from its input
         views into its output views, with no copy at all."""
+        slot.dims = req.dims
         slot.frames_rows = 0
         slot.staged_shm = []
         slot.shm_parts = []
@@ -246,14 +367,23 @@ class Pipeline:
         return batch
 
     def _views(self, req: Request) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        engine, arena, shm, n = self.engine, self.arena, req.shm, req.rows
-        ins = {s.name: arena.view(o, s.dtype, (n, *s.item_shape)) for s, o in zip(engine.inputs, shm.inputs, strict=True)}
-        outs = {s.name: arena.view(o, s.dtype, (n, *s.item_shape)) for s, o in zip(engine.outputs, shm.outputs, strict=True)}
+        engine, arena, shm, n, dims = self.engine, self.arena, req.shm, req.rows, req.dims
+        ins = {s.name: arena.view(o, s.dtype, (n, *self.item_shape(s, dims)))
+               for s, o in zip(engine.inputs, shm.inputs, strict=True)}
+        outs = {s.name: arena.view(o, s.dtype, (n, *self.item_shape(s, dims)))
+                for s, o in zip(engine.outputs, shm.outputs, strict=True)}
         return ins, outs
 
     def _write_shm_outputs(self, batch: Batch) -> None:
         """After a batch with staged shared-memory requests: copy their output rows into their spans."""
         engine, arena, slot = self.engine, self.arena, batch.slot
+        if self.dims:
+            for (req, off), (_, n, _, out_offs) in zip(
+                    [p for p in batch.parts if p[0].shm is not None], slot.staged_shm, strict=True):
+                for s, o in zip(engine.outputs, out_offs, strict=True):
+                    arena.view(o, s.dtype, (n, *self.item_shape(s, req.dims)))[...] = self.output_view(
+                        batch, s.name, off, req)
+            return
         for row, n, _, out_offs in slot.staged_shm:
             for s, o in zip(engine.outputs, out_offs, strict=True):
                 arena.view(o, s.dtype, (n, *s.item_shape))[...] = slot.outputs[s.name][row:row + n]

@@ -28,6 +28,7 @@ from orchestrator.errors import (
 )
 from orchestrator.protocol import Kind
 from orchestrator.security import secure_server, stop_authenticator
+from orchestrator.shapes import is_dynamic
 from workers.arena import Arena
 from workers.driver_journal import JOURNAL
 from workers.engines.base import Engine, Slot
@@ -104,13 +105,16 @@ class ServeLoop:
                                  cfg.pipeline.max_queue_delay_us, cfg.buckets, probe=self.telemetry.probe,
                                  arena=self.arena)
         engine.warmup(self.pipeline.slots, self.pipeline.buckets)
-        self._in_row_bytes = [int(np.prod(s.item_shape, dtype=np.int64)) * s.dtype.itemsize for s in engine.inputs]
+        # Bytes per row of each input (0 where a dynamic dimension makes it depend on the request).
+        self._in_row_bytes = [0 if is_dynamic(s.item_shape) else int(np.prod(s.item_shape, dtype=np.int64)) * s.dtype.itemsize
+                              for s in engine.inputs]
         self._out_specs = [(s.name, s.dtype, s.item_shape) for s in engine.outputs]
         self._in_row_total = sum(self._in_row_bytes)
-        self._out_layouts: dict[int, tuple[list[int], int]] = {}  # rows -> output offsets and bytes in a span
+        # (rows, dynamic sizes) -> output offsets and bytes in a span
+        self._out_layouts: dict[tuple[int, tuple[int, ...]], tuple[list[int], int]] = {}
         # Reply headers of shared-memory requests: the msgpack of [VERSION, OK, id, specs] with the specs
         # for each row count packed once (only the request id differs).
-        self._shm_heads: dict[int, bytes] = {}
+        self._shm_heads: dict[tuple[int, tuple[int, ...]], bytes] = {}
         self.data = ctx.socket(zmq.ROUTER)
         self.data.setsockopt(zmq.LINGER, 0)
         self.data.setsockopt(zmq.MAXMSGSIZE, cfg.transport.max_message_bytes)
@@ -159,6 +163,7 @@ class ServeLoop:
             "kind": "ready", "id": self.id, "pid": os.getpid(), "endpoint": self.endpoint,
             "engine": eng.describe(), "inputs": [s.to_wire() for s in eng.inputs],
             "outputs": [s.to_wire() for s in eng.outputs], "max_batch": eng.max_batch,
+            "dims": [[d.name, d.lo, d.hi, list(d.buckets)] for d in eng.dims],
             "buckets": list(self.pipeline.buckets), "depth": self.pipeline.depth,
             "cpu_affinity": sorted(os.sched_getaffinity(0)),
         }
@@ -211,7 +216,7 @@ class ServeLoop:
                     if len(frames) != 2:
                         raise InvalidInputError("a shared-memory request carries no tensor frames")
                     rows = pipeline.check_specs(header.specs)
-                    shm = self._shm_spans(header, rows)
+                    shm = self._shm_spans(header, rows, pipeline.bound)
             except protocol.DecodeError as exc:
                 self._reply_error(identity, exc.request_id, exc.code, str(exc))
                 continue
@@ -223,6 +228,9 @@ class ServeLoop:
                 continue
             deadline = now + header.timeout_ms * 1_000_000 if header.timeout_ms else 0
             req = Request(identity, header.request_id, tensors, rows, now, deadline, frames, shm)
+            if pipeline.dims:
+                req.dims = pipeline.bound
+                req.key = pipeline.key_of(req.dims)
             if not pipeline.offer(req):
                 self._reply_error(identity, header.request_id, ErrorCode.OVERLOADED,
                                   f"worker queue full ({pipeline.max_queue} requests)")
@@ -232,7 +240,7 @@ class ServeLoop:
 
     # --- shared memory ----------------------------------------------------------------------------
 
-    def _shm_spans(self, header: protocol.RequestHeader, rows: int) -> ShmSpans:
+    def _shm_spans(self, header: protocol.RequestHeader, rows: int, dims: tuple[int, ...]) -> ShmSpans:
         """Resolve a checked shared-memory request's spans against its lease (RequestError if any lies
         outside it). Inputs come in header order; ShmSpans lists them in the engine's order."""
         arena = self.arena
@@ -244,6 +252,12 @@ class ServeLoop:
         lease = arena.lease_for(shm[0])  # type: ignore[index]
         span = arena.span
         offsets = header.offsets
+        if self.pipeline.dims:  # bytes per row depend on the request's sizes of the dynamic dimensions
+            given = {name: off for (name, _, _), off in zip(header.specs, offsets, strict=True)}  # type: ignore[arg-type]
+            item = self.pipeline.item_shape
+            ins = [span(lease, given[s.name], rows * int(np.prod(item(s, dims), dtype=np.int64)) * s.dtype.itemsize, s.name)
+                   for s in self.engine.inputs]
+            return self._spans(lease, ins, shm[1], rows, dims)  # type: ignore[index]
         if len(self._in_row_bytes) == 1:  # one input: check_specs made sure it is the model's
             ins = [span(lease, offsets[0], rows * self._in_row_bytes[0], self.engine.inputs[0].name)]  # type: ignore[index]
         else:
@@ -252,15 +266,23 @@ class ServeLoop:
                    for s, rb in zip(self.engine.inputs, self._in_row_bytes, strict=True)]
         return self._spans(lease, ins, shm[1], rows)  # type: ignore[index]
 
-    def _spans(self, lease: Any, ins: list[int], out: Any, rows: int) -> ShmSpans:
+    def _spans(self, lease: Any, ins: list[int], out: Any, rows: int, dims: tuple[int, ...] = ()) -> ShmSpans:
         """ShmSpans for checked input spans and the outputs laid out from lease offset `out` (checked here)."""
-        layout = self._out_layouts.get(rows)
+        layout = self._out_layouts.get((rows, dims))
         if layout is None:
-            layout = self._out_layouts[rows] = protocol.shm_layout(
-                [(n, d, (rows, *shape)) for n, d, shape in self._out_specs])
+            layout = self._out_layouts[(rows, dims)] = protocol.shm_layout(self._out_shapes(rows, dims))
         offs, total = layout
         start = self.arena.span(lease, out, total, "outputs")  # type: ignore[union-attr]
-        return ShmSpans(lease, ins, [start + o for o in offs], rows * self._in_row_total + total)
+        in_bytes = rows * self._in_row_total if not dims else sum(
+            rows * int(np.prod(self.pipeline.item_shape(s, dims), dtype=np.int64)) * s.dtype.itemsize
+            for s in self.engine.inputs)
+        return ShmSpans(lease, ins, [start + o for o in offs], in_bytes + total)
+
+    def _out_shapes(self, rows: int, dims: tuple[int, ...]) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+        """The outputs' (name, dtype, full shape) for a request of `rows` rows and dynamic sizes `dims`."""
+        if not dims:
+            return [(n, d, (rows, *shape)) for n, d, shape in self._out_specs]
+        return [(s.name, s.dtype, (rows, *self.pipeline.item_shape(s, dims))) for s in self.engine.outputs]
 
     def _receive_many(self, identity: Any, header: protocol.RequestHeader, nframes: int, now: int) -> None:
         """Several shared-memory requests in one message (Kind.INFER_MANY), each with the model's own dtypes
@@ -273,6 +295,9 @@ class ServeLoop:
         try:
             if nframes != 2:
                 raise InvalidInputError("shared-memory requests carry no tensor frames")
+            if pipeline.dims:
+                raise InvalidInputError("INFER_MANY carries no shapes, and this model has dynamic dimensions: "
+                                        "send each request on its own")
             if arena is None:
                 raise InvalidInputError("shared memory is off on this worker (transport.shm_mb = 0): send frames")
             lease = arena.lease_for(header.shm[0])  # type: ignore[index]
@@ -347,6 +372,7 @@ class ServeLoop:
         names = [s.name for s in self.engine.outputs]
         send = self.data.send_multipart
         together: dict[bytes, tuple[Any, list[list[int]]]] = {}
+        dynamic = bool(self.pipeline.dims)
         for req, off in batch.parts:
             end = off + req.rows
             if req.shm is not None and req.many:  # answered together with the others of its client
@@ -358,14 +384,19 @@ class ServeLoop:
                 self.arena.served(req.shm)  # type: ignore[union-attr]
                 continue
             if req.shm is not None:  # the outputs are already in the client's lease
-                specs = self._shm_heads.get(req.rows)
+                specs = self._shm_heads.get((req.rows, req.dims))
                 if specs is None:
-                    specs = self._shm_heads[req.rows] = protocol.pack(
-                        [[n, d.str, [req.rows, *shape]] for n, d, shape in self._out_specs])
+                    specs = self._shm_heads[(req.rows, req.dims)] = protocol.pack(
+                        [[n, d.str, list(shape)] for n, d, shape in self._out_shapes(req.rows, req.dims)])
                 send([req.identity, protocol.result_head(req.request_id, specs)], copy=False)
                 self.arena.served(req.shm)  # type: ignore[union-attr]
                 continue
-            frames = protocol.encode_result(req.request_id, [(n, outputs[n][off:end]) for n in names])
+            if dynamic:  # the request's rows, cut back to its own sizes: contiguous copies
+                out_view = self.pipeline.output_view
+                frames = protocol.encode_result(
+                    req.request_id, [(n, np.ascontiguousarray(out_view(batch, n, off, req))) for n in names])
+            else:
+                frames = protocol.encode_result(req.request_id, [(n, outputs[n][off:end]) for n in names])
             # copy=True: the slot's buffers are reused by the next batch, so ZeroMQ must own a copy.
             send([req.identity, *frames], copy=True)
         for identity, done in together.values():

@@ -101,7 +101,10 @@ def run_worker(spec_path: str) -> int:
         loop = _startup(spec, cfg, ctx, sup)
     except Exception as exc:  # last words: the supervisor shows this with the log tail
         code = exc.code if isinstance(exc, OrchestratorError) else ErrorCode.INTERNAL
-        log.exception("[spawn] start-up failed")
+        if isinstance(exc, OrchestratorError):  # a stated problem (model, config, device): no traceback
+            log.error("[spawn] start-up failed: %s", exc)
+        else:
+            log.exception("[spawn] start-up failed")
         sup.send(protocol.pack({"kind": "failed", "id": spec["id"], "pid": os.getpid(), "code": int(code),
                                 "error": f"{type(exc).__name__}: {exc}"}))
         sup.close()

@@ -15,11 +15,12 @@ import numpy as np
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input or output tensor. `item_shape` excludes the leading batch dimension."""
+    """One input or output tensor. `item_shape` excludes the leading batch dimension; its entries are
+    sizes, or the names of dynamic dimensions (orchestrator/shapes.py)."""
 
     name: str
     dtype: np.dtype
-    item_shape: tuple[int, ...]
+    item_shape: tuple[int | str, ...]
 
     def to_wire(self) -> list:
         return [self.name, self.dtype.str, list(self.item_shape)]
@@ -38,6 +39,9 @@ class Slot:
     inputs: dict[str, np.ndarray]
     outputs: dict[str, np.ndarray]
     rows: int = 0  # rows of the batch currently launched, after padding
+    # Sizes of the engine's dynamic dimensions (Engine.dims order) the batch was launched with: () for a
+    # model without any. The slot's arrays are sized for the largest; a batch uses their leading part.
+    dims: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
     # The batch's layout: rows [0, frames_rows) were staged into `inputs`; each DMA shared-memory request
     # follows as (first row, rows, input arena offsets, output arena offsets), in engine tensor order.
@@ -69,6 +73,8 @@ class Engine(ABC):
     #: Synchronous engines that can compute straight from input views into output views (a lone shared-
     #: memory request then needs no copy at all): they implement compute_views.
     computes_views: bool = False
+    #: The model's dynamic non-batch dimensions (workers/engines/dims.py), in a fixed order.
+    dims: tuple[Any, ...] = ()
 
     @abstractmethod
     def create_slots(self, depth: int) -> list[Slot]:
@@ -79,7 +85,8 @@ class Engine(ABC):
 
     @abstractmethod
     def launch(self, slot: Slot, rows: int) -> None:
-        """Start the batch staged in `slot.inputs[:rows]`; results land in `slot.outputs[:rows]`.
+        """Start the batch staged in `slot.inputs[:rows]`; results land in `slot.outputs[:rows]` (with
+        dynamic dimensions, in the leading part of each array shaped for `slot.dims`: dims.batch_view).
 
         GPU engines only enqueue (H2D, kernels or graph, D2H, event record) and return at once; CPU
         engines may compute synchronously.

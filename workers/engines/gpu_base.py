@@ -95,6 +95,19 @@ class GpuEngineBase(Engine):
     def _init_slot(self, slot: GpuSlot) -> None:
         """Per-slot setup after the buffers exist (kernel args, execution contexts...)."""
 
+    def _launch_keys(self) -> list[tuple[int, ...]]:
+        """The sizes of the dynamic dimensions each bucket is warmed up (and captured) at: [()] without."""
+        return [()]
+
+    def _row_bytes(self, dims: tuple[int, ...]) -> tuple[list[int], list[int]]:
+        """Bytes per row of each input and output at dynamic sizes `dims` (engines with dims override)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _graph_key(slot: GpuSlot, rows: int) -> Any:
+        """Graphs are keyed by rows, and by (rows, dims) for a model with dynamic dimensions."""
+        return (rows, slot.dims) if slot.dims else rows
+
     # --- slots --------------------------------------------------------------------------------------
 
     def _alloc_tensor(self, slot: GpuSlot, spec: TensorSpec, rows: int) -> tuple[np.ndarray, Any, int]:
@@ -137,6 +150,8 @@ class GpuEngineBase(Engine):
     # --- per batch (hot path: no allocation, no sync) ------------------------------------------
 
     def _enqueue_eager(self, slot: GpuSlot, rows: int) -> Any:
+        if slot.dims:
+            return self._enqueue_eager_dims(slot, rows)
         stream = slot.stream
         handle = stream.handle
         htod = self.rt.copy_htod_async
@@ -146,6 +161,18 @@ class GpuEngineBase(Engine):
         dtoh = self.rt.copy_dtoh_async
         for dst, src, row_bytes in slot.d2h:
             dtoh(dst, src, rows * row_bytes, handle)
+        return ok
+
+    def _enqueue_eager_dims(self, slot: GpuSlot, rows: int) -> Any:
+        """_enqueue_eager at the dynamic sizes slot.dims: the leading bytes of each buffer."""
+        handle = slot.stream.handle
+        rb_in, rb_out = self._row_bytes(slot.dims)
+        htod, dtoh = self.rt.copy_htod_async, self.rt.copy_dtoh_async
+        for (dst, src, _), rb in zip(slot.h2d, rb_in, strict=True):
+            htod(dst, src, rows * rb, handle)
+        ok = self._compute(slot, rows)
+        for (dst, src, _), rb in zip(slot.d2h, rb_out, strict=True):
+            dtoh(dst, src, rows * rb, handle)
         return ok
 
     def _anchor_for(self, slot: GpuSlot, now: int) -> None:
@@ -194,7 +221,7 @@ class GpuEngineBase(Engine):
         if slot.shm_parts:
             self._enqueue_shm(slot, rows)
         else:
-            graph = slot.graphs.get(rows)
+            graph = slot.graphs.get((rows, slot.dims) if slot.dims else rows)
             if graph is not None:
                 graph.launch(stream)
             else:  # graphs off, or this bucket's capture failed
@@ -246,27 +273,32 @@ class GpuEngineBase(Engine):
     # --- warm-up, readiness ----------------------------------------------------------------------
 
     def warmup(self, slots: list[Slot], buckets: tuple[int, ...]) -> None:
-        """Run every bucket on every slot eagerly, then capture one graph per (slot, bucket)."""
+        """Run every bucket (at every size bucket of the dynamic dimensions) on every slot eagerly, then
+        capture one graph per (slot, bucket)."""
+        combos = [(rows, dims) for dims in self._launch_keys() for rows in buckets]
         for slot in slots:
             assert isinstance(slot, GpuSlot)
-            for rows in buckets:
+            for rows, dims in combos:
+                slot.dims = dims
                 if self._enqueue_eager(slot, rows) is False:
                     raise EngineError(f"{self.kind}: warm-up enqueue of {rows} rows failed (see the log)")
                 slot.stream.synchronize()
                 if self.want_graphs:
                     self._capture(slot, rows)
-                    if self.arena_addr:
+                    if self.arena_addr and not dims:  # dynamic dimensions: shared memory is staged
                         self._capture(slot, rows, compute_only=True)
                 self.launch(slot, rows)  # the real launch path once, events included
                 self.wait(slot)
                 self.gpu_time_us(slot)
-                if self.arena_addr:  # and the shared-memory path: one row from and to the arena's start
+                if self.arena_addr and not dims:  # and the shared-memory path: one row from and to the arena
                     slot.shm_parts = [(0, 1, [0] * len(slot.in_dev), [0] * len(slot.out_dev))]
                     self.launch(slot, rows)
                     self.wait(slot)
                     slot.shm_parts = []
-        log.info("[ready] %s warmed up: %d slot(s) x buckets %s, %d graph(s) captured, %d capture failure(s)",
-                 self.kind, len(slots), list(buckets), self.graphs_captured, self.graph_failures)
+            slot.dims = ()
+        log.info("[ready] %s warmed up: %d slot(s) x buckets %s x sizes %s, %d graph(s) captured, %d capture "
+                 "failure(s)", self.kind, len(slots), list(buckets), self._launch_keys(), self.graphs_captured,
+                 self.graph_failures)
 
     def _capture(self, slot: GpuSlot, rows: int, compute_only: bool = False) -> None:
         """One graph per (slot, bucket): H2D + compute + D2H for staged batches, or the compute step alone
@@ -278,7 +310,7 @@ class GpuEngineBase(Engine):
         if graph is None:
             self.graph_failures += 1
             return
-        into[rows] = graph
+        into[self._graph_key(slot, rows)] = graph
         self.graphs_captured += 1
 
     def mark_ready(self) -> None:

@@ -1,4 +1,5 @@
-"""ONNX Runtime on the CPU: serves any ONNX model whose inputs and outputs have a leading batch dimension.
+"""ONNX Runtime on the CPU: serves any ONNX model whose inputs and outputs have a leading batch dimension,
+and other dynamic dimensions ([batch, seq] for NLP models) within the ranges [[model.dims]] declares.
 
 Runs on the worker's serving thread; tensor names, dtypes and item shapes are read from the model.
 """
@@ -11,7 +12,9 @@ import numpy as np
 
 from orchestrator.config import Config
 from orchestrator.errors import EngineError
+from orchestrator.shapes import resolve
 from workers.engines.base import Engine, Slot, TensorSpec
+from workers.engines.dims import batch_view, model_dims
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
@@ -22,15 +25,22 @@ _ORT_DTYPES = {
 
 
 def _spec(arg: Any, where: str) -> TensorSpec:
+    """A tensor's spec from ONNX Runtime: dynamic dimensions keep their dim_param name (an unnamed one is
+    called `<tensor>.<axis>`, the name [[model.dims]] then uses)."""
     dtype = _ORT_DTYPES.get(arg.type)
     if dtype is None:
         raise EngineError(f"{where} {arg.name!r} has type {arg.type}, which this engine does not serve")
     shape = list(arg.shape)
     if not shape:
         raise EngineError(f"{where} {arg.name!r} is a scalar; a leading batch dimension is required")
-    item = shape[1:]
-    if not all(isinstance(d, int) and d > 0 for d in item):
-        raise EngineError(f"{where} {arg.name!r} has shape {shape}: only the first (batch) dimension may be dynamic")
+    item: list[int | str] = []
+    for axis, d in enumerate(shape[1:], start=1):
+        if isinstance(d, int) and d > 0:
+            item.append(d)
+        elif isinstance(d, str) and d:
+            item.append(d)
+        else:
+            item.append(f"{arg.name}.{axis}")
     return TensorSpec(arg.name, np.dtype(dtype), tuple(item))
 
 
@@ -50,25 +60,37 @@ class OnnxCpuEngine(Engine):
             self.session = ort.InferenceSession(cfg.model.path, opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types for bad files
             raise EngineError(f"cannot load ONNX model {cfg.model.path}: {exc}") from None
-        self.inputs = tuple(_spec(a, "input") for a in self.session.get_inputs())
-        self.outputs = tuple(_spec(a, "output") for a in self.session.get_outputs())
+        self.inputs, self.outputs, self.dims = model_dims(
+            [_spec(a, "input") for a in self.session.get_inputs()], [_spec(a, "output") for a in self.session.get_outputs()],
+            {}, cfg.model.dims, need_buckets=False, where=f"ONNX model {cfg.model.path}")
+        self._largest = tuple(d.hi for d in self.dims)
+        self._names = tuple(d.name for d in self.dims)
         self.max_batch = cfg.model.max_batch
         self.path = cfg.model.path
         self._out_names = [o.name for o in self.outputs]
 
+    def _shape(self, spec: TensorSpec, dims: tuple[int, ...]) -> tuple[int, ...]:
+        return resolve(spec.item_shape, dict(zip(self._names, dims, strict=True)))
+
     def create_slots(self, depth: int) -> list[Slot]:
         def alloc(specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:
-            return {s.name: np.zeros((self.max_batch, *s.item_shape), s.dtype) for s in specs}
+            return {s.name: np.zeros((self.max_batch, *self._shape(s, self._largest)), s.dtype) for s in specs}
 
         return [Slot(i, alloc(self.inputs), alloc(self.outputs)) for i in range(depth)]
 
     def warmup(self, slots: list[Slot], buckets: tuple[int, ...]) -> None:
+        slots[0].dims = self._largest
         for rows in (1, self.max_batch):
             self.launch(slots[0], rows)
 
     def launch(self, slot: Slot, rows: int) -> None:
-        feeds = {name: arr[:rows] for name, arr in slot.inputs.items()}
-        self.compute_views(feeds, {name: arr[:rows] for name, arr in slot.outputs.items()})
+        if not self.dims:
+            feeds = {name: arr[:rows] for name, arr in slot.inputs.items()}
+            self.compute_views(feeds, {name: arr[:rows] for name, arr in slot.outputs.items()})
+            return
+        d = slot.dims
+        self.compute_views({s.name: batch_view(slot.inputs[s.name], rows, self._shape(s, d)) for s in self.inputs},
+                           {s.name: batch_view(slot.outputs[s.name], rows, self._shape(s, d)) for s in self.outputs})
 
     def compute_views(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         # ONNX Runtime reads the inputs in place (views of the arena or of the slot) and returns new arrays.

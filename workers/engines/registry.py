@@ -30,4 +30,8 @@ def create_engine(cfg: Config) -> Engine:
             from workers.engines.tensorrt_engine import TensorRTEngine
 
             return TensorRTEngine(cfg)
+        if kind == "torch":
+            from workers.engines.torch_engine import TorchEngine
+
+            return TorchEngine(cfg)
     raise EngineError(f'model.kind = "{kind}" is not supported on workers.device = "{device}"')
