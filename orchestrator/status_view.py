@@ -169,6 +169,31 @@ def _worker_table(status: dict) -> Table:
     return t
 
 
+def _engine_lines(status: dict) -> list[Text]:
+    """One line per GPU engine setup (workers that share it are listed together): what runs, CUDA graphs
+    on or off (and why), the module loading mode; problems in red."""
+    groups: dict[tuple, list[str]] = {}
+    for w in status.get("workers") or ():
+        eng = w.get("engine") or {}
+        if not eng or eng.get("device") in (None, "cpu"):
+            continue
+        graphs = eng.get("graphs") or ("on" if eng.get("cuda_graphs") else "off")
+        key = (eng.get("kind"), eng.get("program"), graphs, eng.get("graphs_captured"), eng.get("capture_error"),
+               w.get("module_loading") or eng.get("module_loading"))
+        groups.setdefault(key, []).append(str(w.get("id")))
+    lines = []
+    for (kind, program, graphs, captured, error, loading), ids in groups.items():
+        line = Text(f"engine {kind}" + (f" ({program})" if program else "") + f" on {', '.join(ids)}: ", style="dim")
+        line.append(f"graphs {graphs}" + (f" ({captured})" if captured else ""),
+                    style="green" if graphs == "on" else "yellow")
+        if error:
+            line.append(f": {error}", style="yellow")
+        line.append("  module loading ")
+        line.append(str(loading or "?"), style="green" if loading == "EAGER" else "bold red")
+        lines.append(line)
+    return lines
+
+
 def _host_line(status: dict) -> Text:
     mon = status.get("monitor") or {}
     h = mon.get("host") or {}
@@ -221,7 +246,7 @@ def render(status: dict) -> RenderableType:
     head = Text.assemble(("orchestrator ", "bold"), (str(status.get("name", "?")), "bold cyan"),
                          f"  pid {status.get('pid', '-')}  up {_dur(status.get('uptime_s'))}  ",
                          (str(status.get("run_dir", "")), "dim"))
-    parts: list[RenderableType] = [head, _worker_table(status), _host_line(status)]
+    parts: list[RenderableType] = [head, _worker_table(status), *_engine_lines(status), _host_line(status)]
     counts = {k: v for k, v in (mon.get("stall_counts") or {}).items() if v}
     if counts:
         parts.append(Text("stalls by cause: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),

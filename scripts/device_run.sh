@@ -7,6 +7,13 @@
 #   bash scripts/device_run.sh shm      # issue 9: tests/gpu, bench_shm.py table (1 and 2 workers under MPS) + 1-row requests
 #   bash scripts/device_run.sh profile  # issue 9: tests/gpu + py-spy profile of the serving thread, frames and shm
 #   bash scripts/device_run.sh shm2     # issue 9: bench_shm.py latency at concurrency 1 + 60 s attach/detach steady run
+#   bash scripts/device_run.sh export   # issue 10: scripts/export_models.py (bert-tiny, resnet18) into models/ + checks
+#   bash scripts/device_run.sh torch    # issue 10: the torch and end-to-end GPU tests (needs nothing exported)
+#   bash scripts/device_run.sh limit    # issue 10: in-process limit of both models (bench_torch_limit.py)
+#   bash scripts/device_run.sh orch     # issue 10: both models through the orchestrator (bench_real.py) + 60 s steady
+#   bash scripts/device_run.sh litserve # issue 10: both models under LitServe (bench_litserve.py)
+#   bash scripts/device_run.sh real     # issue 10 in one call, most important first, ExportedPrograms only
+#                                       # (models/bert-tiny.* carried; AOTInductor packages do not load there)
 # Every step runs even when an earlier one failed; its log and exit status go under $OUT; a summary ends it.
 # The whole run stays under TOTAL_S seconds (default 560, inside the device's 10-minute limit; 530 for shm modes).
 set -x
@@ -61,7 +68,7 @@ mps_processes() {
 }
 
 step install 120 bash -c 'python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl'
-export PYTHONPATH=/tmp/site:$PWD PATH="$PATH:/tmp/site/bin"
+export PYTHONPATH=/tmp/site:$PWD PATH="$PATH:/tmp/site/bin" TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor}
 
 step env 60 bash -c 'date -u; uname -a; nproc; python3 -VV
     nvidia-smi
@@ -110,8 +117,66 @@ run_mode() {
         step bench-shm2 420 python3 scripts/bench_shm.py --parts latency,steady --budget-s "$(budget 420)" \
             --out "$OUT/shm-latency-steady" --logs "$RES/logs-shm2" ${SHM_ARGS:-}
         ;;
+    export)
+        # Compiled programs belong to this GPU and torch: written here, kept between calls on a warm machine.
+        [ -f models/bert-tiny.pt2 ] || step export-bert 330 python3 scripts/export_models.py --out models --models bert \
+            --device cuda --max-batch 256 --seq-max 128
+        [ -f models/resnet18.pt2 ] || step export-resnet 330 python3 scripts/export_models.py --out models \
+            --models resnet --device cuda --max-batch 64
+        step check-exports 120 python3 scripts/check_exports.py models
+        ls -la models | tee "$RES/models.txt"
+        # The bert programs come back (each under the 16 MiB a returned file may have), to be carried later.
+        mkdir -p "$OUT/models" && cp models/bert-tiny.pt2 models/bert-tiny.ep.pt2 models/bert-tiny.json "$OUT/models/" || true
+        ;;
+    torch)
+        step torch-tests 420 python3 -m pytest tests/gpu/test_torch_gpu.py tests/gpu/test_e2e_gpu.py -q \
+            -p no:cacheprovider -rs ${TEST_ARGS:-}
+        ;;
+    gputests)
+        step gpu-tests 420 python3 -m pytest tests/gpu -q -p no:cacheprovider -rs
+        ;;
+    limit)
+        mkdir -p "$OUT/real"
+        step limit-bert 200 python3 scripts/bench_torch_limit.py --model bert --models models --seconds 3 \
+            --json "$OUT/real/limit-bert.json"
+        step limit-resnet 200 python3 scripts/bench_torch_limit.py --model resnet --models models --seconds 3 \
+            --json "$OUT/real/limit-resnet.json"
+        ;;
+    orch)
+        mkdir -p "$OUT/real"
+        # shellcheck disable=SC2086
+        step orch-bert 300 python3 scripts/bench_real.py --model bert --concurrency 1,64 --seconds 10 \
+            --json "$OUT/real/orch-bert.json" --logs "$RES/logs-orch-bert" ${ORCH_ARGS:-}
+        step orch-resnet 200 python3 scripts/bench_real.py --model resnet --concurrency 1,32 --seconds 10 \
+            --json "$OUT/real/orch-resnet.json" --logs "$RES/logs-orch-resnet"
+        ;;
+    litserve)
+        mkdir -p "$OUT/real"
+        # shellcheck disable=SC2086
+        step litserve-bert 240 python3 scripts/bench_litserve.py --model bert --models models --concurrency 1,64 \
+            --duration 10 --json "$OUT/real/litserve-bert.json" ${LS_ARGS:-}
+        step litserve-resnet 240 python3 scripts/bench_litserve.py --model resnet --models models --concurrency 1,32 \
+            --duration 10 --json "$OUT/real/litserve-resnet.json" ${LS_ARGS:-}
+        ;;
+    real)
+        mkdir -p "$OUT/real"
+        [ -f models/resnet18.ep.pt2 ] || step export-resnet 90 python3 scripts/export_models.py --out models \
+            --models resnet --device cuda --max-batch 64 --no-aoti --no-onnx
+        step orch-bert 210 python3 scripts/bench_real.py --model bert --concurrency 1,64 --seconds 8 --steady-s 60 \
+            --json "$OUT/real/orch-bert.json" --logs "$RES/logs-orch-bert"
+        step limit-bert 90 python3 scripts/bench_torch_limit.py --model bert --models models --program ep \
+            --seconds 2 --c1-iters 1000 --json "$OUT/real/limit-bert.json"
+        step litserve-bert 120 python3 scripts/bench_litserve.py --model bert --models models --program ep \
+            --concurrency 1,64 --warmup 2 --duration 8 --json "$OUT/real/litserve-bert.json"
+        step orch-resnet 110 python3 scripts/bench_real.py --model resnet --concurrency 1,32 --seconds 6 \
+            --json "$OUT/real/orch-resnet.json" --logs "$RES/logs-orch-resnet"
+        step limit-resnet 70 python3 scripts/bench_torch_limit.py --model resnet --models models --program ep \
+            --seconds 2 --c1-iters 300 --json "$OUT/real/limit-resnet.json"
+        step torch-tests 120 python3 -m pytest tests/gpu/test_torch_gpu.py tests/gpu/test_e2e_gpu.py -q \
+            -p no:cacheprovider -rs -k "not aoti and not synthetic and not sigkilled"
+        ;;
     *)
-        echo "unknown mode '$1' (gpu, stalls, single, quad, shm, profile or shm2)"
+        echo "unknown mode '$1' (gpu, stalls, single, quad, shm, profile, shm2, export, torch, gputests, limit, orch, litserve, real)"
         SUMMARY+=("FAIL  mode: unknown '$1'")
         FAILED=1
         ;;
