@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 
 import msgpack
 import pytest
@@ -17,12 +18,35 @@ from workers.pipeline import Batch, Request
 from workers.telemetry import ThreadProbe, WorkerTelemetry
 
 US = 1000  # ns
+_CLOCK: list[int] = []  # the instant make_batch timed its batch from (see frozen_clock)
+
+
+class _FrozenClock:
+    """time, except that monotonic_ns() returns the instant the last batch was made."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+    @staticmethod
+    def monotonic_ns() -> int:
+        return _CLOCK[0] if _CLOCK else time.monotonic_ns()
+
+
+@pytest.fixture
+def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """on_batch reads the clock once and measures latency from it: a test thread preempted between making
+    a batch and accounting it (a loaded 2-core CI machine) would turn a normal batch into a stall. With
+    this, on_batch sees the instant the batch was made."""
+    monkeypatch.setattr(telemetry, "time", _FrozenClock())
+    yield
+    _CLOCK.clear()
 
 
 def make_batch(enqueue_us: float, latency_us: float, n_requests: int = 2, rows: int = 4,
                probe: ThreadProbe | None = None, gpu_done_us: float = 100.0) -> Batch:
     """A replied batch whose oldest request arrived `latency_us` ago and whose launch took `enqueue_us`."""
     now = time.monotonic_ns()
+    _CLOCK[:] = [now]
     t_recv = now - int(latency_us * US)
     t_enq = now - int(gpu_done_us * US) - 20 * US
     t_launch = t_enq - int(enqueue_us * US)
@@ -85,12 +109,14 @@ def test_probe_opened_in_one_thread_reports_that_thread() -> None:
     assert box["snap"][1] != mine[1]  # different threads, different on-CPU clocks
 
 
+@pytest.mark.usefixtures("frozen_clock")
 def test_no_stall_during_warmup_even_when_slow() -> None:
     tel = make_tel()
     for i in range(64):
         assert tel.on_batch(make_batch(50_000.0 if i % 7 == 0 else 20.0, 300.0), 100.0) is None
 
 
+@pytest.mark.usefixtures("frozen_clock")
 def test_enqueue_stall_is_flagged_with_overlapping_journal_and_probe() -> None:
     journal = DriverJournal()
     tel = make_tel(journal)
@@ -109,6 +135,7 @@ def test_enqueue_stall_is_flagged_with_overlapping_journal_and_probe() -> None:
     msgpack.unpackb(msgpack.packb(cand))  # goes on the wire as is
 
 
+@pytest.mark.usefixtures("frozen_clock")
 def test_threshold_floor_and_factor() -> None:
     tel = make_tel()
     warm(tel)
@@ -120,6 +147,7 @@ def test_threshold_floor_and_factor() -> None:
     assert low.on_batch(make_batch(200.0, 300.0), 100.0) is not None  # 10x
 
 
+@pytest.mark.usefixtures("frozen_clock")
 def test_baseline_is_robust_to_a_stall_storm() -> None:
     tel = make_tel(max_candidates_per_s=1000.0)
     warm(tel)
@@ -128,6 +156,7 @@ def test_baseline_is_robust_to_a_stall_storm() -> None:
     assert flagged == 100  # a quarter of the batches stalled: the median stays at the normal 20 us
 
 
+@pytest.mark.usefixtures("frozen_clock")
 def test_latency_stall_behind_a_reported_one_is_a_knock_on() -> None:
     tel = make_tel()
     warm(tel)
@@ -138,6 +167,7 @@ def test_latency_stall_behind_a_reported_one_is_a_knock_on() -> None:
     assert rep["interval"]["knock_on"] == 1 and rep["interval"]["stalls"] == 1
 
 
+@pytest.mark.usefixtures("frozen_clock")
 def test_candidates_are_rate_limited() -> None:
     tel = make_tel(max_candidates_per_s=2.0)
     warm(tel)
