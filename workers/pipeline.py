@@ -258,7 +258,9 @@ class Pipeline:
         """launch_next for a model with dynamic dimensions: the oldest request's launch sizes (its padding
         buckets) pick the batch; queued requests with the same launch sizes join it in arrival order, the
         others keep their place. Every request is staged (padded where it is smaller than the batch's
-        sizes), except a lone shared-memory request on an engine that computes views at any size."""
+        sizes), except a lone shared-memory request on an engine that computes views at any size, and a
+        shared-memory request whose sizes are the batch's own on an asynchronous engine: that one goes by
+        DMA between its spans and its device rows (slot.shm_parts), like a request of a static model."""
         queue, limit = self.queue, self.engine.max_batch
         while queue and queue[0].deadline_ns and now_ns > queue[0].deadline_ns:
             req = queue.popleft()
@@ -293,9 +295,14 @@ class Pipeline:
         ins = {s.name: batch_view(slot.inputs[s.name], padded, self.item_shape(s, key)) for s in engine.inputs}
         parts: list[tuple[Request, int]] = []
         staged: list[tuple[int, int, list[int], list[int]]] = []
+        staged_dims: list[tuple[int, ...]] = []
+        dma: list[Request] = []
         off = 0
         for req in picked:
             n, shm = req.rows, req.shm
+            if shm is not None and req.dims == key and not engine.synchronous and shm.nbytes >= self.dma_min_bytes:
+                dma.append(req)
+                continue
             for s in engine.inputs:
                 dst = ins[s.name][off:off + n]
                 if req.dims != key:  # pad: the whole block, then the request's own part over it
@@ -311,11 +318,17 @@ class Pipeline:
                 req.keep = None
             else:
                 staged.append((off, n, shm.inputs, shm.outputs))
+                staged_dims.append(req.dims)
             parts.append((req, off))
             off += n
         slot.frames_rows = off
         slot.staged_shm = staged
+        slot.staged_dims = staged_dims
         slot.shm_parts = []
+        for req in dma:
+            parts.append((req, off))
+            slot.shm_parts.append((off, req.rows, req.shm.inputs, req.shm.outputs))  # type: ignore[union-attr]
+            off += req.rows
         batch = Batch(slot, parts, rows, padded)
         self._launch(batch, now_ns)
         return batch
@@ -331,12 +344,14 @@ class Pipeline:
     def output_view(self, batch: Batch, name: str, off: int, req: Request) -> np.ndarray:
         """One request's part of an output of a finished batch: its rows, cut back to its own sizes of the
         dynamic dimensions (a view; not contiguous where the batch was padded)."""
+        return self._cut(batch.slot, batch.padded, name, off, req.rows, req.dims)
+
+    def _cut(self, slot: Slot, padded: int, name: str, off: int, rows: int, dims: tuple[int, ...]) -> np.ndarray:
         spec = self._out_specs[name]
-        key = batch.slot.dims
-        whole = batch_view(batch.slot.outputs[name], batch.padded, self.item_shape(spec, key))
-        part = whole[off:off + req.rows]
-        if req.dims != key:
-            part = part[(slice(None), *(slice(0, v) for v in self.item_shape(spec, req.dims)))]
+        key = slot.dims
+        part = batch_view(slot.outputs[name], padded, self.item_shape(spec, key))[off:off + rows]
+        if dims != key:
+            part = part[(slice(None), *(slice(0, v) for v in self.item_shape(spec, dims)))]
         return part
 
     def _launch(self, batch: Batch, now_ns: int, direct: Request | None = None) -> None:
@@ -378,11 +393,10 @@ class Pipeline:
         """After a batch with staged shared-memory requests: copy their output rows into their spans."""
         engine, arena, slot = self.engine, self.arena, batch.slot
         if self.dims:
-            for (req, off), (_, n, _, out_offs) in zip(
-                    [p for p in batch.parts if p[0].shm is not None], slot.staged_shm, strict=True):
+            for (row, n, _, out_offs), dims in zip(slot.staged_shm, slot.staged_dims, strict=True):
                 for s, o in zip(engine.outputs, out_offs, strict=True):
-                    arena.view(o, s.dtype, (n, *self.item_shape(s, req.dims)))[...] = self.output_view(
-                        batch, s.name, off, req)
+                    arena.view(o, s.dtype, (n, *self.item_shape(s, dims)))[...] = self._cut(
+                        slot, batch.padded, s.name, row, n, dims)
             return
         for row, n, _, out_offs in slot.staged_shm:
             for s, o in zip(engine.outputs, out_offs, strict=True):

@@ -14,109 +14,13 @@ import pytest
 
 from orchestrator.config import parse_config
 from orchestrator.errors import EngineError
+from tests.unit.fake_cuda import FakeRuntime
 from workers.driver_journal import JOURNAL
 from workers.engines import tensorrt_engine
 from workers.engines.tensorrt_engine import TensorRTEngine
 from workers.pipeline import Pipeline, Request
 
 GOOD = b"FAKEPLAN"
-
-# --- a CPU stand-in for workers.cuda.runtime.CudaRuntime -------------------------------------------
-
-
-class FakeBuffer:
-    """Host memory standing in for pinned and device buffers; ptr/handle are real addresses."""
-
-    def __init__(self, nbytes: int, detail: str = "") -> None:
-        self.mem = np.zeros(nbytes, np.uint8)
-        self.nbytes = nbytes
-        self.ptr = self.mem.ctypes.data
-        self.handle = self.ptr
-        self.freed = False
-
-    def view(self, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
-        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        return self.mem[:n].view(dtype).reshape(shape)
-
-    def free(self) -> None:
-        self.freed = True
-
-
-class FakeStream:
-    count = 0
-
-    def __init__(self, non_blocking: bool = True) -> None:
-        FakeStream.count += 1
-        self.ptr = 1000 + FakeStream.count
-        self.handle = self.ptr
-
-    def synchronize(self) -> None:
-        pass
-
-    def destroy(self) -> None:
-        pass
-
-
-class FakeEvent:
-    def __init__(self, timing: bool = False, blocking_sync: bool = False) -> None:
-        self.timing, self.blocking_sync = timing, blocking_sync
-
-    def record(self, stream: FakeStream) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-    def synchronize(self) -> None:
-        pass
-
-    def elapsed_ms(self, start: FakeEvent) -> float:
-        return 0.05
-
-    def destroy(self) -> None:
-        pass
-
-
-class FakeGraph:
-    def __init__(self, replay: Any, log: list) -> None:
-        self.replay, self.log = replay, log
-
-    def launch(self, stream: FakeStream) -> None:
-        self.log.append(("graph_launch",))
-        self.replay()
-
-    def destroy(self) -> None:
-        pass
-
-
-class FakeRuntime:
-    def __init__(self) -> None:
-        self.log: list[tuple] = []
-        self.info = types.SimpleNamespace(name="Fake GPU", uuid="GPU-fake", compute_capability=(9, 0),
-                                          driver_version="13.0", arch="sm_90")
-        self.sched = None
-
-    PinnedBuffer = FakeBuffer
-    DeviceBuffer = FakeBuffer
-    Stream = FakeStream
-    Event = FakeEvent
-
-    def context(self, sched: str) -> Any:
-        self.sched = sched
-        return types.SimpleNamespace(info=self.info, loading_mode="EAGER")
-
-    @staticmethod
-    def copy_htod_async(dst: int, src: int, nbytes: int, stream: Any) -> None:
-        ctypes.memmove(dst, src, nbytes)
-
-    @staticmethod
-    def copy_dtoh_async(dst: int, src: int, nbytes: int, stream: Any) -> None:
-        ctypes.memmove(dst, src, nbytes)
-
-    def capture(self, stream: FakeStream, enqueue: Any, detail: str = "") -> FakeGraph | None:
-        self.log.append(("capture", detail))
-        return FakeGraph(enqueue, self.log) if enqueue() is not False else None
-
 
 # --- a fake tensorrt module: y = 2 * x + 1 over a (batch, 4) float32 input ---------------------------
 

@@ -50,6 +50,7 @@ class Slot:
     frames_rows: int = 0
     shm_parts: list[tuple[int, int, list[int], list[int]]] = field(default_factory=list)
     staged_shm: list[tuple[int, int, list[int], list[int]]] = field(default_factory=list)
+    staged_dims: list[tuple[int, ...]] = field(default_factory=list)  # each staged_shm request's own sizes
 
 
 class Engine(ABC):

@@ -191,6 +191,9 @@ class GpuEngineBase(Engine):
         """A batch with shared-memory requests: staged frame rows (if any) and each request's spans go
         straight between the registered arena and the device rows, around the compute-only graph. No
         payload byte is touched by the CPU."""
+        if slot.dims:
+            self._enqueue_shm_dims(slot, rows)
+            return
         handle = slot.stream.handle
         htod, dtoh = self.rt.copy_htod_async, self.rt.copy_dtoh_async
         base = self.arena_addr
@@ -212,6 +215,32 @@ class GpuEngineBase(Engine):
         for row, n, _, outs in slot.shm_parts:
             for (dev, row_bytes), off in zip(slot.out_dev, outs, strict=True):
                 dtoh(base + off, dev + row * row_bytes, n * row_bytes, handle)
+
+    def _enqueue_shm_dims(self, slot: GpuSlot, rows: int) -> None:
+        """_enqueue_shm at the dynamic sizes slot.dims (each DMA request has exactly those sizes): rows are
+        laid out at those sizes in the device buffers, as in its spans."""
+        handle = slot.stream.handle
+        htod, dtoh = self.rt.copy_htod_async, self.rt.copy_dtoh_async
+        base = self.arena_addr
+        rb_in, rb_out = self._row_bytes(slot.dims)
+        frames = slot.frames_rows
+        if frames:
+            for (dst, src, _), rb in zip(slot.h2d, rb_in, strict=True):
+                htod(dst, src, frames * rb, handle)
+        for row, n, ins, _ in slot.shm_parts:
+            for (dev, _), rb, off in zip(slot.in_dev, rb_in, ins, strict=True):
+                htod(dev + row * rb, base + off, n * rb, handle)
+        graph = slot.compute_graphs.get((rows, slot.dims))
+        if graph is not None:
+            graph.launch(slot.stream)
+        else:
+            self._compute(slot, rows)
+        if frames:
+            for (dst, src, _), rb in zip(slot.d2h, rb_out, strict=True):
+                dtoh(dst, src, frames * rb, handle)
+        for row, n, _, outs in slot.shm_parts:
+            for (dev, _), rb, off in zip(slot.out_dev, rb_out, outs, strict=True):
+                dtoh(base + off, dev + row * rb, n * rb, handle)
 
     def launch(self, slot: Slot, rows: int) -> None:
         assert isinstance(slot, GpuSlot)
@@ -285,12 +314,12 @@ class GpuEngineBase(Engine):
                 slot.stream.synchronize()
                 if self.want_graphs:
                     self._capture(slot, rows)
-                    if self.arena_addr and not dims:  # dynamic dimensions: shared memory is staged
+                    if self.arena_addr:
                         self._capture(slot, rows, compute_only=True)
                 self.launch(slot, rows)  # the real launch path once, events included
                 self.wait(slot)
                 self.gpu_time_us(slot)
-                if self.arena_addr and not dims:  # and the shared-memory path: one row from and to the arena
+                if self.arena_addr:  # and the shared-memory path: one row from and to the arena's start
                     slot.shm_parts = [(0, 1, [0] * len(slot.in_dev), [0] * len(slot.out_dev))]
                     self.launch(slot, rows)
                     self.wait(slot)
