@@ -52,6 +52,7 @@ class OrchestratorSection:
     startup_timeout_s: float = field(default=120.0, metadata=_positive("seconds a worker may take to report READY"))
     stop_timeout_s: float = field(default=10.0, metadata=_positive("seconds to drain in-flight work on stop"))
     log_level: Literal["debug", "info", "warning", "error"] = field(default="info", metadata={"doc": "log level of the supervisor and workers"})
+    min_ready_workers: int = field(default=1, metadata=_int_range(1, None, "/readyz answers 200 only while at least this many workers are READY (and not draining)"))
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,9 @@ class MpsSection:
 @dataclass(frozen=True)
 class MonitorSection:
     interval_ms: int = field(default=100, metadata=_int_range(10, 60000, "NVML fast-loop period (ms)"))
-    metrics_port: int = field(default=0, metadata=_port("Prometheus port on 127.0.0.1 (0 = off)"))
+    metrics_port: int = field(default=0, metadata=_port("HTTP port for /metrics (Prometheus) and the probes /livez, /readyz, /startupz (0 = off)"))
+    http_host: str = field(default="127.0.0.1", metadata={"doc": "address of that HTTP server (0.0.0.0 in a Kubernetes pod, so the kubelet and Prometheus reach it)"})
+    livez_stall_s: float = field(default=5.0, metadata=_positive("/livez fails when the supervisor loop has not turned for this long"))
     stall_factor: float = field(default=8.0, metadata=_check(lambda v: v > 1, "expected a number above 1", "stall: this many times the recent baseline"))
     stall_min_us: int = field(default=1000, metadata=_int_range(0, None, "stall: never below this many microseconds"))
 
@@ -350,6 +353,9 @@ def _cross_checks(cfg: Config, base: Path, check_files: bool, errors: list[str])
             errors.append("transport.control_port: the events socket takes the next port; use at most 65534")
     elif t.curve or t.control_port:
         errors.append('transport.curve and transport.control_port need transport.kind = "tcp"')
+    if w.device == "cpu" and cfg.orchestrator.min_ready_workers > w.count:
+        errors.append(f"orchestrator.min_ready_workers: {cfg.orchestrator.min_ready_workers} exceeds workers.count "
+                      f"({w.count}): /readyz could never answer 200")
     if t.shm_mb and t.shm_max_lease_mb > t.shm_mb:
         errors.append(f"transport.shm_max_lease_mb: {t.shm_max_lease_mb} exceeds the arena (transport.shm_mb = {t.shm_mb})")
     run_dir = str(cfg.run_dir)

@@ -215,7 +215,7 @@ def _host_line(status: dict) -> Text:
     else:
         line.append(f"off ({mon.get('nvml_reason') or 'unavailable'})", style="dim")
     if mon.get("metrics_port"):
-        line.append(f"  metrics 127.0.0.1:{mon['metrics_port']}")
+        line.append(f"  http {mon.get('http_host') or '127.0.0.1'}:{mon['metrics_port']}")
         if mon.get("metrics_error"):
             line.append(f" ({mon['metrics_error']})", style="red")
     return line

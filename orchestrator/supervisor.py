@@ -50,6 +50,8 @@ class Supervisor:
         self.mps: MpsDaemon | None = None
         self.exit_code = 0
         self._startup_settled = False
+        self._last_tick = time.monotonic()  # the loop's last turn, for /livez
+        self._started = False  # latched once min_ready_workers were READY together, for /startupz
 
     # --- setup ----------------------------------------------------------------------------------
 
@@ -225,6 +227,26 @@ class Supervisor:
             "mps": self.mps.status() if self.mps is not None else None,
         }
 
+    def health(self) -> dict[str, Any]:
+        """The probes' verdict, read by the HTTP server thread (orchestrator/monitor/http.py): live while the
+        loop turns; ready while enough workers are READY and no stop is under way; started once they were."""
+        now = time.monotonic()
+        need = self.cfg.orchestrator.min_ready_workers
+        ready = sum(w.state == State.READY for w in list(self.workers.values()))
+        total = len(self.workers)
+        stall = now - self._last_tick
+        live = stall < self.cfg.monitor.livez_stall_s
+        if self.stopping:
+            ready_reason = f"draining ({self.stop_reason})"
+        elif ready < need:
+            ready_reason = f"{ready} of {total} workers ready; {need} needed"
+        else:
+            ready_reason = ""
+        return {"live": live, "live_reason": f"the supervisor loop has not turned for {stall:.1f}s",
+                "ready": live and not ready_reason, "ready_reason": ready_reason or "the supervisor loop is stuck",
+                "started": self._started, "started_reason": f"{ready} of {total} workers ready; {need} needed",
+                "ready_workers": ready, "workers": total, "min_ready_workers": need}
+
     def endpoints(self, local: bool = True) -> dict[str, Any]:
         t = self.cfg.transport
         events = self.rundir.events_endpoint() if local else f"tcp://{t.host}:{t.control_port + 1}"
@@ -309,6 +331,10 @@ class Supervisor:
             if self.stopping and all(w.pidfd is None for w in self.workers.values()):
                 return
             self._poll_once(poller, wake_fd)
+            self._last_tick = time.monotonic()
+            if not self._started and sum(w.state == State.READY for w in self.workers.values()) >= \
+                    self.cfg.orchestrator.min_ready_workers:
+                self._started = True
             if not self._startup_settled and not self.stopping:
                 self._check_startup()
 
@@ -327,7 +353,7 @@ class Supervisor:
         try:
             self._open_sockets()
             self._plan()
-            self.monitor = Monitor(self.cfg, self.rundir.root)
+            self.monitor = Monitor(self.cfg, self.rundir.root, health=self.health)
             self.monitor.start(self.gpus)
             for w in self.workers.values():
                 w.spawn()

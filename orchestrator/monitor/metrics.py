@@ -1,6 +1,6 @@
 """Prometheus exposition of the monitor: a custom collector over a snapshot taken at scrape time.
 
-Runs in the supervisor: prometheus-client's HTTP server thread (bound to 127.0.0.1) calls collect(),
+Runs in the supervisor: the HTTP server thread (orchestrator/monitor/http.py) calls collect(),
 which reads Monitor.metrics_data() (thread-safe) and builds metric families; nothing is kept between scrapes.
 """
 
@@ -17,7 +17,6 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import start_http_server
 
 from orchestrator.monitor.histogram import Histogram
 from orchestrator.monitor.nvml_sampler import REASON_NAMES
@@ -162,10 +161,3 @@ def make_registry(data: Callable[[], dict]) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
     reg.register(MonitorCollector(data))
     return reg
-
-
-def start_metrics_server(port: int, data: Callable[[], dict], addr: str = "127.0.0.1") -> Any:
-    """Serve /metrics on addr:port from a daemon thread; returns the server (shutdown(), server_close())."""
-    server, _thread = start_http_server(port, addr=addr, registry=make_registry(data))
-    log.info("[monitor] Prometheus metrics on http://%s:%d/metrics", addr, server.server_address[1])
-    return server

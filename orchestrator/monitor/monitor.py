@@ -155,8 +155,10 @@ def _brief(record: dict) -> dict:
 class Monitor:
     """Owns the samplers, the stall log and the metrics endpoint; every public method is thread-safe."""
 
-    def __init__(self, cfg: Config, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, health: Any = None) -> None:
         self.cfg = cfg
+        # The supervisor's probe verdict (/livez, /readyz, /startupz on the HTTP server); none in tests.
+        self.health = health or (lambda: {"live": True, "ready": True, "started": True})
         self.run_dir = Path(run_dir)
         self.stall_log = StallLog(self.run_dir / "stalls.jsonl")
         self.host = HostSampler()
@@ -180,15 +182,15 @@ class Monitor:
                 self.nvml_reason = sampler.unavailable_reason
         else:
             self.nvml_reason = "no GPU workers"
-        port = self.cfg.monitor.metrics_port
+        port, host = self.cfg.monitor.metrics_port, self.cfg.monitor.http_host
         if port > 0:
-            from orchestrator.monitor.metrics import start_metrics_server
+            from orchestrator.monitor.http import start_http_server
 
             try:
-                self.metrics_server = start_metrics_server(port, self.metrics_data)
+                self.metrics_server = start_http_server(host, port, self.health, self.metrics_data)
             except OSError as exc:  # serving goes on without the endpoint; status says why
-                self.metrics_error = f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}"
-                log.error("[monitor] Prometheus endpoint off: %s", self.metrics_error)
+                self.metrics_error = f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+                log.error("[monitor] HTTP endpoints (metrics, probes) off: %s", self.metrics_error)
 
     def stop(self) -> None:
         if self.metrics_server is not None:
@@ -273,7 +275,8 @@ class Monitor:
             "gpus": self._gpu_views(), "workers": workers,
             "stalls": [_brief(r) for r in self.stall_log.latest(SNAPSHOT_STALLS)],
             "stall_counts": self.stall_log.snapshot_counts(), "host": self.host.latest(),
-            "metrics_port": self.cfg.monitor.metrics_port or None, "metrics_error": self.metrics_error,
+            "metrics_port": self.cfg.monitor.metrics_port or None, "http_host": self.cfg.monitor.http_host,
+            "metrics_error": self.metrics_error,
         }
 
     def metrics_data(self) -> dict:

@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.config import Config
 from orchestrator.monitor.histogram import Histogram
-from orchestrator.monitor.metrics import make_registry, start_metrics_server
+from orchestrator.monitor.http import start_http_server
+from orchestrator.monitor.metrics import make_registry
 from orchestrator.monitor.monitor import Monitor
 from orchestrator.monitor.stalls import CAUSES
 from workers.driver_journal import DriverJournal
@@ -177,7 +178,7 @@ def test_monitor_serves_metrics_on_loopback(tmp_path: Path) -> None:
 
 
 def test_port_in_use_leaves_the_monitor_running(tmp_path: Path) -> None:
-    blocker = start_metrics_server(0, lambda: {})
+    blocker = start_http_server("127.0.0.1", 0, dict, dict)
     port = blocker.server_address[1]
     cfg = dataclasses.replace(Config(), monitor=dataclasses.replace(Config().monitor, metrics_port=port))
     try:
