@@ -16,14 +16,16 @@ there with `empty()`), the worker moves them straight to the device and writes t
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import os
+import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +81,14 @@ class Client:
                  max_in_flight: int = 128, failover: bool = True, max_retries: int = 2,
                  max_message_bytes: int = 256 << 20, connect_timeout: float = 5.0,
                  curve: ClientKeys | None = None, shm: bool | str = "auto", shm_lease_mb: int | None = None,
-                 copy_results: bool = False) -> None:
-        """`target`: a config path, a run directory, or a control endpoint (ipc://..., tcp://host:port).
+                 copy_results: bool = False, resolve: Callable[[str], list[str]] | None = None,
+                 resolve_interval_s: float = 5.0) -> None:
+        """`target`: a config path, a run directory, or a control endpoint (ipc://..., tcp://host:port); or
+        a list of tcp:// control endpoints, one per host; or tcp://NAME:port where NAME is a DNS name whose
+        addresses are the hosts (a Kubernetes headless Service), re-resolved every `resolve_interval_s`
+        (`resolve(name)` -> addresses replaces the system resolver, e.g. in tests). With several hosts the
+        client balances over all their workers and fails over when a host goes; one that answers again
+        (restarted, or newly listed) takes work as soon as its workers are ready.
         `curve`: keys for an orchestrator whose TCP endpoints use CURVE (see orchestrator.security).
         `shm`: "auto" (shared memory for local targets, frames for tcp://), True (shared memory or an
         error) or False (frames). `shm_lease_mb`: the lease to ask each worker for (default: room for 32
@@ -94,32 +102,42 @@ class Client:
         self.timeout = timeout
         self.curve = curve
         self.ctx = zmq.Context(io_threads=1)
-        endpoint = resolve_control_endpoint(target)
-        if endpoint.startswith("ipc://") and not RunDir(Path(endpoint[6:]).parent).is_running():
-            self.ctx.term()
-            raise UnavailableError(f"no orchestrator is running in {Path(endpoint[6:]).parent}")
-        ctl = ControlClient(endpoint, self.ctx, connect_timeout, keys=curve)
+        self._resolver_stop = threading.Event()
         try:
-            info = ctl.call("endpoints")
-        except UnavailableError:
-            ctl.close()  # before term(): term() waits for every socket of the context to close
+            controls, dns = self._controls(target, resolve)
+            answers = self._ask_hosts(controls, connect_timeout)
+        except BaseException:
             self.ctx.term()
-            raise UnavailableError(f"no orchestrator answers at {endpoint} (is it started? with CURVE, are "
-                                   "the keys right?)") from None
-        ctl.close()
-        self.workers = info["workers"]
+            raise
+        multi = len(controls) > 1 or dns is not None
+        answered = [info for info in answers if info is not None]
+        if not answered:
+            self.ctx.term()
+            where = controls[0] if len(controls) == 1 else f"any of {', '.join(controls)}"
+            raise UnavailableError(f"no orchestrator answers at {where} (is it started? with CURVE, are the keys "
+                                   "right?)")
+        self.workers = [{**w, "id": f"{ClientIO.label_of(c)}/{w['id']}" if multi else w["id"]}
+                        for c, info in zip(controls, answers, strict=True) if info for w in info["workers"]]
         ready = [w for w in self.workers if w["state"] == "ready"]
         if not ready:
             self.ctx.term()
-            raise UnavailableError(f"the orchestrator at {endpoint} has no ready worker")
+            raise UnavailableError(f"the orchestrator at {controls[0] if len(controls) == 1 else ', '.join(controls)} "
+                                   "has no ready worker")
+        models = {(repr(w["inputs"]), repr(w["outputs"])) for w in ready}
+        if len(models) > 1:
+            self.ctx.term()
+            raise ConfigError(f"the orchestrators serve different models (inputs and outputs differ): {sorted(models)}")
         self.inputs = [name for name, _, _ in ready[0]["inputs"]]
         self.outputs = [name for name, _, _ in ready[0]["outputs"]]
         self._out_specs = [(name, np.dtype(dt), tuple(shape)) for name, dt, shape in ready[0]["outputs"]]
         self._in_specs = [(name, np.dtype(dt), tuple(shape)) for name, dt, shape in ready[0]["inputs"]]
-        self.max_batch = ready[0]["max_batch"]
+        self.max_batch = min(w["max_batch"] for w in ready)
         # Dynamic dimensions (e.g. [batch, seq] inputs): output sizes then follow each request's inputs.
         self._dynamic = any(shapes.is_dynamic(shape) for _, _, shape in self._in_specs + self._out_specs)
-        self.shm = self._shm_mode(shm, endpoint, info)
+        if multi and shm is True:
+            self.ctx.term()
+            raise UnavailableError("shared memory (shm=True) needs one local orchestrator; several hosts use frames")
+        self.shm = False if multi else self._shm_mode(shm, controls[0], answered[0])
         self._shm_forced = shm is True
         self.copy_results = copy_results
         self._lease_bytes = (shm_lease_mb << 20) if shm_lease_mb else self._default_lease(ready[0])
@@ -128,15 +146,18 @@ class Client:
         self.connect_timeout = connect_timeout
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self.max_in_flight = max_in_flight
-        max_message_bytes = min(max_message_bytes, info.get("max_message_bytes") or max_message_bytes)
-        self._io = ClientIO(self.ctx, self.workers, info.get("events"), failover, max_retries, max_message_bytes,
-                            curve, control_endpoint=endpoint, supervisor_pid=info.get("pid"),
-                            beat_s=info.get("beat_s"))
+        limits = [info.get("max_message_bytes") or max_message_bytes for info in answered]
+        max_message_bytes = min(max_message_bytes, *limits)
+        self._io = ClientIO(self.ctx, list(zip(controls, answers, strict=True)), failover, max_retries,
+                            max_message_bytes, curve, multi=multi)
         self._io.on_worker_lost = self._drop_lease
         self._io.out_specs = [(n, d.str, shape) for n, d, shape in self._out_specs]
         if copy_results:
             self._io.finish = _copied
         self._io.start()
+        if dns is not None:  # the host set follows the name: re-resolved every resolve_interval_s
+            threading.Thread(target=self._follow_dns, args=(*dns, resolve or _resolve_addresses, resolve_interval_s),
+                             name="orchestrator-client-dns", daemon=True).start()
         self._closed = False
         self.failover = failover
         self.max_retries = max_retries
@@ -146,6 +167,63 @@ class Client:
         self._local = threading.local()
         self._thread_sockets: list[zmq.Socket] = []
         self._sockets_lock = threading.Lock()
+
+    # --- hosts ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _controls(target: Any, resolve: Callable[[str], list[str]] | None) -> tuple[list[str], tuple | None]:
+        """The control endpoints to ask, and (name, port) when they come from a DNS name."""
+        targets = list(target) if isinstance(target, (list, tuple)) else [target]
+        if not targets:
+            raise ValueError("Client: an empty list of endpoints")
+        controls = [resolve_control_endpoint(t) for t in targets]
+        if len(controls) == 1:
+            c = controls[0]
+            if c.startswith("ipc://") and not RunDir(Path(c[6:]).parent).is_running():
+                raise UnavailableError(f"no orchestrator is running in {Path(c[6:]).parent}")
+            name_port = _dns_name(c)
+            if name_port is not None:
+                name, port = name_port
+                controls = _controls_of(name, port, resolve or _resolve_addresses)
+                if not controls:
+                    raise UnavailableError(f"{name} resolves to no address")
+                return controls, name_port
+        elif any(not c.startswith("tcp://") for c in controls):
+            raise ValueError("Client: several endpoints must all be tcp://host:port control endpoints")
+        return controls, None
+
+    def _ask_hosts(self, controls: list[str], connect_timeout: float) -> list[dict | None]:
+        """Every host's `endpoints` answer (None where none came within connect_timeout), asked together."""
+        def ask(control: str) -> dict | None:
+            ctl = ControlClient(control, self.ctx, connect_timeout, keys=self.curve)
+            try:
+                return ctl.call("endpoints")
+            except UnavailableError:
+                return None
+            finally:
+                ctl.close()  # before any term(): term() waits for every socket of the context
+
+        if len(controls) == 1:
+            return [ask(controls[0])]
+        with ThreadPoolExecutor(max_workers=min(16, len(controls))) as pool:
+            return list(pool.map(ask, controls))
+
+    def _follow_dns(self, name: str, port: int, resolve: Callable[[str], list[str]], every: float) -> None:
+        """Resolver thread: hand the I/O thread the host set the name resolves to, every `every` seconds."""
+        while not self._resolver_stop.wait(every):
+            try:
+                controls = _controls_of(name, port, resolve)
+            except Exception as exc:  # a failed lookup keeps the hosts we have
+                log.warning("cannot resolve %s: %s; keeping the current hosts", name, exc)
+                continue
+            if controls:
+                self._io.set_hosts(controls)
+
+    @property
+    def hosts(self) -> dict[str, dict[str, Any]]:
+        """Each host (its control endpoint's host:port) -> {"state": "up", "retired" (no longer listed by
+        DNS) or why it is not usable, "sent": requests this client sent to it}."""
+        return self._io.host_states()
 
     # --- shared memory ----------------------------------------------------------------------------
 
@@ -424,6 +502,7 @@ class Client:
             else:
                 sock.send_multipart(shm[0], copy=False)
             sent = w.sync_started[rid] = time.monotonic()
+            w.sent += 1
             try:
                 reply = self._await_reply(sock, rid, w, gen, deadline, shm)
             finally:
@@ -486,6 +565,7 @@ class Client:
             yield window.popleft().result(t + 1.0)
 
     def close(self) -> None:
+        self._resolver_stop.set()
         if self._closed:
             return
         self._closed = True
@@ -503,6 +583,34 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _dns_name(control: str) -> tuple[str, int] | None:
+    """(name, port) of tcp://NAME:port when NAME is a DNS name (not an address, not localhost)."""
+    if not control.startswith("tcp://"):
+        return None
+    host, _, port = control[6:].rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or host == "localhost" or host == "*":
+        return None
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        return host, int(port)
+
+
+def _resolve_addresses(name: str) -> list[str]:
+    """The system resolver: every address of `name` (A and AAAA records), in its order, once each."""
+    out: list[str] = []
+    for *_, sockaddr in socket.getaddrinfo(name, None, type=socket.SOCK_STREAM):
+        if sockaddr[0] not in out:
+            out.append(sockaddr[0])
+    return out
+
+
+def _controls_of(name: str, port: int, resolve: Callable[[str], list[str]]) -> list[str]:
+    return [f"tcp://[{a}]:{port}" if ":" in a else f"tcp://{a}:{port}" for a in resolve(name)]
 
 
 def _copied(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

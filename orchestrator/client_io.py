@@ -1,8 +1,10 @@
-"""The client's I/O thread: owns one DEALER per worker and the supervisor's event SUB socket.
+"""The client's I/O thread: owns one DEALER per worker and, per host, the supervisor's event SUB socket.
 
 Runs in the user's process, on a background thread started by orchestrator.client.Client. User threads
-hand it requests through a deque plus an eventfd wake-up; it balances across ready workers by outstanding
-requests, resolves futures, enforces deadlines and fails requests over when a worker dies.
+hand it requests through a deque plus an eventfd wake-up; it balances across the ready workers of every
+host by outstanding requests, resolves futures, enforces deadlines and fails requests over when a worker
+or a whole host dies. A host is one orchestrator (one supervisor's control endpoint); with several, worker
+ids are prefixed with the host's label (`10.0.0.2:7000/w0`), and the host set may follow a DNS name.
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ log = logging.getLogger(__name__)
 _RETRYABLE = (ErrorCode.SHUTTING_DOWN,)
 _SUSPECT_MIN_S = 0.5  # a worker is suspect once its oldest request is older than this...
 _SUSPECT_FACTOR = 20.0  # ...and than this many times the recent request latency
-_REMOTE_SILENCE_S = 3.0  # a remote client's verdict on a supervisor it cannot see: no heartbeat this long
+# A remote client's verdict on a supervisor it cannot see: no heartbeat (every 0.25 s) this long. With
+# several hosts, this is how soon a host that vanished stops getting new requests (its in-flight ones fail
+# over then too).
+_REMOTE_SILENCE_S = 1.5
 _MANY_PER_MESSAGE = 256  # shared-memory requests sent together in one INFER_MANY message
 
 
@@ -67,7 +72,7 @@ class Pending:
 
 class _Worker:
     __slots__ = ("id", "endpoint", "sock", "outstanding", "ready", "generation", "abandoned", "sync_started",
-                 "stopped_cleanly")
+                 "stopped_cleanly", "sent")
 
     def __init__(self, wid: str, endpoint: str) -> None:
         self.id = wid
@@ -81,6 +86,7 @@ class _Worker:
         # Blocking infer() calls in flight here (request id -> time sent), kept by user threads: a dict's
         # item set and pop are atomic, so the I/O thread's reads need no lock (and see no torn counter).
         self.sync_started: dict[int, float] = {}
+        self.sent = 0  # requests sent here, by either path (a racy count from two threads: a statistic only)
 
     def oldest(self) -> float | None:
         """When the oldest request still in flight on this worker was sent (time.monotonic()), or None.
@@ -98,35 +104,60 @@ class _Worker:
         return len(self.outstanding) + len(self.sync_started)
 
 
-class ClientIO(threading.Thread):
-    def __init__(self, ctx: zmq.Context, workers: list[dict], events_endpoint: str | None,
-                 failover: bool, max_retries: int, max_message_bytes: int, curve: Any = None,
-                 control_endpoint: str | None = None, supervisor_pid: int | None = None,
-                 beat_s: float | None = None) -> None:
-        super().__init__(name="orchestrator-client-io", daemon=True)
-        self.ctx = ctx
-        # Supervisor liveness: its heartbeats on the events socket (every beat_s). After a silence, a local
-        # client checks the supervisor's pid; a remote one waits _REMOTE_SILENCE_S. A lost supervisor fails
-        # every call at once with UnavailableError(lost), and the client keeps asking the control socket
-        # for endpoints until an orchestrator answers there again.
-        self.control_endpoint = control_endpoint
-        self.supervisor_pid = supervisor_pid
-        self.beat_s = beat_s
-        self.local = bool(events_endpoint and events_endpoint.startswith("ipc://"))
+class _Host:
+    """One orchestrator: its control endpoint (discovery), its events (supervisor heartbeats and worker
+    states) and its liveness. `lost` holds why it is not usable (dead, not reached yet); while lost, its
+    control socket is asked for endpoints once a second. A host the DNS name no longer lists is `retired`:
+    it gets no new work, and what it has in flight is still answered."""
+
+    __slots__ = ("label", "control", "events", "sub", "monitor", "pid", "beat_s", "local", "last_event", "lost",
+                 "rediscover", "rediscover_at", "retired", "workers")
+
+    def __init__(self, label: str, control: str) -> None:
+        self.label = label
+        self.control = control
+        self.events: str | None = None
+        self.sub: zmq.Socket | None = None
+        self.monitor: zmq.Socket | None = None  # the events connection's DISCONNECTED events (remote hosts)
+        self.pid: int | None = None
+        self.beat_s: float | None = None
+        self.local = control.startswith("ipc://")
         self.last_event = time.monotonic()
         self.lost: str | None = None
-        self._rediscover: zmq.Socket | None = None
-        self._rediscover_at = 0.0
+        self.rediscover: zmq.Socket | None = None
+        self.rediscover_at = 0.0
+        self.retired = False
+        self.workers: set[str] = set()
+
+
+class ClientIO(threading.Thread):
+    def __init__(self, ctx: zmq.Context, hosts: list[tuple[str, dict | None]], failover: bool, max_retries: int,
+                 max_message_bytes: int, curve: Any = None, multi: bool = False) -> None:
+        """`hosts`: (control endpoint, its `endpoints` answer or None if it did not answer yet). `multi`:
+        prefix worker ids with the host's label (several hosts, or a host set that may grow)."""
+        super().__init__(name="orchestrator-client-io", daemon=True)
+        self.ctx = ctx
+        # Supervisor liveness, per host: its heartbeats on the events socket (every beat_s). After a silence,
+        # a local client checks the supervisor's pid; a remote one waits _REMOTE_SILENCE_S. A lost host's
+        # requests fail over to the other hosts (or fail with UnavailableError when none is left), and its
+        # control socket is asked for endpoints until an orchestrator answers there again.
         self.curve = curve  # orchestrator.security.ClientKeys or None
         self.failover = failover
         self.max_retries = max_retries
         self.max_message_bytes = max_message_bytes
+        self.multi = multi
         self.workers: dict[str, _Worker] = {}
-        for w in workers:
-            self.workers[w["id"]] = _Worker(w["id"], w["endpoint"])
-            if w["state"] == "ready":
-                self._connect(self.workers[w["id"]])
-        self.events_endpoint = events_endpoint
+        self.hosts: dict[str, _Host] = {}
+        self.lost: str | None = None  # set while no host is usable: why
+        self._host_updates: deque[list[str]] = deque()  # new host sets from the DNS resolver thread
+        self.poller = zmq.Poller()
+        for control, info in hosts:
+            h = self._add_host(control)
+            if info is None:
+                h.lost = f"the orchestrator at {control} did not answer yet"
+            else:
+                self._adopt(h, info)
+        self._update_lost()
         self.submissions: deque[Pending] = deque()
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.ids = itertools.count(1)
@@ -152,6 +183,111 @@ class ClientIO(threading.Thread):
     def ready_count(self) -> int:
         return sum(w.ready for w in self.workers.values())
 
+    def set_hosts(self, controls: list[str]) -> None:
+        """From the DNS resolver thread: the control endpoints the name resolves to now."""
+        self._host_updates.append(controls)
+        os.eventfd_write(self.wake_fd, 1)
+
+    def host_states(self) -> dict[str, dict[str, Any]]:
+        """label -> {"state": "up", "retired" or why it is lost, "sent": requests sent to its workers}
+        (a snapshot; read from any thread)."""
+        return {h.label: {"state": "retired" if h.retired else h.lost or "up",
+                          "sent": sum(self.workers[w].sent for w in list(h.workers))}
+                for h in list(self.hosts.values())}
+
+    # --- hosts ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def label_of(control: str) -> str:
+        return control.split("://", 1)[-1]
+
+    def _add_host(self, control: str) -> _Host:
+        h = self.hosts[control] = _Host(self.label_of(control), control)
+        return h
+
+    def _wid(self, h: _Host, wid: str) -> str:
+        return f"{h.label}/{wid}" if self.multi else wid
+
+    def _adopt(self, h: _Host, info: dict) -> None:
+        """A host's `endpoints` answer: its events endpoint and liveness facts, and its workers (new ones
+        created, ready ones connected). Called at start and when a lost host answers again."""
+        h.lost = None
+        h.last_event = time.monotonic()
+        h.pid = info.get("pid")
+        h.beat_s = info.get("beat_s")
+        events = info.get("events")
+        if events != h.events or h.sub is None:
+            self._close_sub(h)
+            h.events = events
+            if events:
+                sub = h.sub = self.ctx.socket(zmq.SUB)
+                sub.setsockopt(zmq.LINGER, 0)
+                sub.setsockopt(zmq.SUBSCRIBE, b"")
+                sub.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+                if self.curve is not None:
+                    self.curve.apply(sub)
+                if not h.local:
+                    # A host whose process died drops its TCP connections at once (the kernel closes them):
+                    # hearing of it now beats waiting out the heartbeat silence.
+                    h.monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+                    self.poller.register(h.monitor, zmq.POLLIN)
+                sub.connect(events)
+                self.poller.register(sub, zmq.POLLIN)
+        for d in info.get("workers", []):
+            wid = self._wid(h, d["id"])
+            w = self.workers.get(wid)
+            if w is None:
+                w = self.workers[wid] = _Worker(wid, d["endpoint"])
+                h.workers.add(wid)
+            if d.get("state") == "ready" and w.sock is None and not h.retired:
+                w.endpoint = d.get("endpoint", w.endpoint)
+                self._connect(w)
+
+    def _close_sub(self, h: _Host) -> None:
+        if h.monitor is not None:
+            self.poller.unregister(h.monitor)
+            h.sub.disable_monitor()  # type: ignore[union-attr]
+            h.monitor.close(0)
+            h.monitor = None
+        if h.sub is not None:
+            self.poller.unregister(h.sub)
+            h.sub.close(0)
+            h.sub = None
+
+    def _update_lost(self) -> None:
+        usable = [h for h in self.hosts.values() if not h.lost and not h.retired]
+        if usable:
+            self.lost = None
+        elif len(self.hosts) == 1:
+            self.lost = next(iter(self.hosts.values())).lost
+        else:
+            reasons = "; ".join(f"{h.label}: {h.lost or 'retired'}" for h in self.hosts.values())
+            self.lost = f"none of the {len(self.hosts)} orchestrators is usable ({reasons})"
+
+    def _apply_hosts(self, controls: list[str]) -> None:
+        """A new host set from DNS: new hosts are discovered through their control sockets; hosts no longer
+        listed are retired (no new work); a listed retired host comes back."""
+        wanted = set(controls)
+        for control in controls:
+            h = self.hosts.get(control)
+            if h is None:
+                h = self._add_host(control)
+                h.lost = "being discovered"
+                log.info("orchestrator host %s appeared", h.label)
+            elif h.retired:
+                h.retired = False
+                for wid in h.workers:
+                    w = self.workers[wid]
+                    if w.sock is not None:
+                        w.ready = True
+        for control, h in self.hosts.items():
+            if control not in wanted and not h.retired:
+                h.retired = True
+                log.info("orchestrator host %s is no longer listed: no new work for it", h.label)
+                for wid in h.workers:
+                    self.workers[wid].ready = False
+        self._update_lost()
+
     # --- I/O thread -----------------------------------------------------------------------------
 
     def _connect(self, w: _Worker) -> None:
@@ -165,6 +301,7 @@ class ClientIO(threading.Thread):
         sock.connect(w.endpoint)
         w.sock = sock
         w.ready = True
+        self.poller.register(sock, zmq.POLLIN)
 
     def _disconnect(self, w: _Worker) -> None:
         if w.sock is not None:
@@ -245,6 +382,7 @@ class ClientIO(threading.Thread):
             self._send(ps[0], w)
             return
         now = time.monotonic()
+        w.sent += len(ps)
         for p in ps:
             p.sent_at = now
             p.attempts += 1
@@ -261,6 +399,7 @@ class ClientIO(threading.Thread):
         p.worker = w.id
         p.tried.add(w.id)
         w.outstanding[p.request_id] = p
+        w.sent += 1
         w.sock.send_multipart(p.frames, copy=False)  # type: ignore[union-attr]
 
     def _retry_or_fail(self, p: Pending, exc: Exception) -> None:
@@ -357,26 +496,30 @@ class ClientIO(threading.Thread):
         if not p.future.done():
             p.future.set_exception(exc)
 
-    def _on_event(self) -> None:
+    def _on_event(self, h: _Host) -> None:
         for _ in range(100):
             try:
-                topic, payload = self.sub.recv_multipart(zmq.NOBLOCK)
+                topic, payload = h.sub.recv_multipart(zmq.NOBLOCK)  # type: ignore[union-attr]
             except zmq.Again:
                 return
             except ValueError:
                 continue
-            self.last_event = time.monotonic()
+            h.last_event = time.monotonic()
+            if h.lost:  # a host coming back is re-read through its control socket, not from events
+                continue
             msg = protocol.unpack(payload)
             if topic == b"supervisor":  # heartbeat, or "stopping"
                 continue
-            w = self.workers.get(msg.get("id"))
+            w = self.workers.get(self._wid(h, str(msg.get("id"))))
             if w is None:
                 continue
             state = msg.get("state")
-            if state == "ready" and not w.ready:
-                w.endpoint = msg.get("endpoint", w.endpoint)
-                self._connect(w)
-                self.poller.register(w.sock, zmq.POLLIN)
+            if state == "ready" and not w.ready and not h.retired:
+                if w.sock is not None:  # it was draining: the same socket serves again
+                    w.ready = True
+                else:
+                    w.endpoint = msg.get("endpoint", w.endpoint)
+                    self._connect(w)
             elif state in ("failed", "stopped") and w.sock is not None:
                 # A stopping worker answers everything it accepted before it says "stopped", and those
                 # replies usually travel ahead of this event (which goes through the supervisor): take
@@ -384,19 +527,37 @@ class ClientIO(threading.Thread):
                 # as the worker itself would have: a clean stop never reads as a dead worker.
                 self._on_reply(w)
                 w.stopped_cleanly = state == "stopped"
-                w.generation += 1
-                self._disconnect(w)
-                w.abandoned.clear()  # its arena is gone with it; the client drops that lease
-                if self.on_worker_lost is not None:
-                    self.on_worker_lost(w.id)
-                lost = list(w.outstanding.values())
-                w.outstanding.clear()
-                for p in lost:
-                    self._retry_or_fail(p, ShuttingDownError(f"worker {w.id} stopped before answering this request")
-                                        if w.stopped_cleanly else WorkerDeadError(
-                                            f"worker {w.id} {state} with this request in flight and no retry was possible"))
+                self._worker_gone(w, lambda wid, st=state, clean=w.stopped_cleanly: ShuttingDownError(
+                    f"worker {wid} stopped before answering this request") if clean else WorkerDeadError(
+                    f"worker {wid} {st} with this request in flight and no retry was possible"))
             elif state == "draining":
                 w.ready = False  # stop sending new work there; replies still arrive
+
+    def _on_disconnect(self, h: _Host) -> None:
+        """The events connection to a remote host dropped: its supervisor died (or the network did). Lost
+        now; if it is still there, it answers the rediscovery within a second and serves again."""
+        dropped = False
+        while True:
+            try:
+                h.monitor.recv_multipart(zmq.NOBLOCK)  # type: ignore[union-attr]
+            except zmq.Again:
+                break
+            dropped = True
+        if dropped and not h.lost:
+            self._lose(h, f"the connection to the orchestrator at {h.label} dropped")
+
+    def _worker_gone(self, w: _Worker, error: Any) -> None:
+        """A worker died, stopped, or went with its host: drop its socket and lease; its requests fail over
+        (or fail with error(worker id) when they cannot)."""
+        w.generation += 1
+        self._disconnect(w)
+        w.abandoned.clear()  # its arena is gone with it; the client drops that lease
+        if self.on_worker_lost is not None:
+            self.on_worker_lost(w.id)
+        lost = list(w.outstanding.values())
+        w.outstanding.clear()
+        for p in lost:
+            self._retry_or_fail(p, error(w.id))
 
     def _expire(self, now: float) -> float:
         """Fail requests past their deadline; return the next deadline."""
@@ -415,20 +576,7 @@ class ClientIO(threading.Thread):
         return nearest
 
     def run(self) -> None:
-        self.poller = zmq.Poller()
         self.poller.register(self.wake_fd, zmq.POLLIN)
-        if self.events_endpoint:
-            self.sub = self.ctx.socket(zmq.SUB)
-            self.sub.setsockopt(zmq.LINGER, 0)
-            self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-            self.sub.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
-            if self.curve is not None:
-                self.curve.apply(self.sub)
-            self.sub.connect(self.events_endpoint)
-            self.poller.register(self.sub, zmq.POLLIN)
-        for w in self.workers.values():
-            if w.sock is not None:
-                self.poller.register(w.sock, zmq.POLLIN)
         try:
             self._loop()
         finally:
@@ -444,106 +592,102 @@ class ClientIO(threading.Thread):
                     os.eventfd_read(self.wake_fd)
                 except BlockingIOError:
                     pass
+            while self._host_updates:
+                self._apply_hosts(self._host_updates.popleft())
             if self.submissions:
                 self._dispatch_all()
-            for w in self.workers.values():
+            for w in list(self.workers.values()):
                 if w.sock is not None and w.sock in events:
                     self._on_reply(w)
-            if self.events_endpoint and self.sub in events:
-                self._on_event()
-            if self._rediscover is not None and self._rediscover in events:
-                self._on_rediscovered()
             now = time.monotonic()
-            if self.lost is not None:
-                self._rediscover_tick(now)
-            elif self.beat_s and now - self.last_event > max(4 * self.beat_s, 1.0):
-                self._check_supervisor(now)
+            for h in list(self.hosts.values()):
+                if h.sub is not None and h.sub in events:
+                    self._on_event(h)
+                if h.monitor is not None and h.monitor in events:
+                    self._on_disconnect(h)
+                if h.rediscover is not None and h.rediscover in events:
+                    self._on_rediscovered(h)
+                if h.lost is not None:
+                    self._rediscover_tick(h, now)
+                elif h.beat_s and now - h.last_event > max(4 * h.beat_s, 1.0):
+                    self._check_supervisor(h, now)
             if now >= next_check:
                 next_check = self._expire(now)
-            if self.beat_s:
-                next_check = min(next_check, now + self.beat_s)
+            beats = [h.beat_s for h in self.hosts.values() if h.beat_s]
+            if beats:
+                next_check = min(next_check, now + min(beats))
+            if any(h.lost for h in self.hosts.values()):
+                next_check = min(next_check, now + 0.25)  # rediscovery ticks
             timeout = max(1, int((next_check - time.monotonic()) * 1000) + 1)
 
     # --- supervisor liveness ----------------------------------------------------------------------
 
-    def _supervisor_gone(self, silence: float) -> bool:
-        if self.local and self.supervisor_pid:
-            return not _process_alive(self.supervisor_pid)
+    @staticmethod
+    def _supervisor_gone(h: _Host, silence: float) -> bool:
+        if h.local and h.pid:
+            return not _process_alive(h.pid)
         return silence > _REMOTE_SILENCE_S
 
-    def _check_supervisor(self, now: float) -> None:
-        silence = now - self.last_event
-        if self._supervisor_gone(silence):
-            why = (f"the orchestrator's supervisor (pid {self.supervisor_pid}) is gone"
-                   if self.local else f"the orchestrator sent no heartbeat for {silence:.1f}s")
-            self._lose(f"{why}; its workers exit with it")
+    def _check_supervisor(self, h: _Host, now: float) -> None:
+        silence = now - h.last_event
+        if self._supervisor_gone(h, silence):
+            where = f" at {h.label}" if self.multi else ""
+            why = (f"the orchestrator's supervisor (pid {h.pid}) is gone" if h.local
+                   else f"the orchestrator{where} sent no heartbeat for {silence:.1f}s")
+            self._lose(h, f"{why}; its workers exit with it")
 
-    def _rediscover_tick(self, now: float) -> None:
-        """While the supervisor is lost: ask the control socket for endpoints, once a second."""
-        if self._rediscover is None and now >= self._rediscover_at and self.control_endpoint:
+    def _rediscover_tick(self, h: _Host, now: float) -> None:
+        """While a host is lost: ask its control socket for endpoints, once a second."""
+        if h.rediscover is None and now >= h.rediscover_at:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             if self.curve is not None:
                 self.curve.apply(sock)
-            sock.connect(self.control_endpoint)
+            sock.connect(h.control)
             sock.send(protocol.pack({"id": 1, "cmd": "endpoints", "args": {}}))
             self.poller.register(sock, zmq.POLLIN)
-            self._rediscover, self._rediscover_at = sock, now + 1.0
-        elif self._rediscover is not None and now >= self._rediscover_at:
-            self._close_rediscover()  # nobody answered within a second: ask again next time
+            h.rediscover, h.rediscover_at = sock, now + 1.0
+        elif h.rediscover is not None and now >= h.rediscover_at:
+            self._close_rediscover(h)  # nobody answered within a second: ask again next time
 
-    def _close_rediscover(self) -> None:
-        if self._rediscover is not None:
-            self.poller.unregister(self._rediscover)
-            self._rediscover.close(0)
-            self._rediscover = None
+    def _close_rediscover(self, h: _Host) -> None:
+        if h.rediscover is not None:
+            self.poller.unregister(h.rediscover)
+            h.rediscover.close(0)
+            h.rediscover = None
 
-    def _on_rediscovered(self) -> None:
-        """An orchestrator answers on the control socket again (restarted on the same run directory)."""
+    def _on_rediscovered(self, h: _Host) -> None:
+        """An orchestrator answers on a lost host's control socket (restarted, or reached at last)."""
         try:
-            reply = protocol.unpack(self._rediscover.recv(zmq.NOBLOCK))  # type: ignore[union-attr]
+            reply = protocol.unpack(h.rediscover.recv(zmq.NOBLOCK))  # type: ignore[union-attr]
             info = reply["data"]
-            workers = {d["id"]: d for d in info["workers"]}
+            if not isinstance(info.get("workers"), list):
+                raise ValueError("no workers")
         except Exception:  # not an answer we can use: ask again later
             return
         finally:
-            self._close_rediscover()
-        self.lost = None
-        self.last_event = time.monotonic()
-        self.supervisor_pid = info.get("pid")
-        for wid, d in workers.items():
-            w = self.workers.get(wid)
-            if w is not None and d.get("state") == "ready" and w.sock is None:
-                w.endpoint = d.get("endpoint", w.endpoint)
-                self._connect(w)
-                self.poller.register(w.sock, zmq.POLLIN)
-        log.info("orchestrator at %s answers again: reconnected", self.control_endpoint)
+            self._close_rediscover(h)
+        self._adopt(h, info)
+        self._update_lost()
+        log.info("orchestrator at %s answers: connected", h.control)
 
-    def _lose(self, reason: str) -> None:
-        """The supervisor is gone: fail everything in flight now rather than at each deadline."""
-        self.lost = reason
-        self._rediscover_at = time.monotonic() + 1.0
-        err = UnavailableError(reason)
-        for w in self.workers.values():
-            if w.sock is None:
-                continue
-            w.generation += 1
-            self._disconnect(w)
-            w.abandoned.clear()
-            lost = list(w.outstanding.values())
-            w.outstanding.clear()
-            for p in lost:
-                if p.lease is not None:
-                    p.lease.settle(p.request_id)
-                if not p.future.done():
-                    p.future.set_exception(err)
-            if self.on_worker_lost is not None:
-                self.on_worker_lost(w.id)
+    def _lose(self, h: _Host, reason: str) -> None:
+        """A host's supervisor is gone: its requests fail over to other hosts now (or fail, when there is
+        none) rather than at each deadline."""
+        h.lost = reason
+        h.rediscover_at = time.monotonic() + 1.0
+        self._update_lost()
+        for wid in h.workers:
+            w = self.workers[wid]
+            if w.sock is not None:
+                self._worker_gone(w, lambda _wid, r=reason: UnavailableError(r))
         log.warning("%s", reason)
 
     def _shutdown(self) -> None:
-        self._close_rediscover()  # every socket of the context must be closed, or Context.term() waits forever
         err = ShuttingDownError("client closed")
+        for h in self.hosts.values():
+            self._close_rediscover(h)  # every socket of the context must be closed, or Context.term() waits
+            self._close_sub(h)
         for w in self.workers.values():
             for p in w.outstanding.values():
                 if not p.future.done():
@@ -554,8 +698,6 @@ class ClientIO(threading.Thread):
             p = self.submissions.popleft()
             if not p.future.done():
                 p.future.set_exception(err)
-        if self.events_endpoint:
-            self.sub.close(0)
         os.close(self.wake_fd)
 
     def new_pending(self, tensors: dict[str, Any], timeout_s: float, encode: Any = None) -> Pending:

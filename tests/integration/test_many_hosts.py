@@ -1,0 +1,210 @@
+"""Many hosts, simulated on this machine: three orchestrators, each on its own loopback address
+(127.0.0.2-4) with TCP and CURVE as a Kubernetes host would run them, one Client over all three. Load
+spreads over every host with every result checked; a host SIGKILLed under load costs nothing (no request
+lost or answered twice) and gets no new work within 2 s; restarted, it takes load within 5 s of its /readyz
+turning 200. With a DNS name (a test resolver), hosts that appear take load and hosts that leave get none."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator.client import Client
+from orchestrator.security import ClientKeys, keygen
+from tests.conftest import cli, write_config
+from workers.engines.synthetic_math import reference
+
+pytestmark = pytest.mark.timeout(240)
+
+ADDRS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+WORK, ITEM = 50, 16
+
+
+def free_ports(n: int) -> int:
+    """A port p with p .. p+n-1 free on every test address a moment ago."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        if p + n > 65535:
+            continue
+        try:
+            socks = []
+            for addr in ADDRS:
+                for q in range(p, p + n):
+                    s = socket.socket()
+                    socks.append(s)
+                    s.bind((addr, q))
+            return p
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+class Hosts:
+    """Three orchestrators sharing one CURVE server key (one Kubernetes Secret) and one authorised client."""
+
+    def __init__(self, tmp: Path, factory) -> None:
+        keys = tmp / "keys"
+        _, self.server_secret = keygen(keys, "server")
+        _, client_secret = keygen(tmp / "client", "app")
+        allowed = tmp / "allowed"
+        allowed.mkdir()
+        (allowed / "app.key").write_bytes((tmp / "client" / "app.key").read_bytes())
+        self.keys = ClientKeys(keys / "server.key", client_secret)
+        self.port = free_ports(3)  # control, events, metrics: the same ports on every host, as in a DaemonSet
+        for addr in ADDRS:
+            (tmp / addr).mkdir()
+        self.configs = [write_config(tmp / addr, {
+            "orchestrator": {"name": f"h{i}", "stop_timeout_s": 5},
+            "workers": {"device": "cpu", "count": 1},
+            "model": {"kind": "synthetic", "item_shape": [ITEM], "work": WORK, "max_batch": 32},
+            "transport": {"kind": "tcp", "host": addr, "control_port": self.port, "curve": True,
+                          "curve_server_secret": str(self.server_secret), "curve_clients_dir": str(allowed),
+                          "shm_mb": 0},
+            "monitor": {"metrics_port": self.port + 2, "http_host": addr},
+            "restart": {"backoff_initial_s": 0.2}}) for i, addr in enumerate(ADDRS)]
+        self.orchs = [factory(c) for c in self.configs]
+
+    def endpoint(self, i: int) -> str:
+        return f"tcp://{ADDRS[i]}:{self.port}"
+
+    def label(self, i: int) -> str:
+        return f"{ADDRS[i]}:{self.port}"
+
+    def served(self, i: int) -> int:
+        return sum(w["requests"] for w in self.orchs[i].status()["workers"])
+
+    def readyz(self, i: int) -> int:
+        try:
+            with urllib.request.urlopen(f"http://{ADDRS[i]}:{self.port + 2}/readyz", timeout=1) as r:
+                return r.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+
+
+class Load:
+    """Threads sending checked requests (blocking infer and futures) until stopped; counts everything."""
+
+    def __init__(self, client: Client, threads: int = 4) -> None:
+        self.c = client
+        self.sent = self.ok = self.wrong = 0
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def _run(self, i: int) -> None:
+        rng = np.random.default_rng(i)
+        while not self.stop.is_set():
+            x = rng.standard_normal((int(rng.integers(1, 9)), ITEM)).astype(np.float32)
+            with self.lock:
+                self.sent += 1
+            try:
+                y = self.c.infer(x)["y"] if i % 2 else self.c.submit(x).result(60)["y"]
+            except Exception as exc:  # nothing may be lost: any error fails the test
+                with self.lock:
+                    self.errors.append(repr(exc))
+                continue
+            with self.lock:
+                self.ok += 1
+                self.wrong += not np.array_equal(y, reference(x, WORK))
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+
+def until(pred, timeout: float, what: str, every: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+def test_host_lost_and_restarted_under_load(short_tmp: Path, orchestrator_factory) -> None:
+    hosts = Hosts(short_tmp, orchestrator_factory)
+    with Client([hosts.endpoint(i) for i in range(3)], curve=hosts.keys, timeout=30) as c, Load(c) as load:
+        assert set(c.hosts) == {hosts.label(i) for i in range(3)}
+        until(lambda: all(hosts.served(i) > 0 for i in range(3)), 30, "every host to serve")
+        victim = hosts.orchs[1].status()["pid"]
+        t_kill = time.monotonic()
+        os.kill(victim, signal.SIGKILL)  # the host's workers die with their supervisor
+        until(lambda: c.hosts[hosts.label(1)]["state"] != "up", 5, "the client to give the host up", every=0.005)
+        dropped_after = time.monotonic() - t_kill
+        at_loss = load.ok
+        until(lambda: load.ok > at_loss + 20, 30, "load to go on")  # a pick made just before is sent by now
+        sent_at_loss = c.hosts[hosts.label(1)]["sent"]
+        until(lambda: load.ok > at_loss + 120, 30, "load to go on without the host")
+        assert c.hosts[hosts.label(1)]["sent"] == sent_at_loss  # nothing new for the lost host
+        # The host comes back (same address and ports, new worker endpoints).
+        until(lambda: cli("start", str(hosts.configs[1]), "--detach", timeout=60).returncode == 0, 60, "restart",
+              every=0.5)
+        until(lambda: hosts.readyz(1) == 200, 30, "/readyz 200 on the restarted host")
+        t_ready = time.monotonic()
+        until(lambda: c.hosts[hosts.label(1)]["sent"] > sent_at_loss, 10, "load on the restarted host", every=0.005)
+        took_load = time.monotonic() - t_ready
+    assert not load.errors, load.errors[:3]
+    assert load.wrong == 0 and load.ok == load.sent, (load.ok, load.sent)  # none lost, each answered once
+    assert dropped_after < 2.0, f"the dead host kept getting work for {dropped_after:.2f}s"
+    assert took_load < 5.0, f"the restarted host took load {took_load:.2f}s after /readyz"
+    print(f"\nhost dropped after {dropped_after * 1000:.0f} ms; restarted host took load {took_load * 1000:.0f} ms "
+          f"after /readyz 200; {load.ok} requests, 0 lost")
+
+
+def test_hosts_follow_a_dns_name(short_tmp: Path, orchestrator_factory) -> None:
+    hosts = Hosts(short_tmp, orchestrator_factory)
+    listed = [ADDRS[0], ADDRS[1]]
+    lookups: list[str] = []
+
+    def resolve(name: str) -> list[str]:
+        lookups.append(name)
+        return list(listed)
+
+    target = f"tcp://orchestrator.test.svc:{hosts.port}"
+    with Client(target, curve=hosts.keys, resolve=resolve, resolve_interval_s=0.1, timeout=30) as c, Load(c) as load:
+        assert lookups[0] == "orchestrator.test.svc" and set(c.hosts) == {hosts.label(0), hosts.label(1)}
+        assert all(h["state"] == "up" for h in c.hosts.values())
+        until(lambda: hosts.served(0) > 0 and hosts.served(1) > 0, 30, "both listed hosts to serve")
+        assert hosts.served(2) == 0
+        listed.append(ADDRS[2])  # a new host appears in DNS
+        until(lambda: hosts.served(2) > 0, 10, "the new host to take load")
+        listed.remove(ADDRS[0])  # and one leaves: it gets no new work
+        until(lambda: c.hosts[hosts.label(0)]["state"] == "retired", 5, "the host to be retired")
+        mark = load.ok
+        until(lambda: load.ok > mark + 20, 30, "load to go on")  # a pick made just before is sent by now
+        before = c.hosts[hosts.label(0)]["sent"]
+        at = c.hosts[hosts.label(2)]["sent"]
+        until(lambda: c.hosts[hosts.label(2)]["sent"] > at + 50, 30, "load to go on")
+        assert c.hosts[hosts.label(0)]["sent"] == before, "a host no longer listed got new work"
+
+
+def test_status_json_of_a_host(short_tmp: Path, orchestrator_factory) -> None:
+    hosts = Hosts(short_tmp, orchestrator_factory)
+    with urllib.request.urlopen(f"http://{ADDRS[2]}:{hosts.port + 2}/readyz", timeout=2) as r:
+        assert json.loads(r.read()) == {"ok": True, "ready_workers": 1, "workers": 1, "min_ready_workers": 1}
