@@ -84,6 +84,10 @@ class MonitorCollector:
         L = ["worker"]
         fams: dict[str, Any] = {
             "up": GaugeMetricFamily("orchestrator_worker_up", "1 while the worker process is running", labels=L),
+            "info": GaugeMetricFamily("orchestrator_worker_info", "1 per worker: the GPU it runs on (uuid, as on "
+                                      "the orchestrator_gpu_* series; empty on CPU workers)", labels=L + ["uuid"]),
+            "rst": CounterMetricFamily("orchestrator_worker_restarts", "Times the worker slot was started again "
+                                       "after its process ended (crash, hang, kill)", labels=L),
             "req": CounterMetricFamily("orchestrator_requests", "Requests completed", labels=L),
             "bat": CounterMetricFamily("orchestrator_batches", "Batches completed", labels=L),
             "itm": CounterMetricFamily("orchestrator_items", "Items (batch rows) completed", labels=L),
@@ -104,6 +108,8 @@ class MonitorCollector:
         shm = {k: cls(name, doc, labels=L) for k, name, doc, cls in _SHM_METRICS}
         for wid, w in sorted(workers.items()):
             fams["up"].add_metric([wid], 1.0 if w.get("up") else 0.0)
+            fams["info"].add_metric([wid, w.get("gpu_uuid") or ""], 1.0)
+            fams["rst"].add_metric([wid], w.get("restarts_total", 0))
             fams["req"].add_metric([wid], w.get("requests_total", 0))
             fams["bat"].add_metric([wid], w.get("batches_total", 0))
             fams["itm"].add_metric([wid], w.get("items_total", 0))

@@ -46,6 +46,7 @@ class _Worker:
         self.faults_total = 0
         self._faults_seen = 0
         self._report_pid: int | None = None
+        self.spawns = 0
         self.stalls = 0
         self.stall_causes: dict[str, int] = {}
         self.last_stall_cause: str | None = None
@@ -218,6 +219,8 @@ class Monitor:
             w = self._worker(worker_id)
             if pid != w.pid:
                 w.shm = None  # the old process's arena is gone; the new one reports its own
+                if pid is not None:
+                    w.spawns += 1  # every start after the first is a restart
             w.pid = pid
             w.gpu_uuid = gpu_uuid
 
@@ -295,6 +298,7 @@ class Monitor:
                     "items_total": w.rows, "failures": dict(w.failures), "hists": h,
                     "queued": view["queued"], "inflight": view["inflight"], "gpu_busy_pct": view["gpu_busy_pct"],
                     "faults_total": w.faults_total, "stall_causes": dict(w.stall_causes), "up": w.pid is not None,
+                    "restarts_total": max(0, w.spawns - 1),
                     "shm": w.shm_metrics(),
                 }
         return {"nvml": self.sampler is not None, "gpus": self._gpu_views(), "workers": workers,
