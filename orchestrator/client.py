@@ -284,7 +284,7 @@ class Client:
             rid = next(self._io.ids)
             sock.send_multipart(protocol.encode_attach(rid, os.getpid(), self._lease_bytes))
             wait_s = min(self.connect_timeout, deadline - time.monotonic())
-            if not sock.poll(max(0.0, wait_s) * 1000):
+            if not sock.poll(int(max(0.0, wait_s) * 1000)):
                 if wait_s < self.connect_timeout:
                     raise DeadlineExceededError(f"no answer from {w.id} to attach within the deadline")
                 raise UnavailableError(f"no answer to attach within {self.connect_timeout:g}s")
@@ -540,7 +540,7 @@ class Client:
             if remaining <= 0:
                 raise DeadlineExceededError(f"no reply from {w.id} within the deadline")  # spans stay held
             # Short slices so a worker death announced by the supervisor is noticed promptly.
-            if sock.poll(min(remaining, 0.05) * 1000):
+            if sock.poll(int(min(remaining, 0.05) * 1000) or 1):
                 reply = protocol.decode_reply(sock.recv_multipart(copy=False), shm_of)
                 if reply.request_id == rid:
                     if lease is not None:
@@ -604,8 +604,8 @@ def _resolve_addresses(name: str) -> list[str]:
     """The system resolver: every address of `name` (A and AAAA records), in its order, once each."""
     out: list[str] = []
     for *_, sockaddr in socket.getaddrinfo(name, None, type=socket.SOCK_STREAM):
-        if sockaddr[0] not in out:
-            out.append(sockaddr[0])
+        if str(sockaddr[0]) not in out:
+            out.append(str(sockaddr[0]))
     return out
 
 

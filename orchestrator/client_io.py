@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -411,9 +412,12 @@ class ClientIO(threading.Thread):
             p.future.set_exception(exc)
 
     def _on_reply(self, w: _Worker) -> None:
+        sock = w.sock
+        if sock is None:
+            return
         for _ in range(1000):
             try:
-                frames = w.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             found: list[Pending] = []
@@ -537,9 +541,11 @@ class ClientIO(threading.Thread):
         """The events connection to a remote host dropped: its supervisor died (or the network did). Lost
         now; if it is still there, it answers the rediscovery within a second and serves again."""
         dropped = False
+        monitor = h.monitor
+        assert monitor is not None
         while True:
             try:
-                h.monitor.recv_multipart(zmq.NOBLOCK)  # type: ignore[union-attr]
+                monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
             dropped = True
@@ -700,7 +706,7 @@ class ClientIO(threading.Thread):
                 p.future.set_exception(err)
         os.close(self.wake_fd)
 
-    def new_pending(self, tensors: dict[str, Any], timeout_s: float, encode: Any = None) -> Pending:
+    def new_pending(self, tensors: Mapping[str, Any], timeout_s: float, encode: Any = None) -> Pending:
         """A request ready to dispatch. `encode(rid, timeout_ms, deadline)`, when given, lays it out in a
         shared-memory lease and returns (frames, lease, out_off, worker id); None means send frames."""
         rid = next(self.ids)

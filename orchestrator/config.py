@@ -253,7 +253,7 @@ def _convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
             errors.extend(sub)
             out.append(conv)
         return tuple(out)
-    elif dataclasses.is_dataclass(tp):
+    elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build_section(tp, value, path, errors)
     elif origin is dict:
         inner = get_args(tp)[1]
@@ -342,7 +342,8 @@ def _cross_checks(cfg: Config, base: Path, check_files: bool, errors: list[str])
                 value = getattr(t, key)
                 if value:
                     path = Path(os.path.normpath(value if Path(value).is_absolute() else base / value))
-                    t = dataclasses.replace(t, **{key: str(path)})
+                    changes: dict[str, Any] = {key: str(path)}
+                    t = dataclasses.replace(t, **changes)
                     ok = path.is_dir() if key == "curve_clients_dir" else path.is_file()
                     if check_files and not ok:
                         errors.append(f"transport.{key}: not found: {path}")

@@ -35,7 +35,8 @@ def _split(cores: list[int], parts: int) -> list[tuple[int, ...] | None]:
     if len(cores) < parts:
         return [tuple(cores)] * parts
     size, extra = divmod(len(cores), parts)
-    out, start = [], 0
+    out: list[tuple[int, ...] | None] = []
+    start = 0
     for i in range(parts):
         n = size + (1 if i < extra else 0)
         out.append(tuple(cores[start:start + n]))

@@ -150,7 +150,7 @@ def _worker_table(status: dict) -> Table:
                           ("shm", "right"), ("p50", "right"), ("p99", "right"), ("q/infl", "right"), ("busy", "right"),
                           ("SM MHz", "right"), ("power", "right"), ("temp", "right"), ("throttle", "left"),
                           ("faults", "right"), ("stalls", "left")):
-        t.add_column(name, justify=justify, no_wrap=True)
+        t.add_column(name, justify="right" if justify == "right" else "left", no_wrap=True)
     for w in status.get("workers") or ():
         m = metrics.get(w.get("id"), {})
         g = gpus.get(w.get("gpu_uuid")) or {}

@@ -327,7 +327,7 @@ class Supervisor:
         poller.register(wake_fd, zmq.POLLIN)
         while True:
             if stop_flag.get("stop") and not self.stopping:
-                self.request_stop(stop_flag.get("reason", "signal"))
+                self.request_stop(str(stop_flag.get("reason", "signal")))
             if self.stopping and all(w.pidfd is None for w in self.workers.values()):
                 return
             self._poll_once(poller, wake_fd)

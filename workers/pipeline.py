@@ -383,6 +383,7 @@ class Pipeline:
 
     def _views(self, req: Request) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         engine, arena, shm, n, dims = self.engine, self.arena, req.shm, req.rows, req.dims
+        assert shm is not None
         ins = {s.name: arena.view(o, s.dtype, (n, *self.item_shape(s, dims)))
                for s, o in zip(engine.inputs, shm.inputs, strict=True)}
         outs = {s.name: arena.view(o, s.dtype, (n, *self.item_shape(s, dims)))

@@ -76,6 +76,7 @@ class CompletionWaiter:
                 if self._closed:
                     return
                 slot = self._target
+            assert slot is not None
             self.engine.wait(slot)
             with self._cv:
                 if self._target is slot:
@@ -106,8 +107,8 @@ class ServeLoop:
                                  arena=self.arena)
         engine.warmup(self.pipeline.slots, self.pipeline.buckets)
         # Bytes per row of each input (0 where a dynamic dimension makes it depend on the request).
-        self._in_row_bytes = [0 if is_dynamic(s.item_shape) else int(np.prod(s.item_shape, dtype=np.int64)) * s.dtype.itemsize
-                              for s in engine.inputs]
+        self._in_row_bytes = [0 if is_dynamic(s.item_shape) else int(np.prod([int(d) for d in s.item_shape], dtype=np.int64))
+                              * s.dtype.itemsize for s in engine.inputs]
         self._out_specs = [(s.name, s.dtype, s.item_shape) for s in engine.outputs]
         self._in_row_total = sum(self._in_row_bytes)
         # (rows, dynamic sizes) -> output offsets and bytes in a span
@@ -281,14 +282,14 @@ class ServeLoop:
     def _out_shapes(self, rows: int, dims: tuple[int, ...]) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
         """The outputs' (name, dtype, full shape) for a request of `rows` rows and dynamic sizes `dims`."""
         if not dims:
-            return [(n, d, (rows, *shape)) for n, d, shape in self._out_specs]
+            return [(n, d, (rows, *(int(x) for x in shape))) for n, d, shape in self._out_specs]
         return [(s.name, s.dtype, (rows, *self.pipeline.item_shape(s, dims))) for s in self.engine.outputs]
 
     def _receive_many(self, identity: Any, header: protocol.RequestHeader, nframes: int, now: int) -> None:
         """Several shared-memory requests in one message (Kind.INFER_MANY), each with the model's own dtypes
         and item shapes: each becomes its own Request, checked and answered on its own."""
         arena, pipeline = self.arena, self.pipeline
-        entries = header.shm[1] if len(header.shm) == 2 else None  # type: ignore[arg-type]
+        entries = header.shm[1] if header.shm is not None and len(header.shm) == 2 else None
         if not isinstance(entries, list) or len(entries) > _MAX_MANY:
             self._reply_error(identity, None, ErrorCode.BAD_HEADER, "INFER_MANY needs [lease, [entries]]")
             return

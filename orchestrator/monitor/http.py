@@ -24,7 +24,7 @@ def probe_reply(health: dict[str, Any], path: str) -> tuple[int, dict[str, Any]]
     """(HTTP status, JSON body) of one probe from a health verdict {live, ready, started, reason, ...}."""
     key = {"/livez": "live", "/readyz": "ready", "/startupz": "started"}[path]
     ok = bool(health.get(key))
-    body = {"ok": ok, **({} if ok else {"reason": health.get(f"{key}_reason") or health.get("reason") or "not yet"}),
+    body: dict[str, Any] = {"ok": ok, **({} if ok else {"reason": health.get(f"{key}_reason") or health.get("reason") or "not yet"}),
             **{k: health[k] for k in ("ready_workers", "workers", "min_ready_workers") if k in health}}
     return (200 if ok else 503), body
 

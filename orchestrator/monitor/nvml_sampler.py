@@ -68,9 +68,10 @@ def load_nvml(module: Any = None) -> tuple[Any, str | None]:
     """(initialised pynvml-like module, None) or (None, why not). `module` injects a stand-in (tests)."""
     if module is None:
         try:
-            import pynvml as module  # lazy: CPU hosts need not have nvidia-ml-py
+            import pynvml  # lazy: CPU hosts need not have nvidia-ml-py
         except ImportError:
             return None, "nvidia-ml-py is not installed (pip install 'orchestrator[gpu]')"
+        module = pynvml
     try:
         module.nvmlInit()
     except Exception as exc:  # NVMLError_LibraryNotFound, _DriverNotLoaded, OSError from ctypes...

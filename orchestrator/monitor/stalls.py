@@ -190,14 +190,14 @@ def attribute(candidate: dict, gpu_samples: list[dict], host: dict,
     `host` the latest host sample, `foreign_pids` the processes on that GPU that are not ours.
     "unknown" ranks first when no cause reaches UNKNOWN_BELOW.
     """
-    found = [
+    tried = [
         _driver_lock(candidate),
         _lock_wait(candidate),
         _cpu_preemption(candidate, host or {}),
         _throttling(candidate, gpu_samples or []),
         _foreign(candidate, list(foreign_pids or ())),
     ]
-    found = _reconcile([x for x in found if x and x[1] >= MIN_SCORE])
+    found = _reconcile([x for x in tried if x and x[1] >= MIN_SCORE])
     ranked = sorted(((n, round(s, 3), e) for n, s, e in found), key=lambda x: -x[1])
     if not ranked or ranked[0][1] < UNKNOWN_BELOW:
         ranked.insert(0, ("unknown", UNKNOWN_BELOW, {"dominant_phase": dominant_phase(candidate),
@@ -219,7 +219,8 @@ def _reconcile(found: list[Cause]) -> list[Cause]:
 def dominant_phase(candidate: dict) -> str | None:
     """Which phase of the oldest request's life took the longest (queue_wait, enqueue, complete_wait, reply)."""
     t = candidate.get("timings_us") or {}
-    phases = {k: t.get(k) for k in ("queue_wait", "enqueue", "complete_wait", "reply") if t.get(k) is not None}
+    phases: dict[str, float] = {k: t[k] for k in ("queue_wait", "enqueue", "complete_wait", "reply")
+                                if t.get(k) is not None}
     return max(phases, key=phases.__getitem__) if phases else None
 
 

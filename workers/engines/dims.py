@@ -53,21 +53,21 @@ def model_dims(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], rang
                     users[d] = []
                 users[d].append(s.name)
     by_name = {c.name: c for c in config}
-    for c in config:
-        if c.name not in users:
+    for cd in config:
+        if cd.name not in users:
             have = f"its dynamic dimensions are {names}" if names else "it has none besides the batch"
-            raise EngineError(f"model.dims: {where} has no dynamic input dimension {c.name!r} ({have})")
+            raise EngineError(f"model.dims: {where} has no dynamic input dimension {cd.name!r} ({have})")
     out_specs = []
     for s in outputs:
         shape = list(s.item_shape)
-        for c in config:
-            axis = c.follow.get(s.name)
+        for cd in config:
+            axis = cd.follow.get(s.name)
             if axis is None:
                 continue
             if not 1 <= axis <= len(shape):
-                raise EngineError(f"model.dims[{c.name!r}].follow: output {s.name!r} has no axis {axis} "
+                raise EngineError(f"model.dims[{cd.name!r}].follow: output {s.name!r} has no axis {axis} "
                                   f"(its shape is [batch, {', '.join(map(str, shape))}])")
-            shape[axis - 1] = c.name
+            shape[axis - 1] = cd.name
         for axis, d in enumerate(shape, start=1):
             if isinstance(d, str) and d not in users:
                 raise EngineError(f"output {s.name!r} has dynamic dimension {d!r} at axis {axis}, which follows no "

@@ -40,8 +40,9 @@ class GpuSlot(Slot):
     device: dict[str, Any] = field(default_factory=dict)  # tensor name -> DeviceBuffer
     h2d: list[tuple[Any, int, int]] = field(default_factory=list)
     d2h: list[tuple[int, Any, int]] = field(default_factory=list)
-    graphs: dict[int, Any] = field(default_factory=dict)  # bucket rows -> GraphExec (H2D, compute, D2H)
-    compute_graphs: dict[int, Any] = field(default_factory=dict)  # bucket rows -> GraphExec (compute only)
+    # bucket rows (and, with dynamic dimensions, their sizes: (rows, dims)) -> GraphExec (H2D, compute, D2H)
+    graphs: dict[Any, Any] = field(default_factory=dict)
+    compute_graphs: dict[Any, Any] = field(default_factory=dict)  # the same keys -> GraphExec (compute only)
     in_dev: list[tuple[int, int]] = field(default_factory=list)  # (device pointer, bytes per row) per input
     out_dev: list[tuple[int, int]] = field(default_factory=list)  # the same per output
     anchor: int = 0  # which of the engine's anchor events this slot's last batch is timed against
@@ -111,7 +112,7 @@ class GpuEngineBase(Engine):
     # --- slots --------------------------------------------------------------------------------------
 
     def _alloc_tensor(self, slot: GpuSlot, spec: TensorSpec, rows: int) -> tuple[np.ndarray, Any, int]:
-        row_bytes = int(np.prod(spec.item_shape, dtype=np.int64)) * spec.dtype.itemsize
+        row_bytes = int(np.prod([int(d) for d in spec.item_shape], dtype=np.int64)) * spec.dtype.itemsize  # static
         nbytes = max(row_bytes * rows, 1)
         detail = f"slot {slot.index} {spec.name} {nbytes} B"
         host = self.rt.PinnedBuffer(nbytes, detail)

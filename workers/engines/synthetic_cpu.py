@@ -27,7 +27,7 @@ class SyntheticCpuEngine(Engine):
         self.work = cfg.model.work
 
     def create_slots(self, depth: int) -> list[Slot]:
-        shape = (self.max_batch, *self.inputs[0].item_shape)
+        shape = (self.max_batch, *(int(d) for d in self.inputs[0].item_shape))  # a static shape
         return [
             Slot(i, {"x": np.zeros(shape, np.float32)}, {"y": np.zeros(shape, np.float32)},
                  extra={"tmp": np.zeros(shape, np.float32)})
