@@ -97,7 +97,7 @@ class Client:
         the last array of that result is gone; `copy_results=True` returns copies instead."""
         if shm not in (True, False, "auto"):
             raise ValueError(f'shm must be True, False or "auto", got {shm!r}')
-        from orchestrator.client_io import ClientIO  # keeps `import orchestrator.client` light
+        from orchestrator.client_io import ClientIO, reachable  # keeps `import orchestrator.client` light
 
         self.timeout = timeout
         self.curve = curve
@@ -116,7 +116,8 @@ class Client:
             where = controls[0] if len(controls) == 1 else f"any of {', '.join(controls)}"
             raise UnavailableError(f"no orchestrator answers at {where} (is it started? with CURVE, are the keys "
                                    "right?)")
-        self.workers = [{**w, "id": f"{ClientIO.label_of(c)}/{w['id']}" if multi else w["id"]}
+        self.workers = [{**w, "id": f"{ClientIO.label_of(c)}/{w['id']}" if multi else w["id"],
+                         "endpoint": reachable(w["endpoint"], c)}
                         for c, info in zip(controls, answers, strict=True) if info for w in info["workers"]]
         ready = [w for w in self.workers if w["state"] == "ready"]
         if not ready:

@@ -46,6 +46,18 @@ _REMOTE_SILENCE_S = 1.5
 _MANY_PER_MESSAGE = 256  # shared-memory requests sent together in one INFER_MANY message
 
 
+def reachable(endpoint: str, control: str) -> str:
+    """An endpoint a host advertised, as this client reaches it: a host bound to every interface
+    (0.0.0.0, ::, in a Kubernetes pod) advertises that wildcard, which means "here" to whoever connects; the
+    address the control endpoint reached is the one to use."""
+    if not endpoint or not endpoint.startswith("tcp://") or not control.startswith("tcp://"):
+        return endpoint
+    host, _, port = endpoint[6:].rpartition(":")
+    if host.strip("[]") not in ("0.0.0.0", "::", "*"):
+        return endpoint
+    return f"tcp://{control[6:].rpartition(':')[0]}:{port}"
+
+
 def _process_alive(pid: int) -> bool:
     """Whether process `pid` runs (a zombie, killed but not yet reaped, does not)."""
     return process_state(pid) not in (None, b"Z", b"X")
@@ -216,7 +228,7 @@ class ClientIO(threading.Thread):
         h.last_event = time.monotonic()
         h.pid = info.get("pid")
         h.beat_s = info.get("beat_s")
-        events = info.get("events")
+        events = reachable(info.get("events") or "", h.control) or None
         if events != h.events or h.sub is None:
             self._close_sub(h)
             h.events = events
@@ -236,12 +248,13 @@ class ClientIO(threading.Thread):
                 self.poller.register(sub, zmq.POLLIN)
         for d in info.get("workers", []):
             wid = self._wid(h, d["id"])
+            endpoint = reachable(d["endpoint"], h.control)
             w = self.workers.get(wid)
             if w is None:
-                w = self.workers[wid] = _Worker(wid, d["endpoint"])
+                w = self.workers[wid] = _Worker(wid, endpoint)
                 h.workers.add(wid)
             if d.get("state") == "ready" and w.sock is None and not h.retired:
-                w.endpoint = d.get("endpoint", w.endpoint)
+                w.endpoint = endpoint
                 self._connect(w)
 
     def _close_sub(self, h: _Host) -> None:
@@ -522,7 +535,7 @@ class ClientIO(threading.Thread):
                 if w.sock is not None:  # it was draining: the same socket serves again
                     w.ready = True
                 else:
-                    w.endpoint = msg.get("endpoint", w.endpoint)
+                    w.endpoint = reachable(msg.get("endpoint") or w.endpoint, h.control)
                     self._connect(w)
             elif state in ("failed", "stopped") and w.sock is not None:
                 # A stopping worker answers everything it accepted before it says "stopped", and those

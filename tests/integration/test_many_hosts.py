@@ -208,3 +208,24 @@ def test_status_json_of_a_host(short_tmp: Path, orchestrator_factory) -> None:
     hosts = Hosts(short_tmp, orchestrator_factory)
     with urllib.request.urlopen(f"http://{ADDRS[2]}:{hosts.port + 2}/readyz", timeout=2) as r:
         assert json.loads(r.read()) == {"ok": True, "ready_workers": 1, "workers": 1, "min_ready_workers": 1}
+
+
+def test_a_host_bound_to_every_interface_is_reached_at_the_address_used(short_tmp: Path, orchestrator_factory) -> None:
+    """A pod binds 0.0.0.0 and advertises it; the client connects to the address its control endpoint reached."""
+    keys = short_tmp / "keys"
+    _, server_secret = keygen(keys, "server")
+    _, client_secret = keygen(short_tmp / "client", "app")
+    port = free_ports(2)
+    config = write_config(short_tmp, {
+        "workers": {"device": "cpu", "count": 1},
+        "model": {"kind": "synthetic", "item_shape": [ITEM], "work": WORK, "max_batch": 8},
+        "transport": {"kind": "tcp", "host": "0.0.0.0", "control_port": port, "curve": True,
+                      "curve_server_secret": str(server_secret), "shm_mb": 0}})
+    orch = orchestrator_factory(config)
+    assert orch.status()["workers"][0]["endpoint"].startswith("tcp://0.0.0.0:")
+    x = np.ones((2, ITEM), np.float32)
+    with Client(f"tcp://{ADDRS[0]}:{port}", curve=ClientKeys(keys / "server.key", client_secret)) as c:
+        assert c.workers[0]["endpoint"].startswith(f"tcp://{ADDRS[0]}:")
+        assert c._io.workers["w0"].endpoint.startswith(f"tcp://{ADDRS[0]}:")  # what the I/O thread connects to
+        assert np.array_equal(c.infer(x)["y"], reference(x, WORK))
+        assert np.array_equal(c.submit(x).result(30)["y"], reference(x, WORK))
