@@ -75,6 +75,7 @@ def test_probes_follow_the_workers(short_tmp: Path, orchestrator_factory) -> Non
     code, body = until(lambda: (r := get(port, "/readyz"))[0] == 503 and r, 2.0, "/readyz 503")
     flip = time.monotonic() - t0
     assert flip < 1.0, f"/readyz took {flip:.2f}s to fail"
+    print(f"\n/readyz 503 {flip * 1000:.0f} ms after the worker it needed was killed")
     assert body["reason"] == "1 of 2 workers ready; 2 needed", body
     assert get(port, "/livez")[0] == 200 and get(port, "/startupz")[0] == 200  # alive, and started once
     until(lambda: get(port, "/readyz")[0] == 200, 30.0, "/readyz back to 200 after the restart")
@@ -95,6 +96,7 @@ def test_sigterm_fails_readyz_first_then_drains(short_tmp: Path, orchestrator_fa
         code, body = until(lambda: (r := get(port, "/readyz"))[0] == 503 and r, 2.0, "/readyz 503")
         flip = time.monotonic() - t0
         assert flip < 1.0 and body["reason"].startswith("draining"), (flip, body)
+        print(f"\n/readyz 503 {flip * 1000:.0f} ms after SIGTERM")
         done = [f.result(timeout=60) for f in futures]  # what was accepted drains: every result, right
     want = reference(x, work)
     assert all(np.array_equal(d["y"], want) for d in done)

@@ -229,3 +229,26 @@ def test_a_host_bound_to_every_interface_is_reached_at_the_address_used(short_tm
         assert c._io.workers["w0"].endpoint.startswith(f"tcp://{ADDRS[0]}:")  # what the I/O thread connects to
         assert np.array_equal(c.infer(x)["y"], reference(x, WORK))
         assert np.array_equal(c.submit(x).result(30)["y"], reference(x, WORK))
+
+
+def test_a_silent_host_is_given_up_and_taken_back(short_tmp: Path, orchestrator_factory) -> None:
+    """No connection drops when a host goes silent (a partition; here its supervisor is SIGSTOPped): its
+    heartbeats stop, and the client gives it up within 2 s all the same; when it speaks again, it is back."""
+    hosts = Hosts(short_tmp, orchestrator_factory)
+    with Client([hosts.endpoint(i) for i in range(3)], curve=hosts.keys, timeout=30) as c, Load(c) as load:
+        until(lambda: all(h["sent"] > 0 for h in c.hosts.values()), 30, "every host to take work")
+        pid = hosts.orchs[2].status()["pid"]
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            until(lambda: c.hosts[hosts.label(2)]["state"] != "up", 5, "the silent host to be given up", every=0.005)
+            silent_after = time.monotonic() - t0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        until(lambda: c.hosts[hosts.label(2)]["state"] == "up", 10, "the host back")
+        back = c.hosts[hosts.label(2)]["sent"]
+        until(lambda: c.hosts[hosts.label(2)]["sent"] > back, 10, "work for it again")
+    assert not load.errors, load.errors[:3]
+    assert load.wrong == 0 and load.ok == load.sent
+    assert silent_after < 2.0, f"a silent host kept its place for {silent_after:.2f}s"
+    print(f"\nsilent host given up after {silent_after * 1000:.0f} ms")
