@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -89,15 +90,43 @@ def _check_model(cfg: Config) -> None:
         raise ConfigError([f"model: {exc}"], cfg.source or None) from None
 
 
+def _check_run_dir(cfg: Config) -> None:
+    """The run directory exists and is a directory, or can be created: tried for real, in its nearest existing
+    ancestor (a scratch directory made and removed), since access() says yes to root on read-only or
+    special file systems such as /proc."""
+    root = cfg.run_dir
+    where = f"orchestrator.run_dir: {root}"
+    if root.exists():
+        if not root.is_dir():
+            raise ConfigError([f"{where} exists and is not a directory"], cfg.source or None)
+        parent = root
+    else:
+        parent = root.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ConfigError([f"{where} cannot be created: {parent} is not a directory"], cfg.source or None)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".orchestrator-check-", dir=parent))
+    except OSError as exc:
+        raise ConfigError(
+            [f"{where} cannot be created or used: {exc.strerror} in {parent}"], cfg.source or None
+        ) from None
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
+    """Everything `start` checks before it starts anything, so that OK means `start` will not refuse it."""
     cfg = _load(args.config)
-    _check_model(cfg)
-    _check_shm_space(cfg, _planned_workers(cfg))
+    _preflight(cfg, warn=False)
     w = cfg.workers
-    where = f"{w.count} CPU worker(s)" if w.device == "cpu" else f"GPU(s) {w.gpus}, {w.per_gpu} worker(s) per GPU"
+    where = (
+        f"{w.count} CPU worker(s)" if w.device == "cpu" else f"GPU(s) {w.gpus}, {w.per_gpu} worker(s) per GPU"
+    )
     model = cfg.model.path or f"synthetic work={cfg.model.work} item_shape={list(cfg.model.item_shape)}"
-    print(f"{args.config}: OK: {where}; {cfg.model.kind} model {model}; max batch {cfg.model.max_batch}; "
-          f"pipeline depth {cfg.pipeline.depth}; run dir {cfg.run_dir}")
+    print(
+        f"{args.config}: OK: {where}; {cfg.model.kind} model {model}; max batch {cfg.model.max_batch}; "
+        f"pipeline depth {cfg.pipeline.depth}; run dir {cfg.run_dir}"
+    )
     from orchestrator.mps import config_warnings
 
     for text in config_warnings(cfg):
@@ -108,7 +137,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 # --- start ---------------------------------------------------------------------------------------
 
 
-def _preflight(cfg: Config) -> None:
+def _preflight(cfg: Config, warn: bool = True) -> None:
+    """What start refuses before anything starts (ConfigError or MpsError: one line, exit 2); validate runs it."""
+    _check_run_dir(cfg)
     _check_model(cfg)
     if cfg.workers.device == "gpu":
         from orchestrator.devices import discover_or_explain
@@ -119,14 +150,19 @@ def _preflight(cfg: Config) -> None:
             from orchestrator.devices import plan_workers
             from orchestrator.mps import MpsDaemon
 
-            uuids = list(dict.fromkeys(p.gpu_uuid for p in plan_workers(cfg, RunDir(cfg.run_dir), gpus) if p.gpu_uuid))
-            MpsDaemon(cfg, cfg.run_dir, uuids).check()  # MpsError: binary missing, compute mode, foreign daemon
+            uuids = list(
+                dict.fromkeys(p.gpu_uuid for p in plan_workers(cfg, RunDir(cfg.run_dir), gpus) if p.gpu_uuid)
+            )
+            MpsDaemon(
+                cfg, cfg.run_dir, uuids
+            ).check()  # MpsError: binary missing, compute mode, foreign daemon
     else:
         _check_shm_space(cfg, _planned_workers(cfg))
-    from orchestrator.mps import config_warnings
+    if warn:
+        from orchestrator.mps import config_warnings
 
-    for text in config_warnings(cfg):
-        _err(f"warning: {text}")
+        for text in config_warnings(cfg):
+            _err(f"warning: {text}")
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -142,7 +178,10 @@ def cmd_start(args: argparse.Namespace) -> int:
 
     configure_logging(cfg.orchestrator.log_level)
     flag, wake_fd = install_signal_wakeup()
-    print(f"orchestrator '{cfg.orchestrator.name}' starting in {rd.root} (Ctrl-C drains and stops)", file=sys.stderr)
+    print(
+        f"orchestrator '{cfg.orchestrator.name}' starting in {rd.root} (Ctrl-C drains and stops)",
+        file=sys.stderr,
+    )
     return Supervisor(cfg).run(flag, wake_fd)
 
 
@@ -150,9 +189,14 @@ def _start_detached(cfg: Config, config_path: Path, rd: RunDir, timeout: float |
     rd.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path = rd.root / "supervisor.log"
     with open(log_path, "ab") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.supervisor", str(config_path.resolve())],
-                                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.supervisor", str(config_path.resolve())],
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
     limit = timeout or (cfg.orchestrator.startup_timeout_s + 15)
     deadline = time.monotonic() + limit
     last: dict = {}
@@ -161,7 +205,9 @@ def _start_detached(cfg: Config, config_path: Path, rd: RunDir, timeout: float |
         if code is not None:
             from orchestrator.worker_handle import tail
 
-            _err(f"the supervisor exited with code {code} before all workers were ready:\n{tail(log_path, 25)}")
+            _err(
+                f"the supervisor exited with code {code} before all workers were ready:\n{tail(log_path, 25)}"
+            )
             return EXIT_FAIL
         if rd.control.exists():
             try:
@@ -171,20 +217,27 @@ def _start_detached(cfg: Config, config_path: Path, rd: RunDir, timeout: float |
                 last = {}
             states = [w["state"] for w in last.get("workers", [])]
             if states and all(s == "ready" for s in states):
-                print(f"orchestrator '{cfg.orchestrator.name}' ready: {len(states)} workers, pid {proc.pid}, "
-                      f"run dir {rd.root}")
+                print(
+                    f"orchestrator '{cfg.orchestrator.name}' ready: {len(states)} workers, pid {proc.pid}, "
+                    f"run dir {rd.root}"
+                )
                 return EXIT_OK
             failed = [w for w in last.get("workers", []) if w["state"] == "failed"]
             if failed and all(s in ("ready", "failed") for s in states):
                 for w in failed:
-                    _err(f"{w['id']} on {w['device']} failed to start: {w['last_error']} "
-                         f"(log: {rd.logs / (w['id'] + '.log')})")
+                    _err(
+                        f"{w['id']} on {w['device']} failed to start: {w['last_error']} "
+                        f"(log: {rd.logs / (w['id'] + '.log')})"
+                    )
                 if "ready" in states:
                     _err(f"still serving on {states.count('ready')} worker(s); `orchestrator stop` stops it")
                 return EXIT_FAIL
         time.sleep(0.1)
-    _err(f"workers not ready after {limit:g}s: " + ", ".join(f"{w['id']}={w['state']}" for w in last.get("workers", []))
-         + f"; see {log_path}")
+    _err(
+        f"workers not ready after {limit:g}s: "
+        + ", ".join(f"{w['id']}={w['state']}" for w in last.get("workers", []))
+        + f"; see {log_path}"
+    )
     return EXIT_FAIL
 
 
@@ -265,11 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     p = sub.add_parser("start", help="start the supervisor and its workers")
     p.add_argument("config", help="TOML config file, e.g. configs/cpu.toml")
-    p.add_argument("--detach", action="store_true", help="return once all workers are ready (or fail with the reason)")
+    p.add_argument(
+        "--detach", action="store_true", help="return once all workers are ready (or fail with the reason)"
+    )
     p.add_argument("--timeout", type=float, default=None, help="--detach: seconds to wait for READY")
     p.set_defaults(func=cmd_start)
     p = sub.add_parser("stop", help="drain in-flight work and stop")
-    p.add_argument("config", nargs="?", help="config file or run directory (default: the default run directory)")
+    p.add_argument(
+        "config", nargs="?", help="config file or run directory (default: the default run directory)"
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the supervisor to exit")
     p.set_defaults(func=cmd_stop)
     p = sub.add_parser("status", help="live health view (or --once / --json)")

@@ -77,12 +77,23 @@ def resolve_control_endpoint(target: str | os.PathLike | None) -> str:
 class Client:
     """Thread-safe client. Every call has a finite deadline (`timeout`, default 30 s)."""
 
-    def __init__(self, target: str | os.PathLike | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
-                 max_in_flight: int = 128, failover: bool = True, max_retries: int = 2,
-                 max_message_bytes: int = 256 << 20, connect_timeout: float = 5.0,
-                 curve: ClientKeys | None = None, shm: bool | str = "auto", shm_lease_mb: int | None = None,
-                 copy_results: bool = False, resolve: Callable[[str], list[str]] | None = None,
-                 resolve_interval_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        target: str | os.PathLike | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        max_in_flight: int = 128,
+        failover: bool = True,
+        max_retries: int = 2,
+        max_message_bytes: int = 256 << 20,
+        connect_timeout: float = 5.0,
+        curve: ClientKeys | None = None,
+        shm: bool | str = "auto",
+        shm_lease_mb: int | None = None,
+        copy_results: bool = False,
+        resolve: Callable[[str], list[str]] | None = None,
+        resolve_interval_s: float = 5.0,
+    ) -> None:
         """`target`: a config path, a run directory, or a control endpoint (ipc://..., tcp://host:port); or
         a list of tcp:// control endpoints, one per host; or tcp://NAME:port where NAME is a DNS name whose
         addresses are the hosts (a Kubernetes headless Service), re-resolved every `resolve_interval_s`
@@ -114,20 +125,32 @@ class Client:
         if not answered:
             self.ctx.term()
             where = controls[0] if len(controls) == 1 else f"any of {', '.join(controls)}"
-            raise UnavailableError(f"no orchestrator answers at {where} (is it started? with CURVE, are the keys "
-                                   "right?)")
-        self.workers = [{**w, "id": f"{ClientIO.label_of(c)}/{w['id']}" if multi else w["id"],
-                         "endpoint": reachable(w["endpoint"], c)}
-                        for c, info in zip(controls, answers, strict=True) if info for w in info["workers"]]
+            raise UnavailableError(
+                f"no orchestrator answers at {where} (is it started? with CURVE, are the keys right?)"
+            )
+        self.workers = [
+            {
+                **w,
+                "id": f"{ClientIO.label_of(c)}/{w['id']}" if multi else w["id"],
+                "endpoint": reachable(w["endpoint"], c),
+            }
+            for c, info in zip(controls, answers, strict=True)
+            if info
+            for w in info["workers"]
+        ]
         ready = [w for w in self.workers if w["state"] == "ready"]
         if not ready:
             self.ctx.term()
-            raise UnavailableError(f"the orchestrator at {controls[0] if len(controls) == 1 else ', '.join(controls)} "
-                                   "has no ready worker")
+            raise UnavailableError(
+                f"the orchestrator at {controls[0] if len(controls) == 1 else ', '.join(controls)} "
+                "has no ready worker"
+            )
         models = {(repr(w["inputs"]), repr(w["outputs"])) for w in ready}
         if len(models) > 1:
             self.ctx.term()
-            raise ConfigError(f"the orchestrators serve different models (inputs and outputs differ): {sorted(models)}")
+            raise ConfigError(
+                f"the orchestrators serve different models (inputs and outputs differ): {sorted(models)}"
+            )
         self.inputs = [name for name, _, _ in ready[0]["inputs"]]
         self.outputs = [name for name, _, _ in ready[0]["outputs"]]
         self._out_specs = [(name, np.dtype(dt), tuple(shape)) for name, dt, shape in ready[0]["outputs"]]
@@ -137,7 +160,9 @@ class Client:
         self._dynamic = any(shapes.is_dynamic(shape) for _, _, shape in self._in_specs + self._out_specs)
         if multi and shm is True:
             self.ctx.term()
-            raise UnavailableError("shared memory (shm=True) needs one local orchestrator; several hosts use frames")
+            raise UnavailableError(
+                "shared memory (shm=True) needs one local orchestrator; several hosts use frames"
+            )
         self.shm = False if multi else self._shm_mode(shm, controls[0], answered[0])
         self._shm_forced = shm is True
         self.copy_results = copy_results
@@ -149,16 +174,27 @@ class Client:
         self.max_in_flight = max_in_flight
         limits = [info.get("max_message_bytes") or max_message_bytes for info in answered]
         max_message_bytes = min(max_message_bytes, *limits)
-        self._io = ClientIO(self.ctx, list(zip(controls, answers, strict=True)), failover, max_retries,
-                            max_message_bytes, curve, multi=multi)
+        self._io = ClientIO(
+            self.ctx,
+            list(zip(controls, answers, strict=True)),
+            failover,
+            max_retries,
+            max_message_bytes,
+            curve,
+            multi=multi,
+        )
         self._io.on_worker_lost = self._drop_lease
         self._io.out_specs = [(n, d.str, shape) for n, d, shape in self._out_specs]
         if copy_results:
             self._io.finish = _copied
         self._io.start()
         if dns is not None:  # the host set follows the name: re-resolved every resolve_interval_s
-            threading.Thread(target=self._follow_dns, args=(*dns, resolve or _resolve_addresses, resolve_interval_s),
-                             name="orchestrator-client-dns", daemon=True).start()
+            threading.Thread(
+                target=self._follow_dns,
+                args=(*dns, resolve or _resolve_addresses, resolve_interval_s),
+                name="orchestrator-client-dns",
+                daemon=True,
+            ).start()
         self._closed = False
         self.failover = failover
         self.max_retries = max_retries
@@ -195,6 +231,7 @@ class Client:
 
     def _ask_hosts(self, controls: list[str], connect_timeout: float) -> list[dict | None]:
         """Every host's `endpoints` answer (None where none came within connect_timeout), asked together."""
+
         def ask(control: str) -> dict | None:
             ctl = ControlClient(control, self.ctx, connect_timeout, keys=self.curve)
             try:
@@ -236,15 +273,22 @@ class Client:
         if shm == "auto":
             return endpoint.startswith("ipc://") and bool(arena_mb)
         if not arena_mb:
-            raise UnavailableError(f"shared memory was asked for (shm=True) but the orchestrator at {endpoint} has it "
-                                   "off (transport.shm_mb = 0)")
+            raise UnavailableError(
+                f"shared memory was asked for (shm=True) but the orchestrator at {endpoint} has it "
+                "off (transport.shm_mb = 0)"
+            )
         return True
 
     def _default_lease(self, worker: dict) -> int:
         largest = {d[0]: d[2] for d in worker.get("dims") or []}  # dynamic dimensions at their largest
-        row = sum(math.prod(shapes.resolve(shape, largest)) * np.dtype(dt).itemsize
-                  for _, dt, shape in [*worker["inputs"], *worker["outputs"]])
-        return max(1 << 20, 32 * (row * (worker["max_batch"] or 1) + 256 * (len(worker["inputs"]) + len(worker["outputs"]))))
+        row = sum(
+            math.prod(shapes.resolve(shape, largest)) * np.dtype(dt).itemsize
+            for _, dt, shape in [*worker["inputs"], *worker["outputs"]]
+        )
+        return max(
+            1 << 20,
+            32 * (row * (worker["max_batch"] or 1) + 256 * (len(worker["inputs"]) + len(worker["outputs"]))),
+        )
 
     def _drop_lease(self, worker_id: str) -> None:
         """The worker died or stopped (from the I/O thread): its arena, and our lease on it, are void. No
@@ -316,8 +360,9 @@ class Client:
             sock.poll(500)  # the answer, or give up: the lease also ends when this process exits
             sock.close(0)
 
-    def _shm_encode(self, w: Any, named: Mapping[str, np.ndarray], rid: int, timeout_ms: int,
-                    deadline: float) -> tuple[list, ClientLease, int, list | None] | None:
+    def _shm_encode(
+        self, w: Any, named: Mapping[str, np.ndarray], rid: int, timeout_ms: int, deadline: float
+    ) -> tuple[list, ClientLease, int, list | None] | None:
         """Lay a request out in our lease on `w`: inputs copied into spans (unless they already lie in the
         lease: `empty()`), one span for all outputs. Returns (frames, lease, output offset, entry), where
         `entry` ([id, rows, [input offsets], output offset]) is set when the inputs are exactly the model's
@@ -338,13 +383,20 @@ class Client:
                     rows = arr.shape[0] if arr.ndim else 1
                 if exact:
                     want = self._in_specs[i]
-                    exact = (name == want[0] and arr.dtype == want[1] and arr.ndim >= 1 and arr.shape[0] == rows
-                             and arr.shape[1:] == want[2])
+                    exact = (
+                        name == want[0]
+                        and arr.dtype == want[1]
+                        and arr.ndim >= 1
+                        and arr.shape[0] == rows
+                        and arr.shape[1:] == want[2]
+                    )
                 off = lease.contains(arr) if span_lease(arr) is lease else None
                 if off is None:
                     off = lease.take(arr.nbytes, deadline)
                     taken.append(off)
-                    np.copyto(lease.raw(off, arr.nbytes).view(arr.dtype).reshape(arr.shape), arr, casting="no")
+                    np.copyto(
+                        lease.raw(off, arr.nbytes).view(arr.dtype).reshape(arr.shape), arr, casting="no"
+                    )
                 specs.append([name, wire, list(arr.shape), off])
             _, total = protocol.shm_layout(self._out_shapes(rows, named))
             out_off = lease.take(total, deadline)
@@ -355,20 +407,31 @@ class Client:
             raise
         lease.hold(rid, tuple(taken))
         entry = [rid, rows, [sp[3] for sp in specs], out_off] if exact and rows >= 1 else None
-        return protocol.encode_shm_request(rid, specs, lease.lease_id, out_off, timeout_ms), lease, out_off, entry
+        return (
+            protocol.encode_shm_request(rid, specs, lease.lease_id, out_off, timeout_ms),
+            lease,
+            out_off,
+            entry,
+        )
 
-    def _out_shapes(self, rows: int, named: Mapping[str, np.ndarray]) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    def _out_shapes(
+        self, rows: int, named: Mapping[str, np.ndarray]
+    ) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
         """The outputs' full shapes for a request: with dynamic dimensions, their sizes come from the inputs."""
         if not self._dynamic:
             return [(n, d, (rows, *shape)) for n, d, shape in self._out_specs]
         try:
-            dims = shapes.bind([(n, shape) for n, _, shape in self._in_specs],
-                               {n: np.shape(named[n]) for n, _, _ in self._in_specs})
+            dims = shapes.bind(
+                [(n, shape) for n, _, shape in self._in_specs],
+                {n: np.shape(named[n]) for n, _, _ in self._in_specs},
+            )
             return [(n, d, (rows, *shapes.resolve(shape, dims))) for n, d, shape in self._out_specs]
         except (KeyError, IndexError):
             want = ", ".join(f"{n} {shapes.describe(shape)}" for n, _, shape in self._in_specs)
-            raise InvalidInputError(f"inputs {sorted(named)} with shapes {[list(np.shape(a)) for a in named.values()]} "
-                                    f"do not match the model's: {want}") from None
+            raise InvalidInputError(
+                f"inputs {sorted(named)} with shapes {[list(np.shape(a)) for a in named.values()]} "
+                f"do not match the model's: {want}"
+            ) from None
 
     def _lease_owner(self, named: Mapping[str, np.ndarray]) -> Any:
         """The worker whose lease holds one of the inputs (built with empty()), if it is still ready."""
@@ -384,8 +447,10 @@ class Client:
         pass it as an input, and the request goes to that worker with no copy at all. Its span returns to
         the lease when the array (and every view of it) is gone. Needs shared memory (see `shm`)."""
         if not self.shm:
-            raise UnavailableError("empty() needs shared memory: this client sends frames (shm=False, a tcp:// "
-                                   "target, or transport.shm_mb = 0)")
+            raise UnavailableError(
+                "empty() needs shared memory: this client sends frames (shm=False, a tcp:// "
+                "target, or transport.shm_mb = 0)"
+            )
         w = self._io.pick(set())
         if w is None:
             raise UnavailableError("no ready worker to lease shared memory from")
@@ -401,7 +466,9 @@ class Client:
     def _named(self, inputs: Inputs) -> Mapping[str, np.ndarray]:
         if isinstance(inputs, np.ndarray):
             if len(self.inputs) != 1:
-                raise TypeError(f"the model takes {len(self.inputs)} inputs {self.inputs}: pass a dict of arrays")
+                raise TypeError(
+                    f"the model takes {len(self.inputs)} inputs {self.inputs}: pass a dict of arrays"
+                )
             return {self.inputs[0]: inputs}
         if not isinstance(inputs, Mapping):
             raise TypeError("inputs must be a numpy array or a dict of name -> numpy array")
@@ -413,15 +480,21 @@ class Client:
         named = self._named(inputs)
         encode = None
         if self.shm:
+
             def encode(rid: int, timeout_ms: int, deadline: float) -> tuple | None:
                 w = self._lease_owner(named) or self._io.pick(set())
                 if w is None:
                     return None  # the I/O thread fails it: no ready worker
                 out = self._shm_encode(w, named, rid, timeout_ms, deadline)
                 return None if out is None else (*out, w.id)
+
         try:
             p = self._io.new_pending(named, self.timeout if timeout is None else timeout, encode)
-        except (DeadlineExceededError, OverloadedError, BatchTooLargeError) as exc:  # the lease: a failed future
+        except (
+            DeadlineExceededError,
+            OverloadedError,
+            BatchTooLargeError,
+        ) as exc:  # the lease: a failed future
             fut: Future = Future()
             fut.set_exception(exc)
             return fut
@@ -515,8 +588,11 @@ class Client:
                     raise UnavailableError(self._io.lost)
                 self._drop_socket(sock)
                 self._local.socks.pop(w.id, None)
-                last_error = (ShuttingDownError(f"worker {w.id} stopped before answering this request")
-                              if w.stopped_cleanly else WorkerDeadError(f"worker {w.id} died with this request in flight"))
+                last_error = (
+                    ShuttingDownError(f"worker {w.id} stopped before answering this request")
+                    if w.stopped_cleanly
+                    else WorkerDeadError(f"worker {w.id} died with this request in flight")
+                )
                 continue
             if reply.code == ErrorCode.OK:
                 return _copied(reply.tensors) if self.copy_results else reply.tensors
@@ -527,8 +603,9 @@ class Client:
             raise UnavailableError(self._io.lost)
         raise last_error or UnavailableError("no ready worker to send the request to")
 
-    def _await_reply(self, sock: zmq.Socket, rid: int, w: Any, gen: int, deadline: float,
-                     shm: tuple | None = None) -> Any:
+    def _await_reply(
+        self, sock: zmq.Socket, rid: int, w: Any, gen: int, deadline: float, shm: tuple | None = None
+    ) -> Any:
         """Wait for reply `rid`; None if the worker died meanwhile. Skips late replies of earlier calls
         (releasing their shared-memory spans, which the worker no longer uses)."""
         lease = shm[1] if shm is not None else None
@@ -553,8 +630,9 @@ class Client:
             elif w.generation != gen:
                 return None
 
-    def infer_many(self, batches: Iterable[Inputs], max_in_flight: int = 16,
-                   timeout: float | None = None) -> Iterator[dict[str, np.ndarray]]:
+    def infer_many(
+        self, batches: Iterable[Inputs], max_in_flight: int = 16, timeout: float | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
         """Yield the outputs of `batches` in order, keeping up to `max_in_flight` of them in flight."""
         window: deque[Future] = deque()
         t = self.timeout if timeout is None else timeout
@@ -622,7 +700,9 @@ def _copied(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class AsyncClient:
     """The same calls as coroutines, for asyncio programs. Construct inside a running event loop."""
 
-    def __init__(self, target: str | os.PathLike | None = None, *, max_in_flight: int = 128, **kwargs: Any) -> None:
+    def __init__(
+        self, target: str | os.PathLike | None = None, *, max_in_flight: int = 128, **kwargs: Any
+    ) -> None:
         self._client = Client(target, max_in_flight=1 << 30, **kwargs)  # bounded here, without blocking
         self._sem = asyncio.Semaphore(max_in_flight)
         self.inputs = self._client.inputs
@@ -641,8 +721,9 @@ class AsyncClient:
     async def infer(self, inputs: Inputs, timeout: float | None = None) -> dict[str, np.ndarray]:
         return await (await self.submit(inputs, timeout))
 
-    async def infer_many(self, batches: Iterable[Inputs], max_in_flight: int = 16,
-                         timeout: float | None = None):
+    async def infer_many(
+        self, batches: Iterable[Inputs], max_in_flight: int = 16, timeout: float | None = None
+    ):
         window: deque[asyncio.Future] = deque()
         for inputs in batches:
             if len(window) >= max_in_flight:

@@ -84,8 +84,18 @@ class Pending:
 
 
 class _Worker:
-    __slots__ = ("id", "endpoint", "sock", "outstanding", "ready", "generation", "abandoned", "sync_started",
-                 "stopped_cleanly", "sent")
+    __slots__ = (
+        "id",
+        "endpoint",
+        "sock",
+        "outstanding",
+        "ready",
+        "generation",
+        "abandoned",
+        "sync_started",
+        "stopped_cleanly",
+        "sent",
+    )
 
     def __init__(self, wid: str, endpoint: str) -> None:
         self.id = wid
@@ -95,7 +105,9 @@ class _Worker:
         self.ready = False
         self.generation = 0  # bumped when the worker dies: blocking callers waiting on it give up
         self.stopped_cleanly = False  # its last exit was a clean stop (state "stopped"), not a crash
-        self.abandoned: dict[int, Any] = {}  # shared-memory requests past their deadline -> lease (spans held)
+        self.abandoned: dict[
+            int, Any
+        ] = {}  # shared-memory requests past their deadline -> lease (spans held)
         # Blocking infer() calls in flight here (request id -> time sent), kept by user threads: a dict's
         # item set and pop are atomic, so the I/O thread's reads need no lock (and see no torn counter).
         self.sync_started: dict[int, float] = {}
@@ -123,8 +135,22 @@ class _Host:
     control socket is asked for endpoints once a second. A host the DNS name no longer lists is `retired`:
     it gets no new work, and what it has in flight is still answered."""
 
-    __slots__ = ("label", "control", "events", "sub", "monitor", "pid", "beat_s", "local", "last_event", "lost",
-                 "rediscover", "rediscover_at", "retired", "workers")
+    __slots__ = (
+        "label",
+        "control",
+        "events",
+        "sub",
+        "monitor",
+        "pid",
+        "beat_s",
+        "local",
+        "last_event",
+        "lost",
+        "rediscover",
+        "rediscover_at",
+        "retired",
+        "workers",
+    )
 
     def __init__(self, label: str, control: str) -> None:
         self.label = label
@@ -144,8 +170,16 @@ class _Host:
 
 
 class ClientIO(threading.Thread):
-    def __init__(self, ctx: zmq.Context, hosts: list[tuple[str, dict | None]], failover: bool, max_retries: int,
-                 max_message_bytes: int, curve: Any = None, multi: bool = False) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        hosts: list[tuple[str, dict | None]],
+        failover: bool,
+        max_retries: int,
+        max_message_bytes: int,
+        curve: Any = None,
+        multi: bool = False,
+    ) -> None:
         """`hosts`: (control endpoint, its `endpoints` answer or None if it did not answer yet). `multi`:
         prefix worker ids with the host's label (several hosts, or a host set that may grow)."""
         super().__init__(name="orchestrator-client-io", daemon=True)
@@ -177,7 +211,9 @@ class ClientIO(threading.Thread):
         self._rotation = itertools.count()
         self.closing = False
         self.stray_replies = 0
-        self.on_worker_lost: Any = None  # callback(worker id), from the I/O thread: the client drops its lease
+        self.on_worker_lost: Any = (
+            None  # callback(worker id), from the I/O thread: the client drops its lease
+        )
         self.latency_s = 0.01  # recent request latency (EWMA over both paths)
         self.out_specs: list = []  # the model's outputs (name, dtype string, item shape), for INFER_MANY replies
         self._out_specs_cache: dict[int, list] = {}
@@ -204,9 +240,13 @@ class ClientIO(threading.Thread):
     def host_states(self) -> dict[str, dict[str, Any]]:
         """label -> {"state": "up", "retired" or why it is lost, "sent": requests sent to its workers}
         (a snapshot; read from any thread)."""
-        return {h.label: {"state": "retired" if h.retired else h.lost or "up",
-                          "sent": sum(self.workers[w].sent for w in list(h.workers))}
-                for h in list(self.hosts.values())}
+        return {
+            h.label: {
+                "state": "retired" if h.retired else h.lost or "up",
+                "sent": sum(self.workers[w].sent for w in list(h.workers)),
+            }
+            for h in list(self.hosts.values())
+        }
 
     # --- hosts ------------------------------------------------------------------------------------
 
@@ -343,7 +383,11 @@ class ClientIO(threading.Thread):
     def retryable(self, code: int, w: _Worker) -> bool:
         """The one retry rule of both request paths: a worker that is stopping (SHUTTING_DOWN) hands the
         request on, when another worker is ready to take it and failover is on."""
-        return self.failover and code in _RETRYABLE and any(x.ready and x.id != w.id for x in self.workers.values())
+        return (
+            self.failover
+            and code in _RETRYABLE
+            and any(x.ready and x.id != w.id for x in self.workers.values())
+        )
 
     def note_latency(self, seconds: float) -> None:
         """A request's round trip, for the frozen-worker threshold (an EWMA; races only blur it)."""
@@ -389,7 +433,7 @@ class ClientIO(threading.Thread):
         for wid, group in groups.items():
             w = self.workers[wid]
             for i in range(0, len(group), _MANY_PER_MESSAGE):
-                self._send_many(w, group[i:i + _MANY_PER_MESSAGE])
+                self._send_many(w, group[i : i + _MANY_PER_MESSAGE])
 
     def _send_many(self, w: _Worker, ps: list[Pending]) -> None:
         if len(ps) == 1:
@@ -403,8 +447,10 @@ class ClientIO(threading.Thread):
             p.worker = w.id
             p.tried.add(w.id)
             w.outstanding[p.request_id] = p
-        frames = protocol.encode_shm_many([p.entry for p in ps], ps[0].lease.lease_id,  # type: ignore[misc]
-                                          max(p.timeout_ms for p in ps))
+        entries = [p.entry for p in ps if p.entry is not None]  # every one of them has an entry
+        lease = ps[0].lease
+        assert lease is not None
+        frames = protocol.encode_shm_many(entries, lease.lease_id, max(p.timeout_ms for p in ps))
         w.sock.send_multipart(frames, copy=False)  # type: ignore[union-attr]
 
     def _send(self, p: Pending, w: _Worker) -> None:
@@ -419,7 +465,12 @@ class ClientIO(threading.Thread):
     def _retry_or_fail(self, p: Pending, exc: Exception) -> None:
         if p.future.done():
             return
-        if self.failover and p.attempts <= self.max_retries and time.monotonic() < p.deadline and self.ready_count():
+        if (
+            self.failover
+            and p.attempts <= self.max_retries
+            and time.monotonic() < p.deadline
+            and self.ready_count()
+        ):
             self._dispatch(p)
         else:
             p.future.set_exception(exc)
@@ -544,9 +595,16 @@ class ClientIO(threading.Thread):
                 # as the worker itself would have: a clean stop never reads as a dead worker.
                 self._on_reply(w)
                 w.stopped_cleanly = state == "stopped"
-                self._worker_gone(w, lambda wid, st=state, clean=w.stopped_cleanly: ShuttingDownError(
-                    f"worker {wid} stopped before answering this request") if clean else WorkerDeadError(
-                    f"worker {wid} {st} with this request in flight and no retry was possible"))
+                self._worker_gone(
+                    w,
+                    lambda wid, st=state, clean=w.stopped_cleanly: (
+                        ShuttingDownError(f"worker {wid} stopped before answering this request")
+                        if clean
+                        else WorkerDeadError(
+                            f"worker {wid} {st} with this request in flight and no retry was possible"
+                        )
+                    ),
+                )
             elif state == "draining":
                 w.ready = False  # stop sending new work there; replies still arrive
 
@@ -588,8 +646,9 @@ class ClientIO(threading.Thread):
                 if p.lease is not None:  # the worker may still use the spans: keep them until it answers
                     w.abandoned[p.request_id] = p.lease
                 if not p.future.done():
-                    p.future.set_exception(DeadlineExceededError(
-                        f"no reply from {w.id} within {p.timeout_ms / 1000:g}s"))
+                    p.future.set_exception(
+                        DeadlineExceededError(f"no reply from {w.id} within {p.timeout_ms / 1000:g}s")
+                    )
             for p in w.outstanding.values():
                 nearest = min(nearest, p.deadline)
         return nearest
@@ -651,8 +710,11 @@ class ClientIO(threading.Thread):
         silence = now - h.last_event
         if self._supervisor_gone(h, silence):
             where = f" at {h.label}" if self.multi else ""
-            why = (f"the orchestrator's supervisor (pid {h.pid}) is gone" if h.local
-                   else f"the orchestrator{where} sent no heartbeat for {silence:.1f}s")
+            why = (
+                f"the orchestrator's supervisor (pid {h.pid}) is gone"
+                if h.local
+                else f"the orchestrator{where} sent no heartbeat for {silence:.1f}s"
+            )
             self._lose(h, f"{why}; its workers exit with it")
 
     def _rediscover_tick(self, h: _Host, now: float) -> None:
@@ -728,8 +790,18 @@ class ClientIO(threading.Thread):
         shm = encode(rid, timeout_ms, deadline) if encode is not None else None
         if shm is not None:
             frames, lease, out_off, entry, target = shm
-            return Pending(rid, frames, Future(), deadline, timeout_ms, lease=lease, out_off=out_off, target=target,
-                           tensors=tensors, entry=entry)
+            return Pending(
+                rid,
+                frames,
+                Future(),
+                deadline,
+                timeout_ms,
+                lease=lease,
+                out_off=out_off,
+                target=target,
+                tensors=tensors,
+                entry=entry,
+            )
         self.check_size(tensors)
         frames = protocol.encode_request(rid, tensors, timeout_ms)
         return Pending(rid, frames, Future(), deadline, timeout_ms)
@@ -741,4 +813,5 @@ class ClientIO(threading.Thread):
         if total > self.max_message_bytes:
             raise BatchTooLargeError(
                 f"request of {total:,} B exceeds the {self.max_message_bytes:,} B message limit "
-                "(transport.max_message_bytes on the orchestrator, Client(max_message_bytes=...)); split the batch")
+                "(transport.max_message_bytes on the orchestrator, Client(max_message_bytes=...)); split the batch"
+            )

@@ -48,115 +48,297 @@ def _port(doc: str) -> dict:
 @dataclass(frozen=True)
 class OrchestratorSection:
     name: str = field(default="orchestrator", metadata={"doc": "name used to find this orchestrator"})
-    run_dir: str = field(default="", metadata={"doc": "run directory (0700); default $XDG_RUNTIME_DIR/orchestrator/<name> or /tmp/orchestrator-<uid>/<name>"})
-    startup_timeout_s: float = field(default=120.0, metadata=_positive("seconds a worker may take to report READY"))
+    run_dir: str = field(
+        default="",
+        metadata={
+            "doc": "run directory (0700); default $XDG_RUNTIME_DIR/orchestrator/<name> or /tmp/orchestrator-<uid>/<name>"
+        },
+    )
+    startup_timeout_s: float = field(
+        default=120.0, metadata=_positive("seconds a worker may take to report READY")
+    )
     stop_timeout_s: float = field(default=10.0, metadata=_positive("seconds to drain in-flight work on stop"))
-    log_level: Literal["debug", "info", "warning", "error"] = field(default="info", metadata={"doc": "log level of the supervisor and workers"})
-    min_ready_workers: int = field(default=1, metadata=_int_range(1, None, "/readyz answers 200 only while at least this many workers are READY (and not draining)"))
+    log_level: Literal["debug", "info", "warning", "error"] = field(
+        default="info", metadata={"doc": "log level of the supervisor and workers"}
+    )
+    min_ready_workers: int = field(
+        default=1,
+        metadata=_int_range(
+            1, None, "/readyz answers 200 only while at least this many workers are READY (and not draining)"
+        ),
+    )
 
 
 @dataclass(frozen=True)
 class WorkersSection:
-    device: Literal["cpu", "gpu"] = field(default="cpu", metadata={"doc": "CPU workers (no GPU needed) or one worker per GPU"})
-    count: int = field(default=1, metadata=_int_range(1, 256, "CPU mode: number of workers"))
-    gpus: str | tuple[int | str, ...] = field(default="all", metadata={"doc": 'GPU mode: "all" or a list of indices or UUIDs'})
-    per_gpu: int = field(default=1, metadata=_int_range(1, 16, "workers per GPU; without MPS they time-slice the GPU (warning)"))
-    cpu_affinity: str | tuple[tuple[int, ...], ...] = field(
-        default="auto", metadata={"doc": '"auto" (NUMA-local cores from NVML), "none", or one list of cores per worker'}
+    device: Literal["cpu", "gpu"] = field(
+        default="cpu", metadata={"doc": "CPU workers (no GPU needed) or one worker per GPU"}
     )
-    heartbeat_interval_ms: int = field(default=200, metadata=_int_range(10, 10000, "worker heartbeat period (ms)"))
-    hang_timeout_s: float = field(default=5.0, metadata=_positive("a worker with queued work and no progress for this long is restarted"))
+    count: int = field(default=1, metadata=_int_range(1, 256, "CPU mode: number of workers"))
+    gpus: str | tuple[int | str, ...] = field(
+        default="all", metadata={"doc": 'GPU mode: "all" or a list of indices or UUIDs'}
+    )
+    per_gpu: int = field(
+        default=1,
+        metadata=_int_range(1, 16, "workers per GPU; without MPS they time-slice the GPU (warning)"),
+    )
+    cpu_affinity: str | tuple[tuple[int, ...], ...] = field(
+        default="auto",
+        metadata={"doc": '"auto" (NUMA-local cores from NVML), "none", or one list of cores per worker'},
+    )
+    heartbeat_interval_ms: int = field(
+        default=200, metadata=_int_range(10, 10000, "worker heartbeat period (ms)")
+    )
+    hang_timeout_s: float = field(
+        default=5.0,
+        metadata=_positive("a worker with queued work and no progress for this long is restarted"),
+    )
 
 
 @dataclass(frozen=True)
 class DimSection:
     """One dynamic non-batch dimension of the model (`[[model.dims]]`), e.g. BERT's sequence length."""
 
-    name: str = field(default="", metadata={"doc": "the dimension's name in the model (ONNX dim_param, torch.export Dim)"})
+    name: str = field(
+        default="", metadata={"doc": "the dimension's name in the model (ONNX dim_param, torch.export Dim)"}
+    )
     min: int = field(default=1, metadata=_int_range(1, None, "smallest size a request may carry"))
-    max: int = field(default=0, metadata=_int_range(0, None, "largest size a request may carry (0 = the model's own bound)"))
-    buckets: tuple[int, ...] = field(default=(), metadata={"doc": "pad coalesced requests up to one of these sizes (the last is max); empty = batch only requests of equal size (GPU engines need buckets)"})
-    pad: dict[str, float] = field(default_factory=dict, metadata={"doc": "value of padded positions per input (default 0), e.g. {input_ids = 0, attention_mask = 0}"})
-    follow: dict[str, int] = field(default_factory=dict, metadata={"doc": "outputs with this dimension at an axis (batch = 0) where the model's dimension names do not say so, e.g. {last_hidden_state = 1}"})
+    max: int = field(
+        default=0,
+        metadata=_int_range(0, None, "largest size a request may carry (0 = the model's own bound)"),
+    )
+    buckets: tuple[int, ...] = field(
+        default=(),
+        metadata={
+            "doc": "pad coalesced requests up to one of these sizes (the last is max); empty = batch only requests of equal size (GPU engines need buckets)"
+        },
+    )
+    pad: dict[str, float] = field(
+        default_factory=dict,
+        metadata={
+            "doc": "value of padded positions per input (default 0), e.g. {input_ids = 0, attention_mask = 0}"
+        },
+    )
+    follow: dict[str, int] = field(
+        default_factory=dict,
+        metadata={
+            "doc": "outputs with this dimension at an axis (batch = 0) where the model's dimension names do not say so, e.g. {last_hidden_state = 1}"
+        },
+    )
 
 
 @dataclass(frozen=True)
 class ModelSection:
-    kind: Literal["onnx", "synthetic", "tensorrt", "torch"] = field(default="synthetic", metadata={"doc": "engine: ONNX Runtime (CPU), synthetic calibrated workload, a TensorRT plan (GPU), or a PyTorch .pt2 program (GPU; the torch extra)"})
-    path: str = field(default="", metadata={"doc": "model file (onnx, tensorrt, torch .pt2); relative to the config file"})
+    kind: Literal["onnx", "synthetic", "tensorrt", "torch"] = field(
+        default="synthetic",
+        metadata={
+            "doc": "engine: ONNX Runtime (CPU), synthetic calibrated workload, a TensorRT plan (GPU), or a PyTorch .pt2 program (GPU; the torch extra)"
+        },
+    )
+    path: str = field(
+        default="", metadata={"doc": "model file (onnx, tensorrt, torch .pt2); relative to the config file"}
+    )
     max_batch: int = field(default=64, metadata=_int_range(1, None, "largest batch (rows) the engine runs"))
-    item_shape: tuple[int, ...] = field(default=(256,), metadata={"doc": "synthetic: shape of one item (row)"})
+    item_shape: tuple[int, ...] = field(
+        default=(256,), metadata={"doc": "synthetic: shape of one item (row)"}
+    )
     work: int = field(default=0, metadata=_int_range(0, 1 << 24, "synthetic: iterations per element"))
-    fill_gpu: bool = field(default=True, metadata={"doc": "synthetic on a GPU: one full batch occupies every SM (like a real model at its max batch), so batches of different slots do not run side by side"})
-    runtime: Literal["auto", "tensorrt", "tensorrt_lean"] = field(default="auto", metadata={"doc": "tensorrt: which runtime module loads the plan"})
-    trust_host_code: bool = field(default=False, metadata={"doc": "tensorrt: allow host code in version-compatible plans (trusted plans only)"})
-    intra_op_threads: int = field(default=1, metadata=_int_range(0, 256, "onnx: ONNX Runtime threads per worker (0 = its default)"))
-    dims: tuple[DimSection, ...] = field(default=(), metadata={"doc": "dynamic non-batch dimensions: ranges, padding buckets and values ([[model.dims]] tables; see Dynamic dimensions)"})
+    fill_gpu: bool = field(
+        default=True,
+        metadata={
+            "doc": "synthetic on a GPU: one full batch occupies every SM (like a real model at its max batch), so batches of different slots do not run side by side"
+        },
+    )
+    runtime: Literal["auto", "tensorrt", "tensorrt_lean"] = field(
+        default="auto", metadata={"doc": "tensorrt: which runtime module loads the plan"}
+    )
+    trust_host_code: bool = field(
+        default=False,
+        metadata={"doc": "tensorrt: allow host code in version-compatible plans (trusted plans only)"},
+    )
+    intra_op_threads: int = field(
+        default=1, metadata=_int_range(0, 256, "onnx: ONNX Runtime threads per worker (0 = its default)")
+    )
+    dims: tuple[DimSection, ...] = field(
+        default=(),
+        metadata={
+            "doc": "dynamic non-batch dimensions: ranges, padding buckets and values ([[model.dims]] tables; see Dynamic dimensions)"
+        },
+    )
 
 
 @dataclass(frozen=True)
 class PipelineSection:
-    depth: int = field(default=2, metadata=_int_range(1, 16, "batches in flight per worker (1 = sync every batch)"))
-    cuda_graphs: bool = field(default=False, metadata={"doc": "capture one CUDA graph per slot and bucket; batches are padded to their bucket"})
-    buckets: tuple[int, ...] = field(default=(), metadata={"doc": "batch sizes graphs are captured for; default powers of two up to max_batch"})
-    sync: Literal["spin", "blocking"] = field(default="blocking", metadata={"doc": "how the worker waits for the GPU: spin (lowest latency, burns a core) or blocking"})
-    max_queue: int = field(default=1024, metadata=_int_range(1, None, "queued requests per worker before OVERLOADED"))
-    max_queue_delay_us: int = field(default=100, metadata=_int_range(0, 10_000_000, "longest a request waits to be coalesced while the pipeline is busy (us)"))
+    depth: int = field(
+        default=2, metadata=_int_range(1, 16, "batches in flight per worker (1 = sync every batch)")
+    )
+    cuda_graphs: bool = field(
+        default=False,
+        metadata={"doc": "capture one CUDA graph per slot and bucket; batches are padded to their bucket"},
+    )
+    buckets: tuple[int, ...] = field(
+        default=(),
+        metadata={"doc": "batch sizes graphs are captured for; default powers of two up to max_batch"},
+    )
+    sync: Literal["spin", "blocking"] = field(
+        default="blocking",
+        metadata={"doc": "how the worker waits for the GPU: spin (lowest latency, burns a core) or blocking"},
+    )
+    max_queue: int = field(
+        default=1024, metadata=_int_range(1, None, "queued requests per worker before OVERLOADED")
+    )
+    max_queue_delay_us: int = field(
+        default=100,
+        metadata=_int_range(
+            0, 10_000_000, "longest a request waits to be coalesced while the pipeline is busy (us)"
+        ),
+    )
 
 
 @dataclass(frozen=True)
 class TransportSection:
-    kind: Literal["ipc", "tcp"] = field(default="ipc", metadata={"doc": "worker endpoints: ipc sockets in the run directory, or TCP"})
-    host: str = field(default="127.0.0.1", metadata={"doc": "tcp: bind address (loopback unless you mean it)"})
+    kind: Literal["ipc", "tcp"] = field(
+        default="ipc", metadata={"doc": "worker endpoints: ipc sockets in the run directory, or TCP"}
+    )
+    host: str = field(
+        default="127.0.0.1", metadata={"doc": "tcp: bind address (loopback unless you mean it)"}
+    )
     port_base: int = field(default=0, metadata=_port("tcp: first worker port (0 = ephemeral)"))
-    max_message_bytes: int = field(default=256 << 20, metadata=_int_range(1, None, "largest accepted message on any socket (bytes)"))
-    io_threads: int = field(default=1, metadata=_int_range(1, 16, "ZeroMQ I/O threads per worker (large payloads may need 2)"))
-    shm_mb: int = field(default=256, metadata=_int_range(0, 1 << 20, "shared-memory arena per worker for local clients (MiB; registered as pinned memory on GPU workers before READY); 0 = off"))
-    shm_max_lease_mb: int = field(default=64, metadata=_int_range(1, 1 << 20, "largest share of the arena one client may lease (MiB)"))
-    control_port: int = field(default=0, metadata=_port("tcp: port of a TCP control socket for remote discovery (status, endpoints; never stop), events on the next port; 0 = none"))
-    curve: bool = field(default=False, metadata={"doc": "tcp: encrypt and authenticate with ZeroMQ CURVE (keys from `orchestrator keygen`)"})
-    curve_server_secret: str = field(default="", metadata={"doc": "tcp+curve: the server's secret certificate file (relative to the config file)"})
-    curve_clients_dir: str = field(default="", metadata={"doc": "tcp+curve: directory of authorised client public certificates (empty = any client holding the server key)"})
-    insecure: bool = field(default=False, metadata={"doc": "allow binding TCP to a non-loopback address without CURVE"})
+    max_message_bytes: int = field(
+        default=256 << 20, metadata=_int_range(1, None, "largest accepted message on any socket (bytes)")
+    )
+    io_threads: int = field(
+        default=1, metadata=_int_range(1, 16, "ZeroMQ I/O threads per worker (large payloads may need 2)")
+    )
+    shm_mb: int = field(
+        default=256,
+        metadata=_int_range(
+            0,
+            1 << 20,
+            "shared-memory arena per worker for local clients (MiB; registered as pinned memory on GPU workers before READY); 0 = off",
+        ),
+    )
+    shm_max_lease_mb: int = field(
+        default=64, metadata=_int_range(1, 1 << 20, "largest share of the arena one client may lease (MiB)")
+    )
+    control_port: int = field(
+        default=0,
+        metadata=_port(
+            "tcp: port of a TCP control socket for remote discovery (status, endpoints; never stop), events on the next port; 0 = none"
+        ),
+    )
+    curve: bool = field(
+        default=False,
+        metadata={"doc": "tcp: encrypt and authenticate with ZeroMQ CURVE (keys from `orchestrator keygen`)"},
+    )
+    curve_server_secret: str = field(
+        default="",
+        metadata={"doc": "tcp+curve: the server's secret certificate file (relative to the config file)"},
+    )
+    curve_clients_dir: str = field(
+        default="",
+        metadata={
+            "doc": "tcp+curve: directory of authorised client public certificates (empty = any client holding the server key)"
+        },
+    )
+    insecure: bool = field(
+        default=False, metadata={"doc": "allow binding TCP to a non-loopback address without CURVE"}
+    )
 
 
 @dataclass(frozen=True)
 class MpsSection:
-    enabled: bool = field(default=False, metadata={"doc": "start an NVIDIA MPS control daemon (pipe and log directories under <run_dir>/mps) before the workers; quit it on stop"})
-    active_thread_percentage: int = field(default=0, metadata=_int_range(0, 100, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for every worker: its share of each GPU's SMs (0 = unset)"))
-    use_existing: bool = field(default=False, metadata={"doc": "use an MPS daemon that is already running (CUDA_MPS_PIPE_DIRECTORY if set, else the one found) instead of refusing; it is never stopped"})
+    enabled: bool = field(
+        default=False,
+        metadata={
+            "doc": "start an NVIDIA MPS control daemon (pipe and log directories under <run_dir>/mps) before the workers; quit it on stop"
+        },
+    )
+    active_thread_percentage: int = field(
+        default=0,
+        metadata=_int_range(
+            0,
+            100,
+            "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for every worker: its share of each GPU's SMs (0 = unset)",
+        ),
+    )
+    use_existing: bool = field(
+        default=False,
+        metadata={
+            "doc": "use an MPS daemon that is already running (CUDA_MPS_PIPE_DIRECTORY if set, else the one found) instead of refusing; it is never stopped"
+        },
+    )
 
 
 @dataclass(frozen=True)
 class MonitorSection:
     interval_ms: int = field(default=100, metadata=_int_range(10, 60000, "NVML fast-loop period (ms)"))
-    metrics_port: int = field(default=0, metadata=_port("HTTP port for /metrics (Prometheus) and the probes /livez, /readyz, /startupz (0 = off)"))
-    http_host: str = field(default="127.0.0.1", metadata={"doc": "address of that HTTP server (0.0.0.0 in a Kubernetes pod, so the kubelet and Prometheus reach it)"})
-    livez_stall_s: float = field(default=5.0, metadata=_positive("/livez fails when the supervisor loop has not turned for this long"))
-    stall_factor: float = field(default=8.0, metadata=_check(lambda v: v > 1, "expected a number above 1", "stall: this many times the recent baseline"))
-    stall_min_us: int = field(default=1000, metadata=_int_range(0, None, "stall: never below this many microseconds"))
+    metrics_port: int = field(
+        default=0,
+        metadata=_port(
+            "HTTP port for /metrics (Prometheus) and the probes /livez, /readyz, /startupz (0 = off)"
+        ),
+    )
+    http_host: str = field(
+        default="127.0.0.1",
+        metadata={
+            "doc": "address of that HTTP server (0.0.0.0 in a Kubernetes pod, so the kubelet and Prometheus reach it)"
+        },
+    )
+    livez_stall_s: float = field(
+        default=5.0, metadata=_positive("/livez fails when the supervisor loop has not turned for this long")
+    )
+    stall_factor: float = field(
+        default=8.0,
+        metadata=_check(
+            lambda v: v > 1, "expected a number above 1", "stall: this many times the recent baseline"
+        ),
+    )
+    stall_min_us: int = field(
+        default=1000, metadata=_int_range(0, None, "stall: never below this many microseconds")
+    )
 
 
 @dataclass(frozen=True)
 class RestartSection:
     enabled: bool = field(default=True, metadata={"doc": "restart crashed or hung workers"})
-    backoff_initial_s: float = field(default=0.5, metadata=_positive("first restart delay; doubles per consecutive crash"))
+    backoff_initial_s: float = field(
+        default=0.5, metadata=_positive("first restart delay; doubles per consecutive crash")
+    )
     backoff_max_s: float = field(default=30.0, metadata=_positive("longest restart delay"))
-    flap_window_s: float = field(default=60.0, metadata=_positive("window in which crashes count as flapping"))
-    flap_max_crashes: int = field(default=5, metadata=_int_range(1, None, "crashes within the window that quarantine a worker"))
-    quarantine_s: float = field(default=300.0, metadata=_positive("how long a quarantined worker stays failed before a retry"))
+    flap_window_s: float = field(
+        default=60.0, metadata=_positive("window in which crashes count as flapping")
+    )
+    flap_max_crashes: int = field(
+        default=5, metadata=_int_range(1, None, "crashes within the window that quarantine a worker")
+    )
+    quarantine_s: float = field(
+        default=300.0, metadata=_positive("how long a quarantined worker stays failed before a retry")
+    )
 
 
 @dataclass(frozen=True)
 class DebugSection:
     """Fault and stall injection for verification (never enable in production)."""
 
-    inject: Literal["none", "pinned_alloc", "device_alloc", "module_load", "cpu_hog", "crash_on_start", "hang_after"] = field(
-        default="none", metadata={"doc": "inject a driver-lock operation, a CPU hog, a start-up crash or a hang (verification only)"})
-    inject_period_ms: int = field(default=500, metadata=_int_range(1, 600000, "period of the injected operation"))
+    inject: Literal[
+        "none", "pinned_alloc", "device_alloc", "module_load", "cpu_hog", "crash_on_start", "hang_after"
+    ] = field(
+        default="none",
+        metadata={
+            "doc": "inject a driver-lock operation, a CPU hog, a start-up crash or a hang (verification only)"
+        },
+    )
+    inject_period_ms: int = field(
+        default=500, metadata=_int_range(1, 600000, "period of the injected operation")
+    )
     inject_bytes: int = field(default=64 << 20, metadata=_int_range(1, None, "size of injected allocations"))
-    inject_after_batches: int = field(default=0, metadata=_int_range(0, None, "hang_after: batches served before the worker hangs"))
-    inject_workers: tuple[str, ...] = field(default=(), metadata={"doc": "worker ids the injection applies to (empty = all)"})
+    inject_after_batches: int = field(
+        default=0, metadata=_int_range(0, None, "hang_after: batches served before the worker hangs")
+    )
+    inject_workers: tuple[str, ...] = field(
+        default=(), metadata={"doc": "worker ids the injection applies to (empty = all)"}
+    )
 
 
 @dataclass(frozen=True)
@@ -174,7 +356,11 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.orchestrator.run_dir) if self.orchestrator.run_dir else default_run_dir(self.orchestrator.name)
+        return (
+            Path(self.orchestrator.run_dir)
+            if self.orchestrator.run_dir
+            else default_run_dir(self.orchestrator.name)
+        )
 
     @property
     def model_path(self) -> Path:
@@ -197,7 +383,11 @@ _SECTIONS: dict[str, type] = {k: v for k, v in typing.get_type_hints(Config).ite
 
 def default_run_dir(name: str) -> Path:
     base = os.environ.get("XDG_RUNTIME_DIR")
-    root = Path(base) / "orchestrator" if base and os.access(base, os.W_OK) else Path(f"/tmp/orchestrator-{os.getuid()}")
+    root = (
+        Path(base) / "orchestrator"
+        if base and os.access(base, os.W_OK)
+        else Path(f"/tmp/orchestrator-{os.getuid()}")
+    )
     return root / name
 
 
@@ -239,7 +429,9 @@ def _convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
         choices = get_args(tp)
         if value in choices and isinstance(value, type(choices[0])):
             return value
-        errors.append(f"{path}: expected one of {', '.join(repr(c) for c in choices)}, got {_describe(value)}")
+        errors.append(
+            f"{path}: expected one of {', '.join(repr(c) for c in choices)}, got {_describe(value)}"
+        )
     elif origin is tuple:
         args = get_args(tp)
         if not isinstance(value, list):
@@ -307,7 +499,7 @@ def _cross_checks(cfg: Config, base: Path, check_files: bool, errors: list[str])
     m, p, w = cfg.model, cfg.pipeline, cfg.workers
     if m.kind in ("onnx", "tensorrt", "torch"):
         if not m.path:
-            errors.append(f"model.path: required for kind = \"{m.kind}\"")
+            errors.append(f'model.path: required for kind = "{m.kind}"')
         else:
             path = Path(os.path.normpath(m.path if Path(m.path).is_absolute() else base / m.path))
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, path=str(path)))
@@ -321,22 +513,28 @@ def _cross_checks(cfg: Config, base: Path, check_files: bool, errors: list[str])
         elif p.buckets[-1] != m.max_batch:
             errors.append(f"pipeline.buckets: the last bucket must equal model.max_batch ({m.max_batch})")
     if w.device == "cpu" and (p.cuda_graphs or cfg.mps.enabled):
-        errors.append("workers.device: CUDA graphs and MPS need device = \"gpu\"")
+        errors.append('workers.device: CUDA graphs and MPS need device = "gpu"')
     if w.device == "cpu" and cfg.debug.inject in ("pinned_alloc", "device_alloc", "module_load"):
-        errors.append(f'debug.inject: "{cfg.debug.inject}" needs workers.device = "gpu"; CPU workers can use "cpu_hog"')
+        errors.append(
+            f'debug.inject: "{cfg.debug.inject}" needs workers.device = "gpu"; CPU workers can use "cpu_hog"'
+        )
     if w.device == "cpu" and m.kind in ("tensorrt", "torch"):
         errors.append(f'model.kind: "{m.kind}" needs workers.device = "gpu"')
     _check_dims(m, errors)
     if isinstance(w.gpus, str) and w.gpus != "all":
         errors.append(f'workers.gpus: expected "all" or a list of GPU indices or UUIDs, got "{w.gpus}"')
     if isinstance(w.cpu_affinity, str) and w.cpu_affinity not in ("auto", "none"):
-        errors.append(f'workers.cpu_affinity: expected "auto", "none" or a list of core lists, got "{w.cpu_affinity}"')
+        errors.append(
+            f'workers.cpu_affinity: expected "auto", "none" or a list of core lists, got "{w.cpu_affinity}"'
+        )
     t = cfg.transport
     if t.kind == "tcp":
         loopback = t.host in ("127.0.0.1", "localhost", "::1") or t.host.startswith("127.")
         if not loopback and not t.curve and not t.insecure:
-            errors.append(f'transport.host: binding TCP to "{t.host}" without curve = true exposes the workers to '
-                          "anyone on that network; set transport.curve = true (see README, Security) or insecure = true")
+            errors.append(
+                f'transport.host: binding TCP to "{t.host}" without curve = true exposes the workers to '
+                "anyone on that network; set transport.curve = true (see README, Security) or insecure = true"
+            )
         if t.curve:
             for key in ("curve_server_secret", "curve_clients_dir"):
                 value = getattr(t, key)
@@ -348,20 +546,28 @@ def _cross_checks(cfg: Config, base: Path, check_files: bool, errors: list[str])
                     if check_files and not ok:
                         errors.append(f"transport.{key}: not found: {path}")
             if not t.curve_server_secret:
-                errors.append("transport.curve_server_secret: required with curve = true (orchestrator keygen DIR)")
+                errors.append(
+                    "transport.curve_server_secret: required with curve = true (orchestrator keygen DIR)"
+                )
             cfg = dataclasses.replace(cfg, transport=t)
         if t.control_port and t.control_port == 65535:
             errors.append("transport.control_port: the events socket takes the next port; use at most 65534")
     elif t.curve or t.control_port:
         errors.append('transport.curve and transport.control_port need transport.kind = "tcp"')
     if w.device == "cpu" and cfg.orchestrator.min_ready_workers > w.count:
-        errors.append(f"orchestrator.min_ready_workers: {cfg.orchestrator.min_ready_workers} exceeds workers.count "
-                      f"({w.count}): /readyz could never answer 200")
+        errors.append(
+            f"orchestrator.min_ready_workers: {cfg.orchestrator.min_ready_workers} exceeds workers.count "
+            f"({w.count}): /readyz could never answer 200"
+        )
     if t.shm_mb and t.shm_max_lease_mb > t.shm_mb:
-        errors.append(f"transport.shm_max_lease_mb: {t.shm_max_lease_mb} exceeds the arena (transport.shm_mb = {t.shm_mb})")
+        errors.append(
+            f"transport.shm_max_lease_mb: {t.shm_max_lease_mb} exceeds the arena (transport.shm_mb = {t.shm_mb})"
+        )
     run_dir = str(cfg.run_dir)
     if len(run_dir) > _MAX_RUN_DIR:
-        errors.append(f"orchestrator.run_dir: {run_dir!r} is {len(run_dir)} characters; ipc socket paths need it under {_MAX_RUN_DIR}")
+        errors.append(
+            f"orchestrator.run_dir: {run_dir!r} is {len(run_dir)} characters; ipc socket paths need it under {_MAX_RUN_DIR}"
+        )
     if not cfg.orchestrator.name or "/" in cfg.orchestrator.name:
         errors.append("orchestrator.name: expected a non-empty name without '/'")
     return cfg
@@ -392,7 +598,9 @@ def _check_dims(m: ModelSection, errors: list[str]) -> None:
                 errors.append(f"{at}.follow.{name}: expected an axis >= 1 (axis 0 is the batch)")
 
 
-def parse_config(raw: dict, source: str = "", base_dir: Path | None = None, check_files: bool = True) -> Config:
+def parse_config(
+    raw: dict, source: str = "", base_dir: Path | None = None, check_files: bool = True
+) -> Config:
     """Validate a parsed TOML document. Raises ConfigError listing every problem."""
     errors: list[str] = []
     sections = {}
@@ -488,8 +696,10 @@ def _toml_key(k: str) -> str:
 
 def dump_toml(doc: dict[str, dict[str, Any]]) -> str:
     """A config as TOML text ({section: {key: value}}), for tests and benchmark scripts that write configs."""
-    return "\n".join(f"[{sec}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items())
-                     for sec, keys in doc.items())
+    return "\n".join(
+        f"[{sec}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items())
+        for sec, keys in doc.items()
+    )
 
 
 def _reference_row(key: str, tp: Any, f: dataclasses.Field) -> str:
@@ -499,7 +709,11 @@ def _reference_row(key: str, tp: Any, f: dataclasses.Field) -> str:
         default = toml_value(f.default_factory())
     else:
         default = ""
-    type_name = "list of tables" if get_origin(tp) is tuple and dataclasses.is_dataclass(get_args(tp)[0]) else _type_name(tp)
+    type_name = (
+        "list of tables"
+        if get_origin(tp) is tuple and dataclasses.is_dataclass(get_args(tp)[0])
+        else _type_name(tp)
+    )
     return f"| `{key}` | {type_name} | `{default}` | {f.metadata.get('doc', '')} |"
 
 
@@ -513,6 +727,8 @@ def reference() -> str:
             inner = get_args(hints[f.name])
             if get_origin(hints[f.name]) is tuple and inner and dataclasses.is_dataclass(inner[0]):
                 sub_hints = typing.get_type_hints(inner[0])
-                lines.extend(_reference_row(f"{section}.{f.name}[].{g.name}", sub_hints[g.name], g)
-                             for g in dataclasses.fields(inner[0]))
+                lines.extend(
+                    _reference_row(f"{section}.{f.name}[].{g.name}", sub_hints[g.name], g)
+                    for g in dataclasses.fields(inner[0])
+                )
     return "\n".join(lines)

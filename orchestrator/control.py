@@ -82,14 +82,28 @@ def handle(sup: Supervisor, payload: bytes, local: bool) -> bytes:
         if not isinstance(args, dict):
             raise ValueError("'args' must be a map")
     except Exception as exc:  # garbage on the control socket: answer, never crash
-        return protocol.pack({"id": 0, "ok": False, "code": int(ErrorCode.BAD_HEADER), "error": f"bad control message: {exc}"})
+        return protocol.pack(
+            {"id": 0, "ok": False, "code": int(ErrorCode.BAD_HEADER), "error": f"bad control message: {exc}"}
+        )
     cmd = COMMANDS.get(msg["cmd"])
     if cmd is None:
-        return protocol.pack({"id": req_id, "ok": False, "code": int(ErrorCode.UNKNOWN_COMMAND),
-                              "error": f"unknown command {msg['cmd'][:40]!r}; known: {', '.join(sorted(COMMANDS))}"})
+        return protocol.pack(
+            {
+                "id": req_id,
+                "ok": False,
+                "code": int(ErrorCode.UNKNOWN_COMMAND),
+                "error": f"unknown command {msg['cmd'][:40]!r}; known: {', '.join(sorted(COMMANDS))}",
+            }
+        )
     if cmd.local_only and not local:
-        return protocol.pack({"id": req_id, "ok": False, "code": int(ErrorCode.FORBIDDEN),
-                              "error": f"{cmd.name} is only accepted on the local control socket"})
+        return protocol.pack(
+            {
+                "id": req_id,
+                "ok": False,
+                "code": int(ErrorCode.FORBIDDEN),
+                "error": f"{cmd.name} is only accepted on the local control socket",
+            }
+        )
     try:
         data = cmd.execute(sup, args, local)
     except Exception as exc:  # a command bug must not take the supervisor down
@@ -102,8 +116,13 @@ class ControlClient:
 
     _ids = itertools.count(1)
 
-    def __init__(self, endpoint: str, ctx: zmq.Context | None = None, timeout_s: float = 5.0,
-                 keys: ClientKeys | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        ctx: zmq.Context | None = None,
+        timeout_s: float = 5.0,
+        keys: ClientKeys | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.timeout_ms = int(timeout_s * 1000)
         self._own_ctx = ctx is None
@@ -121,8 +140,9 @@ class ControlClient:
         deadline_ms = self.timeout_ms
         while True:
             if not self.sock.poll(deadline_ms):
-                raise UnavailableError(f"no answer from the supervisor at {self.endpoint} within "
-                                       f"{self.timeout_ms / 1000:g}s")
+                raise UnavailableError(
+                    f"no answer from the supervisor at {self.endpoint} within {self.timeout_ms / 1000:g}s"
+                )
             reply = protocol.unpack(self.sock.recv(), max_size=64 << 20)
             if reply.get("id") in (req_id, 0):
                 break

@@ -39,7 +39,7 @@ def _split(cores: list[int], parts: int) -> list[tuple[int, ...] | None]:
     start = 0
     for i in range(parts):
         n = size + (1 if i < extra else 0)
-        out.append(tuple(cores[start:start + n]))
+        out.append(tuple(cores[start : start + n]))
         start += n
     return out
 
@@ -63,8 +63,10 @@ def _explicit_affinity(cfg: Config, n: int) -> list[tuple[int, ...] | None] | No
         for i, cores in enumerate(aff):
             bad = sorted(set(cores) - host)
             if bad or not cores:
-                raise ConfigError(f"workers.cpu_affinity[{i}]: cores {bad or '[]'} are not available on this host "
-                                  f"(available: {sorted(host)})")
+                raise ConfigError(
+                    f"workers.cpu_affinity[{i}]: cores {bad or '[]'} are not available on this host "
+                    f"(available: {sorted(host)})"
+                )
         return [tuple(c) for c in aff]
     return None  # "auto"
 
@@ -102,8 +104,11 @@ def discover_or_explain(cfg: Config) -> list[dict]:
     else:
         missing.insert(0, "an NVIDIA driver and GPU (cannot query NVML)")
     if missing:
-        raise ConfigError([f"workers.device = \"gpu\" needs {m}" for m in missing]
-                          + ["use a CPU config such as configs/cpu.toml on this host"], cfg.source or None)
+        raise ConfigError(
+            [f'workers.device = "gpu" needs {m}' for m in missing]
+            + ["use a CPU config such as configs/cpu.toml on this host"],
+            cfg.source or None,
+        )
     return gpus
 
 
@@ -136,13 +141,24 @@ def plan_workers(cfg: Config, rundir: RunDir, gpus: list[dict] | None = None) ->
         ids = tuple(f"w{len(plans) + k}" for k in range(per))
         for k, wid in enumerate(ids):
             i = len(plans)
-            env = {"CUDA_VISIBLE_DEVICES": g["uuid"], "CUDA_MODULE_LOADING": "EAGER",
-                   "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
-            plans.append(WorkerPlan(
-                wid, f"gpu:{g['index']}", _endpoint(cfg, rundir, wid, i),
-                explicit[i] if explicit else local[(g["index"], k)], env, g["index"], g["uuid"], g.get("name"),
-                tuple(x for x in ids if x != wid),
-            ))
+            env = {
+                "CUDA_VISIBLE_DEVICES": g["uuid"],
+                "CUDA_MODULE_LOADING": "EAGER",
+                "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            }
+            plans.append(
+                WorkerPlan(
+                    wid,
+                    f"gpu:{g['index']}",
+                    _endpoint(cfg, rundir, wid, i),
+                    explicit[i] if explicit else local[(g["index"], k)],
+                    env,
+                    g["index"],
+                    g["uuid"],
+                    g.get("name"),
+                    tuple(x for x in ids if x != wid),
+                )
+            )
     return plans
 
 

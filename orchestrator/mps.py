@@ -33,8 +33,6 @@ STATUS_REFRESH_S = 2.0  # seconds between server/client queries (each runs the c
 _COMPUTE_MODES = {0: "default", 1: "exclusive_thread", 2: "prohibited", 3: "exclusive_process"}
 
 
-
-
 @dataclass(frozen=True)
 class MpsProcess:
     """A running MPS process. pipe_dir: its CUDA_MPS_PIPE_DIRECTORY (the default when unset), None when
@@ -100,10 +98,13 @@ def find_binary(binary: str | None = None) -> str:
             return binary
         raise MpsError(f"mps: {binary} is not an executable file")
     found = shutil.which(CONTROL) or next(
-        (str(Path(d) / CONTROL) for d in SEARCH_DIRS if os.access(Path(d) / CONTROL, os.X_OK)), None)
+        (str(Path(d) / CONTROL) for d in SEARCH_DIRS if os.access(Path(d) / CONTROL, os.X_OK)), None
+    )
     if found is None:
-        raise MpsError(f"mps.enabled = true but {CONTROL} was not found on PATH or in {', '.join(SEARCH_DIRS)}: "
-                       "install the NVIDIA driver's compute utilities, or set mps.enabled = false")
+        raise MpsError(
+            f"mps.enabled = true but {CONTROL} was not found on PATH or in {', '.join(SEARCH_DIRS)}: "
+            "install the NVIDIA driver's compute utilities, or set mps.enabled = false"
+        )
     return found
 
 
@@ -129,8 +130,10 @@ def check_compute_modes(gpu_uuids: list[str], nvml: Any = None) -> dict[str, str
         mod.nvmlShutdown()
     bad = [u for u, m in modes.items() if m == "prohibited"]
     if bad:
-        raise MpsError(f"mps: GPU {', '.join(bad)} is in compute mode PROHIBITED, which allows no CUDA context; "
-                       "as root, `nvidia-smi -i <gpu> -c DEFAULT` (or EXCLUSIVE_PROCESS, the mode MPS recommends)")
+        raise MpsError(
+            f"mps: GPU {', '.join(bad)} is in compute mode PROHIBITED, which allows no CUDA context; "
+            "as root, `nvidia-smi -i <gpu> -c DEFAULT` (or EXCLUSIVE_PROCESS, the mode MPS recommends)"
+        )
     return modes
 
 
@@ -139,15 +142,21 @@ def config_warnings(cfg: Config) -> list[str]:
     w, m = cfg.workers, cfg.mps
     out = []
     if w.device == "gpu" and w.per_gpu > 1 and not m.enabled:
-        out.append(f"workers.per_gpu = {w.per_gpu} without MPS: the workers of a GPU time-slice it (their kernels "
-                   "never overlap) and each holds its own context; set [mps] enabled = true to share it")
+        out.append(
+            f"workers.per_gpu = {w.per_gpu} without MPS: the workers of a GPU time-slice it (their kernels "
+            "never overlap) and each holds its own context; set [mps] enabled = true to share it"
+        )
     if m.enabled and w.device == "gpu" and w.per_gpu == 1:
         out.append("mps.enabled with workers.per_gpu = 1: one client per GPU gains nothing from MPS")
     if not m.enabled and (m.active_thread_percentage or m.use_existing):
-        out.append("mps.active_thread_percentage and mps.use_existing have no effect unless mps.enabled = true")
+        out.append(
+            "mps.active_thread_percentage and mps.use_existing have no effect unless mps.enabled = true"
+        )
     if m.enabled and m.active_thread_percentage and m.active_thread_percentage * w.per_gpu < 100:
-        out.append(f"mps.active_thread_percentage = {m.active_thread_percentage} x {w.per_gpu} workers per GPU "
-                   "leaves part of each GPU's SMs unused")
+        out.append(
+            f"mps.active_thread_percentage = {m.active_thread_percentage} x {w.per_gpu} workers per GPU "
+            "leaves part of each GPU's SMs unused"
+        )
     return out
 
 
@@ -155,10 +164,19 @@ class MpsDaemon:
     """One MPS control daemon for the workers of a supervisor: ours (started and quit here) or an existing
     one (used, never stopped, only with mps.use_existing). Call start() before spawning any worker."""
 
-    def __init__(self, cfg: Config, run_dir: Path, gpu_uuids: list[str], *, binary: str | None = None,
-                 list_processes: Callable[[], list[MpsProcess]] = list_mps_processes, nvml: Any = None,
-                 default_pipe_dir: str = DEFAULT_PIPE_DIR, timeout_s: float = 10.0,
-                 quit_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        gpu_uuids: list[str],
+        *,
+        binary: str | None = None,
+        list_processes: Callable[[], list[MpsProcess]] = list_mps_processes,
+        nvml: Any = None,
+        default_pipe_dir: str = DEFAULT_PIPE_DIR,
+        timeout_s: float = 10.0,
+        quit_timeout_s: float = 10.0,
+    ) -> None:
         self.cfg = cfg
         self.own_pipe_dir = Path(run_dir) / "mps" / "pipe"
         self.own_log_dir = Path(run_dir) / "mps" / "log"
@@ -188,11 +206,15 @@ class MpsDaemon:
         self.compute_modes = check_compute_modes(self.gpu_uuids, self._nvml)
         foreign = self.foreign_daemons()
         if foreign and not self.cfg.mps.use_existing:
-            what = "; ".join(f"pid {p.pid or '?'} with pipe directory {p.pipe_dir or 'unknown (another user)'}"
-                             for p in foreign)
-            raise MpsError(f"mps: an MPS control daemon that this orchestrator did not start is running ({what}). "
-                           "Its clients and ours would share GPUs unknowingly. Stop it (`echo quit | "
-                           f"CUDA_MPS_PIPE_DIRECTORY=<dir> {CONTROL}`) or set mps.use_existing = true to use it")
+            what = "; ".join(
+                f"pid {p.pid or '?'} with pipe directory {p.pipe_dir or 'unknown (another user)'}"
+                for p in foreign
+            )
+            raise MpsError(
+                f"mps: an MPS control daemon that this orchestrator did not start is running ({what}). "
+                "Its clients and ours would share GPUs unknowingly. Stop it (`echo quit | "
+                f"CUDA_MPS_PIPE_DIRECTORY=<dir> {CONTROL}`) or set mps.use_existing = true to use it"
+            )
         return foreign
 
     def foreign_daemons(self) -> list[MpsProcess]:
@@ -201,8 +223,11 @@ class MpsDaemon:
         own = str(self.own_pipe_dir)
         found = [p for p in self._list() if p.role == CONTROL and p.pipe_dir != own]
         default = Path(self.default_pipe_dir)
-        if (not any(p.pipe_dir in (None, str(default)) for p in found) and (default / "control").exists()
-                and self._answers(default)):
+        if (
+            not any(p.pipe_dir in (None, str(default)) for p in found)
+            and (default / "control").exists()
+            and self._answers(default)
+        ):
             found.append(MpsProcess(_read_pid(default) or 0, CONTROL, 0, str(default)))
         return found
 
@@ -239,16 +264,22 @@ class MpsDaemon:
     def _adopt(self, foreign: list[MpsProcess]) -> None:
         # An explicit CUDA_MPS_PIPE_DIRECTORY in our environment names the daemon to use; else the one found.
         chosen = os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or next(
-            (p.pipe_dir for p in foreign if p.pipe_dir), self.default_pipe_dir)
+            (p.pipe_dir for p in foreign if p.pipe_dir), self.default_pipe_dir
+        )
         if not self._answers(Path(chosen)):
-            raise MpsError(f"mps.use_existing: the MPS daemon at pipe directory {chosen} does not answer "
-                           f"`get_server_list`; set CUDA_MPS_PIPE_DIRECTORY to the right one")
+            raise MpsError(
+                f"mps.use_existing: the MPS daemon at pipe directory {chosen} does not answer "
+                f"`get_server_list`; set CUDA_MPS_PIPE_DIRECTORY to the right one"
+            )
         self.pipe_dir = Path(chosen)
         log_dir = os.environ.get("CUDA_MPS_LOG_DIRECTORY")
         self.log_dir = Path(log_dir) if log_dir else None
         self.pid = _read_pid(self.pipe_dir) or next((p.pid for p in foreign if p.pipe_dir == chosen), None)
-        log.info("[spawn] using the existing MPS control daemon (pid %s, pipe dir %s); it stays running after stop",
-                 self.pid, self.pipe_dir)
+        log.info(
+            "[spawn] using the existing MPS control daemon (pid %s, pipe dir %s); it stays running after stop",
+            self.pid,
+            self.pipe_dir,
+        )
 
     def _daemon_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -271,17 +302,31 @@ class MpsDaemon:
         # Output to a file, not a pipe: the daemon inherits the launcher's stdout and would hold a pipe open.
         with open(launch_log, "ab") as out:
             try:
-                proc = subprocess.run([self.binary, "-d"], env=self._daemon_env(), stdin=subprocess.DEVNULL,
-                                      stdout=out, stderr=subprocess.STDOUT, timeout=self.timeout_s,
-                                      start_new_session=True, close_fds=True)
+                proc = subprocess.run(
+                    [self.binary, "-d"],
+                    env=self._daemon_env(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    timeout=self.timeout_s,
+                    start_new_session=True,
+                    close_fds=True,
+                )
             except subprocess.TimeoutExpired:
                 raise MpsError(f"mps: `{CONTROL} -d` did not return within {self.timeout_s:g}s") from None
         if proc.returncode != 0:
-            raise MpsError(f"mps: `{CONTROL} -d` exited with code {proc.returncode}: "
-                           f"{_tail(launch_log) or 'no output'} (logs in {self.own_log_dir})")
+            raise MpsError(
+                f"mps: `{CONTROL} -d` exited with code {proc.returncode}: "
+                f"{_tail(launch_log) or 'no output'} (logs in {self.own_log_dir})"
+            )
         self.pid = self._wait_ready()
-        log.info("[spawn] MPS control daemon pid %d, pipe dir %s, log dir %s, GPUs %s", self.pid,
-                 self.own_pipe_dir, self.own_log_dir, ",".join(self.gpu_uuids) or "all")
+        log.info(
+            "[spawn] MPS control daemon pid %d, pipe dir %s, log dir %s, GPUs %s",
+            self.pid,
+            self.own_pipe_dir,
+            self.own_log_dir,
+            ",".join(self.gpu_uuids) or "all",
+        )
 
     def _wait_ready(self) -> int:
         deadline = time.monotonic() + self.timeout_s
@@ -292,8 +337,10 @@ class MpsDaemon:
             if time.monotonic() > deadline:
                 logs = _tail(self.own_log_dir / "control.log") or _tail(self.own_log_dir / "launch.log")
                 which = f" (pid {pid})" if pid else ""
-                raise MpsError(f"mps: the MPS control daemon{which} did not answer within {self.timeout_s:g}s; "
-                               f"{logs or 'no log output'} (logs in {self.own_log_dir})")
+                raise MpsError(
+                    f"mps: the MPS control daemon{which} did not answer within {self.timeout_s:g}s; "
+                    f"{logs or 'no log output'} (logs in {self.own_log_dir})"
+                )
             time.sleep(0.05)
 
     def _own_pid(self) -> int | None:
@@ -310,8 +357,11 @@ class MpsDaemon:
         daemons = [p.pid for p in stale if p.role == CONTROL]
         if not stale:
             return
-        log.warning("[spawn] stopping MPS processes %s left in %s by a previous supervisor",
-                    [p.pid for p in stale], own)
+        log.warning(
+            "[spawn] stopping MPS processes %s left in %s by a previous supervisor",
+            [p.pid for p in stale],
+            own,
+        )
         self._control("quit", self.own_pipe_dir)
         for pid in daemons:
             self._wait_or_kill(pid)
@@ -321,14 +371,23 @@ class MpsDaemon:
 
     # --- talking to the daemon ------------------------------------------------------------------
 
-    def _control(self, command: str, pipe_dir: Path, timeout_s: float = 3.0) -> subprocess.CompletedProcess | None:
+    def _control(
+        self, command: str, pipe_dir: Path, timeout_s: float = 3.0
+    ) -> subprocess.CompletedProcess | None:
         """`echo COMMAND | nvidia-cuda-mps-control` against `pipe_dir`; None if it could not run or timed out."""
         if self.binary is None:
             return None
         env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=str(pipe_dir))
         try:
-            return subprocess.run([self.binary], input=command + "\n", capture_output=True, text=True, env=env,
-                                  timeout=timeout_s, close_fds=True)
+            return subprocess.run(
+                [self.binary],
+                input=command + "\n",
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=timeout_s,
+                close_fds=True,
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             log.debug("mps: %r in %s failed: %s", command, pipe_dir, exc)
             return None
@@ -353,18 +412,27 @@ class MpsDaemon:
         alive = self.pid is not None and _alive(self.pid)
         now = time.monotonic()
         # An empty answer is not kept: the server only starts when the first worker connects.
-        if alive and self.pipe_dir is not None and not self._stopped and (
-                self._servers is None or not self._servers[1] or now - self._servers[0] > STATUS_REFRESH_S):
+        if (
+            alive
+            and self.pipe_dir is not None
+            and not self._stopped
+            and (self._servers is None or not self._servers[1] or now - self._servers[0] > STATUS_REFRESH_S)
+        ):
             self._servers = (now, *self._server_list())
         servers, clients = (self._servers[1], self._servers[2]) if self._servers and alive else ([], {})
         return {
-            "enabled": True, "ours": self.ours, "binary": self.binary,
+            "enabled": True,
+            "ours": self.ours,
+            "binary": self.binary,
             "pipe_dir": str(self.pipe_dir) if self.pipe_dir else None,
             "log_dir": str(self.log_dir) if self.log_dir else None,
-            "daemon_pid": self.pid, "daemon_alive": alive, "servers": servers,
+            "daemon_pid": self.pid,
+            "daemon_alive": alive,
+            "servers": servers,
             "clients": {str(k): v for k, v in clients.items()},
             "active_thread_percentage": self.cfg.mps.active_thread_percentage or None,
-            "compute_modes": dict(self.compute_modes), "stopped": self._stopped,
+            "compute_modes": dict(self.compute_modes),
+            "stopped": self._stopped,
         }
 
     # --- stop -----------------------------------------------------------------------------------
@@ -380,7 +448,9 @@ class MpsDaemon:
             return
         pid = self.pid or self._own_pid()
         own = str(self.own_pipe_dir)
-        servers = [p.pid for p in self._list() if p.role == SERVER and (p.pipe_dir == own or (pid and p.ppid == pid))]
+        servers = [
+            p.pid for p in self._list() if p.role == SERVER and (p.pipe_dir == own or (pid and p.ppid == pid))
+        ]
         res = self._control("quit", self.own_pipe_dir, timeout_s=self.quit_timeout_s)
         how = "quit" if res is not None and res.returncode == 0 else "quit failed"
         if pid is not None:

@@ -95,7 +95,9 @@ def encode_request(request_id: int, tensors: Mapping[str, np.ndarray], timeout_m
     return frames
 
 
-def encode_shm_request(request_id: int, specs: list[list], lease_id: int, out_offset: int, timeout_ms: int) -> list:
+def encode_shm_request(
+    request_id: int, specs: list[list], lease_id: int, out_offset: int, timeout_ms: int
+) -> list:
     """One frame: a request whose tensors already lie in the lease (`specs` = [name, dtype, shape, offset])."""
     return [msgpack.packb([VERSION, Kind.INFER, request_id, int(timeout_ms), specs, [lease_id, out_offset]])]
 
@@ -126,8 +128,15 @@ def encode_payload(request_id: int, payload: Any) -> list:
 class RequestHeader:
     __slots__ = ("request_id", "timeout_ms", "specs", "kind", "shm", "offsets")
 
-    def __init__(self, request_id: int, timeout_ms: int, specs: list[tuple[str, np.dtype, tuple[int, ...]]],
-                 kind: int = Kind.INFER, shm: list | None = None, offsets: list | None = None):
+    def __init__(
+        self,
+        request_id: int,
+        timeout_ms: int,
+        specs: list[tuple[str, np.dtype, tuple[int, ...]]],
+        kind: int = Kind.INFER,
+        shm: list | None = None,
+        offsets: list | None = None,
+    ):
         self.request_id = request_id
         self.timeout_ms = timeout_ms
         self.specs = specs
@@ -150,13 +159,17 @@ def decode_request_header(data: bytes | memoryview) -> RequestHeader:
     shm = head[5] if len(head) == 6 else None
     rid = request_id if isinstance(request_id, int) and not isinstance(request_id, bool) else None
     if version != VERSION:
-        raise DecodeError(ErrorCode.UNSUPPORTED_VERSION, f"protocol version {version!r}, expected {VERSION}", rid)
+        raise DecodeError(
+            ErrorCode.UNSUPPORTED_VERSION, f"protocol version {version!r}, expected {VERSION}", rid
+        )
     if rid is None or not (0 <= rid < 1 << 63):
         raise DecodeError(ErrorCode.BAD_HEADER, "request id must be a non-negative integer")
     if kind not in (Kind.INFER, Kind.ATTACH, Kind.DETACH, Kind.INFER_MANY) or isinstance(kind, bool):
         raise DecodeError(ErrorCode.BAD_HEADER, f"unknown message kind {kind!r}", rid)
     if shm is not None and not (isinstance(shm, list) and 1 <= len(shm) <= 2):
-        raise DecodeError(ErrorCode.BAD_HEADER, "the shared-memory element must be a 1- or 2-element array", rid)
+        raise DecodeError(
+            ErrorCode.BAD_HEADER, "the shared-memory element must be a 1- or 2-element array", rid
+        )
     if kind != Kind.INFER and shm is None:
         raise DecodeError(ErrorCode.BAD_HEADER, f"message kind {kind} needs its sixth header element", rid)
     if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) or timeout_ms < 0:
@@ -168,8 +181,11 @@ def decode_request_header(data: bytes | memoryview) -> RequestHeader:
     offsets: list | None = [] if width == 4 else None
     for spec in specs:
         if not (isinstance(spec, list) and len(spec) == width and isinstance(spec[0], str)):
-            raise DecodeError(ErrorCode.BAD_HEADER, "each tensor spec must be [name, dtype, shape]"
-                              + (", offset]" if width == 4 else ""), rid)
+            raise DecodeError(
+                ErrorCode.BAD_HEADER,
+                "each tensor spec must be [name, dtype, shape]" + (", offset]" if width == 4 else ""),
+                rid,
+            )
         name, dtype_text, shape = spec[:3]
         if offsets is not None:
             offsets.append(spec[3])
@@ -198,8 +214,12 @@ def decode_tensors(header: RequestHeader, frames: Sequence, nbytes_of=len) -> di
     out: dict[str, np.ndarray] = {}
     for (name, dtype, shape), frame in zip(header.specs, frames, strict=True):
         buf = frame.buffer if hasattr(frame, "buffer") else frame
-        if math.prod(d or 1 for d in shape) * dtype.itemsize > 1 << 40:  # np.empty refuses [0, 2**31-1, 2**31-1, ...]
-            raise DecodeError(ErrorCode.MALFORMED, f"tensor {name!r}: shape {list(shape)} is too large", header.request_id)
+        if (
+            math.prod(d or 1 for d in shape) * dtype.itemsize > 1 << 40
+        ):  # np.empty refuses [0, 2**31-1, 2**31-1, ...]
+            raise DecodeError(
+                ErrorCode.MALFORMED, f"tensor {name!r}: shape {list(shape)} is too large", header.request_id
+            )
         expected = math.prod(shape) * dtype.itemsize  # Python ints: a hostile shape cannot wrap around
         if len(buf) != expected:
             raise DecodeError(
@@ -299,7 +319,7 @@ def shm_outputs(payload: Any, lease: Any, out_offset: int) -> dict[str, np.ndarr
     out: dict[str, np.ndarray] = {}
     for (name, dtype, shape), off in zip(specs, offs, strict=True):
         n = math.prod(shape) * dtype.itemsize
-        out[name] = whole[off:off + n].view(dtype).reshape(shape)
+        out[name] = whole[off : off + n].view(dtype).reshape(shape)
     return out
 
 

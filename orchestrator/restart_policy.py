@@ -56,8 +56,13 @@ class RestartTracker:
             self.crashes.clear()
             self.consecutive = 0
             self.quarantines += 1
-            return Decision(Action.QUARANTINE, now + p.quarantine_s,
-                            f"{p.flap_max_crashes} crashes within {p.flap_window_s:g}s: quarantined for {p.quarantine_s:g}s")
+            return Decision(
+                Action.QUARANTINE,
+                now + p.quarantine_s,
+                f"{p.flap_max_crashes} crashes within {p.flap_window_s:g}s: quarantined for {p.quarantine_s:g}s",
+            )
         delay = min(p.backoff_max_s, p.backoff_initial_s * 2 ** (self.consecutive - 1))
         self.restarts += 1
-        return Decision(Action.RESTART, now + delay, f"restart in {delay:.2f}s (crash {self.consecutive} in a row)")
+        return Decision(
+            Action.RESTART, now + delay, f"restart in {delay:.2f}s (crash {self.consecutive} in a row)"
+        )

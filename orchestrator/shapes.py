@@ -44,8 +44,10 @@ def bind(specs: Sequence[tuple[str, ItemShape]], given: Mapping[str, Sequence[in
                 dims[d] = size  # type: ignore[index]
                 first[d] = name  # type: ignore[index]
             elif seen != size:
-                raise InvalidInputError(f"dimension {d!r} is {size} in tensor {name!r} but {seen} in tensor "
-                                        f"{first[d]!r}: one request has one size per dimension")  # type: ignore[index]
+                raise InvalidInputError(
+                    f"dimension {d!r} is {size} in tensor {name!r} but {seen} in tensor "
+                    f"{first[d]!r}: one request has one size per dimension"
+                )  # type: ignore[index]
     return dims
 
 

@@ -72,7 +72,9 @@ def ensure_private_dir(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = path.stat()
     if st.st_uid != os.getuid():
-        raise PermissionError(f"shared-memory directory {path} belongs to uid {st.st_uid}, not to us ({os.getuid()})")
+        raise PermissionError(
+            f"shared-memory directory {path} belongs to uid {st.st_uid}, not to us ({os.getuid()})"
+        )
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)
 
@@ -97,8 +99,10 @@ def space_problem(run_dir: Path, workers: int, shm_mb: int) -> str | None:
     need = workers * (shm_mb << 20)
     if need <= free:
         return None
-    return (f"transport.shm_mb: {workers} worker(s) x {shm_mb} MiB need {need >> 20} MiB of shared memory in {probe}, "
-            f"{free >> 20} MiB free (lower transport.shm_mb, or 0 to turn shared memory off)")
+    return (
+        f"transport.shm_mb: {workers} worker(s) x {shm_mb} MiB need {need >> 20} MiB of shared memory in {probe}, "
+        f"{free >> 20} MiB free (lower transport.shm_mb, or 0 to turn shared memory off)"
+    )
 
 
 # --- allocation -----------------------------------------------------------------------------------
@@ -165,12 +169,18 @@ class _SpanOwner:
     """Owner of one span, handed to numpy as an __array_interface__: every array made over the span keeps
     this object alive, and the span returns to the lease when the last of them is gone."""
 
-    def __init__(self, lease: ClientLease, off: int, dtype: np.dtype, shape: tuple[int, ...], ptr: int,
-                 readonly: bool) -> None:
+    def __init__(
+        self, lease: ClientLease, off: int, dtype: np.dtype, shape: tuple[int, ...], ptr: int, readonly: bool
+    ) -> None:
         self.lease = lease
         self.off = off
-        self.__array_interface__ = {"version": 3, "data": (ptr, readonly), "typestr": dtype.str,
-                                    "shape": shape, "strides": None}
+        self.__array_interface__ = {
+            "version": 3,
+            "data": (ptr, readonly),
+            "typestr": dtype.str,
+            "shape": shape,
+            "strides": None,
+        }
 
     def __del__(self) -> None:
         self.lease.release(self.off)
@@ -220,7 +230,8 @@ class ClientLease:
         if round_up(nbytes, SPAN_ALIGN) > self.size:
             raise BatchTooLargeError(
                 f"request needs {nbytes:,} B of shared memory but the lease on {self.worker_id} holds {self.size:,} B "
-                "(raise Client(shm_lease_mb=...) within transport.shm_max_lease_mb, or send it with shm=False)")
+                "(raise Client(shm_lease_mb=...) within transport.shm_max_lease_mb, or send it with shm=False)"
+            )
         with self._cv:
             while True:
                 off = self._alloc.alloc(nbytes)
@@ -230,7 +241,8 @@ class ClientLease:
                 if left <= 0:
                     raise OverloadedError(
                         f"shared-memory lease on {self.worker_id} full ({self.size:,} B, {self._alloc.live} spans "
-                        "in use) for the whole deadline: results still referenced hold their spans")
+                        "in use) for the whole deadline: results still referenced hold their spans"
+                    )
                 self._cv.wait(left)
 
     def release(self, off: int) -> None:
@@ -275,7 +287,7 @@ class ClientLease:
 
     def raw(self, off: int, nbytes: int) -> np.ndarray:
         """A plain byte view (no ownership) for copying into a span the caller already holds."""
-        return self._base[off:off + nbytes]
+        return self._base[off : off + nbytes]
 
 
 def describe_lease(reply: Any) -> tuple[int, str, int, int]:
@@ -283,7 +295,9 @@ def describe_lease(reply: Any) -> tuple[int, str, int, int]:
     if not isinstance(reply, dict):
         raise ValueError("attach reply is not a map")
     lease, path, offset, size = reply.get("lease"), reply.get("path"), reply.get("offset"), reply.get("size")
-    if not (isinstance(lease, int) and isinstance(path, str) and isinstance(offset, int) and isinstance(size, int)):
+    if not (
+        isinstance(lease, int) and isinstance(path, str) and isinstance(offset, int) and isinstance(size, int)
+    ):
         raise ValueError(f"attach reply is missing fields: {sorted(reply)}")
     if offset % PAGE or size <= 0:
         raise ValueError(f"attach reply has a bad region (offset {offset}, size {size})")

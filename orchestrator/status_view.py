@@ -22,15 +22,33 @@ from orchestrator.monitor.stalls import evidence_text
 log = logging.getLogger(__name__)
 
 _STATE_STYLE = {
-    "ready": "bold green", "serving": "bold green", "running": "bold green",
-    "spawning": "yellow", "starting": "yellow", "loading": "yellow", "warming": "yellow",
-    "restarting": "yellow", "backoff": "yellow", "draining": "yellow", "stopping": "yellow",
-    "dead": "bold red", "failed": "bold red", "crashed": "bold red", "quarantined": "bold red",
-    "hung": "bold red", "stopped": "dim",
+    "ready": "bold green",
+    "serving": "bold green",
+    "running": "bold green",
+    "spawning": "yellow",
+    "starting": "yellow",
+    "loading": "yellow",
+    "warming": "yellow",
+    "restarting": "yellow",
+    "backoff": "yellow",
+    "draining": "yellow",
+    "stopping": "yellow",
+    "dead": "bold red",
+    "failed": "bold red",
+    "crashed": "bold red",
+    "quarantined": "bold red",
+    "hung": "bold red",
+    "stopped": "dim",
 }
 _BAD_REASONS = {"hw_slowdown", "sw_thermal", "hw_thermal", "hw_power_brake", "reliability"}
-_CAUSE_STYLE = {"driver_lock": "magenta", "lock_wait": "magenta", "cpu_preemption": "yellow",
-                "throttling": "red", "foreign_process": "red", "unknown": "dim"}
+_CAUSE_STYLE = {
+    "driver_lock": "magenta",
+    "lock_wait": "magenta",
+    "cpu_preemption": "yellow",
+    "throttling": "red",
+    "foreign_process": "red",
+    "unknown": "dim",
+}
 
 
 def _dur(seconds: float | None) -> str:
@@ -145,11 +163,27 @@ def _worker_table(status: dict) -> Table:
     gpus = {g.get("uuid"): g for g in mon.get("gpus") or ()}
     metrics = mon.get("workers") or {}
     t = Table(expand=False, header_style="bold", pad_edge=False, box=None, padding=(0, 1))
-    for name, justify in (("worker", "left"), ("device", "left"), ("state", "left"), ("pid", "right"),
-                          ("rst", "right"), ("up", "right"), ("req/s", "right"), ("items/s", "right"),
-                          ("shm", "right"), ("p50", "right"), ("p99", "right"), ("q/infl", "right"), ("busy", "right"),
-                          ("SM MHz", "right"), ("power", "right"), ("temp", "right"), ("throttle", "left"),
-                          ("faults", "right"), ("stalls", "left")):
+    for name, justify in (
+        ("worker", "left"),
+        ("device", "left"),
+        ("state", "left"),
+        ("pid", "right"),
+        ("rst", "right"),
+        ("up", "right"),
+        ("req/s", "right"),
+        ("items/s", "right"),
+        ("shm", "right"),
+        ("p50", "right"),
+        ("p99", "right"),
+        ("q/infl", "right"),
+        ("busy", "right"),
+        ("SM MHz", "right"),
+        ("power", "right"),
+        ("temp", "right"),
+        ("throttle", "left"),
+        ("faults", "right"),
+        ("stalls", "left"),
+    ):
         t.add_column(name, justify="right" if justify == "right" else "left", no_wrap=True)
     for w in status.get("workers") or ():
         m = metrics.get(w.get("id"), {})
@@ -158,13 +192,25 @@ def _worker_table(status: dict) -> Table:
         inflight = w.get("inflight") if w.get("inflight") is not None else m.get("inflight")
         faults = w.get("faults") if w.get("faults") is not None else m.get("faults")
         t.add_row(
-            str(w.get("id", "?")), str(w.get("device") or "-"), _state(w.get("state")),
-            str(w.get("pid") or "-"), str(w.get("restarts", 0)), _dur(w.get("uptime_s")),
-            _rate(m.get("requests_per_s")), _rate(m.get("items_per_s")), _shm(w),
-            _ms(m.get("latency_p50_ms")), _ms(m.get("latency_p99_ms")),
+            str(w.get("id", "?")),
+            str(w.get("device") or "-"),
+            _state(w.get("state")),
+            str(w.get("pid") or "-"),
+            str(w.get("restarts", 0)),
+            _dur(w.get("uptime_s")),
+            _rate(m.get("requests_per_s")),
+            _rate(m.get("items_per_s")),
+            _shm(w),
+            _ms(m.get("latency_p50_ms")),
+            _ms(m.get("latency_p99_ms")),
             f"{queued if queued is not None else '-'}/{inflight if inflight is not None else '-'}",
-            _pct(m.get("gpu_busy_pct")), _clock(g), _power(g), _temp(g), _reasons(g) if g else Text("-"),
-            Text(str(faults), style="bold red") if faults else Text(str(faults or 0), style="dim"), _stalls(m),
+            _pct(m.get("gpu_busy_pct")),
+            _clock(g),
+            _power(g),
+            _temp(g),
+            _reasons(g) if g else Text("-"),
+            Text(str(faults), style="bold red") if faults else Text(str(faults or 0), style="dim"),
+            _stalls(m),
         )
     return t
 
@@ -178,14 +224,24 @@ def _engine_lines(status: dict) -> list[Text]:
         if not eng or eng.get("device") in (None, "cpu"):
             continue
         graphs = eng.get("graphs") or ("on" if eng.get("cuda_graphs") else "off")
-        key = (eng.get("kind"), eng.get("program"), graphs, eng.get("graphs_captured"), eng.get("capture_error"),
-               w.get("module_loading") or eng.get("module_loading"))
+        key = (
+            eng.get("kind"),
+            eng.get("program"),
+            graphs,
+            eng.get("graphs_captured"),
+            eng.get("capture_error"),
+            w.get("module_loading") or eng.get("module_loading"),
+        )
         groups.setdefault(key, []).append(str(w.get("id")))
     lines = []
     for (kind, program, graphs, captured, error, loading), ids in groups.items():
-        line = Text(f"engine {kind}" + (f" ({program})" if program else "") + f" on {', '.join(ids)}: ", style="dim")
-        line.append(f"graphs {graphs}" + (f" ({captured})" if captured else ""),
-                    style="green" if graphs == "on" else "yellow")
+        line = Text(
+            f"engine {kind}" + (f" ({program})" if program else "") + f" on {', '.join(ids)}: ", style="dim"
+        )
+        line.append(
+            f"graphs {graphs}" + (f" ({captured})" if captured else ""),
+            style="green" if graphs == "on" else "yellow",
+        )
         if error:
             line.append(f": {error}", style="yellow")
         line.append("  module loading ")
@@ -222,8 +278,15 @@ def _host_line(status: dict) -> Text:
 
 
 def _stall_table(stalls: list[dict], limit: int = 5) -> Table:
-    t = Table(expand=False, header_style="bold", box=None, padding=(0, 1), title="latest stalls",
-              title_justify="left", title_style="bold")
+    t = Table(
+        expand=False,
+        header_style="bold",
+        box=None,
+        padding=(0, 1),
+        title="latest stalls",
+        title_justify="left",
+        title_style="bold",
+    )
     for name in ("time", "worker", "gpu", "kind", "enqueue", "latency", "cause", "evidence", "then"):
         t.add_column(name, no_wrap=name != "evidence", overflow="ellipsis")
     for r in list(stalls)[-limit:][::-1]:
@@ -231,8 +294,12 @@ def _stall_table(stalls: list[dict], limit: int = 5) -> Table:
         top = causes[0]
         when = datetime.fromtimestamp(r["time"]).strftime("%H:%M:%S") if r.get("time") else "-"
         t.add_row(
-            when, str(r.get("worker_id")), str(r.get("gpu_index") if r.get("gpu_index") is not None else "-"),
-            "+".join(r.get("kind") or ()), _us(r.get("enqueue_us")), _us(r.get("latency_us")),
+            when,
+            str(r.get("worker_id")),
+            str(r.get("gpu_index") if r.get("gpu_index") is not None else "-"),
+            "+".join(r.get("kind") or ()),
+            _us(r.get("enqueue_us")),
+            _us(r.get("latency_us")),
             Text(f"{top['cause']} {top.get('score', 0):.2f}", style=_CAUSE_STYLE.get(top["cause"], "")),
             evidence_text(top["cause"], top.get("evidence") or {}),
             ", ".join(f"{c['cause']} {c.get('score', 0):.2f}" for c in causes[1:3]),
@@ -243,14 +310,18 @@ def _stall_table(stalls: list[dict], limit: int = 5) -> Table:
 def render(status: dict) -> RenderableType:
     """One frame of the status view."""
     mon = status.get("monitor") or {}
-    head = Text.assemble(("orchestrator ", "bold"), (str(status.get("name", "?")), "bold cyan"),
-                         f"  pid {status.get('pid', '-')}  up {_dur(status.get('uptime_s'))}  ",
-                         (str(status.get("run_dir", "")), "dim"))
+    head = Text.assemble(
+        ("orchestrator ", "bold"),
+        (str(status.get("name", "?")), "bold cyan"),
+        f"  pid {status.get('pid', '-')}  up {_dur(status.get('uptime_s'))}  ",
+        (str(status.get("run_dir", "")), "dim"),
+    )
     parts: list[RenderableType] = [head, _worker_table(status), *_engine_lines(status), _host_line(status)]
     counts = {k: v for k, v in (mon.get("stall_counts") or {}).items() if v}
     if counts:
-        parts.append(Text("stalls by cause: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
-                          style="bold"))
+        parts.append(
+            Text("stalls by cause: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), style="bold")
+        )
     if mon.get("stalls"):
         parts.append(_stall_table(mon["stalls"]))
     return Group(*parts)

@@ -89,7 +89,9 @@ class Supervisor:
             self.tcp_pub.setsockopt(zmq.LINGER, 0)
             secure_server(ctx, self.tcp_pub, t)
             self.tcp_pub.bind(f"tcp://{t.host}:{t.control_port + 1}")
-            log.info("[spawn] TCP control on %s:%d (curve %s)", t.host, t.control_port, "on" if t.curve else "off")
+            log.info(
+                "[spawn] TCP control on %s:%d (curve %s)", t.host, t.control_port, "on" if t.curve else "off"
+            )
 
     def _plan(self) -> None:
         if self.cfg.workers.device == "gpu":
@@ -99,9 +101,13 @@ class Supervisor:
         plans = plan_workers(self.cfg, self.rundir, self.gpus)
         if self.cfg.mps.enabled:
             # Before any worker starts: a CUDA context created while no daemon answers silently runs without MPS.
-            self.mps = MpsDaemon(self.cfg, self.rundir.root, list(dict.fromkeys(p.gpu_uuid for p in plans if p.gpu_uuid)))
+            self.mps = MpsDaemon(
+                self.cfg, self.rundir.root, list(dict.fromkeys(p.gpu_uuid for p in plans if p.gpu_uuid))
+            )
             self.mps.start()  # MpsError (an OrchestratorError) says why not: binary, compute mode, foreign daemon
-            plans = [dataclasses.replace(p, env={**p.env, **self.mps.worker_env(i)}) for i, p in enumerate(plans)]
+            plans = [
+                dataclasses.replace(p, env={**p.env, **self.mps.worker_env(i)}) for i, p in enumerate(plans)
+            ]
         for plan in plans:
             self.workers[plan.id] = WorkerHandle(plan, self.cfg, self.rundir)
 
@@ -114,8 +120,17 @@ class Supervisor:
             self.tcp_pub.send_multipart(frames)
 
     def _publish(self, w: WorkerHandle) -> None:
-        self._emit(b"worker", {"id": w.id, "state": w.state.value, "endpoint": w.endpoint, "pid": w.pid,
-                               "restarts": w.tracker.restarts, "t": time.time()})
+        self._emit(
+            b"worker",
+            {
+                "id": w.id,
+                "state": w.state.value,
+                "endpoint": w.endpoint,
+                "pid": w.pid,
+                "restarts": w.tracker.restarts,
+                "t": time.time(),
+            },
+        )
 
     def _set_state(self, w: WorkerHandle, state: State) -> None:
         if w.state != state:
@@ -148,8 +163,14 @@ class Supervisor:
             w.tracker.on_ready(now)
             if self.monitor is not None:
                 self.monitor.set_worker(w.id, w.pid, w.plan.gpu_uuid)
-            log.info("[ready] %s pid %d at %s (%s, loading %s)", w.id, w.pid, w.endpoint,
-                     msg.get("engine", {}).get("kind"), msg.get("engine", {}).get("module_loading", "n/a"))
+            log.info(
+                "[ready] %s pid %d at %s (%s, loading %s)",
+                w.id,
+                w.pid,
+                w.endpoint,
+                msg.get("engine", {}).get("kind"),
+                msg.get("engine", {}).get("module_loading", "n/a"),
+            )
             self._set_state(w, State.DRAINING if self.stopping else State.READY)
         elif kind == "failed":
             w.last_error = msg.get("error", "")
@@ -166,8 +187,13 @@ class Supervisor:
             self._set_state(w, State.STOPPED)
             return
         why = w.kill_reason or w.last_error or f"exit code {code}"
-        log.error("[reap] %s (pid %s) died: %s; log tail:\n%s", w.id, w.proc.pid if w.proc else "?", why,
-                  tail(w.log_path, 12))
+        log.error(
+            "[reap] %s (pid %s) died: %s; log tail:\n%s",
+            w.id,
+            w.proc.pid if w.proc else "?",
+            why,
+            tail(w.log_path, 12),
+        )
         w.last_error = why if why.startswith("exit") else f"{why} (exit code {code})"
         decision = w.tracker.on_crash(now)
         w.quarantined = decision.action == Action.QUARANTINE
@@ -206,7 +232,11 @@ class Supervisor:
         self.stop_reason = reason
         # Workers drain within stop_timeout_s; allow a little more before SIGKILL.
         self._stop_deadline = time.monotonic() + self.cfg.orchestrator.stop_timeout_s + 3.0
-        log.info("[shutdown] %s: draining %d workers", reason, sum(w.pidfd is not None for w in self.workers.values()))
+        log.info(
+            "[shutdown] %s: draining %d workers",
+            reason,
+            sum(w.pidfd is not None for w in self.workers.values()),
+        )
         self._emit(b"supervisor", {"state": "stopping", "t": time.time()})
         for w in self.workers.values():
             w.restart_at = None
@@ -219,9 +249,14 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
         return {
-            "name": self.cfg.orchestrator.name, "pid": os.getpid(), "run_dir": str(self.rundir.root),
-            "config": self.cfg.source, "started_at": self.started_at, "uptime_s": round(now - self._t0, 1),
-            "stopping": self.stopping, "device": self.cfg.workers.device,
+            "name": self.cfg.orchestrator.name,
+            "pid": os.getpid(),
+            "run_dir": str(self.rundir.root),
+            "config": self.cfg.source,
+            "started_at": self.started_at,
+            "uptime_s": round(now - self._t0, 1),
+            "stopping": self.stopping,
+            "device": self.cfg.workers.device,
             "workers": [w.describe(now) for w in self.workers.values()],
             "monitor": self.monitor.snapshot() if self.monitor is not None else {},
             "mps": self.mps.status() if self.mps is not None else None,
@@ -242,21 +277,39 @@ class Supervisor:
             ready_reason = f"{ready} of {total} workers ready; {need} needed"
         else:
             ready_reason = ""
-        return {"live": live, "live_reason": f"the supervisor loop has not turned for {stall:.1f}s",
-                "ready": live and not ready_reason, "ready_reason": ready_reason or "the supervisor loop is stuck",
-                "started": self._started, "started_reason": f"{ready} of {total} workers ready; {need} needed",
-                "ready_workers": ready, "workers": total, "min_ready_workers": need}
+        return {
+            "live": live,
+            "live_reason": f"the supervisor loop has not turned for {stall:.1f}s",
+            "ready": live and not ready_reason,
+            "ready_reason": ready_reason or "the supervisor loop is stuck",
+            "started": self._started,
+            "started_reason": f"{ready} of {total} workers ready; {need} needed",
+            "ready_workers": ready,
+            "workers": total,
+            "min_ready_workers": need,
+        }
 
     def endpoints(self, local: bool = True) -> dict[str, Any]:
         t = self.cfg.transport
         events = self.rundir.events_endpoint() if local else f"tcp://{t.host}:{t.control_port + 1}"
         return {
-            "events": events, "curve": t.curve, "shm_mb": t.shm_mb, "max_message_bytes": t.max_message_bytes,
-            "pid": os.getpid(), "beat_s": _BEAT_S,
+            "events": events,
+            "curve": t.curve,
+            "shm_mb": t.shm_mb,
+            "max_message_bytes": t.max_message_bytes,
+            "pid": os.getpid(),
+            "beat_s": _BEAT_S,
             "workers": [
-                {"id": w.id, "endpoint": w.endpoint, "state": w.state.value, "device": w.plan.device,
-                 "inputs": w.ready_info.get("inputs", []), "outputs": w.ready_info.get("outputs", []),
-                 "max_batch": w.ready_info.get("max_batch"), "dims": w.ready_info.get("dims", [])}
+                {
+                    "id": w.id,
+                    "endpoint": w.endpoint,
+                    "state": w.state.value,
+                    "device": w.plan.device,
+                    "inputs": w.ready_info.get("inputs", []),
+                    "outputs": w.ready_info.get("outputs", []),
+                    "max_batch": w.ready_info.get("max_batch"),
+                    "dims": w.ready_info.get("dims", []),
+                }
                 for w in self.workers.values()
             ],
         }
@@ -332,8 +385,11 @@ class Supervisor:
                 return
             self._poll_once(poller, wake_fd)
             self._last_tick = time.monotonic()
-            if not self._started and sum(w.state == State.READY for w in self.workers.values()) >= \
-                    self.cfg.orchestrator.min_ready_workers:
+            if (
+                not self._started
+                and sum(w.state == State.READY for w in self.workers.values())
+                >= self.cfg.orchestrator.min_ready_workers
+            ):
                 self._started = True
             if not self._startup_settled and not self.stopping:
                 self._check_startup()
@@ -343,8 +399,10 @@ class Supervisor:
         out = []
         for w in self.workers.values():
             if w.state == State.FAILED and not w.ready_at:
-                out.append(f"{w.id} on {w.plan.device} failed to start: {w.last_error}\n"
-                           f"--- last lines of {w.log_path} ---\n{tail(w.log_path, 15)}")
+                out.append(
+                    f"{w.id} on {w.plan.device} failed to start: {w.last_error}\n"
+                    f"--- last lines of {w.log_path} ---\n{tail(w.log_path, 15)}"
+                )
         return out
 
     def run(self, stop_flag: dict[str, bool], wake_fd: int) -> int:
@@ -358,8 +416,12 @@ class Supervisor:
             for w in self.workers.values():
                 w.spawn()
                 self._publish(w)
-            log.info("[spawn] supervisor pid %d, %d workers, run dir %s", os.getpid(), len(self.workers),
-                     self.rundir.root)
+            log.info(
+                "[spawn] supervisor pid %d, %d workers, run dir %s",
+                os.getpid(),
+                len(self.workers),
+                self.rundir.root,
+            )
             self.serve(stop_flag, wake_fd)
             log.info("[shutdown] all workers stopped (%s)", self.stop_reason)
             return self.exit_code
@@ -379,7 +441,13 @@ class Supervisor:
         if self.monitor is not None:
             self.monitor.stop()
         if hasattr(self, "ctx"):
-            for s in (self.ctl, self.pub, self.inbox, getattr(self, "tcp_ctl", None), getattr(self, "tcp_pub", None)):
+            for s in (
+                self.ctl,
+                self.pub,
+                self.inbox,
+                getattr(self, "tcp_ctl", None),
+                getattr(self, "tcp_pub", None),
+            ):
                 if s is not None:
                     s.close(0)
             stop_authenticator(self.ctx)
@@ -404,8 +472,11 @@ def install_signal_wakeup() -> tuple[dict[str, Any], int]:
 
 
 def configure_logging(level: str, stream: Any = None) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=stream or sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        stream=stream or sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 def main() -> None:

@@ -49,8 +49,12 @@ def shm_status(shm: Any) -> dict[str, Any]:
     """
     if not isinstance(shm, dict):
         return {"enabled": False} | dict.fromkeys(SHM_COUNTS, 0)
-    out = {**shm, "enabled": True, "path": str(shm.get("path") or ""),
-           "registered": bool(shm.get("registered"))}
+    out = {
+        **shm,
+        "enabled": True,
+        "path": str(shm.get("path") or ""),
+        "registered": bool(shm.get("registered")),
+    }
     for key in SHM_COUNTS:
         try:
             out[key] = int(shm.get(key) or 0)
@@ -114,10 +118,15 @@ class WorkerHandle:
 
     def spawn(self) -> None:
         spec = {
-            "id": self.id, "device": self.plan.device, "endpoint": self.plan.endpoint,
-            "supervisor_endpoint": self.rundir.inbox_endpoint(), "ppid": os.getpid(),
+            "id": self.id,
+            "device": self.plan.device,
+            "endpoint": self.plan.endpoint,
+            "supervisor_endpoint": self.rundir.inbox_endpoint(),
+            "ppid": os.getpid(),
             "cpu_affinity": list(self.plan.cpu_affinity) if self.plan.cpu_affinity else None,
-            "gpu_uuid": self.plan.gpu_uuid, "config": to_dict(self.cfg), "run_dir": str(self.rundir.root),
+            "gpu_uuid": self.plan.gpu_uuid,
+            "config": to_dict(self.cfg),
+            "run_dir": str(self.rundir.root),
         }
         spec_path = self.rundir.specs / f"{self.id}.json"
         fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -132,8 +141,13 @@ class WorkerHandle:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "workers.worker", str(spec_path)],
-                env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                close_fds=True, start_new_session=True, cwd=self.rundir.root,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                close_fds=True,
+                start_new_session=True,
+                cwd=self.rundir.root,
             )
         finally:
             logf.close()
@@ -149,8 +163,13 @@ class WorkerHandle:
         self.exit_code = None
         self.kill_reason = ""
         self.restart_at = None
-        log.info("[spawn] %s pid %d on %s (cores %s)", self.id, self.proc.pid, self.plan.device,
-                 ",".join(map(str, self.plan.cpu_affinity)) if self.plan.cpu_affinity else "any")
+        log.info(
+            "[spawn] %s pid %d on %s (cores %s)",
+            self.id,
+            self.proc.pid,
+            self.plan.device,
+            ",".join(map(str, self.plan.cpu_affinity)) if self.plan.cpu_affinity else "any",
+        )
 
     def reap(self) -> int | None:
         """Collect the exit status once the sentinel fired; None if still running."""
@@ -215,15 +234,28 @@ class WorkerHandle:
         hb = self.heartbeat
         eng = self.ready_info.get("engine", {})
         return {
-            "id": self.id, "device": self.plan.device, "gpu_uuid": self.plan.gpu_uuid,
-            "gpu_name": self.plan.gpu_name, "shares_gpu_with": list(self.plan.shares_gpu_with),
-            "pid": self.pid if self.state != State.STOPPED else None, "state": self.state.value,
-            "restarts": self.tracker.restarts, "quarantined": self.quarantined, "endpoint": self.endpoint,
+            "id": self.id,
+            "device": self.plan.device,
+            "gpu_uuid": self.plan.gpu_uuid,
+            "gpu_name": self.plan.gpu_name,
+            "shares_gpu_with": list(self.plan.shares_gpu_with),
+            "pid": self.pid if self.state != State.STOPPED else None,
+            "state": self.state.value,
+            "restarts": self.tracker.restarts,
+            "quarantined": self.quarantined,
+            "endpoint": self.endpoint,
             "uptime_s": round(now - self.ready_at, 1) if self.state == State.READY else 0.0,
             "cpu_affinity": self.ready_info.get("cpu_affinity") or list(self.plan.cpu_affinity or []),
-            "module_loading": eng.get("module_loading"), "engine": eng,
-            "faults": hb.get("faults", 0), "queued": hb.get("queued", 0), "inflight": hb.get("inflight", 0),
-            "batches": hb.get("progress", 0), "requests": hb.get("requests", 0), "host_ns": hb.get("host_ns", 0),
-            "shm": self.shm, "errors": hb.get("errors", {}), "last_error": self.last_error,
+            "module_loading": eng.get("module_loading"),
+            "engine": eng,
+            "faults": hb.get("faults", 0),
+            "queued": hb.get("queued", 0),
+            "inflight": hb.get("inflight", 0),
+            "batches": hb.get("progress", 0),
+            "requests": hb.get("requests", 0),
+            "host_ns": hb.get("host_ns", 0),
+            "shm": self.shm,
+            "errors": hb.get("errors", {}),
+            "last_error": self.last_error,
             "next_restart_in_s": round(self.restart_at - now, 1) if self.restart_at else None,
         }

@@ -121,29 +121,46 @@ def main() -> None:
     }
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        f"# CPU data-path benchmark ({date})", "",
+        f"# CPU data-path benchmark ({date})",
+        "",
         f"- machine: {platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}, pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}",
         f"- command: `python {' '.join(sys.argv)}`",
         f"- batch: {args.rows} x 256 float32 ({x.nbytes} bytes) each way; {args.n} sequential round trips after 200 warm-up",
-        "", "| path | p50 (us) | p99 (us) | mean (us) |", "| --- | --- | --- | --- |",
+        "",
+        "| path | p50 (us) | p99 (us) | mean (us) |",
+        "| --- | --- | --- | --- |",
     ]
     for name, v in rows.items():
         lines.append(f"| {name} | {pct(v, 50):.0f} | {pct(v, 99):.0f} | {np.mean(v) * 1e6:.0f} |")
     ratio = pct(orch, 50) / pct(raw, 50)
-    lines += ["", f"p50 ratio orchestrator / raw: **{ratio:.2f}x** (target < 2x)", "",
-              f"Throughput, {args.procs} client processes x {args.in_flight} in flight, 1 worker, {args.seconds:g} s: "
-              f"**{tput:,.0f} batches/s** ({tput * args.rows:,.0f} rows/s), latency p50 {load.pct(50):.0f} us, "
-              f"p99 {load.pct(99):.0f} us, errors {load.errors or 'none'}"]
+    lines += [
+        "",
+        f"p50 ratio orchestrator / raw: **{ratio:.2f}x** (target < 2x)",
+        "",
+        f"Throughput, {args.procs} client processes x {args.in_flight} in flight, 1 worker, {args.seconds:g} s: "
+        f"**{tput:,.0f} batches/s** ({tput * args.rows:,.0f} rows/s), latency p50 {load.pct(50):.0f} us, "
+        f"p99 {load.pct(99):.0f} us, errors {load.errors or 'none'}",
+    ]
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report)
-        args.out.with_suffix(".json").write_text(json.dumps({
-            "date": date, "command": sys.argv, "rows": args.rows, "ratio_p50": ratio, "throughput_batches_s": tput,
-            "raw_us": {"p50": pct(raw, 50), "p99": pct(raw, 99)}, "orchestrator_us": {"p50": pct(orch, 50), "p99": pct(orch, 99)},
-        }, indent=2))
+        args.out.with_suffix(".json").write_text(
+            json.dumps(
+                {
+                    "date": date,
+                    "command": sys.argv,
+                    "rows": args.rows,
+                    "ratio_p50": ratio,
+                    "throughput_batches_s": tput,
+                    "raw_us": {"p50": pct(raw, 50), "p99": pct(raw, 99)},
+                    "orchestrator_us": {"p50": pct(orch, 50), "p99": pct(orch, 99)},
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -28,11 +28,14 @@ class Shape:
 
 
 def make_config(shape: Shape, work: int, depth: int, graphs: bool, sync: str) -> Config:
-    return parse_config({
-        "workers": {"device": "gpu"},
-        "model": {"kind": "synthetic", "work": work, "item_shape": [shape.item], "max_batch": shape.rows},
-        "pipeline": {"depth": depth, "cuda_graphs": graphs, "sync": sync, "buckets": [shape.rows]},
-    }, check_files=False)
+    return parse_config(
+        {
+            "workers": {"device": "gpu"},
+            "model": {"kind": "synthetic", "work": work, "item_shape": [shape.item], "max_batch": shape.rows},
+            "pipeline": {"depth": depth, "cuda_graphs": graphs, "sync": sync, "buckets": [shape.rows]},
+        },
+        check_files=False,
+    )
 
 
 def _build(shape: Shape, work: int, depth: int, graphs: bool, sync: str) -> tuple[Any, Pipeline]:
@@ -46,7 +49,9 @@ def _build(shape: Shape, work: int, depth: int, graphs: bool, sync: str) -> tupl
     return eng, pipe
 
 
-def _loop(pipe: Pipeline, x: np.ndarray, seconds: float, complete: Callable[[Batch], None]) -> tuple[int, int, int]:
+def _loop(
+    pipe: Pipeline, x: np.ndarray, seconds: float, complete: Callable[[Batch], None]
+) -> tuple[int, int, int]:
     """Keep every slot busy for `seconds`; wait only on the oldest batch when no slot is free.
     Returns (batches, wall ns, ns spent blocked in wait)."""
     rows = x.shape[0]
@@ -110,9 +115,11 @@ def bare_run(shape: Shape, work: int, depth: int, graphs: bool, sync: str, secon
         ref = Event(timing=True)
 
         def complete(batch: Batch) -> None:
-            batch.slot.outputs["y"][:batch.rows].copy()  # the copy a server makes for its reply
+            batch.slot.outputs["y"][: batch.rows].copy()  # the copy a server makes for its reply
             s0, s1 = eng.timeline_us(batch.slot, ref)
-            recs.append((batch.t_done_ns - batch.t_launch_ns, batch.t_enqueued_ns - batch.t_launch_ns, s0, s1))
+            recs.append(
+                (batch.t_done_ns - batch.t_launch_ns, batch.t_enqueued_ns - batch.t_launch_ns, s0, s1)
+            )
 
         ref.record(pipe.slots[0].stream)
         _loop(pipe, x, 0.3, complete)  # warm the loop itself (clocks, caches)
@@ -131,18 +138,32 @@ def bare_run(shape: Shape, work: int, depth: int, graphs: bool, sync: str, secon
     enq = np.array(enqueue_ns, dtype=np.float64) / 1e3
     wall_us = wall_ns / 1e3
     return {
-        "work": work, "depth": depth, "cuda_graphs": graphs, "sync": sync, "seconds": round(wall_ns / 1e9, 3),
-        "batches": n, "batches_per_s": n / (wall_ns / 1e9), "items_per_s": n * shape.rows / (wall_ns / 1e9),
-        "gpu_time_us_p50": _pct(gpu, 50), "gpu_busy": _union_us(spans) / wall_us, "gpu_busy_sum": float(gpu.sum()) / wall_us,
-        "host_us_per_batch": (wall_ns - wait_ns) / 1e3 / n, "enqueue_us_p50": _pct(enq, 50), "enqueue_us_p99": _pct(enq, 99),
-        "enqueue_us_max": float(enq.max()), "stage_enqueue_us_p50": _pct(r[:, 1] / 1e3, 50),
-        "latency_us_p50": _pct(r[:, 0] / 1e3, 50), "latency_us_p99": _pct(r[:, 0] / 1e3, 99),
-        "launches_over_1ms": int((enq > 1000).sum()), "faults": faults,
+        "work": work,
+        "depth": depth,
+        "cuda_graphs": graphs,
+        "sync": sync,
+        "seconds": round(wall_ns / 1e9, 3),
+        "batches": n,
+        "batches_per_s": n / (wall_ns / 1e9),
+        "items_per_s": n * shape.rows / (wall_ns / 1e9),
+        "gpu_time_us_p50": _pct(gpu, 50),
+        "gpu_busy": _union_us(spans) / wall_us,
+        "gpu_busy_sum": float(gpu.sum()) / wall_us,
+        "host_us_per_batch": (wall_ns - wait_ns) / 1e3 / n,
+        "enqueue_us_p50": _pct(enq, 50),
+        "enqueue_us_p99": _pct(enq, 99),
+        "enqueue_us_max": float(enq.max()),
+        "stage_enqueue_us_p50": _pct(r[:, 1] / 1e3, 50),
+        "latency_us_p50": _pct(r[:, 0] / 1e3, 50),
+        "latency_us_p99": _pct(r[:, 0] / 1e3, 99),
+        "launches_over_1ms": int((enq > 1000).sum()),
+        "faults": faults,
     }
 
 
-def serial_batches(shape: Shape, work: int, batches: int = 1 << 30, seconds: float = float("inf"),
-                   reps: int = 1) -> list[dict[str, Any]]:
+def serial_batches(
+    shape: Shape, work: int, batches: int = 1 << 30, seconds: float = float("inf"), reps: int = 1
+) -> list[dict[str, Any]]:
     """`reps` runs of one batch at a time (depth 1, graphs, spin) on one engine, each of `batches` batches or
     `seconds`, whichever ends first: per batch, the latency from staging the input to the copied-out result
     (the bare loop at concurrency 1) and the GPU time. The first fifth of each run is dropped (warm-up)."""
@@ -151,7 +172,7 @@ def serial_batches(shape: Shape, work: int, batches: int = 1 << 30, seconds: flo
     gpu: list[float] = []
 
     def complete(batch: Batch) -> None:
-        batch.slot.outputs["y"][:batch.rows].copy()  # the copy a server makes for its reply
+        batch.slot.outputs["y"][: batch.rows].copy()  # the copy a server makes for its reply
         gpu.append(eng.gpu_time_us(batch.slot))
 
     runs = []
@@ -170,8 +191,15 @@ def serial_batches(shape: Shape, work: int, batches: int = 1 << 30, seconds: flo
                 lat.append(time.monotonic_ns() - t0)
             k = len(lat) // 5
             lat_us = np.array(lat[k:], dtype=np.float64) / 1e3
-            runs.append({"work": work, "batches": len(lat) - k, "latency_us_p50": _pct(lat_us, 50),
-                         "latency_us_p99": _pct(lat_us, 99), "gpu_time_us": float(np.median(gpu[k:]))})
+            runs.append(
+                {
+                    "work": work,
+                    "batches": len(lat) - k,
+                    "latency_us_p50": _pct(lat_us, 50),
+                    "latency_us_p99": _pct(lat_us, 99),
+                    "gpu_time_us": float(np.median(gpu[k:])),
+                }
+            )
     finally:
         eng.close()
     return runs
@@ -205,7 +233,14 @@ def calibrate(shape: Shape, target_us: float, log: Callable[[str], None], steps:
         pts[w] = measure_gpu_us(shape, w)
         lo, hi = (w, hi) if pts[w] < target_us else (lo, w)
     work = min(pts, key=lambda w: abs(pts[w] - target_us))
-    log(f"calibrated {target_us:g} us: work {work} -> {pts[work]:.1f} us (work 0: {pts[0]:.1f} us; "
-        f"measured {', '.join(f'{w}: {t:.1f}' for w, t in sorted(pts.items()))})")
-    return {"target_us": target_us, "work": work, "gpu_time_us": pts[work], "overhead_us": pts[0],
-            "points": {str(w): t for w, t in sorted(pts.items())}}
+    log(
+        f"calibrated {target_us:g} us: work {work} -> {pts[work]:.1f} us (work 0: {pts[0]:.1f} us; "
+        f"measured {', '.join(f'{w}: {t:.1f}' for w, t in sorted(pts.items()))})"
+    )
+    return {
+        "target_us": target_us,
+        "work": work,
+        "gpu_time_us": pts[work],
+        "overhead_us": pts[0],
+        "points": {str(w): t for w, t in sorted(pts.items())},
+    }

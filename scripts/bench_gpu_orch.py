@@ -32,14 +32,24 @@ def _split_cores() -> tuple[list[int], list[int]]:
     return cores[:4], cores[4:]
 
 
-def write_config(directory: Path, name: str, rows: int, item: int, work: int, depth: int, graphs: bool,
-                 sync: str, device: str = "gpu", io_threads: int = 1) -> Path:
+def write_config(
+    directory: Path,
+    name: str,
+    rows: int,
+    item: int,
+    work: int,
+    depth: int,
+    graphs: bool,
+    sync: str,
+    device: str = "gpu",
+    io_threads: int = 1,
+) -> Path:
     """A benchmark config; device = "cpu" (no graphs) is a smoke test of this script on any host."""
     worker_cores = _split_cores()[0]
     affinity = f"[{worker_cores}]" if worker_cores else '"auto"'
     text = f"""[orchestrator]
 name = "{name}"
-run_dir = "{directory / 'run'}"
+run_dir = "{directory / "run"}"
 startup_timeout_s = 120
 
 [workers]
@@ -68,12 +78,14 @@ io_threads = {io_threads}
     return path
 
 
-
-
-
-
-def closed_loop(c: Any, inputs: Any, in_flight: int, seconds: float, start_at: float | None = None,
-                check: Callable[[dict], bool] | None = None) -> dict[str, Any]:
+def closed_loop(
+    c: Any,
+    inputs: Any,
+    in_flight: int,
+    seconds: float,
+    start_at: float | None = None,
+    check: Callable[[dict], bool] | None = None,
+) -> dict[str, Any]:
     """Drive Client `c` with `inputs` for `seconds` from `start_at` (a time.monotonic() value, the same clock in
     every process; default now): `in_flight` requests kept going through c.submit(), or with in_flight 1
     back-to-back c.infer() calls (the synchronous path). `check` judges each result. Returns the window
@@ -115,8 +127,18 @@ def closed_loop(c: Any, inputs: Any, in_flight: int, seconds: float, start_at: f
     return {"t0": t0, "t1": time.monotonic(), "lat": lat, "wrong": wrong, "errors": errors}
 
 
-def _client_proc(config: str, rows: int, item: int, work: int, in_flight: int, seconds: float, check: bool,
-                 start: Any, q: Any, shm: bool | str = "auto") -> None:
+def _client_proc(
+    config: str,
+    rows: int,
+    item: int,
+    work: int,
+    in_flight: int,
+    seconds: float,
+    check: bool,
+    start: Any,
+    q: Any,
+    shm: bool | str = "auto",
+) -> None:
     """One client process: warm up, wait for the common start, then keep `in_flight` requests going."""
     sys.path.insert(0, str(ROOT))
     clients_cores = _split_cores()[1]
@@ -143,6 +165,7 @@ def _gpu_busy(before: dict, after: dict, wall_s: float, gpu_us_per_batch: float)
     """GPU busy over the run: the increase of the workers' cumulative `gpu_busy_ns_total` (the union of
     their batches' event spans) over wall time. Without it (older workers), an estimate from the batch
     count and Part A's GPU time per batch at the same work, labelled so."""
+
     def total(st: dict) -> float | None:
         views = (st.get("monitor") or {}).get("workers") or {}
         vals = [v.get("gpu_busy_ns_total") for v in views.values()]
@@ -192,18 +215,36 @@ class NvmlUtil:
         return sum(self.samples) / len(self.samples) / 100 if self.samples else None
 
 
-def run(label: str, config: Path, clients: int, in_flight: int, seconds: float, rows: int, item: int,
-        work: int, gpu_us_per_batch: float, log: Any, shm: bool | str = "auto") -> dict[str, Any]:
+def run(
+    label: str,
+    config: Path,
+    clients: int,
+    in_flight: int,
+    seconds: float,
+    rows: int,
+    item: int,
+    work: int,
+    gpu_us_per_batch: float,
+    log: Any,
+    shm: bool | str = "auto",
+) -> dict[str, Any]:
     """Start `config`, drive it with `clients` processes x `in_flight` requests for `seconds` (their Clients
     get `shm`: "auto", True or False), stop it; throughput, GPU busy, host time per batch, latency."""
     proc = cli("start", str(config), "--detach")
     if proc.returncode != 0:
-        raise RuntimeError(f"orchestrator start failed ({proc.returncode}): {(proc.stdout + proc.stderr).strip()[-1500:]}")
+        raise RuntimeError(
+            f"orchestrator start failed ({proc.returncode}): {(proc.stdout + proc.stderr).strip()[-1500:]}"
+        )
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     start = ctx.Event()
-    procs = [ctx.Process(target=_client_proc, args=(str(config), rows, item, work, in_flight, seconds, i == 0, start, q, shm))
-             for i in range(clients)]
+    procs = [
+        ctx.Process(
+            target=_client_proc,
+            args=(str(config), rows, item, work, in_flight, seconds, i == 0, start, q, shm),
+        )
+        for i in range(clients)
+    ]
     try:
         for p in procs:
             p.start()
@@ -243,13 +284,24 @@ def run(label: str, config: Path, clients: int, in_flight: int, seconds: float, 
     host_us = delta["host_ns"] / batches / 1e3 if batches and delta["host_ns"] > 0 else None
     cpu_us = (cpu1 - cpu0) / batches * 1e6 if batches and cpu0 is not None and cpu1 is not None else None
     return {
-        "label": label, "clients": clients, "in_flight_per_client": in_flight, "seconds": round(wall, 3),
-        "requests": int(lat.size), "batches": batches, "batches_per_s": lat.size / wall,
-        "items_per_s": lat.size * rows / wall, "gpu_busy": busy, "gpu_busy_source": source,
-        "gpu_busy_estimate": estimate, "nvml_util": nvml_util,
-        "latency_us_p50": float(np.percentile(lat, 50)), "latency_us_p99": float(np.percentile(lat, 99)),
+        "label": label,
+        "clients": clients,
+        "in_flight_per_client": in_flight,
+        "seconds": round(wall, 3),
+        "requests": int(lat.size),
+        "batches": batches,
+        "batches_per_s": lat.size / wall,
+        "items_per_s": lat.size * rows / wall,
+        "gpu_busy": busy,
+        "gpu_busy_source": source,
+        "gpu_busy_estimate": estimate,
+        "nvml_util": nvml_util,
+        "latency_us_p50": float(np.percentile(lat, 50)),
+        "latency_us_p99": float(np.percentile(lat, 99)),
         "faults": sum(int(w.get("faults", 0)) for w in workers),
-        "result_check": all(ok for _, ok in oks), "errors": errors, "shm": shm,
+        "result_check": all(ok for _, ok in oks),
+        "errors": errors,
+        "shm": shm,
         "via_shm": delta["shm_requests"] / delta["requests"] if delta["requests"] else None,
         "module_loading": [w.get("module_loading") for w in workers],
         "host_us_per_batch": host_us,
@@ -285,8 +337,17 @@ def totals(st: dict) -> dict[str, int]:
     def add(items: list[dict], key: str) -> int:
         return sum(int(x.get(key) or 0) for x in items)
 
-    return {"requests": add(workers, "requests"), "batches": add(workers, "batches"), "host_ns": add(workers, "host_ns"),
-            "faults": add(workers, "faults"), "shm_requests": add(shm, "requests"), "shm_bytes": add(shm, "bytes"),
-            "leases": add(shm, "leases"), "free_bytes": add(shm, "free_bytes"), "arena_bytes": add(shm, "arena_bytes"),
-            "rows": add(views, "items_total"), "gpu_busy_ns": add(views, "gpu_busy_ns_total"),
-            "launches_over_1ms": add(views, "enqueue_over_1ms_total")}
+    return {
+        "requests": add(workers, "requests"),
+        "batches": add(workers, "batches"),
+        "host_ns": add(workers, "host_ns"),
+        "faults": add(workers, "faults"),
+        "shm_requests": add(shm, "requests"),
+        "shm_bytes": add(shm, "bytes"),
+        "leases": add(shm, "leases"),
+        "free_bytes": add(shm, "free_bytes"),
+        "arena_bytes": add(shm, "arena_bytes"),
+        "rows": add(views, "items_total"),
+        "gpu_busy_ns": add(views, "gpu_busy_ns_total"),
+        "launches_over_1ms": add(views, "enqueue_over_1ms_total"),
+    }

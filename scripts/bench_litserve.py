@@ -99,8 +99,10 @@ def encode_request(inputs: dict[str, np.ndarray], payload: str) -> bytes:
     if payload == "json":
         body = {k: {"shape": list(v.shape), "data": v.ravel().tolist()} for k, v in inputs.items()}
     else:
-        body = {k: {"shape": list(v.shape), "b64": base64.b64encode(v.tobytes()).decode()}
-                for k, v in inputs.items()}
+        body = {
+            k: {"shape": list(v.shape), "b64": base64.b64encode(v.tobytes()).decode()}
+            for k, v in inputs.items()
+        }
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -153,8 +155,10 @@ def _build_api_class() -> type:
 
         def batch(self, inputs: list[dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], list[int]]:
             """The requests' rows as one batch, and each request's row count (to split the result)."""
-            return ({k: np.concatenate([x[k] for x in inputs]) for k in self.model_spec.inputs},
-                    [len(x[self.model_spec.inputs[0]]) for x in inputs])
+            return (
+                {k: np.concatenate([x[k] for x in inputs]) for k in self.model_spec.inputs},
+                [len(x[self.model_spec.inputs[0]]) for x in inputs],
+            )
 
         def predict(self, x: Any) -> Any:
             """A batch (from batch()) gives one result per request; with max_batch_size 1 LitServe passes one
@@ -175,9 +179,11 @@ def _build_api_class() -> type:
             self.batches += 1
             self.requests += requests
             if (now := time.monotonic()) - self.since >= STATS_S:
-                print(f"worker {os.getpid()}: {self.batches} batches, {self.requests} requests in "
-                      f"{now - self.since:.1f} s: {self.requests / self.batches:.2f} requests per batch",
-                      flush=True)
+                print(
+                    f"worker {os.getpid()}: {self.batches} batches, {self.requests} requests in "
+                    f"{now - self.since:.1f} s: {self.requests / self.batches:.2f} requests per batch",
+                    flush=True,
+                )
                 self.batches, self.requests, self.since = 0, 0, now
 
         def encode_response(self, output: np.ndarray):
@@ -208,20 +214,51 @@ def serve(args: argparse.Namespace) -> None:
     # SIGINT is LitServe's graceful shutdown (KeyboardInterrupt), even if it came in ignored (background job)
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    api = _api_class()(model=args.model, path=str(args.path), program=args.program,
-                       max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
-    server = ls.LitServer(api, accelerator=args.accelerator, devices=1,
-                          workers_per_device=args.workers_per_device, fast_queue=args.fast_queue)
-    server.run(host="127.0.0.1", port=args.serve_port, num_api_servers=args.api_servers, log_level="warning",
-               generate_client_file=False)
+    api = _api_class()(
+        model=args.model,
+        path=str(args.path),
+        program=args.program,
+        max_batch_size=args.max_batch_size,
+        batch_timeout=args.batch_timeout,
+    )
+    server = ls.LitServer(
+        api,
+        accelerator=args.accelerator,
+        devices=1,
+        workers_per_device=args.workers_per_device,
+        fast_queue=args.fast_queue,
+    )
+    server.run(
+        host="127.0.0.1",
+        port=args.serve_port,
+        num_api_servers=args.api_servers,
+        log_level="warning",
+        generate_client_file=False,
+    )
 
 
 def server_argv(args: argparse.Namespace, port: int) -> list[str]:
-    argv = [sys.executable, str(Path(__file__).resolve()), "--serve-port", str(port), "--model", args.model,
-            "--models", str(args.models), "--program", args.program, "--accelerator", args.accelerator,
-            "--max-batch-size", str(args.max_batch_size), "--batch-timeout", str(args.batch_timeout),
-            "--workers-per-device", str(args.workers_per_device),
-            "--fast-queue" if args.fast_queue else "--no-fast-queue"]
+    argv = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--serve-port",
+        str(port),
+        "--model",
+        args.model,
+        "--models",
+        str(args.models),
+        "--program",
+        args.program,
+        "--accelerator",
+        args.accelerator,
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--batch-timeout",
+        str(args.batch_timeout),
+        "--workers-per-device",
+        str(args.workers_per_device),
+        "--fast-queue" if args.fast_queue else "--no-fast-queue",
+    ]
     return argv + (["--api-servers", str(args.api_servers)] if args.api_servers else [])
 
 
@@ -244,8 +281,10 @@ def wait_ready(proc: subprocess.Popen, port: int, timeout_s: float, log: Path) -
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
         if proc.poll() is not None:
-            raise RuntimeError(f"the LitServe server exited ({proc.returncode}) before it was ready; "
-                               f"its log ({log}) ends:\n{log_tail(log)}")
+            raise RuntimeError(
+                f"the LitServe server exited ({proc.returncode}) before it was ready; "
+                f"its log ({log}) ends:\n{log_tail(log)}"
+            )
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             conn.request("GET", HEALTH_PATH)
@@ -254,8 +293,10 @@ def wait_ready(proc: subprocess.Popen, port: int, timeout_s: float, log: Path) -
         except (OSError, http.client.HTTPException):
             pass  # not listening yet
         time.sleep(0.5)
-    raise RuntimeError(f"the LitServe server was not ready (GET {HEALTH_PATH} -> 200) within "
-                       f"{timeout_s:g} s; its log ({log}) ends:\n{log_tail(log)}")
+    raise RuntimeError(
+        f"the LitServe server was not ready (GET {HEALTH_PATH} -> 200) within "
+        f"{timeout_s:g} s; its log ({log}) ends:\n{log_tail(log)}"
+    )
 
 
 def stop_server(proc: subprocess.Popen) -> str:
@@ -280,16 +321,20 @@ def stop_server(proc: subprocess.Popen) -> str:
 # --- reference and check ------------------------------------------------------------------------------
 
 
-def _reference(model: str, path: str, program: str, device: str,
-               inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, str]]:
+def _reference(
+    model: str, path: str, program: str, device: str, inputs: dict[str, np.ndarray]
+) -> tuple[np.ndarray, dict[str, str]]:
     """In a spawned child: the served output of the model run in-process on `inputs`, and the torch facts."""
     import torch
 
     spec = resolve(Path(path).parent, model)[0]
     runner = Runner(load_model(Path(path), program, device)[0], spec)
     out = eager_reference(runner, inputs, (spec.served,), device)[spec.served]
-    facts = {"torch": torch.__version__, "cuda": str(torch.version.cuda),
-             "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"}
+    facts = {
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+    }
     return out, facts
 
 
@@ -303,8 +348,9 @@ def post(port: int, body: bytes, timeout: float) -> tuple[int, bytes]:
         conn.close()
 
 
-def check_first(port: int, body: bytes, reference: np.ndarray, spec: ModelSpec,
-                timeout: float) -> dict[str, Any]:
+def check_first(
+    port: int, body: bytes, reference: np.ndarray, spec: ModelSpec, timeout: float
+) -> dict[str, Any]:
     status, data = post(port, body, timeout)
     if status != 200:
         return {"ok": False, "error": f"first request: HTTP {status}: {data[:500]!r}"}
@@ -312,9 +358,11 @@ def check_first(port: int, body: bytes, reference: np.ndarray, spec: ModelSpec,
     ok, diff = compare(got, reference)
     r = {"ok": ok, "max_abs_diff": diff, "shape": list(got.shape), "reply_bytes": len(data)}
     if not ok:
-        r["error"] = (f"the first reply's {spec.served} {list(got.shape)} differs from the in-process "
-                      f"model's {list(reference.shape)} (max abs diff {diff:g}; allowed |diff| <= {ATOL:g} + "
-                      f"{RTOL:g} x |reference|)")
+        r["error"] = (
+            f"the first reply's {spec.served} {list(got.shape)} differs from the in-process "
+            f"model's {list(reference.shape)} (max abs diff {diff:g}; allowed |diff| <= {ATOL:g} + "
+            f"{RTOL:g} x |reference|)"
+        )
     return r
 
 
@@ -372,15 +420,26 @@ class GpuBusy:
         t1_us = int(time.time() * 1e6)
         values = [v for ts, v in samples if t0_us < ts <= t1_us] if self.mode == "samples" else rates
         source = "GPU utilization samples" if self.mode == "samples" else "utilization rates"
-        return {"gpu_busy": round(float(np.mean(values)) / 100, 4) if values else None,
-                "gpu_busy_source": f"NVML {source} ({len(values)})"}
+        return {
+            "gpu_busy": round(float(np.mean(values)) / 100, 4) if values else None,
+            "gpu_busy_source": f"NVML {source} ({len(values)})",
+        }
 
 
 # --- load --------------------------------------------------------------------------------------------------
 
 
-def _client_proc(port: int, body: bytes, threads: int, timeout: float, go: Any, start: Any, warmup: float,
-                 duration: float, q: Any) -> None:
+def _client_proc(
+    port: int,
+    body: bytes,
+    threads: int,
+    timeout: float,
+    go: Any,
+    start: Any,
+    warmup: float,
+    duration: float,
+    q: Any,
+) -> None:
     """One client process: `threads` closed-loop threads, one keep-alive connection each."""
     results: list[tuple[list[float], Counter]] = [([], Counter()) for _ in range(threads)]
     headers = {"Content-Type": "application/json"}
@@ -414,8 +473,10 @@ def _client_proc(port: int, body: bytes, threads: int, timeout: float, go: Any, 
     q.put("ready")
     go.wait()
     t_start = start.value
-    ts = [threading.Thread(target=loop, args=(i, t_start, t_start + warmup, t_start + warmup + duration))
-          for i in range(threads)]
+    ts = [
+        threading.Thread(target=loop, args=(i, t_start, t_start + warmup, t_start + warmup + duration))
+        for i in range(threads)
+    ]
     for t in ts:
         t.start()
     for t in ts:
@@ -425,17 +486,24 @@ def _client_proc(port: int, body: bytes, threads: int, timeout: float, go: Any, 
     q.put({"lat": np.asarray(lat, dtype=np.float64).tobytes(), "errors": dict(errors)})
 
 
-def run_point(args: argparse.Namespace, port: int, body: bytes, concurrency: int,
-              gpu: GpuBusy) -> dict[str, Any]:
+def run_point(
+    args: argparse.Namespace, port: int, body: bytes, concurrency: int, gpu: GpuBusy
+) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     nproc = min(args.processes or 8, concurrency)
     shares = [concurrency // nproc + (i < concurrency % nproc) for i in range(nproc)]
     q = ctx.Queue()
     go = ctx.Event()
     start = ctx.Value("d", 0.0)
-    procs = [ctx.Process(target=_client_proc, daemon=True, name=f"ls-client-{i}",
-                         args=(port, body, n, args.http_timeout, go, start, args.warmup, args.duration, q))
-             for i, n in enumerate(shares)]
+    procs = [
+        ctx.Process(
+            target=_client_proc,
+            daemon=True,
+            name=f"ls-client-{i}",
+            args=(port, body, n, args.http_timeout, go, start, args.warmup, args.duration, q),
+        )
+        for i, n in enumerate(shares)
+    ]
     for p in procs:
         p.start()
     try:
@@ -455,10 +523,17 @@ def run_point(args: argparse.Namespace, port: int, body: bytes, concurrency: int
     lat = np.concatenate([np.frombuffer(d["lat"], dtype=np.float64) for d in done])
     errors = sum((Counter(d["errors"]) for d in done), Counter())
     rps = len(lat) / args.duration
-    return {"concurrency": concurrency, "processes": nproc, "requests": len(lat),
-            "requests_per_s": round(rps, 1), "items_per_s": round(rps * args.spec.per_request, 1),
-            **{f"latency_us_{k}": v for k, v in percentiles_us(lat).items()},
-            "errors": sum(errors.values()), "error_kinds": dict(errors), **busy}
+    return {
+        "concurrency": concurrency,
+        "processes": nproc,
+        "requests": len(lat),
+        "requests_per_s": round(rps, 1),
+        "items_per_s": round(rps * args.spec.per_request, 1),
+        **{f"latency_us_{k}": v for k, v in percentiles_us(lat).items()},
+        "errors": sum(errors.values()),
+        "error_kinds": dict(errors),
+        **busy,
+    }
 
 
 # --- main ------------------------------------------------------------------------------------------------
@@ -468,31 +543,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), required=True)
     ap.add_argument("--models", type=Path, required=True, help="directory with MODEL.pt2 and MODEL.ep.pt2")
-    ap.add_argument("--program", choices=["aoti", "ep"], default="aoti",
-                    help="aoti: the AOTInductor package (default); ep: the ExportedProgram")
-    ap.add_argument("--accelerator", choices=["cuda", "cpu"], default="cuda",
-                    help="LitServer accelerator (one device)")
+    ap.add_argument(
+        "--program",
+        choices=["aoti", "ep"],
+        default="aoti",
+        help="aoti: the AOTInductor package (default); ep: the ExportedProgram",
+    )
+    ap.add_argument(
+        "--accelerator", choices=["cuda", "cpu"], default="cuda", help="LitServer accelerator (one device)"
+    )
     ap.add_argument("--workers-per-device", type=int, default=1, help="LitServer workers_per_device")
-    ap.add_argument("--api-servers", type=int,
-                    help="LitServer.run num_api_servers (default: LitServe's, one per worker)")
-    ap.add_argument("--max-batch-size", type=int,
-                    help="LitAPI max_batch_size, in requests (default 8, or fewer where the export's batch "
-                         "dim takes fewer: MODEL.json dims.batch)")
+    ap.add_argument(
+        "--api-servers", type=int, help="LitServer.run num_api_servers (default: LitServe's, one per worker)"
+    )
+    ap.add_argument(
+        "--max-batch-size",
+        type=int,
+        help="LitAPI max_batch_size, in requests (default 8, or fewer where the export's batch "
+        "dim takes fewer: MODEL.json dims.batch)",
+    )
     ap.add_argument("--batch-timeout", type=float, default=0.005, help="LitAPI batch_timeout, seconds")
-    ap.add_argument("--fast-queue", action=argparse.BooleanOptionalAction, default=True,
-                    help="LitServer fast_queue (ZeroMQ between API servers and workers)")
-    ap.add_argument("--payload", choices=["json", "base64"], default="json",
-                    help="inputs as flat JSON lists (default) or base64 bytes inside the JSON")
-    ap.add_argument("--concurrency", default="1,8,32,64",
-                    help="requests in flight, one point each (comma separated)")
+    ap.add_argument(
+        "--fast-queue",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="LitServer fast_queue (ZeroMQ between API servers and workers)",
+    )
+    ap.add_argument(
+        "--payload",
+        choices=["json", "base64"],
+        default="json",
+        help="inputs as flat JSON lists (default) or base64 bytes inside the JSON",
+    )
+    ap.add_argument(
+        "--concurrency", default="1,8,32,64", help="requests in flight, one point each (comma separated)"
+    )
     ap.add_argument("--processes", type=int, help="client processes per point (default min(8, concurrency))")
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds of load before each measured window")
     ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per point")
     ap.add_argument("--http-timeout", type=float, default=120.0, help="client socket timeout, seconds")
-    ap.add_argument("--ready-timeout", type=float, default=300.0,
-                    help="seconds to wait for GET /health -> 200")
-    ap.add_argument("--server-log", type=Path,
-                    help="the server's output (default: a file in /tmp, path printed)")
+    ap.add_argument(
+        "--ready-timeout", type=float, default=300.0, help="seconds to wait for GET /health -> 200"
+    )
+    ap.add_argument(
+        "--server-log", type=Path, help="the server's output (default: a file in /tmp, path printed)"
+    )
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--serve-port", type=int, help=argparse.SUPPRESS)  # internal: run the server on this port
     args = ap.parse_args(argv)
@@ -523,15 +618,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def table(result: dict[str, Any]) -> str:
     spec = MODELS[result["model"]]
     s = result["settings"]
-    lines = [f"LitServe {result['litserve']} | {result['model_file']} ({result['program']}) on "
-             f"{result['device_name']} | {s['accelerator']}, {s['workers_per_device']} worker(s)/device, "
-             f"API servers {s['api_servers'] or 'default'}, max_batch_size {s['max_batch_size']}, "
-             f"batch_timeout {s['batch_timeout']:g} s, fast_queue {'on' if s['fast_queue'] else 'off'}",
-             f"request: {spec.per_request} {spec.unit} as {s['payload']} "
-             f"({result['request_bytes']:,} bytes); reply: {spec.served} only, JSON "
-             f"({(result['check'] or {}).get('reply_bytes', '-')} bytes)",
-             f"{'concurrency':>11} {'procs':>5} {'requests/s':>11} {spec.unit + '/s':>12} {'p50 us':>9} "
-             f"{'p90 us':>9} {'p99 us':>9} {'errors':>6} {'GPU busy':>9}"]
+    lines = [
+        f"LitServe {result['litserve']} | {result['model_file']} ({result['program']}) on "
+        f"{result['device_name']} | {s['accelerator']}, {s['workers_per_device']} worker(s)/device, "
+        f"API servers {s['api_servers'] or 'default'}, max_batch_size {s['max_batch_size']}, "
+        f"batch_timeout {s['batch_timeout']:g} s, fast_queue {'on' if s['fast_queue'] else 'off'}",
+        f"request: {spec.per_request} {spec.unit} as {s['payload']} "
+        f"({result['request_bytes']:,} bytes); reply: {spec.served} only, JSON "
+        f"({(result['check'] or {}).get('reply_bytes', '-')} bytes)",
+        f"{'concurrency':>11} {'procs':>5} {'requests/s':>11} {spec.unit + '/s':>12} {'p50 us':>9} "
+        f"{'p90 us':>9} {'p99 us':>9} {'errors':>6} {'GPU busy':>9}",
+    ]
 
     def us(v: float | None) -> str:
         return f"{v:,.0f}" if v is not None else "-"
@@ -541,24 +638,28 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"{p['concurrency']:>11}  ERROR {p['error']}")
             continue
         busy = f"{p['gpu_busy']:.1%}" if p["gpu_busy"] is not None else "-"
-        lines.append(f"{p['concurrency']:>11} {p['processes']:>5} {p['requests_per_s']:>11,.1f} "
-                     f"{p['items_per_s']:>12,.0f} {us(p['latency_us_p50']):>9} {us(p['latency_us_p90']):>9} "
-                     f"{us(p['latency_us_p99']):>9} {p['errors']:>6} {busy:>9}"
-                     + (f"  {p['error_kinds']}" if p["errors"] else ""))
+        lines.append(
+            f"{p['concurrency']:>11} {p['processes']:>5} {p['requests_per_s']:>11,.1f} "
+            f"{p['items_per_s']:>12,.0f} {us(p['latency_us_p50']):>9} {us(p['latency_us_p90']):>9} "
+            f"{us(p['latency_us_p99']):>9} {p['errors']:>6} {busy:>9}"
+            + (f"  {p['error_kinds']}" if p["errors"] else "")
+        )
     lines += [f"ERROR {e}" for e in result["errors"]]
     return "\n".join(lines)
 
 
-def measure(args: argparse.Namespace, result: dict[str, Any], inputs: dict[str, np.ndarray],
-            body: bytes) -> None:
+def measure(
+    args: argparse.Namespace, result: dict[str, Any], inputs: dict[str, np.ndarray], body: bytes
+) -> None:
     """Reference, server, check, then every concurrency point, into `result`; the server is always stopped."""
     spec: ModelSpec = args.spec
     device = "cuda:0" if args.accelerator == "cuda" else "cpu"
     print(f"reference: {spec.file} ({args.program}) in a child process on {device}", flush=True)
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
         try:
-            reference, facts = ex.submit(_reference, args.model, str(args.path), args.program, device,
-                                         inputs).result()
+            reference, facts = ex.submit(
+                _reference, args.model, str(args.path), args.program, device, inputs
+            ).result()
         except Exception as exc:
             raise RuntimeError(f"the in-process reference run failed: {type(exc).__name__}: {exc}") from exc
     result.update(facts)
@@ -573,8 +674,13 @@ def measure(args: argparse.Namespace, result: dict[str, Any], inputs: dict[str, 
     gpu = GpuBusy(args.accelerator == "cuda")
     print(f"server: 127.0.0.1:{port}, log {log}", flush=True)
     with open(log, "wb") as log_file:
-        proc = subprocess.Popen(server_argv(args, port), stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=tempfile.gettempdir())
+        proc = subprocess.Popen(
+            server_argv(args, port),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=tempfile.gettempdir(),
+        )
     try:
         result["ready_s"] = round(wait_ready(proc, port, args.ready_timeout, log), 1)
         result["check"] = check_first(port, body, reference, spec, args.http_timeout)
@@ -600,22 +706,47 @@ def main(argv: list[str] | None = None) -> int:
     try:
         version = importlib.metadata.version("litserve")
     except importlib.metadata.PackageNotFoundError:
-        print("bench_litserve: litserve is not installed here; install the carried wheels with\n"
-              "  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl\n"
-              "and run with PYTHONPATH=/tmp/site", file=sys.stderr)
+        print(
+            "bench_litserve: litserve is not installed here; install the carried wheels with\n"
+            "  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl\n"
+            "and run with PYTHONPATH=/tmp/site",
+            file=sys.stderr,
+        )
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a step's timeout: the server is stopped on exit
     spec: ModelSpec = args.spec
     inputs = make_inputs(spec, 1)
     body = encode_request(inputs, args.payload)
-    settings = {k: getattr(args, k) for k in ("accelerator", "workers_per_device", "api_servers",
-                                              "max_batch_size", "batch_timeout", "fast_queue", "payload",
-                                              "warmup", "duration")}
-    result: dict[str, Any] = {"machine": machine_info(), "litserve": version, "model": args.model,
-                              "model_file": str(args.path), "program": args.program, "device_name": "-",
-                              "settings": settings, "per_request": spec.per_request, "unit": spec.unit,
-                              "reply_output": spec.served, "request_bytes": len(body), "check": None,
-                              "points": [], "errors": []}
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "accelerator",
+            "workers_per_device",
+            "api_servers",
+            "max_batch_size",
+            "batch_timeout",
+            "fast_queue",
+            "payload",
+            "warmup",
+            "duration",
+        )
+    }
+    result: dict[str, Any] = {
+        "machine": machine_info(),
+        "litserve": version,
+        "model": args.model,
+        "model_file": str(args.path),
+        "program": args.program,
+        "device_name": "-",
+        "settings": settings,
+        "per_request": spec.per_request,
+        "unit": spec.unit,
+        "reply_output": spec.served,
+        "request_bytes": len(body),
+        "check": None,
+        "points": [],
+        "errors": [],
+    }
     try:
         measure(args, result, inputs, body)
     except SystemExit:  # SIGTERM

@@ -43,19 +43,14 @@ WORK_110US = 4597
 # --- helpers shared with scripts/bench_scaling.py --------------------------------------------------
 
 
-
-
-
-
-
-
-
-
 def same_bits(got: np.ndarray, want: np.ndarray) -> bool:
     """Bit-identical float32 arrays, any NaN equal to any NaN."""
     gn, wn = np.isnan(got), np.isnan(want)
-    return bool(got.shape == want.shape and np.array_equal(gn, wn)
-                and np.array_equal(got[~gn].view(np.uint32), want[~wn].view(np.uint32)))
+    return bool(
+        got.shape == want.shape
+        and np.array_equal(gn, wn)
+        and np.array_equal(got[~gn].view(np.uint32), want[~wn].view(np.uint32))
+    )
 
 
 def check_results(config: Path, work: int) -> dict[str, Any]:
@@ -110,16 +105,21 @@ def summarize_status(snaps: list[dict[str, Any]]) -> dict[str, Any]:
         return out
     for wid in snaps[-1].get("monitor", {}).get("workers", {}):
         views = [s["monitor"]["workers"].get(wid, {}) for s in snaps]
-        out["workers"][wid] = {"gpu_busy_pct": _median([v.get("gpu_busy_pct") for v in views]),
-                               "batches_per_s": _median([v.get("batches_per_s") for v in views])}
+        out["workers"][wid] = {
+            "gpu_busy_pct": _median([v.get("gpu_busy_pct") for v in views]),
+            "batches_per_s": _median([v.get("batches_per_s") for v in views]),
+        }
     for g in snaps[-1].get("monitor", {}).get("gpus", []):
-        views = [next((x for x in s["monitor"].get("gpus", []) if x.get("uuid") == g.get("uuid")), {}) for s in snaps]
-        out["gpus"][str(g.get("index"))] = {"util_pct": _median([v.get("util_pct") for v in views]),
-                                            "sm_clock_mhz": _median([v.get("sm_clock_mhz") for v in views]),
-                                            "power_w": _median([v.get("power_w") for v in views])}
+        views = [
+            next((x for x in s["monitor"].get("gpus", []) if x.get("uuid") == g.get("uuid")), {})
+            for s in snaps
+        ]
+        out["gpus"][str(g.get("index"))] = {
+            "util_pct": _median([v.get("util_pct") for v in views]),
+            "sm_clock_mhz": _median([v.get("sm_clock_mhz") for v in views]),
+            "power_w": _median([v.get("power_w") for v in views]),
+        }
     return out
-
-
 
 
 def mps_leftovers(run_dir: Path | None = None, ignore: frozenset[int] = frozenset()) -> list[dict[str, Any]]:
@@ -142,8 +142,10 @@ def mps_evidence(r: dict[str, Any]) -> str:
         return f"server {'seen' if server else 'NOT seen'}; status has no MPS section"
     clients = {pid for pids in (st.get("clients") or {}).values() for pid in pids}
     workers = [w["pid"] for w in r.get("workers", [])]
-    return (f"server {'seen' if server else 'NOT seen'}; "
-            f"{sum(pid in clients for pid in workers)}/{len(workers)} workers are its clients")
+    return (
+        f"server {'seen' if server else 'NOT seen'}; "
+        f"{sum(pid in clients for pid in workers)}/{len(workers)} workers are its clients"
+    )
 
 
 def stop(config: Path) -> tuple[bool, str]:
@@ -154,16 +156,27 @@ def stop(config: Path) -> tuple[bool, str]:
 # --- one run -----------------------------------------------------------------------------------------
 
 
-def write_config(tmp: Path, label: str, work: int, per_gpu: int, use_mps: bool, cpu: bool) -> tuple[Path, Path]:
+def write_config(
+    tmp: Path, label: str, work: int, per_gpu: int, use_mps: bool, cpu: bool
+) -> tuple[Path, Path]:
     run_dir = tmp / f"r-{label}"
-    workers = ({"device": "cpu", "count": per_gpu} if cpu else
-               {"device": "gpu", "gpus": [0], "per_gpu": per_gpu, "cpu_affinity": "auto"})
+    workers = (
+        {"device": "cpu", "count": per_gpu}
+        if cpu
+        else {"device": "gpu", "gpus": [0], "per_gpu": per_gpu, "cpu_affinity": "auto"}
+    )
     doc: dict[str, dict[str, Any]] = {
         "orchestrator": {"name": f"bench-mps-{label}", "run_dir": str(run_dir), "startup_timeout_s": 120.0},
         "workers": workers,
         "model": {"kind": "synthetic", "item_shape": [ITEM], "work": work, "max_batch": ROWS},
-        "pipeline": {"depth": 3, "cuda_graphs": not cpu, "buckets": [ROWS], "sync": "spin", "max_queue": 4096,
-                     "max_queue_delay_us": 0},
+        "pipeline": {
+            "depth": 3,
+            "cuda_graphs": not cpu,
+            "buckets": [ROWS],
+            "sync": "spin",
+            "max_queue": 4096,
+            "max_queue_delay_us": 0,
+        },
         "monitor": {"interval_ms": 100},
     }
     if use_mps:
@@ -185,14 +198,24 @@ def mid_run_probe(r: dict[str, Any], config: Path, run_dir: Path) -> None:
 def one_run(args: argparse.Namespace, tmp: Path, target: str, work: int, use_mps: bool, per_gpu: int) -> dict:
     label = f"{target}-mps{'on' if use_mps else 'off'}-{per_gpu}w"
     config, run_dir = write_config(tmp, label, work, per_gpu, use_mps, args.cpu_smoke)
-    r: dict[str, Any] = {"label": label, "target": target, "work": work, "mps": use_mps, "workers_per_gpu": per_gpu,
-                         "clients": args.procs, "in_flight_per_client": args.in_flight, "ok": False}
+    r: dict[str, Any] = {
+        "label": label,
+        "target": target,
+        "work": work,
+        "mps": use_mps,
+        "workers_per_gpu": per_gpu,
+        "clients": args.procs,
+        "in_flight_per_client": args.in_flight,
+        "ok": False,
+    }
     if not start_or_record(config, run_dir, r, args.logs / label if args.logs else None):
         return r
     try:
         first = status_json(config)
-        r["workers"] = [{k: w.get(k) for k in ("id", "device", "pid", "state", "cpu_affinity", "shares_gpu_with")}
-                        for w in first.get("workers", [])]
+        r["workers"] = [
+            {k: w.get(k) for k in ("id", "device", "pid", "state", "cpu_affinity", "shares_gpu_with")}
+            for w in first.get("workers", [])
+        ]
         r["check"] = check_results(config, work)
         sampler = StatusSampler(config, args.seconds)
         sampler.start()
@@ -201,9 +224,15 @@ def one_run(args: argparse.Namespace, tmp: Path, target: str, work: int, use_mps
         load = run_load(config, (ROWS, ITEM), args.procs, args.in_flight, args.seconds)
         sampler.join(30)
         during_mps.join(5)
-        r.update(batches_per_s=load.throughput, items_per_s=load.rows / load.wall_s if load.wall_s else 0.0,
-                 latency_us_p50=load.pct(50), latency_us_p99=load.pct(99), requests=load.requests,
-                 errors=load.errors, seconds=round(load.wall_s, 2))
+        r.update(
+            batches_per_s=load.throughput,
+            items_per_s=load.rows / load.wall_s if load.wall_s else 0.0,
+            latency_us_p50=load.pct(50),
+            latency_us_p99=load.pct(99),
+            requests=load.requests,
+            errors=load.errors,
+            seconds=round(load.wall_s, 2),
+        )
         r["status"] = summarize_status(sampler.snaps)
         r["status_errors"] = sampler.errors
         last = sampler.snaps[-1] if sampler.snaps else first
@@ -237,8 +266,19 @@ def cell(v: Any, limit: int = 300) -> str:
 
 
 def table(runs: list[dict]) -> str:
-    head = ["run", "batches/s", "vs 1 worker no MPS", "items/s", "GPU busy (sum of workers)", "NVML util",
-            "latency us p50 / p99", "check", "MPS in use", "no MPS process after stop", "errors"]
+    head = [
+        "run",
+        "batches/s",
+        "vs 1 worker no MPS",
+        "items/s",
+        "GPU busy (sum of workers)",
+        "NVML util",
+        "latency us p50 / p99",
+        "check",
+        "MPS in use",
+        "no MPS process after stop",
+        "errors",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     base: dict[str, float] = {}
     for r in runs:
@@ -246,37 +286,55 @@ def table(runs: list[dict]) -> str:
             base[r["target"]] = r["batches_per_s"]
     for r in runs:
         if "batches_per_s" not in r:
-            lines.append(f"| {r['label']} | " + " | ".join(["-"] * (len(head) - 2))
-                         + f" | {cell(r.get('error') or r.get('skipped', '?'))} |")
+            lines.append(
+                f"| {r['label']} | "
+                + " | ".join(["-"] * (len(head) - 2))
+                + f" | {cell(r.get('error') or r.get('skipped', '?'))} |"
+            )
             continue
         st = r.get("status", {})
-        busy = [w["gpu_busy_pct"] for w in st.get("workers", {}).values() if w.get("gpu_busy_pct") is not None]
+        busy = [
+            w["gpu_busy_pct"] for w in st.get("workers", {}).values() if w.get("gpu_busy_pct") is not None
+        ]
         busy_txt = (f"{sum(busy):.0f}% (" + " + ".join(f"{b:.0f}" for b in busy) + ")") if busy else "-"
         util = [g["util_pct"] for g in st.get("gpus", {}).values() if g.get("util_pct") is not None]
         ratio = r["batches_per_s"] / base[r["target"]] if base.get(r["target"]) else None
-        gone = ("yes" if not r.get("mps_after_stop") and not r.get("mps_pipe_dir_left")
-                else cell(f"NO: {r.get('mps_after_stop')}, pipe dir left: {r.get('mps_pipe_dir_left')}"))
-        lines.append(f"| {r['label']} | {fmt(r['batches_per_s'])} | {fmt(ratio, '{:.2f}x')} | {fmt(r['items_per_s'])} | "
-                     f"{busy_txt} | {fmt(util[0] if util else None, '{:.0f}%')} | "
-                     f"{fmt(r['latency_us_p50'])} / {fmt(r['latency_us_p99'])} | "
-                     f"{'ok' if r.get('check', {}).get('ok') else 'FAILED'} | {mps_evidence(r)} | {gone} | "
-                     f"{cell(r.get('errors') or r.get('error') or 'none')} |")
+        gone = (
+            "yes"
+            if not r.get("mps_after_stop") and not r.get("mps_pipe_dir_left")
+            else cell(f"NO: {r.get('mps_after_stop')}, pipe dir left: {r.get('mps_pipe_dir_left')}")
+        )
+        lines.append(
+            f"| {r['label']} | {fmt(r['batches_per_s'])} | {fmt(ratio, '{:.2f}x')} | {fmt(r['items_per_s'])} | "
+            f"{busy_txt} | {fmt(util[0] if util else None, '{:.0f}%')} | "
+            f"{fmt(r['latency_us_p50'])} / {fmt(r['latency_us_p99'])} | "
+            f"{'ok' if r.get('check', {}).get('ok') else 'FAILED'} | {mps_evidence(r)} | {gone} | "
+            f"{cell(r.get('errors') or r.get('error') or 'none')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def report(args: argparse.Namespace, info: dict, runs: list[dict]) -> str:
     works = {r["target"]: r["work"] for r in runs}
-    return "\n".join([
-        f"# MPS benchmark, one GPU: {info['device']} (driver {info['driver']})", "",
-        f"- date: {info['date']}", f"- command: `{info['command']}`",
-        f"- GPUs: {'; '.join(info.get('gpus', [])) or 'n/a'}",
-        f"- batch: {ROWS} x {ITEM} float32 (256 KiB in and out), one request per batch; synthetic work per target: "
-        + ", ".join(f"{t} = {w}" for t, w in works.items()),
-        f"- load: {args.procs} client processes x {args.in_flight} in flight, {args.seconds:g} s per run; pipeline "
-        "depth 3, CUDA graphs, spin" + (" (CPU smoke: CPU workers, no graphs, no MPS)" if args.cpu_smoke else ""),
-        "- GPU busy: each worker's event-timed GPU time / wall (monitor, 2 s window, median of samples); under MPS "
-        "the workers' kernels overlap, so the sum can pass 100%. NVML util: share of time any kernel ran.",
-        "", table(runs), *mps_lines(runs)])
+    return "\n".join(
+        [
+            f"# MPS benchmark, one GPU: {info['device']} (driver {info['driver']})",
+            "",
+            f"- date: {info['date']}",
+            f"- command: `{info['command']}`",
+            f"- GPUs: {'; '.join(info.get('gpus', [])) or 'n/a'}",
+            f"- batch: {ROWS} x {ITEM} float32 (256 KiB in and out), one request per batch; synthetic work per target: "
+            + ", ".join(f"{t} = {w}" for t, w in works.items()),
+            f"- load: {args.procs} client processes x {args.in_flight} in flight, {args.seconds:g} s per run; pipeline "
+            "depth 3, CUDA graphs, spin"
+            + (" (CPU smoke: CPU workers, no graphs, no MPS)" if args.cpu_smoke else ""),
+            "- GPU busy: each worker's event-timed GPU time / wall (monitor, 2 s window, median of samples); under MPS "
+            "the workers' kernels overlap, so the sum can pass 100%. NVML util: share of time any kernel ran.",
+            "",
+            table(runs),
+            *mps_lines(runs),
+        ]
+    )
 
 
 def mps_lines(runs: list[dict]) -> list[str]:
@@ -285,9 +343,12 @@ def mps_lines(runs: list[dict]) -> list[str]:
     for r in runs:
         if r.get("mps") and "batches_per_s" in r:
             st = r.get("mps_status")
-            what = (f"daemon pid {st.get('daemon_pid')} (ours: {st.get('ours')}), servers {st.get('servers')}, "
-                    f"clients {st.get('clients')}, worker pids {[w['pid'] for w in r.get('workers', [])]}"
-                    if isinstance(st, dict) else "status()['mps'] is empty: the supervisor did not report MPS")
+            what = (
+                f"daemon pid {st.get('daemon_pid')} (ours: {st.get('ours')}), servers {st.get('servers')}, "
+                f"clients {st.get('clients')}, worker pids {[w['pid'] for w in r.get('workers', [])]}"
+                if isinstance(st, dict)
+                else "status()['mps'] is empty: the supervisor did not report MPS"
+            )
             out.append(f"- {r['label']}: {what}")
     return ["", *out, ""] if out else []
 
@@ -301,13 +362,24 @@ def plan(args: argparse.Namespace) -> list[tuple[str, int, bool, int]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work-30us", type=int, default=WORK_30US, help=f"synthetic work for ~30 us (default {WORK_30US})")
-    ap.add_argument("--work-110us", type=int, default=WORK_110US, help=f"synthetic work for ~110 us (default {WORK_110US})")
+    ap.add_argument(
+        "--work-30us", type=int, default=WORK_30US, help=f"synthetic work for ~30 us (default {WORK_30US})"
+    )
+    ap.add_argument(
+        "--work-110us",
+        type=int,
+        default=WORK_110US,
+        help=f"synthetic work for ~110 us (default {WORK_110US})",
+    )
     ap.add_argument("--procs", type=int, default=8, help="client processes")
     ap.add_argument("--in-flight", type=int, default=8, help="requests in flight per client process")
     ap.add_argument("--seconds", type=float, default=6.0, help="load duration per run")
-    ap.add_argument("--budget-s", type=float, default=300.0, help="skip runs that would end after this many seconds")
-    ap.add_argument("--cpu-smoke", action="store_true", help="CPU workers, MPS off: proves the flow on any host")
+    ap.add_argument(
+        "--budget-s", type=float, default=300.0, help="skip runs that would end after this many seconds"
+    )
+    ap.add_argument(
+        "--cpu-smoke", action="store_true", help="CPU workers, MPS off: proves the flow on any host"
+    )
     ap.add_argument("--out", type=Path, required=True, help="writes OUT.md and OUT.json")
     ap.add_argument("--logs", type=Path, help="copy each run's supervisor, worker and MPS logs here")
     args = ap.parse_args()
@@ -328,13 +400,34 @@ def main() -> int:
         for target, work, use_mps, per_gpu in plan(args):
             label = f"{target}-mps{'on' if use_mps else 'off'}-{per_gpu}w"
             if time.monotonic() + args.seconds + 45 > t_end:
-                runs.append({"label": label, "target": target, "work": work, "mps": use_mps,
-                             "workers_per_gpu": per_gpu, "skipped": "skipped: time budget"})
+                runs.append(
+                    {
+                        "label": label,
+                        "target": target,
+                        "work": work,
+                        "mps": use_mps,
+                        "workers_per_gpu": per_gpu,
+                        "skipped": "skipped: time budget",
+                    }
+                )
                 continue
             log.info("run %s (work %d)", label, work)
             r = one_run(args, Path(tmp), target, work, use_mps, per_gpu)
-            log.info("run %s: %s", label, {k: r.get(k) for k in ("batches_per_s", "latency_us_p50", "latency_us_p99",
-                                                                 "ok", "error", "mps_after_stop")})
+            log.info(
+                "run %s: %s",
+                label,
+                {
+                    k: r.get(k)
+                    for k in (
+                        "batches_per_s",
+                        "latency_us_p50",
+                        "latency_us_p99",
+                        "ok",
+                        "error",
+                        "mps_after_stop",
+                    )
+                },
+            )
             runs.append(r)
     info["mps_after"] = mps_leftovers()
     text = report(args, info, runs)

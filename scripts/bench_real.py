@@ -64,7 +64,9 @@ def reference(model: str, program: Path, inputs: dict[str, np.ndarray]) -> dict[
     return {n: o.float().cpu().numpy() for n, o in zip(names, outs, strict=True)}
 
 
-def _client_proc(config: str, model: str, seed: int, ref: dict[str, np.ndarray], cmd_q: Any, res_q: Any) -> None:
+def _client_proc(
+    config: str, model: str, seed: int, ref: dict[str, np.ndarray], cmd_q: Any, res_q: Any
+) -> None:
     try:
         from orchestrator.client import Client
 
@@ -94,8 +96,14 @@ class Pool:
         self.res_q = ctx.Queue()
         self.cmd_qs = [ctx.Queue() for _ in range(n)]
         # Every process sends the same input (seed 0): the reference is computed once.
-        self.procs = [ctx.Process(target=_client_proc, args=(str(config), model, 0, ref, self.cmd_qs[i], self.res_q),
-                                  daemon=True) for i in range(n)]
+        self.procs = [
+            ctx.Process(
+                target=_client_proc,
+                args=(str(config), model, 0, ref, self.cmd_qs[i], self.res_q),
+                daemon=True,
+            )
+            for i in range(n)
+        ]
         for p in self.procs:
             p.start()
         got = self.collect(n, 180)
@@ -130,7 +138,9 @@ class Pool:
                 p.kill()
 
 
-def point(pool: Pool, config: Path, concurrency: int, processes: int, seconds: float, items: int) -> dict[str, Any]:
+def point(
+    pool: Pool, config: Path, concurrency: int, processes: int, seconds: float, items: int
+) -> dict[str, Any]:
     clients = min(processes, concurrency)
     per = max(1, concurrency // clients)
     before = status_json(config)
@@ -146,15 +156,28 @@ def point(pool: Pool, config: Path, concurrency: int, processes: int, seconds: f
         for k, v in r["errors"].items():
             errors[k] = errors.get(k, 0) + v
     return {
-        "concurrency": clients * per, "clients": clients, "in_flight_each": per, "requests": int(lat.size),
-        "seconds": round(wall, 3), "requests_per_s": lat.size / wall, "items_per_s": lat.size * items / wall,
-        "latency_us": {"p50": float(np.percentile(lat, 50)), "p90": float(np.percentile(lat, 90)),
-                       "p99": float(np.percentile(lat, 99)), "max": float(lat.max())} if lat.size else None,
+        "concurrency": clients * per,
+        "clients": clients,
+        "in_flight_each": per,
+        "requests": int(lat.size),
+        "seconds": round(wall, 3),
+        "requests_per_s": lat.size / wall,
+        "items_per_s": lat.size * items / wall,
+        "latency_us": {
+            "p50": float(np.percentile(lat, 50)),
+            "p90": float(np.percentile(lat, 90)),
+            "p99": float(np.percentile(lat, 99)),
+            "max": float(lat.max()),
+        }
+        if lat.size
+        else None,
         "gpu_busy": d["gpu_busy_ns"] / (wall * 1e9) if d["gpu_busy_ns"] else None,
         "host_us_per_batch": d["host_ns"] / d["batches"] / 1e3 if d["batches"] else None,
         "rows_per_batch": d["rows"] / d["batches"] if d["batches"] else None,
-        "faults": d["faults"], "launches_over_1ms": d["launches_over_1ms"],
-        "wrong": sum(r["wrong"] for r in results), "errors": errors,
+        "faults": d["faults"],
+        "launches_over_1ms": d["launches_over_1ms"],
+        "wrong": sum(r["wrong"] for r in results),
+        "errors": errors,
     }
 
 
@@ -171,10 +194,14 @@ def session_config(args: argparse.Namespace, tmp: Path) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), required=True)
-    ap.add_argument("--concurrency", default="1,64", help="requests in flight over all clients, comma-separated")
+    ap.add_argument(
+        "--concurrency", default="1,64", help="requests in flight over all clients, comma-separated"
+    )
     ap.add_argument("--processes", type=int, default=8, help="client processes at most")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per point")
-    ap.add_argument("--steady-s", type=float, default=0.0, help="then a steady run this long at the last concurrency")
+    ap.add_argument(
+        "--steady-s", type=float, default=0.0, help="then a steady run this long at the last concurrency"
+    )
     ap.add_argument("--json", type=Path)
     ap.add_argument("--logs", type=Path, help="copy the run directory's logs here")
     args = ap.parse_args()
@@ -189,8 +216,13 @@ def main() -> int:
     if not program.is_file():
         print(f"bench_real: {program} not found: run scripts/export_models.py first", file=sys.stderr)
         return 2
-    out: dict[str, Any] = {"machine": machine_info(), "model": args.model, "request_items": spec["items"],
-                           "points": [], "shm": True}
+    out: dict[str, Any] = {
+        "machine": machine_info(),
+        "model": args.model,
+        "request_items": spec["items"],
+        "points": [],
+        "shm": True,
+    }
     ref = reference(args.model, program, make_inputs(args.model, 0))
     tmp = Path(tempfile.mkdtemp(prefix="br-", dir="/tmp"))
     config = session_config(args, tmp)
@@ -209,15 +241,19 @@ def main() -> int:
             r = point(pool, config, c, args.processes, args.seconds, spec["items"])
             out["points"].append(r)
             lat = r["latency_us"] or {}
-            say(f"{args.model} c={r['concurrency']}: {r['items_per_s']:,.0f} items/s, p50 {lat.get('p50', 0):,.0f} us, "
+            say(
+                f"{args.model} c={r['concurrency']}: {r['items_per_s']:,.0f} items/s, p50 {lat.get('p50', 0):,.0f} us, "
                 f"p99 {lat.get('p99', 0):,.0f} us, GPU busy {r['gpu_busy'] or 0:.1%}, host "
                 f"{r['host_us_per_batch'] or 0:.1f} us/batch, {r['rows_per_batch'] or 0:.1f} rows/batch, "
-                f"wrong {r['wrong']}, errors {r['errors']}")
+                f"wrong {r['wrong']}, errors {r['errors']}"
+            )
         if args.steady_s:
             r = point(pool, config, levels[-1], args.processes, args.steady_s, spec["items"])
             out["steady"] = r
-            say(f"steady {args.steady_s:.0f} s: {r['items_per_s']:,.0f} items/s, faults {r['faults']}, launches over "
-                f"1 ms {r['launches_over_1ms']}, wrong {r['wrong']}, errors {r['errors']}")
+            say(
+                f"steady {args.steady_s:.0f} s: {r['items_per_s']:,.0f} items/s, faults {r['faults']}, launches over "
+                f"1 ms {r['launches_over_1ms']}, wrong {r['wrong']}, errors {r['errors']}"
+            )
         out["status_end"] = status_json(config)
     finally:
         if pool is not None:

@@ -56,8 +56,12 @@ def nvml_affinity() -> dict[int, list[int]]:
         out = {}
         for i in range(pynvml.nvmlDeviceGetCount()):
             mask = pynvml.nvmlDeviceGetCpuAffinity(pynvml.nvmlDeviceGetHandleByIndex(i), words)
-            out[i] = sorted(c for k, w in enumerate(mask) for c in range(64 * k, 64 * k + 64)
-                            if (int(w) >> (c - 64 * k)) & 1 and c in usable)
+            out[i] = sorted(
+                c
+                for k, w in enumerate(mask)
+                for c in range(64 * k, 64 * k + 64)
+                if (int(w) >> (c - 64 * k)) & 1 and c in usable
+            )
         return out
     finally:
         pynvml.nvmlShutdown()
@@ -75,8 +79,9 @@ def ranges(cpus: list[int]) -> str:
     return ",".join(out) or "-"
 
 
-def scaled_config(tmp: Path, label: str, gpus: list[int], work: int | None,
-                  extra: dict | None = None) -> tuple[Path, Path, dict]:
+def scaled_config(
+    tmp: Path, label: str, gpus: list[int], work: int | None, extra: dict | None = None
+) -> tuple[Path, Path, dict]:
     """The twin config with its own run dir and name, `gpus` overridden (and work, and any extra sections);
     returns its path, its run dir and the config as a dict."""
     doc = tomllib.loads(BASE_CONFIG.read_text())
@@ -92,8 +97,13 @@ def scaled_config(tmp: Path, label: str, gpus: list[int], work: int | None,
     return path, run_dir, doc
 
 
-def verify_placement(st: dict[str, Any], gpus: list[int], nvml: dict[int, list[int]], per_gpu: int,
-                     pinned: dict[str, list[int]] | None = None) -> dict[str, Any]:
+def verify_placement(
+    st: dict[str, Any],
+    gpus: list[int],
+    nvml: dict[int, list[int]],
+    per_gpu: int,
+    pinned: dict[str, list[int]] | None = None,
+) -> dict[str, Any]:
     """Every worker ready on a listed GPU, the configured number per GPU, and its CPU affinity: with
     "auto", cores local to its GPU by NVML and shared with no other worker; with explicit cores, exactly
     those. The OS's view of each worker process must agree with status."""
@@ -116,9 +126,18 @@ def verify_placement(st: dict[str, Any], gpus: list[int], nvml: dict[int, list[i
             problems.append(f"{w['id']}: status says cores {ranges(reported)}, the OS says {ranges(actual)}")
         if w.get("state") != "ready":
             problems.append(f"{w.get('id')}: state {w.get('state')}")
-        rows.append({"id": w.get("id"), "gpu": idx, "uuid": w.get("gpu_uuid"), "pid": w.get("pid"),
-                     "state": w.get("state"), "cpus": ranges(reported), "os_cpus": ranges(actual),
-                     "nvml_cpus": ranges(nvml.get(idx, []))})
+        rows.append(
+            {
+                "id": w.get("id"),
+                "gpu": idx,
+                "uuid": w.get("gpu_uuid"),
+                "pid": w.get("pid"),
+                "state": w.get("state"),
+                "cpus": ranges(reported),
+                "os_cpus": ranges(actual),
+                "nvml_cpus": ranges(nvml.get(idx, [])),
+            }
+        )
     if sorted(by_gpu) != sorted(gpus):
         problems.append(f"workers are on GPUs {sorted(by_gpu)}, expected {sorted(gpus)}")
     owner: dict[int, str] = {}
@@ -129,11 +148,17 @@ def verify_placement(st: dict[str, Any], gpus: list[int], nvml: dict[int, list[i
             cores = sorted(w.get("cpu_affinity") or [])
             if pinned is not None:  # explicit cpu_affinity in the config: exactly what was asked
                 if cores != pinned.get(w["id"]):
-                    problems.append(f"{w['id']}: cores {ranges(cores)}, configured {ranges(pinned.get(w['id'], []))}")
+                    problems.append(
+                        f"{w['id']}: cores {ranges(cores)}, configured {ranges(pinned.get(w['id'], []))}"
+                    )
             elif not nvml.get(idx):
-                problems.append(f"GPU {idx}: NVML gave no CPU affinity, so the workers' cores are not verified")
+                problems.append(
+                    f"GPU {idx}: NVML gave no CPU affinity, so the workers' cores are not verified"
+                )
             elif not set(cores) <= set(nvml[idx]):  # auto: NUMA-local to its GPU...
-                problems.append(f"{w['id']}: cores {ranges(cores)} are not all local to GPU {idx} ({ranges(nvml[idx])})")
+                problems.append(
+                    f"{w['id']}: cores {ranges(cores)} are not all local to GPU {idx} ({ranges(nvml[idx])})"
+                )
             for c in cores:  # ...and no core shared with another worker
                 if c in owner:
                     problems.append(f"{w['id']} and {owner[c]} share core {c}")
@@ -152,15 +177,23 @@ def verify_telemetry(st: dict[str, Any], gpus: list[int]) -> dict[str, Any]:
     seen = {g.get("index"): g for g in mon.get("gpus", [])}
     for idx in gpus:
         g = seen.get(idx)
-        missing = [k for k in ("sm_clock_mhz", "power_w", "util_pct", "temp_c") if g is None or g.get(k) is None]
+        missing = [
+            k for k in ("sm_clock_mhz", "power_w", "util_pct", "temp_c") if g is None or g.get(k) is None
+        ]
         if missing:
             problems.append(f"GPU {idx}: no {', '.join(missing)} in status")
     for wid, w in mon.get("workers", {}).items():
         if w.get("gpu_busy_pct") is None:
             problems.append(f"{wid}: no gpu_busy_pct in status")
-    return {"ok": not problems, "problems": problems,
-            "gpus": [{k: seen[i].get(k) for k in ("index", "name", "sm_clock_mhz", "power_w", "util_pct", "temp_c")}
-                     for i in gpus if i in seen]}
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "gpus": [
+            {k: seen[i].get(k) for k in ("index", "name", "sm_clock_mhz", "power_w", "util_pct", "temp_c")}
+            for i in gpus
+            if i in seen
+        ],
+    }
 
 
 def pinning(n_workers: int, max_workers: int) -> tuple[list[list[int]] | None, list[int] | None]:
@@ -169,12 +202,20 @@ def pinning(n_workers: int, max_workers: int) -> tuple[list[list[int]] | None, l
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 4 * max_workers + 8:
         return None, None
-    return [cores[4 * i:4 * i + 4] for i in range(n_workers)], cores[4 * n_workers:]
+    return [cores[4 * i : 4 * i + 4] for i in range(n_workers)], cores[4 * n_workers :]
 
 
-def one_run(args: argparse.Namespace, tmp: Path, label: str, gpus: list[int], nvml: dict[int, list[int]],
-            capture: Path | None = None, extra: dict | None = None, seconds: float | None = None,
-            pin: bool = True) -> dict[str, Any]:
+def one_run(
+    args: argparse.Namespace,
+    tmp: Path,
+    label: str,
+    gpus: list[int],
+    nvml: dict[int, list[int]],
+    capture: Path | None = None,
+    extra: dict | None = None,
+    seconds: float | None = None,
+    pin: bool = True,
+) -> dict[str, Any]:
     extra = {k: dict(v) for k, v in (extra or {}).items()}
     per_gpu = extra.get("workers", {}).get("per_gpu", 1)
     worker_cores, client_cores = pinning(len(gpus) * per_gpu, args.max_workers) if pin else (None, None)
@@ -183,8 +224,16 @@ def one_run(args: argparse.Namespace, tmp: Path, label: str, gpus: list[int], nv
     config, run_dir, doc = scaled_config(tmp, label, gpus, args.work, extra)
     seconds = seconds or args.seconds
     procs = args.clients_per_gpu * len(args.gpus)  # the same drive for every run: the baseline is not starved
-    r: dict[str, Any] = {"label": label, "gpus": gpus, "clients": procs, "in_flight_per_client": args.in_flight,
-                         "ok": False, "config": doc, "worker_cores": worker_cores, "client_cores": client_cores}
+    r: dict[str, Any] = {
+        "label": label,
+        "gpus": gpus,
+        "clients": procs,
+        "in_flight_per_client": args.in_flight,
+        "ok": False,
+        "config": doc,
+        "worker_cores": worker_cores,
+        "client_cores": client_cores,
+    }
     if not start_or_record(config, run_dir, r, args.logs / label if args.logs else None):
         return r
     try:
@@ -198,13 +247,21 @@ def one_run(args: argparse.Namespace, tmp: Path, label: str, gpus: list[int], nv
         load = run_load(config, (ROWS, ITEM), procs, args.in_flight, seconds, cpus=client_cores)
         sampler.join(30)
         grab.join(30)
-        r.update(batches_per_s=load.throughput, items_per_s=load.rows / load.wall_s if load.wall_s else 0.0,
-                 latency_us_p50=load.pct(50), latency_us_p99=load.pct(99), requests=load.requests,
-                 errors=load.errors, seconds=round(load.wall_s, 2))
+        r.update(
+            batches_per_s=load.throughput,
+            items_per_s=load.rows / load.wall_s if load.wall_s else 0.0,
+            latency_us_p50=load.pct(50),
+            latency_us_p99=load.pct(99),
+            requests=load.requests,
+            errors=load.errors,
+            seconds=round(load.wall_s, 2),
+        )
         r["status"] = summarize_status(sampler.snaps)
         r["status_errors"] = sampler.errors
         cap = r.get("capture") or {}
-        r["telemetry"] = verify_telemetry(cap.get("json") or (sampler.snaps[-1] if sampler.snaps else {}), gpus)
+        r["telemetry"] = verify_telemetry(
+            cap.get("json") or (sampler.snaps[-1] if sampler.snaps else {}), gpus
+        )
         if capture is not None and cap:
             Path(f"{capture}.txt").write_text(cap.get("text", ""))
             Path(f"{capture}.json").write_text(json.dumps(cap.get("json"), indent=1, default=str))
@@ -225,7 +282,9 @@ def one_run(args: argparse.Namespace, tmp: Path, label: str, gpus: list[int], nv
 def capture_status(config: Path) -> dict[str, Any]:
     """`orchestrator status --once` (the text a user sees) and `--json`, taken under load."""
     text = cli("status", str(config), "--once", timeout=30)
-    out: dict[str, Any] = {"text": text.stdout + (f"\n[stderr]\n{text.stderr}" if text.stderr.strip() else "")}
+    out: dict[str, Any] = {
+        "text": text.stdout + (f"\n[stderr]\n{text.stderr}" if text.stderr.strip() else "")
+    }
     try:
         out["json"] = status_json(config)
     except Exception as exc:  # the text capture is still worth keeping
@@ -234,58 +293,103 @@ def capture_status(config: Path) -> dict[str, Any]:
 
 
 def report(args: argparse.Namespace, info: dict, runs: list[dict], ratio: float | None) -> str:
-    head = ["run", "GPUs", "batches/s", "items/s", "GPU busy per worker", "NVML util per GPU", "latency us p50 / p99",
-            "check", "placement + affinity", "telemetry", "errors"]
+    head = [
+        "run",
+        "GPUs",
+        "batches/s",
+        "items/s",
+        "GPU busy per worker",
+        "NVML util per GPU",
+        "latency us p50 / p99",
+        "check",
+        "placement + affinity",
+        "telemetry",
+        "errors",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in runs:
         if "batches_per_s" not in r:
-            lines.append(f"| {r['label']} | {len(r['gpus'])} | " + " | ".join(["-"] * (len(head) - 3))
-                         + f" | {cell(r.get('error'))} |")
+            lines.append(
+                f"| {r['label']} | {len(r['gpus'])} | "
+                + " | ".join(["-"] * (len(head) - 3))
+                + f" | {cell(r.get('error'))} |"
+            )
             continue
         st = r.get("status", {})
         busy = " / ".join(fmt(w.get("gpu_busy_pct"), "{:.0f}%") for w in st.get("workers", {}).values())
         util = " / ".join(fmt(g.get("util_pct"), "{:.0f}%") for g in st.get("gpus", {}).values())
-        lines.append(f"| {r['label']} | {len(r['gpus'])} | {fmt(r['batches_per_s'])} | {fmt(r['items_per_s'])} | "
-                     f"{busy or '-'} | {util or '-'} | {fmt(r['latency_us_p50'])} / {fmt(r['latency_us_p99'])} | "
-                     f"{'ok' if r['check']['ok'] else 'FAILED'} | "
-                     f"{'ok' if r['placement']['ok'] else cell('FAILED: ' + '; '.join(r['placement']['problems']))} | "
-                     f"{'ok' if r['telemetry']['ok'] else cell('FAILED: ' + '; '.join(r['telemetry']['problems']))} | "
-                     f"{cell(r.get('errors') or r.get('error') or 'none')} |")
-    verdict = ("not measured" if ratio is None else
-               f"**{ratio:.2f}x** ({'meets' if ratio >= TARGET_RATIO else 'BELOW'} the {TARGET_RATIO}x target)")
+        lines.append(
+            f"| {r['label']} | {len(r['gpus'])} | {fmt(r['batches_per_s'])} | {fmt(r['items_per_s'])} | "
+            f"{busy or '-'} | {util or '-'} | {fmt(r['latency_us_p50'])} / {fmt(r['latency_us_p99'])} | "
+            f"{'ok' if r['check']['ok'] else 'FAILED'} | "
+            f"{'ok' if r['placement']['ok'] else cell('FAILED: ' + '; '.join(r['placement']['problems']))} | "
+            f"{'ok' if r['telemetry']['ok'] else cell('FAILED: ' + '; '.join(r['telemetry']['problems']))} | "
+            f"{cell(r.get('errors') or r.get('error') or 'none')} |"
+        )
+    verdict = (
+        "not measured"
+        if ratio is None
+        else f"**{ratio:.2f}x** ({'meets' if ratio >= TARGET_RATIO else 'BELOW'} the {TARGET_RATIO}x target)"
+    )
     auto = next((r for r in reversed(runs) if r.get("placement") and not r.get("worker_cores")), None)
     placement = auto["placement"]["workers"] if auto else []
-    pins = [f"- {r['label']}: workers on cores {'; '.join(ranges(c) for c in r['worker_cores'])}, clients on "
-            f"{ranges(r['client_cores'])}" if r.get("worker_cores") else f"- {r['label']}: workers.cpu_affinity = auto"
-            for r in runs]
-    return "\n".join([
-        f"# Scaling: {info['device']} x {len(args.gpus)} (driver {info['driver']})", "",
-        f"- date: {info['date']}", f"- command: `{info['command']}`",
-        f"- GPUs: {'; '.join(info.get('gpus', [])) or 'n/a'}; host CPUs: {info['host_cpus']}",
-        f"- config: {BASE_CONFIG.relative_to(ROOT)} with run_dir and gpus overridden"
-        + (f", work = {args.work}" if args.work is not None else ""),
-        f"- load: {args.clients_per_gpu * len(args.gpus)} client processes x {args.in_flight} in flight in every run "
-        f"(batches of {ROWS} x {ITEM} float32), {args.seconds:g} s",
-        f"- throughput ratio, {len(args.gpus)} GPUs / 1 GPU: {verdict}", "", "\n".join(lines), "",
-        "CPU placement per run:", "", *pins, "",
-        "Worker placement with workers.cpu_affinity = auto (the product's NUMA placement): status cores, the OS's "
-        "view of the worker process, NVML's cores for its GPU",
-        "", "| worker | GPU | pid | state | cores (status) | cores (OS) | NVML cores of its GPU |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-        *[f"| {w['id']} | {w['gpu']} | {w['pid']} | {w['state']} | {w['cpus']} | {w['os_cpus']} | {w['nvml_cpus']} |"
-          for w in placement], ""])
+    pins = [
+        f"- {r['label']}: workers on cores {'; '.join(ranges(c) for c in r['worker_cores'])}, clients on "
+        f"{ranges(r['client_cores'])}"
+        if r.get("worker_cores")
+        else f"- {r['label']}: workers.cpu_affinity = auto"
+        for r in runs
+    ]
+    return "\n".join(
+        [
+            f"# Scaling: {info['device']} x {len(args.gpus)} (driver {info['driver']})",
+            "",
+            f"- date: {info['date']}",
+            f"- command: `{info['command']}`",
+            f"- GPUs: {'; '.join(info.get('gpus', [])) or 'n/a'}; host CPUs: {info['host_cpus']}",
+            f"- config: {BASE_CONFIG.relative_to(ROOT)} with run_dir and gpus overridden"
+            + (f", work = {args.work}" if args.work is not None else ""),
+            f"- load: {args.clients_per_gpu * len(args.gpus)} client processes x {args.in_flight} in flight in every run "
+            f"(batches of {ROWS} x {ITEM} float32), {args.seconds:g} s",
+            f"- throughput ratio, {len(args.gpus)} GPUs / 1 GPU: {verdict}",
+            "",
+            "\n".join(lines),
+            "",
+            "CPU placement per run:",
+            "",
+            *pins,
+            "",
+            "Worker placement with workers.cpu_affinity = auto (the product's NUMA placement): status cores, the OS's "
+            "view of the worker process, NVML's cores for its GPU",
+            "",
+            "| worker | GPU | pid | state | cores (status) | cores (OS) | NVML cores of its GPU |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            *[
+                f"| {w['id']} | {w['gpu']} | {w['pid']} | {w['state']} | {w['cpus']} | {w['os_cpus']} | {w['nvml_cpus']} |"
+                for w in placement
+            ],
+            "",
+        ]
+    )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", default="0,1,2,3", help="GPU indices of the all-GPU run (default 0,1,2,3)")
     ap.add_argument("--work", type=int, default=None, help="override the config's synthetic work")
-    ap.add_argument("--clients-per-gpu", type=int, default=12, help="client processes per GPU of the all-GPU run")
+    ap.add_argument(
+        "--clients-per-gpu", type=int, default=12, help="client processes per GPU of the all-GPU run"
+    )
     ap.add_argument("--in-flight", type=int, default=8, help="requests in flight per client process")
     ap.add_argument("--seconds", type=float, default=15.0, help="load duration per run")
-    ap.add_argument("--with-mps-run", action="store_true",
-                    help="also run all GPUs x 2 workers under MPS (one daemon for several GPUs); not in the ratio")
-    ap.add_argument("--smoke", action="store_true", help="plumbing check (e.g. --gpus 0): exit status ignores the ratio")
+    ap.add_argument(
+        "--with-mps-run",
+        action="store_true",
+        help="also run all GPUs x 2 workers under MPS (one daemon for several GPUs); not in the ratio",
+    )
+    ap.add_argument(
+        "--smoke", action="store_true", help="plumbing check (e.g. --gpus 0): exit status ignores the ratio"
+    )
     ap.add_argument("--out", type=Path, required=True, help="writes OUT.md, OUT.json, OUT-status.txt/.json")
     ap.add_argument("--logs", type=Path, help="copy each run's supervisor and worker logs here")
     args = ap.parse_args()
@@ -309,10 +413,27 @@ def main() -> int:
         runs.append(one_run(args, Path(tmp), f"{n}gpu", args.gpus, nvml, Path(f"{args.out}-status")))
         runs.append(one_run(args, Path(tmp), "1gpu", args.gpus[:1], nvml))
         if args.with_mps_run:
-            runs.append(one_run(args, Path(tmp), f"{n}gpu-mps-2w", args.gpus, nvml,
-                                extra={"workers": {"per_gpu": 2}, "mps": {"enabled": True}}))
-        runs.append(one_run(args, Path(tmp), f"{n}gpu-auto-affinity", args.gpus, nvml, seconds=min(5.0, args.seconds),
-                            pin=False))
+            runs.append(
+                one_run(
+                    args,
+                    Path(tmp),
+                    f"{n}gpu-mps-2w",
+                    args.gpus,
+                    nvml,
+                    extra={"workers": {"per_gpu": 2}, "mps": {"enabled": True}},
+                )
+            )
+        runs.append(
+            one_run(
+                args,
+                Path(tmp),
+                f"{n}gpu-auto-affinity",
+                args.gpus,
+                nvml,
+                seconds=min(5.0, args.seconds),
+                pin=False,
+            )
+        )
         for r in runs:
             log.info("run %s: %s", r["label"], {k: r.get(k) for k in ("batches_per_s", "ok", "error")})
     all_, one = runs[0].get("batches_per_s"), runs[1].get("batches_per_s")
@@ -320,12 +441,17 @@ def main() -> int:
     text = report(args, info, runs, ratio)
     print(text, flush=True)
     Path(f"{args.out}.md").write_text(text)
-    Path(f"{args.out}.json").write_text(json.dumps({"machine": info, "ratio": ratio, "target": TARGET_RATIO,
-                                                    "runs": runs}, indent=1, default=str))
+    Path(f"{args.out}.json").write_text(
+        json.dumps(
+            {"machine": info, "ratio": ratio, "target": TARGET_RATIO, "runs": runs}, indent=1, default=str
+        )
+    )
     log.info("wrote %s.md, .json and -status.txt/.json", args.out)
     meets = args.smoke or (ratio is not None and ratio >= TARGET_RATIO)
     placed = runs[-1].get("placement", {}).get("ok", False)  # the auto-affinity run
-    return 0 if meets and runs[0]["ok"] and runs[1]["ok"] and placed else 1  # the MPS run is reported, not judged
+    return (
+        0 if meets and runs[0]["ok"] and runs[1]["ok"] and placed else 1
+    )  # the MPS run is reported, not judged
 
 
 if __name__ == "__main__":

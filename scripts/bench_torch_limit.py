@@ -71,8 +71,15 @@ class ModelSpec:
 
 
 MODELS = {
-    "bert": ModelSpec("bert-tiny", 16, "sequences", ("input_ids", "attention_mask"), ("int64", "int64"),
-                      ("last_hidden_state", "pooler_output"), "pooler_output"),
+    "bert": ModelSpec(
+        "bert-tiny",
+        16,
+        "sequences",
+        ("input_ids", "attention_mask"),
+        ("int64", "int64"),
+        ("last_hidden_state", "pooler_output"),
+        "pooler_output",
+    ),
     "resnet": ModelSpec("resnet18", 8, "images", ("images",), ("float16",), ("logits",), "logits"),
 }
 
@@ -102,8 +109,10 @@ def check_bounds(spec: ModelSpec, bounds: dict[str, int], requests: int) -> str 
         return f"the export takes sequences of at most {bounds['seq']} tokens, the requests have {SEQ_LEN}"
     if requests * spec.per_request > bounds.get("batch", requests * spec.per_request):
         rows, most = requests * spec.per_request, bounds["batch"]
-        return (f"{requests} requests are {rows} {spec.unit}, the export takes at most {most} "
-                f"({spec.file}.json dims.batch): at most {most // spec.per_request} requests per batch")
+        return (
+            f"{requests} requests are {rows} {spec.unit}, the export takes at most {most} "
+            f"({spec.file}.json dims.batch): at most {most // spec.per_request} requests per batch"
+        )
     return None
 
 
@@ -147,8 +156,10 @@ def load_model(path: Path, program: str, device: str, single_threaded: bool = Fa
         if "run_single_threaded" in params:
             kwargs["run_single_threaded"] = True
         else:
-            note = (f" (torch {torch.__version__}'s aoti_load_package has no run_single_threaded: "
-                    "loaded without it)")
+            note = (
+                f" (torch {torch.__version__}'s aoti_load_package has no run_single_threaded: "
+                "loaded without it)"
+            )
     call = ", ".join(["path", *(f"{k}={v!r}" for k, v in kwargs.items())])
     return torch._inductor.aoti_load_package(str(path), **kwargs), f"aoti_load_package({call}){note}"
 
@@ -172,8 +183,10 @@ class Runner:
                 try:
                     out = self.model(*(feeds[n] for n in self.spec.inputs))
                 except Exception as positional:
-                    raise RuntimeError(f"the model takes neither keyword inputs ({by_name}) nor positional "
-                                       f"ones ({positional})") from positional
+                    raise RuntimeError(
+                        f"the model takes neither keyword inputs ({by_name}) nor positional "
+                        f"ones ({positional})"
+                    ) from positional
                 self.by_name = False
         elif self.by_name:
             out = self.model(**feeds)
@@ -275,8 +288,15 @@ def capture(runner: Runner, inputs: dict[str, np.ndarray], outputs: tuple[str, .
         for k in outputs:
             dev_out[k].copy_(out[k])
             host_out[k].copy_(dev_out[k], non_blocking=True)
-    return Slot(stream, graph, host_in, host_out, [dev_in, dev_out],
-                torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+    return Slot(
+        stream,
+        graph,
+        host_in,
+        host_out,
+        [dev_in, dev_out],
+        torch.cuda.Event(enable_timing=True),
+        torch.cuda.Event(enable_timing=True),
+    )
 
 
 def check_outputs(slot: Slot, reference: dict[str, np.ndarray], when: str) -> float:
@@ -285,8 +305,9 @@ def check_outputs(slot: Slot, reference: dict[str, np.ndarray], when: str) -> fl
     for k, want in reference.items():
         ok, diff = compare(slot.host_out[k].float().numpy(), want)
         if not ok:
-            raise RuntimeError(f"{when}: graph replay differs from the eager model on {k!r}: "
-                               f"max abs diff {diff:g}")
+            raise RuntimeError(
+                f"{when}: graph replay differs from the eager model on {k!r}: max abs diff {diff:g}"
+            )
         worst = max(worst, diff)
     return worst
 
@@ -301,8 +322,9 @@ def check_slot(slot: Slot, reference: dict[str, np.ndarray]) -> float:
     return check_outputs(slot, reference, "before timing")
 
 
-def eager_reference(runner: Runner, inputs: dict[str, np.ndarray], outputs: tuple[str, ...],
-                    device: str) -> dict[str, np.ndarray]:
+def eager_reference(
+    runner: Runner, inputs: dict[str, np.ndarray], outputs: tuple[str, ...], device: str
+) -> dict[str, np.ndarray]:
     import torch
 
     with torch.inference_mode():
@@ -360,12 +382,16 @@ def measure_batch(runner: Runner, spec: ModelSpec, requests: int, args: argparse
     items = r["replays"] * requests * spec.per_request
     first = min(s for s, _ in r["spans"])
     last = max(e for _, e in r["spans"])
-    return {"requests": requests, "items": requests * spec.per_request, "replays": r["replays"],
-            "items_per_s": round(items / r["wall_s"], 1),
-            "requests_per_s": round(r["replays"] * requests / r["wall_s"], 1),
-            "gpu_busy": round(union_ms(r["spans"]) / (last - first), 4) if last > first else None,
-            "gpu_ms_per_batch": round(float(np.mean([e - s for s, e in r["spans"]])), 4),
-            "check_max_abs_diff": diff}
+    return {
+        "requests": requests,
+        "items": requests * spec.per_request,
+        "replays": r["replays"],
+        "items_per_s": round(items / r["wall_s"], 1),
+        "requests_per_s": round(r["replays"] * requests / r["wall_s"], 1),
+        "gpu_busy": round(union_ms(r["spans"]) / (last - first), 4) if last > first else None,
+        "gpu_ms_per_batch": round(float(np.mean([e - s for s, e in r["spans"]])), 4),
+        "check_max_abs_diff": diff,
+    }
 
 
 def concurrency1(runner: Runner, spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
@@ -381,9 +407,12 @@ def concurrency1(runner: Runner, spec: ModelSpec, args: argparse.Namespace) -> d
         slot.stream.synchronize()
         lat.append(time.perf_counter() - t0)
     slot.busy = False
-    kept = lat[len(lat) // 10:]
-    return {"iters": len(kept), **{f"latency_us_{k}": v for k, v in percentiles_us(kept).items()},
-            "check_max_abs_diff": diff}
+    kept = lat[len(lat) // 10 :]
+    return {
+        "iters": len(kept),
+        **{f"latency_us_{k}": v for k, v in percentiles_us(kept).items()},
+        "check_max_abs_diff": diff,
+    }
 
 
 # --- main ------------------------------------------------------------------------------------------------
@@ -399,29 +428,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), required=True)
     ap.add_argument("--models", type=Path, required=True, help="directory with MODEL.pt2 and MODEL.ep.pt2")
-    ap.add_argument("--program", choices=["aoti", "ep"], default="aoti",
-                    help="aoti: the AOTInductor package (default); ep: the ExportedProgram")
-    ap.add_argument("--batches", help="batch sizes in requests (comma separated); default: powers of two "
-                                      "up to the most the export takes (MODEL.json dims.batch), else 1,2,4,8")
+    ap.add_argument(
+        "--program",
+        choices=["aoti", "ep"],
+        default="aoti",
+        help="aoti: the AOTInductor package (default); ep: the ExportedProgram",
+    )
+    ap.add_argument(
+        "--batches",
+        help="batch sizes in requests (comma separated); default: powers of two "
+        "up to the most the export takes (MODEL.json dims.batch), else 1,2,4,8",
+    )
     ap.add_argument("--depth", type=int, default=2, help="graphs in flight, one stream and buffer set each")
     ap.add_argument("--seconds", type=float, default=5.0, help="timed replay loop per batch size")
-    ap.add_argument("--c1-iters", type=int, default=2000,
-                    help="concurrency-1 iterations (the first tenth dropped)")
-    ap.add_argument("--outputs", choices=["all", "served"], default="all",
-                    help="outputs copied back to the host: all the model returns (default) or only the one "
-                         "the LitServe benchmark returns (bert: pooler_output, resnet: logits)")
+    ap.add_argument(
+        "--c1-iters", type=int, default=2000, help="concurrency-1 iterations (the first tenth dropped)"
+    )
+    ap.add_argument(
+        "--outputs",
+        choices=["all", "served"],
+        default="all",
+        help="outputs copied back to the host: all the model returns (default) or only the one "
+        "the LitServe benchmark returns (bert: pooler_output, resnet: logits)",
+    )
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
     args.spec, bounds = resolve(args.models, args.model)
     most = bounds.get("batch", 8 * args.spec.per_request) // args.spec.per_request
     try:
-        args.batch_list = ([int(b) for b in args.batches.split(",") if b.strip()] if args.batches
-                           else default_batches(most))
+        args.batch_list = (
+            [int(b) for b in args.batches.split(",") if b.strip()] if args.batches else default_batches(most)
+        )
     except ValueError:
         ap.error(f"--batches: expected comma-separated integers, got {args.batches!r}")
     if not args.batch_list or min(args.batch_list) < 1:
-        ap.error("--batches: every batch size must be a positive number of requests (the export's batch dim "
-                 "may take less than one request)")
+        ap.error(
+            "--batches: every batch size must be a positive number of requests (the export's batch dim "
+            "may take less than one request)"
+        )
     for requests in args.batch_list:
         if why := check_bounds(args.spec, bounds, requests):
             ap.error(f"--batches: {why}")
@@ -440,31 +484,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def table(result: dict[str, Any]) -> str:
     spec = MODELS[result["model"]]
-    lines = [f"{result['device']} | driver {result['driver']} | torch {result['torch']} "
-             f"(CUDA {result['cuda']}) | {result['model_file']} via {result['load']} | "
-             f"depth {result['depth']} | outputs copied: {', '.join(result['outputs_copied'])}",
-             f"{'requests':>8} {spec.unit:>10} {spec.unit + '/s':>14} {'requests/s':>11} {'GPU busy':>9} "
-             f"{'GPU ms/batch':>13}  note"]
+    lines = [
+        f"{result['device']} | driver {result['driver']} | torch {result['torch']} "
+        f"(CUDA {result['cuda']}) | {result['model_file']} via {result['load']} | "
+        f"depth {result['depth']} | outputs copied: {', '.join(result['outputs_copied'])}",
+        f"{'requests':>8} {spec.unit:>10} {spec.unit + '/s':>14} {'requests/s':>11} {'GPU busy':>9} "
+        f"{'GPU ms/batch':>13}  note",
+    ]
     for r in result["batches"]:
         if "error" in r:
-            lines.append(f"{r['requests']:>8} {r['requests'] * spec.per_request:>10} {'-':>14} {'-':>11} "
-                         f"{'-':>9} {'-':>13}  ERROR {r['error']}")
+            lines.append(
+                f"{r['requests']:>8} {r['requests'] * spec.per_request:>10} {'-':>14} {'-':>11} "
+                f"{'-':>9} {'-':>13}  ERROR {r['error']}"
+            )
             continue
         busy = f"{r['gpu_busy']:.1%}" if r["gpu_busy"] is not None else "-"
-        lines.append(f"{r['requests']:>8} {r['items']:>10} {r['items_per_s']:>14,.0f} "
-                     f"{r['requests_per_s']:>11,.0f} {busy:>9} {r['gpu_ms_per_batch']:>13.3f}  "
-                     f"checked (max abs diff {r['check_max_abs_diff']:.3g})")
+        lines.append(
+            f"{r['requests']:>8} {r['items']:>10} {r['items_per_s']:>14,.0f} "
+            f"{r['requests_per_s']:>11,.0f} {busy:>9} {r['gpu_ms_per_batch']:>13.3f}  "
+            f"checked (max abs diff {r['check_max_abs_diff']:.3g})"
+        )
     best = result.get("best")
     if best:
-        lines.append(f"best: {best['requests']} requests ({best['items']} {spec.unit}) per batch, "
-                     f"{best['items_per_s']:,.0f} {spec.unit}/s")
+        lines.append(
+            f"best: {best['requests']} requests ({best['items']} {spec.unit}) per batch, "
+            f"{best['items_per_s']:,.0f} {spec.unit}/s"
+        )
     c1 = result.get("concurrency1") or {}
     if "error" in c1:
         lines.append(f"concurrency 1: ERROR {c1['error']}")
     elif c1:
-        lines.append(f"concurrency 1 (one request, H2D -> graph -> D2H -> sync): "
-                     f"p50 {c1['latency_us_p50']:.0f} us, p99 {c1['latency_us_p99']:.0f} us "
-                     f"over {c1['iters']} iterations")
+        lines.append(
+            f"concurrency 1 (one request, H2D -> graph -> D2H -> sync): "
+            f"p50 {c1['latency_us_p50']:.0f} us, p99 {c1['latency_us_p99']:.0f} us "
+            f"over {c1['iters']} iterations"
+        )
     return "\n".join(lines)
 
 
@@ -481,12 +535,24 @@ def main(argv: list[str] | None = None) -> int:
     model, load_note = load_model(args.path, args.program, args.device, single_threaded=True)
     runner = Runner(model, spec)
     result: dict[str, Any] = {
-        "machine": info, "device": torch.cuda.get_device_name(0), "driver": info["driver"],
-        "torch": torch.__version__, "cuda": torch.version.cuda, "model": args.model,
-        "model_file": str(args.path), "program": args.program, "load": load_note,
-        "per_request": spec.per_request, "unit": spec.unit, "depth": args.depth, "seconds": args.seconds,
+        "machine": info,
+        "device": torch.cuda.get_device_name(0),
+        "driver": info["driver"],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "model": args.model,
+        "model_file": str(args.path),
+        "program": args.program,
+        "load": load_note,
+        "per_request": spec.per_request,
+        "unit": spec.unit,
+        "depth": args.depth,
+        "seconds": args.seconds,
         "outputs_copied": list(spec.outputs if args.outputs == "all" else (spec.served,)),
-        "batches": [], "best": None, "concurrency1": None}
+        "batches": [],
+        "best": None,
+        "concurrency1": None,
+    }
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a step's timeout: what was measured is written
     try:
         for requests in args.batch_list:

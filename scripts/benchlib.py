@@ -21,8 +21,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     """`orchestrator ARGS` as a user runs it (this interpreter, the repository's package)."""
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def status_json(config: Path) -> dict[str, Any]:
@@ -38,8 +43,12 @@ def copy_logs(run_dir: Path, dest: Path | None) -> None:
     if dest is None:
         return
     dest.mkdir(parents=True, exist_ok=True)
-    for src in [run_dir / "supervisor.log", run_dir / "stalls.jsonl", *sorted((run_dir / "logs").glob("*")),
-                *sorted((run_dir / "mps" / "log").glob("*"))]:
+    for src in [
+        run_dir / "supervisor.log",
+        run_dir / "stalls.jsonl",
+        *sorted((run_dir / "logs").glob("*")),
+        *sorted((run_dir / "mps" / "log").glob("*")),
+    ]:
         if src.is_file():
             shutil.copy2(src, dest / (f"mps-{src.name}" if src.parent.name == "log" else src.name))
 
@@ -65,15 +74,24 @@ def _nvidia_smi() -> str | None:
 def machine_info() -> dict[str, Any]:
     """Date, command, host; device name and driver of every GPU (NVML, else nvidia-smi; "n/a" without a
     GPU); cuda-bindings and NVRTC versions where installed."""
-    info: dict[str, Any] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                            "command": shlex.join([sys.executable, *sys.argv]), "python": platform.python_version(),
-                            "host_cpus": os.cpu_count(), "affinity_cpus": len(os.sched_getaffinity(0)),
-                            "device": "n/a", "driver": "n/a"}
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "python": platform.python_version(),
+        "host_cpus": os.cpu_count(),
+        "affinity_cpus": len(os.sched_getaffinity(0)),
+        "device": "n/a",
+        "driver": "n/a",
+    }
     smi = _nvidia_smi()
     if smi:
         try:
-            out = subprocess.run([smi, "--query-gpu=name,driver_version,compute_mode", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=30)
+            out = subprocess.run(
+                [smi, "--query-gpu=name,driver_version,compute_mode", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             lines = [ln.split(", ") for ln in out.stdout.strip().splitlines() if ln.strip()]
             if out.returncode == 0 and lines:
                 info["device"], info["driver"] = lines[0][0], lines[0][1]

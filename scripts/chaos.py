@@ -121,8 +121,9 @@ def _infer_thread(c: Any, book: _Book, proc: int, thread: int, n: int, per_s: fl
             book.answer(key, exc)
 
 
-def _submit_thread(c: Any, book: _Book, proc: int, thread: int, n: int, per_s: float, t0: float,
-                   window: int) -> None:
+def _submit_thread(
+    c: Any, book: _Book, proc: int, thread: int, n: int, per_s: float, t0: float, window: int
+) -> None:
     inflight: deque[Future] = deque()
     for seq in range(n):
         _pace(t0, seq, per_s)
@@ -150,8 +151,13 @@ def client_main(spec: dict) -> None:
     config, proc, n = spec["config"], spec["proc"], spec["n"]
     o = ChaosOptions(**spec["options"])
     book = _Book()
-    c = Client(config, timeout=o.timeout_s, failover=o.failover, max_retries=o.max_retries,
-               max_in_flight=o.threads * (o.window + 1))
+    c = Client(
+        config,
+        timeout=o.timeout_s,
+        failover=o.failover,
+        max_retries=o.max_retries,
+        max_in_flight=o.threads * (o.window + 1),
+    )
     print("ready", flush=True)
     sys.stdin.readline()
     shares = [n // o.threads + (i < n % o.threads) for i in range(o.threads)]
@@ -249,8 +255,13 @@ class EventLog(threading.Thread):
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def write_config(tmp: Path, o: ChaosOptions) -> Path:
@@ -342,7 +353,9 @@ def _collect(lines: queue.Queue, procs: list[subprocess.Popen], prefix: str, tim
         try:
             pid, line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
         except queue.Empty:
-            raise RuntimeError(f"client processes did not report {prefix.strip()!r} within {timeout:g}s") from None
+            raise RuntimeError(
+                f"client processes did not report {prefix.strip()!r} within {timeout:g}s"
+            ) from None
         if line is None and pid not in got:
             raise RuntimeError(f"client process {pid} exited before reporting {prefix.strip()!r}")
         if line is not None and line.startswith(prefix):
@@ -355,8 +368,14 @@ def _timings(events: EventLog, incidents: list) -> list[dict]:
     for wid, pid, t in incidents:
         failed = events.after(t, wid, "failed", pid)
         ready = events.after(failed, wid, "ready") if failed is not None else None
-        out.append({"worker": wid, "pid": pid, "detect_s": None if failed is None else failed - t,
-                    "recover_s": None if ready is None else ready - t})
+        out.append(
+            {
+                "worker": wid,
+                "pid": pid,
+                "detect_s": None if failed is None else failed - t,
+                "recover_s": None if ready is None else ready - t,
+            }
+        )
     return out
 
 
@@ -384,8 +403,13 @@ def run_chaos(o: ChaosOptions, keep: bool = False) -> dict:
         shares = [o.requests // o.procs + (i < o.requests % o.procs) for i in range(o.procs)]
         for i, n in enumerate(shares):
             spec = {"config": str(cfg), "proc": i, "n": n, "options": asdict(o)}
-            p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--client", json.dumps(spec)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            p = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--client", json.dumps(spec)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+            )
             procs.append(p)
             readers.append(threading.Thread(target=_read_lines, args=(p, lines), daemon=True))
             readers[-1].start()
@@ -397,7 +421,7 @@ def run_chaos(o: ChaosOptions, keep: bool = False) -> dict:
             p.stdin.flush()
         monkey.start()
         limit = o.requests / o.rate + o.timeout_s * (o.max_retries + 2) + 90
-        tallies = [json.loads(text[len("done "):]) for text in _collect(lines, procs, "done ", limit)]
+        tallies = [json.loads(text[len("done ") :]) for text in _collect(lines, procs, "done ", limit)]
         wall = time.monotonic() - t0
         done.set()
         monkey.join(10)
@@ -444,17 +468,40 @@ def _stats(values: list[float]) -> dict:
     if not values:
         return {"n": 0}
     a = np.array(values) * 1e3
-    return {"n": len(values), "min_ms": float(a.min()), "p50_ms": float(np.percentile(a, 50)),
-            "p95_ms": float(np.percentile(a, 95)), "max_ms": float(a.max())}
+    return {
+        "n": len(values),
+        "min_ms": float(a.min()),
+        "p50_ms": float(np.percentile(a, 50)),
+        "p95_ms": float(np.percentile(a, 95)),
+        "max_ms": float(a.max()),
+    }
 
 
-def _summarise(o: ChaosOptions, tallies: list[dict], wall: float, kills: list, stops: list, events: EventLog,
-               final: dict, back_s: float, stopped_ok: bool) -> dict:
+def _summarise(
+    o: ChaosOptions,
+    tallies: list[dict],
+    wall: float,
+    kills: list,
+    stops: list,
+    events: EventLog,
+    final: dict,
+    back_s: float,
+    stopped_ok: bool,
+) -> dict:
     total = ClientTally()
     errors: Counter = Counter()
     lat: list[float] = []
     for t in tallies:
-        for k in ("sent", "answered", "unanswered", "duplicates", "correct", "wrong", "untyped", "stray_replies"):
+        for k in (
+            "sent",
+            "answered",
+            "unanswered",
+            "duplicates",
+            "correct",
+            "wrong",
+            "untyped",
+            "stray_replies",
+        ):
             setattr(total, k, getattr(total, k) + t[k])
         errors.update(t["errors"])
         total.examples += t["examples"]
@@ -464,9 +511,14 @@ def _summarise(o: ChaosOptions, tallies: list[dict], wall: float, kills: list, s
     workers = {w["id"]: {"state": w["state"], "restarts": w["restarts"]} for w in final["workers"]}
     checks = {
         "every request sent": total.sent == o.requests,
-        "exactly one reply per request": total.answered == o.requests and not total.unanswered and not total.duplicates,
-        "every reply a correct result" if o.failover else "every reply a result or a typed error":
-            (total.correct == o.requests) if o.failover else (total.wrong == 0 and total.untyped == 0),
+        "exactly one reply per request": total.answered == o.requests
+        and not total.unanswered
+        and not total.duplicates,
+        "every reply a correct result" if o.failover else "every reply a result or a typed error": (
+            total.correct == o.requests
+        )
+        if o.failover
+        else (total.wrong == 0 and total.untyped == 0),
         "workers were killed": len(kills) > 0,
         "every kill detected and recovered": all(k["recover_s"] is not None for k in kill_t),
         "the stopped worker detected and recovered": all(s["recover_s"] is not None for s in stop_t)
@@ -475,18 +527,30 @@ def _summarise(o: ChaosOptions, tallies: list[dict], wall: float, kills: list, s
         "clean stop": stopped_ok,
     }
     return {
-        "options": asdict(o), "wall_s": wall, "throughput_rps": total.answered / wall if wall else 0.0,
-        "sent": total.sent, "answered_once": total.answered, "unanswered": total.unanswered,
-        "duplicates": total.duplicates, "correct": total.correct, "wrong": total.wrong, "errors": dict(errors),
+        "options": asdict(o),
+        "wall_s": wall,
+        "throughput_rps": total.answered / wall if wall else 0.0,
+        "sent": total.sent,
+        "answered_once": total.answered,
+        "unanswered": total.unanswered,
+        "duplicates": total.duplicates,
+        "correct": total.correct,
+        "wrong": total.wrong,
+        "errors": dict(errors),
         "untyped_errors": total.untyped,
-        "error_examples": total.examples[:10], "stray_replies": total.stray_replies,
+        "error_examples": total.examples[:10],
+        "stray_replies": total.stray_replies,
         "latency": _stats([v / 1e3 for v in lat]),
-        "kills": kill_t, "stops": stop_t,
+        "kills": kill_t,
+        "stops": stop_t,
         "kill_detect": _stats([k["detect_s"] for k in kill_t if k["detect_s"] is not None]),
         "kill_recover": _stats([k["recover_s"] for k in kill_t if k["recover_s"] is not None]),
         "stop_detect": _stats([s["detect_s"] for s in stop_t if s["detect_s"] is not None]),
         "stop_recover": _stats([s["recover_s"] for s in stop_t if s["recover_s"] is not None]),
-        "all_ready_after_s": back_s, "workers": workers, "checks": checks, "passed": all(checks.values()),
+        "all_ready_after_s": back_s,
+        "workers": workers,
+        "checks": checks,
+        "passed": all(checks.values()),
     }
 
 
@@ -503,7 +567,8 @@ def report(r: dict, command: str) -> str:
     o = r["options"]
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        f"# Chaos run on CPU ({date}): {'PASS' if r['passed'] else 'FAIL'}", "",
+        f"# Chaos run on CPU ({date}): {'PASS' if r['passed'] else 'FAIL'}",
+        "",
         f"- machine: {platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}, load average at the end {os.getloadavg()[0]:.2f}",
         f"- command: `{command}`",
@@ -514,28 +579,36 @@ def report(r: dict, command: str) -> str:
         f"{o['window']} futures in flight), {o['rate']:g} requests/s offered, failover "
         f"{'on' if o['failover'] else 'off'} (max_retries {o['max_retries']}), deadline {o['timeout_s']:g} s",
         f"- chaos: every {o['kill_every']} s SIGKILL the next ready one of {list(o['kill'])}, in turn; SIGSTOP "
-        f"{o['stop']} once at {o['stop_at']} s", "",
+        f"{o['stop']} once at {o['stop_at']} s",
+        "",
         "| requests | answered once | unanswered | answered twice | correct results | wrong | typed errors |",
         "| --- | --- | --- | --- | --- | --- | --- |",
         f"| {r['sent']} | {r['answered_once']} | {r['unanswered']} | {r['duplicates']} | {r['correct']} | "
-        f"{r['wrong']} | {r['errors'] or 'none'} |", "",
+        f"{r['wrong']} | {r['errors'] or 'none'} |",
+        "",
         f"Run time {r['wall_s']:.1f} s, {r['throughput_rps']:.0f} replies/s; client latency p50 "
         f"{r['latency'].get('p50_ms', 0):.1f} ms, p95 {r['latency'].get('p95_ms', 0):.1f} ms, max "
-        f"{r['latency'].get('max_ms', 0):.0f} ms; late replies discarded by the client: {r['stray_replies']}.", "",
-        "| incident -> event | n | min (ms) | p50 (ms) | p95 (ms) | max (ms) |", "| --- | --- | --- | --- | --- | --- |",
+        f"{r['latency'].get('max_ms', 0):.0f} ms; late replies discarded by the client: {r['stray_replies']}.",
+        "",
+        "| incident -> event | n | min (ms) | p50 (ms) | p95 (ms) | max (ms) |",
+        "| --- | --- | --- | --- | --- | --- |",
         _row("SIGKILL -> state failed (detect)", r["kill_detect"]),
         _row("SIGKILL -> ready again (recover)", r["kill_recover"]),
         _row("of which restart backoff (supervisor log)", r["restart_backoff"]),
         _row("SIGSTOP -> state failed (detect)", r["stop_detect"]),
-        _row("SIGSTOP -> ready again (recover)", r["stop_recover"]), "",
+        _row("SIGSTOP -> ready again (recover)", r["stop_recover"]),
+        "",
         "Detect and recover are measured from the signal to the supervisor's `failed` and next `ready` events on its "
         "PUB socket. Recover includes the restart backoff and the new worker's start-up (interpreter, imports, "
         "warm-up); the backoff row shows how much of it is the supervisor's deliberate delay. A SIGSTOPped worker "
         "is declared hung hang_timeout_s after its last heartbeat, which may precede the signal by up to one "
-        "heartbeat interval.", "",
+        "heartbeat interval.",
+        "",
         f"Workers at the end (all ready {r['all_ready_after_s']:.1f} s after the load ended): "
-        + ", ".join(f"{k} {v['state']} after {v['restarts']} restarts" for k, v in r["workers"].items()), "",
-        "| check | result |", "| --- | --- |",
+        + ", ".join(f"{k} {v['state']} after {v['restarts']} restarts" for k, v in r["workers"].items()),
+        "",
+        "| check | result |",
+        "| --- | --- |",
     ]
     lines += [f"| {k} | {'PASS' if v else 'FAIL'} |" for k, v in r["checks"].items()]
     if r["error_examples"]:
@@ -564,10 +637,21 @@ def main() -> None:
     ap.add_argument("--max-retries", type=int, default=d.max_retries)
     ap.add_argument("--out", type=Path, help="write the Markdown report here (and .json beside it)")
     a = ap.parse_args()
-    o = ChaosOptions(requests=a.requests, procs=a.procs, threads=a.threads, rate=a.rate, workers=a.workers,
-                     work=a.work, kill=tuple(x for x in a.kill.split(",") if x), kill_every=a.kill_every,
-                     stop=a.stop or None, stop_at=a.stop_at, hang_timeout_s=a.hang_timeout,
-                     failover=not a.no_failover, max_retries=a.max_retries)
+    o = ChaosOptions(
+        requests=a.requests,
+        procs=a.procs,
+        threads=a.threads,
+        rate=a.rate,
+        workers=a.workers,
+        work=a.work,
+        kill=tuple(x for x in a.kill.split(",") if x),
+        kill_every=a.kill_every,
+        stop=a.stop or None,
+        stop_at=a.stop_at,
+        hang_timeout_s=a.hang_timeout,
+        failover=not a.no_failover,
+        max_retries=a.max_retries,
+    )
     r = run_chaos(o)
     text = report(r, "python " + " ".join(sys.argv))
     print(text)

@@ -66,8 +66,10 @@ def load(fmt: str, path: Path, spec: ModelSpec, manifest: dict[str, Any]) -> Cal
     program = Program(path, device_index=0 if manifest["device"] == "cuda" else -1)  # -1: a cpu package
     sig = program.signature  # its shapes leave the batch dim out
     found = [[(n, shape) for n, _, shape in sig[k]] for k in ("inputs", "outputs")], sig["dims"]
-    wanted = ([[(t["name"], t["shape"][1:]) for t in manifest[k]] for k in ("inputs", "outputs")],
-              manifest["dims"])
+    wanted = (
+        [[(t["name"], t["shape"][1:]) for t in manifest[k]] for k in ("inputs", "outputs")],
+        manifest["dims"],
+    )
     if found != wanted:
         raise ValueError(f"the program's signature has {found}, the manifest says {wanted}")
     return program.run
@@ -79,8 +81,10 @@ def check(spec: ModelSpec, manifest_path: Path) -> bool:
 
     manifest = json.loads(manifest_path.read_text())
     if manifest["versions"]["torch"] != torch.__version__:
-        print(f"note: {manifest_path.name} was written by torch {manifest['versions']['torch']}, "
-              f"this is {torch.__version__}")
+        print(
+            f"note: {manifest_path.name} was written by torch {manifest['versions']['torch']}, "
+            f"this is {torch.__version__}"
+        )
     shapes = check_sizes({name: (lo, hi) for name, (lo, hi) in manifest["dims"].items()})
     base = spec.build()  # fp32 on the cpu: the ONNX twin's reference
     device, dtype = manifest["device"], getattr(torch, manifest["dtype"])
@@ -116,8 +120,11 @@ def check(spec: ModelSpec, manifest_path: Path) -> bool:
         all_ok = all_ok and not failures
         detail = f"; failed at {', '.join(failures)}" if failures else ""
         status = "FAIL" if failures else "ok  "
-        print(f"{status} {name:<20} {str(run_dtype).removeprefix('torch.')} on {run_device}, tol {tol:g}, "
-              f"{len(shapes)} shapes, max abs diff {worst:.2e}{detail}", flush=True)
+        print(
+            f"{status} {name:<20} {str(run_dtype).removeprefix('torch.')} on {run_device}, tol {tol:g}, "
+            f"{len(shapes)} shapes, max abs diff {worst:.2e}{detail}",
+            flush=True,
+        )
     return all_ok
 
 
@@ -132,8 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     missing = missing_packages(["torch", "onnxruntime", *(n for spec in found for n in spec.needs)])
     if missing:
-        print(f"check_exports: missing {', '.join(missing)}; install: {INSTALL_HINT} onnxruntime",
-              file=sys.stderr)
+        print(
+            f"check_exports: missing {', '.join(missing)}; install: {INSTALL_HINT} onnxruntime",
+            file=sys.stderr,
+        )
         return 2
     results = [check(spec, args.dir / f"{spec.name}.json") for spec in found]
     return 0 if all(results) else 1

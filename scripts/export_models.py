@@ -150,23 +150,32 @@ def sample_images(sizes: dict[str, int], gen: torch.Generator) -> tuple[torch.Te
 
 MODELS = (
     ModelSpec(
-        name="bert-tiny", alias="bert",
+        name="bert-tiny",
+        alias="bert",
         architecture="transformers.BertModel(BertConfig(attn_implementation='eager', "
-                     + ", ".join(f"{k}={v}" for k, v in BERT_CONFIG.items()) + "))",
+        + ", ".join(f"{k}={v}" for k, v in BERT_CONFIG.items())
+        + "))",
         needs=("transformers",),
-        inputs=(TensorInfo("input_ids", "int64", ("batch", "seq")),
-                TensorInfo("attention_mask", "int64", ("batch", "seq"))),
-        outputs=(TensorInfo("last_hidden_state", "float", ("batch", "seq", 128)),
-                 TensorInfo("pooler_output", "float", ("batch", 128))),
-        build=build_bert, sample=sample_bert,
+        inputs=(
+            TensorInfo("input_ids", "int64", ("batch", "seq")),
+            TensorInfo("attention_mask", "int64", ("batch", "seq")),
+        ),
+        outputs=(
+            TensorInfo("last_hidden_state", "float", ("batch", "seq", 128)),
+            TensorInfo("pooler_output", "float", ("batch", 128)),
+        ),
+        build=build_bert,
+        sample=sample_bert,
     ),
     ModelSpec(
-        name="resnet18", alias="resnet",
+        name="resnet18",
+        alias="resnet",
         architecture="torchvision.models.resnet18(weights=None)",
         needs=("torchvision",),
         inputs=(TensorInfo("images", "float", ("batch", 3, 224, 224)),),
         outputs=(TensorInfo("logits", "float", ("batch", 1000)),),
-        build=build_resnet18, sample=sample_images,
+        build=build_resnet18,
+        sample=sample_images,
     ),
 )
 
@@ -191,8 +200,9 @@ def to_device(inputs: Sequence[torch.Tensor], device: str, dtype: torch.dtype) -
     return tuple(t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for t in inputs)
 
 
-def compare(expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor | np.ndarray],
-            tol: float) -> tuple[float, bool]:
+def compare(
+    expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor | np.ndarray], tol: float
+) -> tuple[float, bool]:
     """(largest |actual - expected| over the outputs, whether all are within tol + tol * |expected|)."""
     import torch
 
@@ -242,18 +252,25 @@ def dynamic_shapes_for(spec: ModelSpec, ranges: dict[str, tuple[int, int]]) -> d
     return {t.name: {i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs}
 
 
-def export_program(model: torch.nn.Module, spec: ModelSpec, ranges: dict[str, tuple[int, int]],
-                   dynamic_shapes: dict[str, dict[int, Any]], device: str,
-                   dtype: torch.dtype) -> ExportedProgram:
+def export_program(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    ranges: dict[str, tuple[int, int]],
+    dynamic_shapes: dict[str, dict[int, Any]],
+    device: str,
+    dtype: torch.dtype,
+) -> ExportedProgram:
     import torch
 
     example = spec.sample(example_sizes(ranges), torch.Generator().manual_seed(SEED))
-    return torch.export.export(model, to_device(example, device, dtype), dynamic_shapes=dynamic_shapes,
-                               strict=False)
+    return torch.export.export(
+        model, to_device(example, device, dtype), dynamic_shapes=dynamic_shapes, strict=False
+    )
 
 
-def export_onnx(model: torch.nn.Module, spec: ModelSpec, ranges: dict[str, tuple[int, int]],
-                path: Path) -> str:
+def export_onnx(
+    model: torch.nn.Module, spec: ModelSpec, ranges: dict[str, tuple[int, int]], path: Path
+) -> str:
     """The fp32 ONNX twin of model (fp32, on the cpu), checked with onnxruntime at two shapes.
 
     The TorchScript exporter (dynamo=False, deprecated since torch 2.9 but present in 2.11 and 2.13) needs
@@ -265,16 +282,23 @@ def export_onnx(model: torch.nn.Module, spec: ModelSpec, ranges: dict[str, tuple
     import onnxruntime as ort
     import torch
 
-    axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
-            for t in spec.inputs + spec.outputs}
+    axes = {
+        t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+        for t in spec.inputs + spec.outputs
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export")
         warnings.filterwarnings("ignore", "Exporting aten::index operator")
         torch.onnx.export(
-            model, spec.sample(example_sizes(ranges), torch.Generator().manual_seed(SEED)), str(path),
-            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
-            dynamic_axes=axes, opset_version=OPSET, dynamo=False,
+            model,
+            spec.sample(example_sizes(ranges), torch.Generator().manual_seed(SEED)),
+            str(path),
+            input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs],
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            dynamo=False,
         )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     report = []
@@ -283,8 +307,10 @@ def export_onnx(model: torch.nn.Module, spec: ModelSpec, ranges: dict[str, tuple
         worst, ok = compare(run_eager(model, inputs), run_onnx(session, spec, inputs), 1e-4)
         report.append(f"{describe_sizes(sizes)}: max abs diff {worst:.1e}")
         if not ok:
-            raise SystemExit(f"export_models: {path.name} differs from the fp32 eager model at "
-                             f"{describe_sizes(sizes)}: max abs diff {worst:.3g}")
+            raise SystemExit(
+                f"export_models: {path.name} differs from the fp32 eager model at "
+                f"{describe_sizes(sizes)}: max abs diff {worst:.3g}"
+            )
     return "; ".join(report)
 
 
@@ -298,8 +324,9 @@ def progress(path: Path, seconds: float, what: str) -> None:
     print(f"{path.name:<20} {size_text:>9} {seconds:7.1f} s  {what}", file=sys.stderr, flush=True)
 
 
-def export_model(spec: ModelSpec, out: Path, device: str, ranges: dict[str, tuple[int, int]],
-                 aoti: bool, onnx: bool) -> None:
+def export_model(
+    spec: ModelSpec, out: Path, device: str, ranges: dict[str, tuple[int, int]], aoti: bool, onnx: bool
+) -> None:
     import torch
 
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -331,8 +358,13 @@ def export_model(spec: ModelSpec, out: Path, device: str, ranges: dict[str, tupl
         path = out / f"{spec.name}.onnx"
         checked = export_onnx(base, spec, ranges, path)
         progress(path, time.perf_counter() - t0, f"ONNX opset {OPSET}, float32; vs eager at {checked}")
-        files["onnx"] = {"file": path.name, "bytes": path.stat().st_size, "dtype": "float32",
-                         "device": "cpu", "opset": OPSET}
+        files["onnx"] = {
+            "file": path.name,
+            "bytes": path.stat().st_size,
+            "dtype": "float32",
+            "device": "cpu",
+            "opset": OPSET,
+        }
 
     t0 = time.perf_counter()
     path = out / f"{spec.name}.json"
@@ -376,14 +408,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     onnx_packages = [] if args.no_onnx else ["onnx", "onnxruntime"]
     missing = missing_packages(["torch", *(n for s in specs for n in s.needs), *onnx_packages])
     if missing:
-        print(f"export_models: missing {', '.join(missing)}; install: {INSTALL_HINT} onnx onnxruntime",
-              file=sys.stderr)
+        print(
+            f"export_models: missing {', '.join(missing)}; install: {INSTALL_HINT} onnx onnxruntime",
+            file=sys.stderr,
+        )
         return 2
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print(f"export_models: --device cuda, but torch {torch.__version__} sees no CUDA device; "
-              "use --device cpu", file=sys.stderr)
+        print(
+            f"export_models: --device cuda, but torch {torch.__version__} sees no CUDA device; "
+            "use --device cpu",
+            file=sys.stderr,
+        )
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     limits = {"batch": args.max_batch, "seq": args.seq_max}

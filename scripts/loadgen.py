@@ -34,8 +34,16 @@ class LoadResult:
         return float(np.percentile(self.latencies_us, p)) if self.latencies_us.size else None
 
 
-def _client_proc(config: str, shape: tuple[int, ...], dtype: str, seconds: float, in_flight: int,
-                 sample_every: int, q: Any, cpus: list[int] | None = None) -> None:
+def _client_proc(
+    config: str,
+    shape: tuple[int, ...],
+    dtype: str,
+    seconds: float,
+    in_flight: int,
+    sample_every: int,
+    q: Any,
+    cpus: list[int] | None = None,
+) -> None:
     from orchestrator.client import Client
 
     if cpus:  # keep the load generator off the workers' cores
@@ -70,14 +78,26 @@ def _client_proc(config: str, shape: tuple[int, ...], dtype: str, seconds: float
     q.put({"n": n, "ok": ok, "rows": ok * shape[0], "errors": errors, "wall": wall, "lat": lat})
 
 
-def run_load(config: str | Path, shape: tuple[int, ...], procs: int, in_flight: int, seconds: float,
-             dtype: str = "float32", sample_every: int = 1, cpus: list[int] | None = None) -> LoadResult:
+def run_load(
+    config: str | Path,
+    shape: tuple[int, ...],
+    procs: int,
+    in_flight: int,
+    seconds: float,
+    dtype: str = "float32",
+    sample_every: int = 1,
+    cpus: list[int] | None = None,
+) -> LoadResult:
     """Drive the orchestrator behind `config` with `procs` client processes x `in_flight` requests each,
     optionally pinned to `cpus`."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    ps = [ctx.Process(target=_client_proc, args=(str(config), shape, dtype, seconds, in_flight, sample_every, q, cpus))
-          for _ in range(procs)]
+    ps = [
+        ctx.Process(
+            target=_client_proc, args=(str(config), shape, dtype, seconds, in_flight, sample_every, q, cpus)
+        )
+        for _ in range(procs)
+    ]
     for p in ps:
         p.start()
     parts = [q.get(timeout=seconds + 120) for _ in ps]

@@ -41,13 +41,18 @@ def build(path: Path) -> None:
         helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
     ]
     graph = helper.make_graph(
-        nodes, "demo_mlp",
+        nodes,
+        "demo_mlp",
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", IN])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", OUT]),
-         helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", OUT])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", OUT]),
+            helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", OUT]),
+        ],
         inits,
     )
-    model = helper.make_model(graph, producer_name="orchestrator-demo", opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(
+        graph, producer_name="orchestrator-demo", opset_imports=[helper.make_opsetid("", 17)]
+    )
     model.ir_version = 8  # readable by every onnxruntime >= 1.10
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,10 +71,14 @@ def build_seq(path: Path, seed: int = SEED) -> None:
     emb = rng.standard_normal((VOCAB, HID)).astype(np.float32)
     w = (rng.standard_normal((HID, HID)) / np.sqrt(HID)).astype(np.float32)
     wp = (rng.standard_normal((HID, HID)) / np.sqrt(HID)).astype(np.float32)
-    inits = [numpy_helper.from_array(emb, "emb"), numpy_helper.from_array(w, "w"),
-             numpy_helper.from_array(wp, "wp"), numpy_helper.from_array(np.array([-1], np.int64), "last"),
-             numpy_helper.from_array(np.array([0], np.int64), "zero"),
-             numpy_helper.from_array(np.array([1], np.int64), "one")]
+    inits = [
+        numpy_helper.from_array(emb, "emb"),
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(wp, "wp"),
+        numpy_helper.from_array(np.array([-1], np.int64), "last"),
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+    ]
     nodes = [
         helper.make_node("Gather", ["emb", "input_ids"], ["tok"]),  # [batch, seq, HID]
         helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
@@ -83,14 +92,21 @@ def build_seq(path: Path, seed: int = SEED) -> None:
         helper.make_node("Tanh", ["pool"], ["pooler_output"]),
     ]
     graph = helper.make_graph(
-        nodes, "demo_seq",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", HID]),
-         helper.make_tensor_value_info("pooler_output", TensorProto.FLOAT, ["batch", HID])],
+        nodes,
+        "demo_seq",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+        ],
+        [
+            helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", HID]),
+            helper.make_tensor_value_info("pooler_output", TensorProto.FLOAT, ["batch", HID]),
+        ],
         inits,
     )
-    model = helper.make_model(graph, producer_name="orchestrator-demo", opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(
+        graph, producer_name="orchestrator-demo", opset_imports=[helper.make_opsetid("", 17)]
+    )
     model.ir_version = 8
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -33,14 +33,29 @@ from scripts.bench_shm import CONFIGS, session_config  # noqa: E402
 from scripts.benchlib import cli, machine_info, status_json  # noqa: E402
 
 # The serving loop's own steps: inclusive samples under each, per batch.
-STEPS = ("ServeLoop._receive", "decode_request_header", "decode_tensors", "Pipeline.check", "ServeLoop._shm_spans",
-         "Pipeline.launch_next", "GpuEngineBase.launch", "ServeLoop._complete", "ServeLoop._on_complete",
-         "WorkerTelemetry.on_batch", "ThreadProbe.snap", "Socket.send_multipart", "Socket.recv_multipart",
-         "Poller.poll", "ServeLoop._heartbeat", "GpuEngineBase.gpu_span_ns")
+STEPS = (
+    "ServeLoop._receive",
+    "decode_request_header",
+    "decode_tensors",
+    "Pipeline.check",
+    "ServeLoop._shm_spans",
+    "Pipeline.launch_next",
+    "GpuEngineBase.launch",
+    "ServeLoop._complete",
+    "ServeLoop._on_complete",
+    "WorkerTelemetry.on_batch",
+    "ThreadProbe.snap",
+    "Socket.send_multipart",
+    "Socket.recv_multipart",
+    "Poller.poll",
+    "ServeLoop._heartbeat",
+    "GpuEngineBase.gpu_span_ns",
+)
 
 
-def _client(config: str, shm: bool, in_flight: int, seconds: float, start_at: float, cpus: list[int] | None,
-            q: Any) -> None:
+def _client(
+    config: str, shm: bool, in_flight: int, seconds: float, start_at: float, cpus: list[int] | None, q: Any
+) -> None:
     sys.path.insert(0, str(ROOT))
     if cpus:
         os.sched_setaffinity(0, cpus)
@@ -68,23 +83,47 @@ def profile(config: Path, shm: bool, args: argparse.Namespace, cpus: list[int] |
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     start_at = time.monotonic() + 4.0  # the clients' imports and warm-up happen before
-    procs = [ctx.Process(target=_client, args=(str(config), shm, args.in_flight, args.seconds, start_at, cpus, q))
-             for _ in range(args.clients)]
+    procs = [
+        ctx.Process(target=_client, args=(str(config), shm, args.in_flight, args.seconds, start_at, cpus, q))
+        for _ in range(args.clients)
+    ]
     for p in procs:
         p.start()
     time.sleep(max(0.0, start_at - time.monotonic()) + 0.5)
     b0 = status_json(config)["workers"][0]
     raw = out.with_name(f"{out.name}-{'shm' if shm else 'frames'}.txt")
-    subprocess.run([pyspy(), "record", "-p", str(pid), "-d", str(max(1, int(args.seconds - 2))), "-r", "2000",
-                    "-f", "raw", "-o", str(raw), "--nonblocking"], capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            pyspy(),
+            "record",
+            "-p",
+            str(pid),
+            "-d",
+            str(max(1, int(args.seconds - 2))),
+            "-r",
+            "2000",
+            "-f",
+            "raw",
+            "-o",
+            str(raw),
+            "--nonblocking",
+        ],
+        capture_output=True,
+        timeout=120,
+    )
     b1 = status_json(config)["workers"][0]
     done = sum(q.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(30)
     batches = b1["batches"] - b0["batches"]
     host_us = (b1["host_ns"] - b0["host_ns"]) / max(1, batches) / 1e3
-    return {"path": "shm" if shm else "frames", "requests": done, "batches": batches, "host_us_per_batch": host_us,
-            **summarise(raw, batches)}
+    return {
+        "path": "shm" if shm else "frames",
+        "requests": done,
+        "batches": batches,
+        "host_us_per_batch": host_us,
+        **summarise(raw, batches),
+    }
 
 
 def summarise(raw: Path, batches: int) -> dict[str, Any]:
@@ -106,17 +145,27 @@ def summarise(raw: Path, batches: int) -> dict[str, Any]:
 
 
 def report(info: dict, runs: list[dict], args: argparse.Namespace) -> str:
-    lines = [f"# Serving-thread profile: {info.get('device')} (driver {info.get('driver')}), {info['date']}", "",
-             f"- command: `{info['command']}`",
-             f"- load: {args.clients} client processes x {args.in_flight} in flight, 64 x 512 float32 requests, "
-             f"work {args.work}; py-spy at 2 kHz on the worker for {max(1, int(args.seconds - 2))} s", ""]
+    lines = [
+        f"# Serving-thread profile: {info.get('device')} (driver {info.get('driver')}), {info['date']}",
+        "",
+        f"- command: `{info['command']}`",
+        f"- load: {args.clients} client processes x {args.in_flight} in flight, 64 x 512 float32 requests, "
+        f"work {args.work}; py-spy at 2 kHz on the worker for {max(1, int(args.seconds - 2))} s",
+        "",
+    ]
     for r in runs:
         share = r["host_us_per_batch"] / max(1e-9, r["samples"])
-        lines += [f"## {r['path']}: {r['batches']:,} batches, host {r['host_us_per_batch']:.1f} us/batch (status host_ns)",
-                  "", "| step (inclusive) | share of samples | us per batch (share x wall / batches) |", "| --- | --- | --- |"]
+        lines += [
+            f"## {r['path']}: {r['batches']:,} batches, host {r['host_us_per_batch']:.1f} us/batch (status host_ns)",
+            "",
+            "| step (inclusive) | share of samples | us per batch (share x wall / batches) |",
+            "| --- | --- | --- |",
+        ]
         wall_us = (max(1, int(args.seconds - 2))) * 1e6
         for step, n in r["inclusive"].items():
-            lines.append(f"| {step} | {n / max(1, r['samples']):.1%} | {n / max(1, r['samples']) * wall_us / max(1, r['batches']):.1f} |")
+            lines.append(
+                f"| {step} | {n / max(1, r['samples']):.1%} | {n / max(1, r['samples']) * wall_us / max(1, r['batches']):.1f} |"
+            )
         lines += ["", "| function (self) | share |", "| --- | --- |"]
         lines += [f"| {f} | {n / max(1, r['samples']):.1%} |" for f, n in r["self"]]
         lines.append("")

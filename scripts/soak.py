@@ -78,8 +78,13 @@ def client_main(spec: dict) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=180, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+    )
 
 
 def _status(run_dir: Path) -> dict:
@@ -141,11 +146,22 @@ def run_soak(a: argparse.Namespace) -> dict:
     try:
         st = _status(tmp / "run")
         first_pids = {"supervisor": st["pid"], **{w["id"]: w["pid"] for w in st["workers"]}}
-        spec = {"config": str(cfg), "rows": a.rows, "item": a.item, "in_flight": a.in_flight,
-                "interval": a.interval, "seconds": seconds}
+        spec = {
+            "config": str(cfg),
+            "rows": a.rows,
+            "item": a.item,
+            "in_flight": a.in_flight,
+            "interval": a.interval,
+            "seconds": seconds,
+        }
         for i in range(a.procs):
-            p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--client", json.dumps(spec)],
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            p = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--client", json.dumps(spec)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+            )
             clients[f"c{i}"] = p
             readers.append(threading.Thread(target=_read_lines, args=(p, f"c{i}", lines), daemon=True))
             readers[-1].start()
@@ -176,20 +192,34 @@ def run_soak(a: argparse.Namespace) -> dict:
                 if done >= a.procs:
                     break
             st = _status(tmp / "run")
-            pids = {"supervisor": st["pid"], **{w["id"]: w["pid"] for w in st["workers"]},
-                    **{n: p.pid for n, p in clients.items()}}
-            samples.append({
-                "t_s": round(time.monotonic() - t0, 1), "ok": ok, "rps": ok / a.interval, "errors": errors,
-                "p50_ms": float(np.percentile(lat, 50)) / 1e3 if lat else None,
-                "p99_ms": float(np.percentile(lat, 99)) / 1e3 if lat else None,
-                "rss_mib": {n: _rss_mib(pid) for n, pid in pids.items()}, "pids": pids,
-                "restarts": sum(w["restarts"] for w in st["workers"]),
-                "tail": done > 0,  # a client finished inside this interval: partial, left out of the stats
-            })
+            pids = {
+                "supervisor": st["pid"],
+                **{w["id"]: w["pid"] for w in st["workers"]},
+                **{n: p.pid for n, p in clients.items()},
+            }
+            samples.append(
+                {
+                    "t_s": round(time.monotonic() - t0, 1),
+                    "ok": ok,
+                    "rps": ok / a.interval,
+                    "errors": errors,
+                    "p50_ms": float(np.percentile(lat, 50)) / 1e3 if lat else None,
+                    "p99_ms": float(np.percentile(lat, 99)) / 1e3 if lat else None,
+                    "rss_mib": {n: _rss_mib(pid) for n, pid in pids.items()},
+                    "pids": pids,
+                    "restarts": sum(w["restarts"] for w in st["workers"]),
+                    "tail": done
+                    > 0,  # a client finished inside this interval: partial, left out of the stats
+                }
+            )
             s = samples[-1]
-            print(f"t={s['t_s']:6.1f}s {s['rps']:8.0f} req/s p50 {s['p50_ms'] or 0:6.2f} ms p99 "
-                  f"{s['p99_ms'] or 0:6.2f} ms rss " + " ".join(f"{n}={v:.1f}" for n, v in s["rss_mib"].items()
-                                                            if v is not None), file=sys.stderr, flush=True)
+            print(
+                f"t={s['t_s']:6.1f}s {s['rps']:8.0f} req/s p50 {s['p50_ms'] or 0:6.2f} ms p99 "
+                f"{s['p99_ms'] or 0:6.2f} ms rss "
+                + " ".join(f"{n}={v:.1f}" for n, v in s["rss_mib"].items() if v is not None),
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         for p in clients.values():
             if p.poll() is None:
@@ -223,8 +253,14 @@ def verdict(a: argparse.Namespace, samples: list[dict], first_pids: dict, stoppe
             continue
         first, last = float(np.median(vals[:third])), float(np.median(vals[-third:]))
         limit = max(a.tolerance_mib, first * a.tolerance_pct / 100)
-        per_process[n] = {"first_mib": first, "last_mib": last, "growth_mib": last - first, "limit_mib": limit,
-                          "max_mib": max(vals), "ok": last - first <= limit}
+        per_process[n] = {
+            "first_mib": first,
+            "last_mib": last,
+            "growth_mib": last - first,
+            "limit_mib": limit,
+            "max_mib": max(vals),
+            "ok": last - first <= limit,
+        }
     restarts = samples[-1]["restarts"] if samples else -1
     same_pids = all(s["pids"].get(k) == v for s in samples for k, v in first_pids.items())
     total_ok = sum(s["ok"] for s in samples)
@@ -234,14 +270,21 @@ def verdict(a: argparse.Namespace, samples: list[dict], first_pids: dict, stoppe
             errors[k] = errors.get(k, 0) + v
     lat_rows = [s for s in steady if s["p50_ms"] is not None]
     checks = {
-        "RSS flat after warm-up (every process)": bool(per_process) and all(v["ok"] for v in per_process.values()),
+        "RSS flat after warm-up (every process)": bool(per_process)
+        and all(v["ok"] for v in per_process.values()),
         "no worker restarted": restarts == 0 and same_pids,
         "no errors": not errors,
         "clean stop": stopped_ok,
     }
     return {
-        "options": vars(a), "samples": samples, "warmup_s": warm, "rss": per_process, "checks": checks,
-        "passed": all(checks.values()), "requests_ok": total_ok, "errors": errors,
+        "options": vars(a),
+        "samples": samples,
+        "warmup_s": warm,
+        "rss": per_process,
+        "checks": checks,
+        "passed": all(checks.values()),
+        "requests_ok": total_ok,
+        "errors": errors,
         "mean_rps": float(np.mean([s["rps"] for s in steady])) if steady else 0.0,
         "p50_ms_median": float(np.median([s["p50_ms"] for s in lat_rows])) if lat_rows else None,
         "p99_ms_max": float(max(s["p99_ms"] for s in lat_rows)) if lat_rows else None,
@@ -253,7 +296,8 @@ def report(r: dict, command: str) -> str:
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     names = list(r["samples"][0]["rss_mib"]) if r["samples"] else []
     lines = [
-        f"# Soak run on CPU ({date}): {'PASS' if r['passed'] else 'FAIL'}", "",
+        f"# Soak run on CPU ({date}): {'PASS' if r['passed'] else 'FAIL'}",
+        "",
         f"- machine: {platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}, load average at the end {os.getloadavg()[0]:.2f}",
         f"- command: `{command}`",
@@ -261,27 +305,37 @@ def report(r: dict, command: str) -> str:
         f"- load: {a['procs']} client processes x {a['in_flight']} submit() futures in flight (closed loop), "
         f"{a['rows']} rows per request, for {a['minutes']:g} min; sampled every {a['interval']:g} s; warm-up "
         f"{r['warmup_s']:.0f} s",
-        "", f"Steady state: **{r['mean_rps']:.0f} requests/s** ({r['mean_rps'] * a['rows']:.0f} rows/s), latency "
+        "",
+        f"Steady state: **{r['mean_rps']:.0f} requests/s** ({r['mean_rps'] * a['rows']:.0f} rows/s), latency "
         f"p50 {r['p50_ms_median'] or 0:.2f} ms (median of intervals), worst interval p99 {r['p99_ms_max'] or 0:.2f} ms; "
-        f"{r['requests_ok']} requests answered, errors: {r['errors'] or 'none'}.", "",
+        f"{r['requests_ok']} requests answered, errors: {r['errors'] or 'none'}.",
+        "",
         "| process | RSS first third (MiB) | RSS last third (MiB) | growth (MiB) | allowed (MiB) | max (MiB) | verdict |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for n, v in r["rss"].items():
         if "first_mib" in v:
-            lines.append(f"| {n} | {v['first_mib']:.1f} | {v['last_mib']:.1f} | {v['growth_mib']:+.1f} | "
-                         f"{v['limit_mib']:.1f} | {v['max_mib']:.1f} | {'PASS' if v['ok'] else 'FAIL'} |")
+            lines.append(
+                f"| {n} | {v['first_mib']:.1f} | {v['last_mib']:.1f} | {v['growth_mib']:+.1f} | "
+                f"{v['limit_mib']:.1f} | {v['max_mib']:.1f} | {'PASS' if v['ok'] else 'FAIL'} |"
+            )
         else:
             lines.append(f"| {n} | | | | | | FAIL ({v['why']}) |")
     lines += ["", "| check | result |", "| --- | --- |"]
     lines += [f"| {k} | {'PASS' if v else 'FAIL'} |" for k, v in r["checks"].items()]
-    lines += ["", "Over time (RSS in MiB):", "",
-              "| t (s) | req/s | p50 (ms) | p99 (ms) | errors | " + " | ".join(names) + " |",
-              "| --- " * (5 + len(names)) + "|"]
+    lines += [
+        "",
+        "Over time (RSS in MiB):",
+        "",
+        "| t (s) | req/s | p50 (ms) | p99 (ms) | errors | " + " | ".join(names) + " |",
+        "| --- " * (5 + len(names)) + "|",
+    ]
     for s in r["samples"]:
         rss = " | ".join(f"{s['rss_mib'][n]:.1f}" if s["rss_mib"].get(n) is not None else "" for n in names)
-        lines.append(f"| {s['t_s']:.0f}{' (tail)' if s['tail'] else ''} | {s['rps']:.0f} | {s['p50_ms'] or 0:.2f} | {s['p99_ms'] or 0:.2f} | "
-                     f"{sum(s['errors'].values())} | {rss} |")
+        lines.append(
+            f"| {s['t_s']:.0f}{' (tail)' if s['tail'] else ''} | {s['rps']:.0f} | {s['p50_ms'] or 0:.2f} | {s['p99_ms'] or 0:.2f} | "
+            f"{sum(s['errors'].values())} | {rss} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -292,7 +346,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10.0, help="load duration")
     ap.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
-    ap.add_argument("--warmup-s", type=float, default=30.0, help="ignored for the RSS verdict (at least 20%% of the run)")
+    ap.add_argument(
+        "--warmup-s", type=float, default=30.0, help="ignored for the RSS verdict (at least 20%% of the run)"
+    )
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--procs", type=int, default=2, help="client processes")
     ap.add_argument("--in-flight", type=int, default=16, help="requests in flight per client process")
@@ -307,8 +363,10 @@ def main() -> None:
     text = report(r, "python " + " ".join(sys.argv))
     print(text)
     growth = ", ".join(f"{n} {v.get('growth_mib', float('nan')):+.1f} MiB" for n, v in r["rss"].items())
-    print(f"{'PASS' if r['passed'] else 'FAIL'}: RSS growth after warm-up: {growth}; "
-          + ", ".join(f"{k}: {'ok' if v else 'FAILED'}" for k, v in r["checks"].items()))
+    print(
+        f"{'PASS' if r['passed'] else 'FAIL'}: RSS growth after warm-up: {growth}; "
+        + ", ".join(f"{k}: {'ok' if v else 'FAILED'}" for k, v in r["checks"].items())
+    )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(text)

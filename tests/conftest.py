@@ -22,9 +22,12 @@ DEMO_MODEL = ROOT / "models" / "demo.onnx"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tier marker of each test comes from its folder: `pytest -m unit`, `-m "not gpu"`..."""
     for item in items:
-        if "tests/gpu/" in str(item.fspath).replace(os.sep, "/"):
-            item.add_marker(pytest.mark.gpu)
+        path = str(item.fspath).replace(os.sep, "/")
+        for tier in ("unit", "integration", "e2e", "gpu"):
+            if f"tests/{tier}/" in path:
+                item.add_marker(getattr(pytest.mark, tier))
 
 
 # Temporary directories of the test running now: a detached orchestrator left behind is recognised by its
@@ -41,8 +44,6 @@ def short_tmp() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-
-
 def write_config(directory: Path, sections: dict[str, dict[str, object]], name: str = "test.toml") -> Path:
     """Write a TOML config whose run directory is inside `directory`."""
     sections = {k: dict(v) for k, v in sections.items()}
@@ -57,10 +58,17 @@ def write_config(directory: Path, sections: dict[str, dict[str, object]], name: 
 
 def cli(*args: str, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess:
     """Run the `orchestrator` CLI as a user would (a fresh interpreter)."""
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"orchestrator {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"orchestrator {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -152,9 +160,13 @@ def _orchestrator_orphans(since: float) -> list[psutil.Process]:
     for p in psutil.process_iter(["pid", "cmdline", "create_time"]):
         try:
             cmd = " ".join(p.info["cmdline"] or [])
-            if (p.info["create_time"] >= since - 1 and p.pid != os.getpid()
-                    and any(m in cmd for m in ("orchestrator.supervisor", "workers.worker"))
-                    and any(d in cmd for d in _TEST_DIRS) and p.status() != psutil.STATUS_ZOMBIE):
+            if (
+                p.info["create_time"] >= since - 1
+                and p.pid != os.getpid()
+                and any(m in cmd for m in ("orchestrator.supervisor", "workers.worker"))
+                and any(d in cmd for d in _TEST_DIRS)
+                and p.status() != psutil.STATUS_ZOMBIE
+            ):
                 out.append(p)
         except psutil.Error:
             continue

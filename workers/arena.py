@@ -63,8 +63,10 @@ class Arena:
         except OSError as exc:
             os.close(fd)
             self.path.unlink(missing_ok=True)
-            raise OSError(f"cannot create the {size_mb} MiB shared-memory arena {self.path}: {exc.strerror} "
-                          "(lower transport.shm_mb, or 0 to turn shared memory off)") from None
+            raise OSError(
+                f"cannot create the {size_mb} MiB shared-memory arena {self.path}: {exc.strerror} "
+                "(lower transport.shm_mb, or 0 to turn shared memory off)"
+            ) from None
         os.close(fd)
         self.buf = np.frombuffer(self._mm, np.uint8)
         self.addr = self.buf.ctypes.data
@@ -76,7 +78,9 @@ class Arena:
         self.requests = 0  # served through shared memory
         self.bytes = 0  # payload bytes (inputs + outputs) through shared memory
         self.refused = 0  # attach requests refused (arena full, too many leases, unknown process)
-        log.info("[ready] shared-memory arena %s: %d MiB, leases up to %d MiB", self.path, size_mb, max_lease_mb)
+        log.info(
+            "[ready] shared-memory arena %s: %d MiB, leases up to %d MiB", self.path, size_mb, max_lease_mb
+        )
 
     # --- leases -----------------------------------------------------------------------------------
 
@@ -94,14 +98,18 @@ class Arena:
             pidfd = os.pidfd_open(pid)
         except OSError as exc:
             self.refused += 1
-            raise InvalidInputError(f"attach: process {pid} is not visible from the worker ({exc.strerror}); "
-                                    "shared memory needs a client on this host, in the worker's PID namespace") from None
+            raise InvalidInputError(
+                f"attach: process {pid} is not visible from the worker ({exc.strerror}); "
+                "shared memory needs a client on this host, in the worker's PID namespace"
+            ) from None
         off = self._alloc.alloc(size)
         if off is None:
             os.close(pidfd)
             self.refused += 1
-            raise OverloadedError(f"attach: no {size:,} B free in the {self.size:,} B arena "
-                                  f"({self._alloc.free_bytes:,} B free in pieces; {len(self.leases)} leases)")
+            raise OverloadedError(
+                f"attach: no {size:,} B free in the {self.size:,} B arena "
+                f"({self._alloc.free_bytes:,} B free in pieces; {len(self.leases)} leases)"
+            )
         lease = Lease(self._new_id(), off, self._alloc.size_of(off), pid, pidfd)
         self.leases[lease.id] = lease
         self._by_fd[pidfd] = lease
@@ -148,7 +156,11 @@ class Arena:
     # --- requests ---------------------------------------------------------------------------------
 
     def lease_for(self, lease_id: Any) -> Lease:
-        lease = self.leases.get(lease_id) if isinstance(lease_id, int) and not isinstance(lease_id, bool) else None
+        lease = (
+            self.leases.get(lease_id)
+            if isinstance(lease_id, int) and not isinstance(lease_id, bool)
+            else None
+        )
         if lease is None or lease.closing:
             raise InvalidInputError("unknown or detached shared-memory lease (attach again)")
         return lease
@@ -157,7 +169,9 @@ class Arena:
     def span(lease: Lease, off: Any, nbytes: int, what: str) -> int:
         """Arena offset of the lease-relative span [off, off + nbytes) of tensor `what`, or InvalidInputError."""
         if off.__class__ is not int or off < 0 or off + nbytes > lease.size:
-            raise InvalidInputError(f"{what}: span at {off!r} of {nbytes:,} B lies outside the lease of {lease.size:,} B")
+            raise InvalidInputError(
+                f"{what}: span at {off!r} of {nbytes:,} B lies outside the lease of {lease.size:,} B"
+            )
         return lease.offset + off
 
     def begin(self, lease: Lease) -> None:
@@ -177,14 +191,21 @@ class Arena:
 
     def view(self, arena_off: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         n = math.prod(shape) * dtype.itemsize
-        return self.buf[arena_off:arena_off + n].view(dtype).reshape(shape)
+        return self.buf[arena_off : arena_off + n].view(dtype).reshape(shape)
 
     # --- status -----------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        return {"arena_bytes": self.size, "free_bytes": self._alloc.free_bytes, "leases": len(self.leases),
-                "requests": self.requests, "bytes": self.bytes, "path": str(self.path),
-                "registered": self.registered, "refused": self.refused}
+        return {
+            "arena_bytes": self.size,
+            "free_bytes": self._alloc.free_bytes,
+            "leases": len(self.leases),
+            "requests": self.requests,
+            "bytes": self.bytes,
+            "path": str(self.path),
+            "registered": self.registered,
+            "refused": self.refused,
+        }
 
     def close(self) -> None:
         for lease in list(self.leases.values()):

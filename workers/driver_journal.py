@@ -20,8 +20,19 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 # Operations that take the driver's write lock and stall launches in the same process (FACTS.md).
-OPS = ("device_alloc", "device_free", "pinned_alloc", "pinned_free", "host_register", "host_unregister",
-       "module_load", "module_unload", "graph_instantiate", "engine_load", "context_create")
+OPS = (
+    "device_alloc",
+    "device_free",
+    "pinned_alloc",
+    "pinned_free",
+    "host_register",
+    "host_unregister",
+    "module_load",
+    "module_unload",
+    "graph_instantiate",
+    "engine_load",
+    "context_create",
+)
 
 
 @dataclass(frozen=True)
@@ -58,8 +69,13 @@ class DriverJournal:
             if fault:
                 self.faults += 1
         if fault:
-            log.warning("[fault] %s after READY (%s, %.1f us, thread %s)", op, detail,
-                        (t1_ns - t0_ns) / 1e3, entry.thread)
+            log.warning(
+                "[fault] %s after READY (%s, %.1f us, thread %s)",
+                op,
+                detail,
+                (t1_ns - t0_ns) / 1e3,
+                entry.thread,
+            )
         return entry
 
     @contextmanager

@@ -27,15 +27,13 @@ KINDS = (*GPU_KINDS, "cpu_hog")
 # Busy loop for cpu_hog children; it exits by itself once its parent (the worker) is gone, so a
 # SIGKILLed worker leaves no hog behind even if stop() never ran.
 _HOG_SOURCE = (
-    "import os\n"
-    "p = os.getppid()\n"
-    "while os.getppid() == p:\n"
-    "    for _ in range(200000):\n"
-    "        pass\n"
+    "import os\np = os.getppid()\nwhile os.getppid() == p:\n    for _ in range(200000):\n        pass\n"
 )
 
 # A small module for module_load: 50 trivial kernels, like the measurement in FACTS.md.
-_MODULE_SOURCE = "\n".join(f'extern "C" __global__ void k{i}(float* p) {{ p[{i}] += 1.0f; }}' for i in range(50))
+_MODULE_SOURCE = "\n".join(
+    f'extern "C" __global__ void k{i}(float* p) {{ p[{i}] += 1.0f; }}' for i in range(50)
+)
 
 
 class Injector:
@@ -80,11 +78,17 @@ class Injector:
 
             ctx = current_context()
             if ctx is None:
-                raise RuntimeError("stall injection needs the worker's CUDA context; start it after the engine")
+                raise RuntimeError(
+                    "stall injection needs the worker's CUDA context; start it after the engine"
+                )
             ctx.make_current()  # the context is current per OS thread
             op = self._prepare()
-            log.warning("[inject] %s every %.1f ms started (thread %s)", self.kind, self.period_s * 1e3,
-                        threading.current_thread().name)
+            log.warning(
+                "[inject] %s every %.1f ms started (thread %s)",
+                self.kind,
+                self.period_s * 1e3,
+                threading.current_thread().name,
+            )
             while not self._stop.wait(self.period_s):
                 op()
                 self.count += 1
@@ -115,8 +119,12 @@ class Injector:
     def _start_hogs(self) -> None:
         cpus = sorted(os.sched_getaffinity(0))
         for _ in cpus:  # one hog per core the worker may use
-            proc = subprocess.Popen([sys.executable, "-c", _HOG_SOURCE], stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _HOG_SOURCE],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             os.sched_setaffinity(proc.pid, cpus)  # compete for exactly the worker's cores
             self._hogs.append(proc)
         atexit.register(self.stop)
@@ -137,7 +145,9 @@ def start(cfg: Config) -> Injector | None:
     if d.inject not in KINDS:
         return None
     if d.inject in GPU_KINDS and cfg.workers.device != "gpu":
-        raise ConfigError(f'debug.inject = "{d.inject}" needs workers.device = "gpu"; a CPU worker can only use "cpu_hog"')
+        raise ConfigError(
+            f'debug.inject = "{d.inject}" needs workers.device = "gpu"; a CPU worker can only use "cpu_hog"'
+        )
     inj = Injector(d.inject, d.inject_period_ms, d.inject_bytes)
     inj.start()
     return inj

@@ -39,11 +39,31 @@ class Request:
     """One accepted client request. `tensors` are zero-copy views over the received frames; a shared-
     memory request has `shm` instead (its data stays in the arena until the engine reads it)."""
 
-    __slots__ = ("identity", "request_id", "tensors", "rows", "t_recv_ns", "deadline_ns", "keep", "shm", "many",
-                 "dims", "key")
+    __slots__ = (
+        "identity",
+        "request_id",
+        "tensors",
+        "rows",
+        "t_recv_ns",
+        "deadline_ns",
+        "keep",
+        "shm",
+        "many",
+        "dims",
+        "key",
+    )
 
-    def __init__(self, identity: Any, request_id: int, tensors: dict[str, np.ndarray] | None, rows: int,
-                 t_recv_ns: int, deadline_ns: int = 0, keep: Any = None, shm: ShmSpans | None = None) -> None:
+    def __init__(
+        self,
+        identity: Any,
+        request_id: int,
+        tensors: dict[str, np.ndarray] | None,
+        rows: int,
+        t_recv_ns: int,
+        deadline_ns: int = 0,
+        keep: Any = None,
+        shm: ShmSpans | None = None,
+    ) -> None:
         self.identity = identity
         self.request_id = request_id
         self.tensors = tensors
@@ -60,7 +80,17 @@ class Request:
 class Batch:
     """A launched batch: which slot, which requests at which row offsets, and its timings."""
 
-    __slots__ = ("slot", "parts", "rows", "padded", "t_launch_ns", "t_enqueued_ns", "t_done_ns", "probe0", "probe1")
+    __slots__ = (
+        "slot",
+        "parts",
+        "rows",
+        "padded",
+        "t_launch_ns",
+        "t_enqueued_ns",
+        "t_done_ns",
+        "probe0",
+        "probe1",
+    )
 
     def __init__(self, slot: Slot, parts: list[tuple[Request, int]], rows: int, padded: int) -> None:
         self.slot = slot
@@ -77,8 +107,16 @@ class Batch:
 class Pipeline:
     """Queue -> coalesce -> stage into a free slot -> launch; complete in submission order."""
 
-    def __init__(self, engine: Engine, depth: int, max_queue: int, max_queue_delay_us: int,
-                 buckets: tuple[int, ...], probe: Any = None, arena: Any = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        depth: int,
+        max_queue: int,
+        max_queue_delay_us: int,
+        buckets: tuple[int, ...],
+        probe: Any = None,
+        arena: Any = None,
+    ) -> None:
         self.engine = engine
         self.depth = depth
         self.max_queue = max_queue
@@ -132,21 +170,31 @@ class Pipeline:
                 raise InvalidInputError(f"tensor {name!r}: dtype {dtype}, the model takes {spec.dtype}")
             item = spec.item_shape
             if len(shape) != len(item) + 1 or (tuple(shape[1:]) != item and not self._fits(item, shape)):
-                raise InvalidInputError(f"tensor {name!r}: shape {list(shape)}, the model takes {shapes.describe(item)}")
+                raise InvalidInputError(
+                    f"tensor {name!r}: shape {list(shape)}, the model takes {shapes.describe(item)}"
+                )
             if rows == -1:
                 rows = shape[0]
             elif shape[0] != rows:
-                raise InvalidInputError(f"tensor {name!r}: batch {shape[0]} differs from the other inputs' {rows}")
+                raise InvalidInputError(
+                    f"tensor {name!r}: batch {shape[0]} differs from the other inputs' {rows}"
+                )
         if rows <= 0:
             raise InvalidInputError("empty batch: at least one row is needed")
         if rows > self.engine.max_batch:
-            raise BatchTooLargeError(f"batch of {rows} rows exceeds the model's max batch {self.engine.max_batch}")
+            raise BatchTooLargeError(
+                f"batch of {rows} rows exceeds the model's max batch {self.engine.max_batch}"
+            )
         if self.dims:
-            bound = shapes.bind([(n, self._in_specs[n].item_shape) for n, _, _ in specs], {n: s for n, _, s in specs})
+            bound = shapes.bind(
+                [(n, self._in_specs[n].item_shape) for n, _, _ in specs], {n: s for n, _, s in specs}
+            )
             for d in self.dims:
                 size = bound[d.name]
                 if not d.lo <= size <= d.hi:
-                    raise InvalidInputError(f"dimension {d.name!r} is {size}; the model takes {d.lo} to {d.hi}")
+                    raise InvalidInputError(
+                        f"dimension {d.name!r} is {size}; the model takes {d.lo} to {d.hi}"
+                    )
             self.bound = tuple(bound[n] for n in self._dim_names)
         return rows
 
@@ -164,7 +212,9 @@ class Pipeline:
         k = (spec.name, dims)
         shape = self._shapes.get(k)
         if shape is None:
-            shape = self._shapes[k] = shapes.resolve(spec.item_shape, dict(zip(self._dim_names, dims, strict=True)))
+            shape = self._shapes[k] = shapes.resolve(
+                spec.item_shape, dict(zip(self._dim_names, dims, strict=True))
+            )
         return shape
 
     def offer(self, req: Request) -> bool:
@@ -228,12 +278,14 @@ class Pipeline:
             shm = req.shm
             if shm is None:
                 for name, arr in req.tensors.items():  # type: ignore[union-attr]
-                    slot.inputs[name][off:off + req.rows] = arr
+                    slot.inputs[name][off : off + req.rows] = arr
                 req.tensors = None  # staged: drop the frame views
                 req.keep = None
             elif engine.synchronous or shm.nbytes < self.dma_min_bytes:
                 for s, o in zip(engine.inputs, shm.inputs, strict=True):
-                    slot.inputs[s.name][off:off + req.rows] = arena.view(o, s.dtype, (req.rows, *s.item_shape))
+                    slot.inputs[s.name][off : off + req.rows] = arena.view(
+                        o, s.dtype, (req.rows, *s.item_shape)
+                    )
                 staged.append((off, req.rows, shm.inputs, shm.outputs))
             else:
                 dma.append(req)
@@ -287,12 +339,19 @@ class Pipeline:
         queue.extend(rest)
         engine = self.engine
         one = picked[0]
-        if (engine.synchronous and engine.computes_views and len(picked) == 1 and one.shm is not None
-                and one.dims == key):
+        if (
+            engine.synchronous
+            and engine.computes_views
+            and len(picked) == 1
+            and one.shm is not None
+            and one.dims == key
+        ):
             return self._launch_direct(slot, one, now_ns)
         padded = next(b for b in self.buckets if b >= rows) if engine.pads_to_buckets else rows
         slot.dims = key
-        ins = {s.name: batch_view(slot.inputs[s.name], padded, self.item_shape(s, key)) for s in engine.inputs}
+        ins = {
+            s.name: batch_view(slot.inputs[s.name], padded, self.item_shape(s, key)) for s in engine.inputs
+        }
         parts: list[tuple[Request, int]] = []
         staged: list[tuple[int, int, list[int], list[int]]] = []
         staged_dims: list[tuple[int, ...]] = []
@@ -300,11 +359,16 @@ class Pipeline:
         off = 0
         for req in picked:
             n, shm = req.rows, req.shm
-            if shm is not None and req.dims == key and not engine.synchronous and shm.nbytes >= self.dma_min_bytes:
+            if (
+                shm is not None
+                and req.dims == key
+                and not engine.synchronous
+                and shm.nbytes >= self.dma_min_bytes
+            ):
                 dma.append(req)
                 continue
             for s in engine.inputs:
-                dst = ins[s.name][off:off + n]
+                dst = ins[s.name][off : off + n]
                 if req.dims != key:  # pad: the whole block, then the request's own part over it
                     dst[...] = self._pad_value(s.name)
                     dst = dst[(slice(None), *(slice(0, v) for v in self.item_shape(s, req.dims)))]
@@ -346,10 +410,12 @@ class Pipeline:
         dynamic dimensions (a view; not contiguous where the batch was padded)."""
         return self._cut(batch.slot, batch.padded, name, off, req.rows, req.dims)
 
-    def _cut(self, slot: Slot, padded: int, name: str, off: int, rows: int, dims: tuple[int, ...]) -> np.ndarray:
+    def _cut(
+        self, slot: Slot, padded: int, name: str, off: int, rows: int, dims: tuple[int, ...]
+    ) -> np.ndarray:
         spec = self._out_specs[name]
         key = slot.dims
-        part = batch_view(slot.outputs[name], padded, self.item_shape(spec, key))[off:off + rows]
+        part = batch_view(slot.outputs[name], padded, self.item_shape(spec, key))[off : off + rows]
         if dims != key:
             part = part[(slice(None), *(slice(0, v) for v in self.item_shape(spec, dims)))]
         return part
@@ -384,10 +450,14 @@ class Pipeline:
     def _views(self, req: Request) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         engine, arena, shm, n, dims = self.engine, self.arena, req.shm, req.rows, req.dims
         assert shm is not None
-        ins = {s.name: arena.view(o, s.dtype, (n, *self.item_shape(s, dims)))
-               for s, o in zip(engine.inputs, shm.inputs, strict=True)}
-        outs = {s.name: arena.view(o, s.dtype, (n, *self.item_shape(s, dims)))
-                for s, o in zip(engine.outputs, shm.outputs, strict=True)}
+        ins = {
+            s.name: arena.view(o, s.dtype, (n, *self.item_shape(s, dims)))
+            for s, o in zip(engine.inputs, shm.inputs, strict=True)
+        }
+        outs = {
+            s.name: arena.view(o, s.dtype, (n, *self.item_shape(s, dims)))
+            for s, o in zip(engine.outputs, shm.outputs, strict=True)
+        }
         return ins, outs
 
     def _write_shm_outputs(self, batch: Batch) -> None:
@@ -397,11 +467,12 @@ class Pipeline:
             for (row, n, _, out_offs), dims in zip(slot.staged_shm, slot.staged_dims, strict=True):
                 for s, o in zip(engine.outputs, out_offs, strict=True):
                     arena.view(o, s.dtype, (n, *self.item_shape(s, dims)))[...] = self._cut(
-                        slot, batch.padded, s.name, row, n, dims)
+                        slot, batch.padded, s.name, row, n, dims
+                    )
             return
         for row, n, _, out_offs in slot.staged_shm:
             for s, o in zip(engine.outputs, out_offs, strict=True):
-                arena.view(o, s.dtype, (n, *s.item_shape))[...] = slot.outputs[s.name][row:row + n]
+                arena.view(o, s.dtype, (n, *s.item_shape))[...] = slot.outputs[s.name][row : row + n]
 
     # --- completion -----------------------------------------------------------------------------
 

@@ -92,7 +92,9 @@ class CompletionWaiter:
 class ServeLoop:
     """Owns the data socket and the pipeline of one worker."""
 
-    def __init__(self, spec: dict[str, Any], cfg: Config, engine: Engine, ctx: zmq.Context, sup: zmq.Socket) -> None:
+    def __init__(
+        self, spec: dict[str, Any], cfg: Config, engine: Engine, ctx: zmq.Context, sup: zmq.Socket
+    ) -> None:
         self.id = spec["id"]
         self.spec = spec
         self.cfg = cfg
@@ -102,13 +104,23 @@ class ServeLoop:
         # Constructed on the serving thread: its probe reads this thread's scheduler counters.
         self.telemetry = WorkerTelemetry(self.id, cfg.monitor, JOURNAL, cfg.pipeline.sync)
         self.arena = self._make_arena(spec, cfg, engine)
-        self.pipeline = Pipeline(engine, cfg.pipeline.depth, cfg.pipeline.max_queue,
-                                 cfg.pipeline.max_queue_delay_us, cfg.buckets, probe=self.telemetry.probe,
-                                 arena=self.arena)
+        self.pipeline = Pipeline(
+            engine,
+            cfg.pipeline.depth,
+            cfg.pipeline.max_queue,
+            cfg.pipeline.max_queue_delay_us,
+            cfg.buckets,
+            probe=self.telemetry.probe,
+            arena=self.arena,
+        )
         engine.warmup(self.pipeline.slots, self.pipeline.buckets)
         # Bytes per row of each input (0 where a dynamic dimension makes it depend on the request).
-        self._in_row_bytes = [0 if is_dynamic(s.item_shape) else int(np.prod([int(d) for d in s.item_shape], dtype=np.int64))
-                              * s.dtype.itemsize for s in engine.inputs]
+        self._in_row_bytes = [
+            0
+            if is_dynamic(s.item_shape)
+            else int(np.prod([int(d) for d in s.item_shape], dtype=np.int64)) * s.dtype.itemsize
+            for s in engine.inputs
+        ]
         self._out_specs = [(s.name, s.dtype, s.item_shape) for s in engine.outputs]
         self._in_row_total = sum(self._in_row_bytes)
         # (rows, dynamic sizes) -> output offsets and bytes in a span
@@ -148,8 +160,10 @@ class ServeLoop:
             arena.registered = engine.attach_arena(arena.addr, arena.size)
         except EngineError as exc:
             arena.close()
-            raise EngineError(f"cannot register the {t.shm_mb} MiB shared-memory arena as pinned memory: {exc} "
-                              "(lower transport.shm_mb, or 0 to turn shared memory off)") from None
+            raise EngineError(
+                f"cannot register the {t.shm_mb} MiB shared-memory arena as pinned memory: {exc} "
+                "(lower transport.shm_mb, or 0 to turn shared memory off)"
+            ) from None
         return arena
 
     def _bind(self, endpoint: str) -> str:
@@ -161,11 +175,17 @@ class ServeLoop:
     def _send_ready(self) -> None:
         eng = self.engine
         msg = {
-            "kind": "ready", "id": self.id, "pid": os.getpid(), "endpoint": self.endpoint,
-            "engine": eng.describe(), "inputs": [s.to_wire() for s in eng.inputs],
-            "outputs": [s.to_wire() for s in eng.outputs], "max_batch": eng.max_batch,
+            "kind": "ready",
+            "id": self.id,
+            "pid": os.getpid(),
+            "endpoint": self.endpoint,
+            "engine": eng.describe(),
+            "inputs": [s.to_wire() for s in eng.inputs],
+            "outputs": [s.to_wire() for s in eng.outputs],
+            "max_batch": eng.max_batch,
             "dims": [[d.name, d.lo, d.hi, list(d.buckets)] for d in eng.dims],
-            "buckets": list(self.pipeline.buckets), "depth": self.pipeline.depth,
+            "buckets": list(self.pipeline.buckets),
+            "depth": self.pipeline.depth,
             "cpu_affinity": sorted(os.sched_getaffinity(0)),
         }
         self.sup.send(protocol.pack(msg))
@@ -189,7 +209,12 @@ class ServeLoop:
             # launch is possible or the oldest batch has finished (measured on an H200, 128 KiB batches:
             # draining everything left 110 us batches 86% of the bare limit; returning after every request
             # cost 20-35 us of host time per batch on 30 us batches). CPU engines always drain, to coalesce.
-            if feed and n and n % _FEED_EVERY == 0 and ((pipeline.free and pipeline.queue) or pipeline.oldest_done()):
+            if (
+                feed
+                and n
+                and n % _FEED_EVERY == 0
+                and ((pipeline.free and pipeline.queue) or pipeline.oldest_done())
+            ):
                 break
             # Check readiness first: a NOBLOCK recv that raises zmq.Again costs several microseconds.
             if not data.get(zmq.EVENTS) & zmq.POLLIN:
@@ -233,8 +258,12 @@ class ServeLoop:
                 req.dims = pipeline.bound
                 req.key = pipeline.key_of(req.dims)
             if not pipeline.offer(req):
-                self._reply_error(identity, header.request_id, ErrorCode.OVERLOADED,
-                                  f"worker queue full ({pipeline.max_queue} requests)")
+                self._reply_error(
+                    identity,
+                    header.request_id,
+                    ErrorCode.OVERLOADED,
+                    f"worker queue full ({pipeline.max_queue} requests)",
+                )
             elif shm is not None:
                 self.arena.begin(shm.lease)  # type: ignore[union-attr]
         self.host_ns = base + (time.monotonic_ns() - start)  # serving-thread work: the whole burst
@@ -256,15 +285,24 @@ class ServeLoop:
         if self.pipeline.dims:  # bytes per row depend on the request's sizes of the dynamic dimensions
             given = {name: off for (name, _, _), off in zip(header.specs, offsets, strict=True)}  # type: ignore[arg-type]
             item = self.pipeline.item_shape
-            ins = [span(lease, given[s.name], rows * int(np.prod(item(s, dims), dtype=np.int64)) * s.dtype.itemsize, s.name)
-                   for s in self.engine.inputs]
+            ins = [
+                span(
+                    lease,
+                    given[s.name],
+                    rows * int(np.prod(item(s, dims), dtype=np.int64)) * s.dtype.itemsize,
+                    s.name,
+                )
+                for s in self.engine.inputs
+            ]
             return self._spans(lease, ins, shm[1], rows, dims)  # type: ignore[index]
         if len(self._in_row_bytes) == 1:  # one input: check_specs made sure it is the model's
             ins = [span(lease, offsets[0], rows * self._in_row_bytes[0], self.engine.inputs[0].name)]  # type: ignore[index]
         else:
             given = {name: off for (name, _, _), off in zip(header.specs, offsets, strict=True)}  # type: ignore[arg-type]
-            ins = [span(lease, given[s.name], rows * rb, s.name)
-                   for s, rb in zip(self.engine.inputs, self._in_row_bytes, strict=True)]
+            ins = [
+                span(lease, given[s.name], rows * rb, s.name)
+                for s, rb in zip(self.engine.inputs, self._in_row_bytes, strict=True)
+            ]
         return self._spans(lease, ins, shm[1], rows)  # type: ignore[index]
 
     def _spans(self, lease: Any, ins: list[int], out: Any, rows: int, dims: tuple[int, ...] = ()) -> ShmSpans:
@@ -274,9 +312,14 @@ class ServeLoop:
             layout = self._out_layouts[(rows, dims)] = protocol.shm_layout(self._out_shapes(rows, dims))
         offs, total = layout
         start = self.arena.span(lease, out, total, "outputs")  # type: ignore[union-attr]
-        in_bytes = rows * self._in_row_total if not dims else sum(
-            rows * int(np.prod(self.pipeline.item_shape(s, dims), dtype=np.int64)) * s.dtype.itemsize
-            for s in self.engine.inputs)
+        in_bytes = (
+            rows * self._in_row_total
+            if not dims
+            else sum(
+                rows * int(np.prod(self.pipeline.item_shape(s, dims), dtype=np.int64)) * s.dtype.itemsize
+                for s in self.engine.inputs
+            )
+        )
         return ShmSpans(lease, ins, [start + o for o in offs], in_bytes + total)
 
     def _out_shapes(self, rows: int, dims: tuple[int, ...]) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
@@ -297,10 +340,14 @@ class ServeLoop:
             if nframes != 2:
                 raise InvalidInputError("shared-memory requests carry no tensor frames")
             if pipeline.dims:
-                raise InvalidInputError("INFER_MANY carries no shapes, and this model has dynamic dimensions: "
-                                        "send each request on its own")
+                raise InvalidInputError(
+                    "INFER_MANY carries no shapes, and this model has dynamic dimensions: "
+                    "send each request on its own"
+                )
             if arena is None:
-                raise InvalidInputError("shared memory is off on this worker (transport.shm_mb = 0): send frames")
+                raise InvalidInputError(
+                    "shared memory is off on this worker (transport.shm_mb = 0): send frames"
+                )
             lease = arena.lease_for(header.shm[0])  # type: ignore[index]
         except RequestError as exc:
             for e in entries:
@@ -319,11 +366,15 @@ class ServeLoop:
                 if rows.__class__ is not int or rows < 1:
                     raise InvalidInputError(f"rows must be a positive integer, got {rows!r}")
                 if rows > max_batch:
-                    raise BatchTooLargeError(f"batch of {rows} rows exceeds the model's max batch {max_batch}")
+                    raise BatchTooLargeError(
+                        f"batch of {rows} rows exceeds the model's max batch {max_batch}"
+                    )
                 if not isinstance(ins, list) or len(ins) != n_in:
                     raise InvalidInputError(f"expected {n_in} input offset(s)")
-                in_offs = [span(lease, o, rows * rb, s.name)
-                           for o, rb, s in zip(ins, self._in_row_bytes, self.engine.inputs, strict=True)]
+                in_offs = [
+                    span(lease, o, rows * rb, s.name)
+                    for o, rb, s in zip(ins, self._in_row_bytes, self.engine.inputs, strict=True)
+                ]
                 shm = self._spans(lease, in_offs, out, rows)
             except RequestError as exc:
                 self._reply_error(identity, rid, exc.code, str(exc))
@@ -334,7 +385,9 @@ class ServeLoop:
             req = Request(identity, rid, None, rows, now, deadline, None, shm)
             req.many = True
             if not pipeline.offer(req):
-                self._reply_error(identity, rid, ErrorCode.OVERLOADED, f"worker queue full ({pipeline.max_queue} requests)")
+                self._reply_error(
+                    identity, rid, ErrorCode.OVERLOADED, f"worker queue full ({pipeline.max_queue} requests)"
+                )
             else:
                 arena.begin(lease)
 
@@ -353,7 +406,12 @@ class ServeLoop:
                 if len(header.shm) != 2:  # type: ignore[arg-type]
                     raise InvalidInputError("attach names [pid, bytes]")
                 lease = arena.attach(*header.shm)  # type: ignore[misc]
-                payload: Any = {"lease": lease.id, "path": str(arena.path), "offset": lease.offset, "size": lease.size}
+                payload: Any = {
+                    "lease": lease.id,
+                    "path": str(arena.path),
+                    "offset": lease.offset,
+                    "size": lease.size,
+                }
             else:
                 payload = {"detached": arena.detach(header.shm[0])}  # type: ignore[index]
         except OrchestratorError as exc:
@@ -388,14 +446,16 @@ class ServeLoop:
                 specs = self._shm_heads.get((req.rows, req.dims))
                 if specs is None:
                     specs = self._shm_heads[(req.rows, req.dims)] = protocol.pack(
-                        [[n, d.str, list(shape)] for n, d, shape in self._out_shapes(req.rows, req.dims)])
+                        [[n, d.str, list(shape)] for n, d, shape in self._out_shapes(req.rows, req.dims)]
+                    )
                 send([req.identity, protocol.result_head(req.request_id, specs)], copy=False)
                 self.arena.served(req.shm)  # type: ignore[union-attr]
                 continue
             if dynamic:  # the request's rows, cut back to its own sizes: contiguous copies
                 out_view = self.pipeline.output_view
                 frames = protocol.encode_result(
-                    req.request_id, [(n, np.ascontiguousarray(out_view(batch, n, off, req))) for n in names])
+                    req.request_id, [(n, np.ascontiguousarray(out_view(batch, n, off, req))) for n in names]
+                )
             else:
                 frames = protocol.encode_result(req.request_id, [(n, outputs[n][off:end]) for n in names])
             # copy=True: the slot's buffers are reused by the next batch, so ZeroMQ must own a copy.
@@ -404,8 +464,9 @@ class ServeLoop:
             send([identity, protocol.encode_completions(done)], copy=False)
 
     def _on_expired(self, req: Request) -> None:
-        self._reply_error(req.identity, req.request_id, ErrorCode.DEADLINE_EXCEEDED,
-                          "deadline passed while queued")
+        self._reply_error(
+            req.identity, req.request_id, ErrorCode.DEADLINE_EXCEEDED, "deadline passed while queued"
+        )
         self._answered(req)
 
     def _complete(self) -> None:
@@ -419,7 +480,9 @@ class ServeLoop:
         candidate = self.telemetry.on_batch(batch, gpu_us, span)
         if candidate is not None:
             try:
-                self.sup.send(protocol.pack({"kind": "stall", "id": self.id, "candidate": candidate}), zmq.NOBLOCK)
+                self.sup.send(
+                    protocol.pack({"kind": "stall", "id": self.id, "candidate": candidate}), zmq.NOBLOCK
+                )
             except zmq.Again:
                 pass
         self.host_ns += time.monotonic_ns() - t0
@@ -440,7 +503,9 @@ class ServeLoop:
             now = time.monotonic_ns()
         inj = self.cfg.debug
         if self.hang_armed and p.completed_batches >= inj.inject_after_batches:
-            log.warning("[stall] injected hang after %d batches (debug.inject = hang_after)", p.completed_batches)
+            log.warning(
+                "[stall] injected hang after %d batches (debug.inject = hang_after)", p.completed_batches
+            )
             self.hang = True
             self.hang_armed = False
 
@@ -502,8 +567,11 @@ class ServeLoop:
                 # here, so finish what is on the device and leave within a second rather than the full drain.
                 grace = 1.0 if orphaned else self.cfg.orchestrator.stop_timeout_s
                 drain_deadline = now + int(grace * 1e9)
-                log.info("[shutdown] draining: %d queued, %d in flight", len(self.pipeline.queue),
-                         len(self.pipeline.inflight))
+                log.info(
+                    "[shutdown] draining: %d queued, %d in flight",
+                    len(self.pipeline.queue),
+                    len(self.pipeline.inflight),
+                )
                 self._send_state("draining")
             if self.draining and (not self.pipeline.busy or now >= drain_deadline or self.hang):
                 self._finish_drain()
@@ -511,8 +579,12 @@ class ServeLoop:
 
     def _finish_drain(self) -> None:
         for req in self.pipeline.drain_queue():
-            self._reply_error(req.identity, req.request_id, ErrorCode.SHUTTING_DOWN,
-                              "worker stopped before running this request")
+            self._reply_error(
+                req.identity,
+                req.request_id,
+                ErrorCode.SHUTTING_DOWN,
+                "worker stopped before running this request",
+            )
             self._answered(req)
         p = self.pipeline
         while p.inflight and not self.hang:
@@ -541,10 +613,18 @@ class ServeLoop:
                 log.info("[shm] %d lease(s) ended: their client process exited", reaped)
         self.telemetry.note_queue(len(p.queue), len(p.inflight))
         msg = {
-            "kind": "hb", "id": self.id, "t_ns": time.monotonic_ns(), "progress": p.completed_batches,
-            "requests": p.completed_requests, "queued": len(p.queue), "inflight": len(p.inflight),
-            "faults": self.engine.faults(), "errors": self.errors_by_code, "dropped": self.dropped,
-            "host_ns": self.host_ns, "report": self.telemetry.report(),
+            "kind": "hb",
+            "id": self.id,
+            "t_ns": time.monotonic_ns(),
+            "progress": p.completed_batches,
+            "requests": p.completed_requests,
+            "queued": len(p.queue),
+            "inflight": len(p.inflight),
+            "faults": self.engine.faults(),
+            "errors": self.errors_by_code,
+            "dropped": self.dropped,
+            "host_ns": self.host_ns,
+            "report": self.telemetry.report(),
             "shm": self.arena.stats() if self.arena is not None else None,
         }
         try:

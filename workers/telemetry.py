@@ -77,21 +77,52 @@ def probe_delta(a: tuple | None, b: tuple | None) -> dict | None:
     if a is None or b is None:
         return None
     wall, cpu, rq = b[0] - a[0], b[1] - a[1], b[2] - a[2]
-    return {"wall_us": wall / 1e3, "oncpu_us": cpu / 1e3, "runq_us": rq / 1e3,
-            "blocked_us": max(0, wall - cpu - rq) / 1e3, "vcsw": b[3] - a[3], "ivcsw": b[4] - a[4]}
+    return {
+        "wall_us": wall / 1e3,
+        "oncpu_us": cpu / 1e3,
+        "runq_us": rq / 1e3,
+        "blocked_us": max(0, wall - cpu - rq) / 1e3,
+        "vcsw": b[3] - a[3],
+        "ivcsw": b[4] - a[4],
+    }
 
 
 def journal_entry(op: DriverOp) -> dict:
-    return {"seq": op.seq, "op": op.op, "t0_ns": op.t0_ns, "t1_ns": op.t1_ns, "detail": op.detail,
-            "thread": op.thread, "fault": op.fault}
+    return {
+        "seq": op.seq,
+        "op": op.op,
+        "t0_ns": op.t0_ns,
+        "t1_ns": op.t1_ns,
+        "detail": op.detail,
+        "thread": op.thread,
+        "fault": op.fault,
+    }
 
 
 class _Counters:
     """Counters for one reporting interval (also used for the cumulative totals)."""
 
-    __slots__ = ("requests", "batches", "rows", "padded_rows", "gpu_time_us", "gpu_batches", "vcsw",
-                 "ivcsw", "runq_ns", "stalls", "knock_on", "suppressed", "enqueue_over_1ms", "gpu_busy_ns", "failures",
-                 "latency", "queue", "enqueue", "gpu")
+    __slots__ = (
+        "requests",
+        "batches",
+        "rows",
+        "padded_rows",
+        "gpu_time_us",
+        "gpu_batches",
+        "vcsw",
+        "ivcsw",
+        "runq_ns",
+        "stalls",
+        "knock_on",
+        "suppressed",
+        "enqueue_over_1ms",
+        "gpu_busy_ns",
+        "failures",
+        "latency",
+        "queue",
+        "enqueue",
+        "gpu",
+    )
 
     def __init__(self) -> None:
         self.requests = self.batches = self.rows = self.padded_rows = self.gpu_batches = 0
@@ -106,8 +137,22 @@ class _Counters:
         self.gpu = Histogram()  # per batch: device time from events
 
     def add(self, o: _Counters) -> None:
-        for name in ("requests", "batches", "rows", "padded_rows", "gpu_batches", "vcsw", "ivcsw",
-                     "runq_ns", "stalls", "knock_on", "suppressed", "enqueue_over_1ms", "gpu_busy_ns", "gpu_time_us"):
+        for name in (
+            "requests",
+            "batches",
+            "rows",
+            "padded_rows",
+            "gpu_batches",
+            "vcsw",
+            "ivcsw",
+            "runq_ns",
+            "stalls",
+            "knock_on",
+            "suppressed",
+            "enqueue_over_1ms",
+            "gpu_busy_ns",
+            "gpu_time_us",
+        ):
             setattr(self, name, getattr(self, name) + getattr(o, name))
         for code, n in o.failures.items():
             self.failures[code] = self.failures.get(code, 0) + n
@@ -118,11 +163,20 @@ class _Counters:
 
     def to_wire(self, hists: tuple[str, ...]) -> dict:
         return {
-            "requests": self.requests, "batches": self.batches, "rows": self.rows,
-            "padded_rows": self.padded_rows, "gpu_time_us": self.gpu_time_us, "gpu_batches": self.gpu_batches,
-            "launch_vcsw": self.vcsw, "launch_ivcsw": self.ivcsw, "launch_runq_us": self.runq_ns / 1e3,
-            "stalls": self.stalls, "knock_on": self.knock_on, "suppressed": self.suppressed,
-            "enqueue_over_1ms": self.enqueue_over_1ms, "gpu_busy_ns": self.gpu_busy_ns,
+            "requests": self.requests,
+            "batches": self.batches,
+            "rows": self.rows,
+            "padded_rows": self.padded_rows,
+            "gpu_time_us": self.gpu_time_us,
+            "gpu_batches": self.gpu_batches,
+            "launch_vcsw": self.vcsw,
+            "launch_ivcsw": self.ivcsw,
+            "launch_runq_us": self.runq_ns / 1e3,
+            "stalls": self.stalls,
+            "knock_on": self.knock_on,
+            "suppressed": self.suppressed,
+            "enqueue_over_1ms": self.enqueue_over_1ms,
+            "gpu_busy_ns": self.gpu_busy_ns,
             "failures": {str(c): n for c, n in self.failures.items()},
             "hist": {f"{h}_us": getattr(self, h).to_wire() for h in hists},
         }
@@ -160,9 +214,19 @@ class WorkerTelemetry:
     reported stall are counted as knock-on effects instead of being reported again.
     """
 
-    def __init__(self, worker_id: str, monitor: MonitorSection, journal: DriverJournal, sync_mode: str,
-                 *, warmup_batches: int = 64, window: int = 256, refresh_every: int = 32,
-                 max_candidates_per_s: float = 50.0, journal_slack_us: int = 50) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        monitor: MonitorSection,
+        journal: DriverJournal,
+        sync_mode: str,
+        *,
+        warmup_batches: int = 64,
+        window: int = 256,
+        refresh_every: int = 32,
+        max_candidates_per_s: float = 50.0,
+        journal_slack_us: int = 50,
+    ) -> None:
         self.worker_id = worker_id
         self.pid = os.getpid()
         self.journal = journal
@@ -196,8 +260,9 @@ class WorkerTelemetry:
 
     # --- per batch ------------------------------------------------------------------------------
 
-    def on_batch(self, batch: Any, gpu_time_us: float | None,
-                 gpu_span: tuple[int, int] | None = None) -> dict | None:
+    def on_batch(
+        self, batch: Any, gpu_time_us: float | None, gpu_span: tuple[int, int] | None = None
+    ) -> dict | None:
         """Account one replied batch; return a stall candidate to push to the supervisor, or None.
         `gpu_span` is the batch's (start, stop) on the device in host monotonic ns, for GPU-busy time."""
         now = time.monotonic_ns()
@@ -272,8 +337,17 @@ class WorkerTelemetry:
         self._tokens -= 1.0
         return True
 
-    def _candidate(self, batch: Any, now: int, oldest: int, enqueue_us: float, latency_us: float,
-                   gpu_time_us: float | None, stall_enq: bool, stall_lat: bool) -> dict | None:
+    def _candidate(
+        self,
+        batch: Any,
+        now: int,
+        oldest: int,
+        enqueue_us: float,
+        latency_us: float,
+        gpu_time_us: float | None,
+        stall_enq: bool,
+        stall_lat: bool,
+    ) -> dict | None:
         iv = self._iv
         if not stall_enq and oldest < self._last_stall_t1:
             iv.knock_on += 1  # queued behind a stall already reported: same incident
@@ -290,14 +364,25 @@ class WorkerTelemetry:
         p_end = probe.snap() if (probe is not None and p0 is not None) else None
         ops = self.journal.overlapping(t0, now, self._slack_ns)
         cand = {
-            "v": REPORT_VERSION, "worker_id": self.worker_id, "pid": self.pid, "seq": self._cand_seq,
+            "v": REPORT_VERSION,
+            "worker_id": self.worker_id,
+            "pid": self.pid,
+            "seq": self._cand_seq,
             "kind": [k for k, on in (("enqueue", stall_enq), ("latency", stall_lat)) if on],
-            "sync_mode": self.sync_mode, "t0_ns": t0, "t1_ns": now,
-            "launch_t0_ns": batch.t_launch_ns, "launch_t1_ns": batch.t_enqueued_ns,
-            "requests": len(batch.parts), "rows": batch.rows, "padded": batch.padded,
+            "sync_mode": self.sync_mode,
+            "t0_ns": t0,
+            "t1_ns": now,
+            "launch_t0_ns": batch.t_launch_ns,
+            "launch_t1_ns": batch.t_enqueued_ns,
+            "requests": len(batch.parts),
+            "rows": batch.rows,
+            "padded": batch.padded,
             "timings_us": self._phases(batch, now, oldest, enqueue_us, latency_us, gpu_time_us),
-            "baseline_us": {"enqueue": self._enq_base.median, "latency": self._lat_base.median,
-                            "gpu": self._gpu_base.median},
+            "baseline_us": {
+                "enqueue": self._enq_base.median,
+                "latency": self._lat_base.median,
+                "gpu": self._gpu_base.median,
+            },
             "threshold_us": {"enqueue": self._thr_enq, "latency": self._thr_lat},
             "probe_launch": probe_delta(p0, p1),
             "probe_batch": probe_delta(p0, p_end),
@@ -306,8 +391,13 @@ class WorkerTelemetry:
             "journal": [journal_entry(op) for op in ops[-MAX_JOURNAL_PER_REPORT:]],
             "journal_faults": self.journal.faults,
         }
-        log.debug("[stall] candidate %s: enqueue %.0f us, latency %.0f us, %d driver op(s)",
-                  cand["kind"], enqueue_us, latency_us, len(ops))
+        log.debug(
+            "[stall] candidate %s: enqueue %.0f us, latency %.0f us, %d driver op(s)",
+            cand["kind"],
+            enqueue_us,
+            latency_us,
+            len(ops),
+        )
         return cand
 
     def _snap_before(self, t_ns: int) -> tuple | None:
@@ -320,8 +410,9 @@ class WorkerTelemetry:
         return best
 
     @staticmethod
-    def _phases(batch: Any, now: int, oldest: int, enqueue_us: float, latency_us: float,
-                gpu_time_us: float | None) -> dict:
+    def _phases(
+        batch: Any, now: int, oldest: int, enqueue_us: float, latency_us: float, gpu_time_us: float | None
+    ) -> dict:
         """Where the oldest request's time went, in microseconds."""
         p0, p1 = batch.probe0, batch.probe1
         has_probe = p0 is not None and p1 is not None
@@ -363,19 +454,39 @@ class WorkerTelemetry:
             self._journal_seq = entries[-1].seq
         shipped = entries[-MAX_JOURNAL_PER_REPORT:]
         interval = iv.to_wire(("latency", "queue", "enqueue", "gpu"))
-        interval["gpu_busy_pct"] = ((100.0 * iv.gpu_busy_ns / (interval_s * 1e9)) if iv.gpu_busy_ns
-                                    else (100.0 * iv.gpu_time_us / (interval_s * 1e6)) if iv.gpu_batches else None)
+        interval["gpu_busy_pct"] = (
+            (100.0 * iv.gpu_busy_ns / (interval_s * 1e9))
+            if iv.gpu_busy_ns
+            else (100.0 * iv.gpu_time_us / (interval_s * 1e6))
+            if iv.gpu_batches
+            else None
+        )
         total = self._total.to_wire(("latency", "enqueue"))
         rep = {
-            "v": REPORT_VERSION, "worker_id": self.worker_id, "pid": self.pid, "seq": self._seq, "t_ns": now,
-            "interval_s": interval_s, "uptime_s": (now - self._t_start) / 1e9, "sync_mode": self.sync_mode,
-            "interval": interval, "total": total,
-            "queued": self.queued, "inflight": self.inflight, "max_queued": self._max_queued,
-            "baseline_us": {"enqueue": self._enq_base.median, "latency": self._lat_base.median,
-                            "gpu": self._gpu_base.median},
-            "journal": {"faults": self.journal.faults, "total": self.journal.total,
-                        "entries": [journal_entry(e) for e in shipped],
-                        "dropped": len(entries) - len(shipped)},
+            "v": REPORT_VERSION,
+            "worker_id": self.worker_id,
+            "pid": self.pid,
+            "seq": self._seq,
+            "t_ns": now,
+            "interval_s": interval_s,
+            "uptime_s": (now - self._t_start) / 1e9,
+            "sync_mode": self.sync_mode,
+            "interval": interval,
+            "total": total,
+            "queued": self.queued,
+            "inflight": self.inflight,
+            "max_queued": self._max_queued,
+            "baseline_us": {
+                "enqueue": self._enq_base.median,
+                "latency": self._lat_base.median,
+                "gpu": self._gpu_base.median,
+            },
+            "journal": {
+                "faults": self.journal.faults,
+                "total": self.journal.total,
+                "entries": [journal_entry(e) for e in shipped],
+                "dropped": len(entries) - len(shipped),
+            },
         }
         self._iv = _Counters()
         self._iv_t0 = now

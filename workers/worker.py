@@ -58,7 +58,9 @@ def _send_to_supervisor(sock: zmq.Socket, msg: dict[str, Any]) -> None:
 
 def injected_here(cfg: Config, worker_id: str) -> bool:
     """Whether [debug] inject applies to this worker."""
-    return cfg.debug.inject != "none" and (not cfg.debug.inject_workers or worker_id in cfg.debug.inject_workers)
+    return cfg.debug.inject != "none" and (
+        not cfg.debug.inject_workers or worker_id in cfg.debug.inject_workers
+    )
 
 
 def _startup(spec: dict[str, Any], cfg: Config, ctx: zmq.Context, sup: zmq.Socket) -> ServeLoop:
@@ -72,8 +74,12 @@ def _startup(spec: dict[str, Any], cfg: Config, ctx: zmq.Context, sup: zmq.Socke
 
     engine = create_engine(cfg)
     loop = ServeLoop(spec, cfg, engine, ctx, sup)
-    log.info("[ready] engine %s loaded and warmed up in %.2fs; endpoint %s", engine.kind, time.monotonic() - t0,
-             loop.endpoint)
+    log.info(
+        "[ready] engine %s loaded and warmed up in %.2fs; endpoint %s",
+        engine.kind,
+        time.monotonic() - t0,
+        loop.endpoint,
+    )
     return loop
 
 
@@ -105,8 +111,17 @@ def run_worker(spec_path: str) -> int:
             log.error("[spawn] start-up failed: %s", exc)
         else:
             log.exception("[spawn] start-up failed")
-        sup.send(protocol.pack({"kind": "failed", "id": spec["id"], "pid": os.getpid(), "code": int(code),
-                                "error": f"{type(exc).__name__}: {exc}"}))
+        sup.send(
+            protocol.pack(
+                {
+                    "kind": "failed",
+                    "id": spec["id"],
+                    "pid": os.getpid(),
+                    "code": int(code),
+                    "error": f"{type(exc).__name__}: {exc}",
+                }
+            )
+        )
         sup.close()
         ctx.term()
         return 3

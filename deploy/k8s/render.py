@@ -53,7 +53,9 @@ def render(source: Path = HERE, components: tuple[str, ...] = ()) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 if rendered.yaml differs from a fresh render")
+    ap.add_argument(
+        "--check", action="store_true", help="exit 1 if rendered.yaml differs from a fresh render"
+    )
     args = ap.parse_args(argv)
     if shutil.which("kubectl") is None:
         print("render.py: kubectl is not on PATH (it renders with its built-in kustomize)", file=sys.stderr)

@@ -16,7 +16,7 @@ BOUNDS_US: tuple[float, ...] = tuple(2.0 ** (i / PER_OCTAVE) for i in range(27 *
 NBUCKETS = len(BOUNDS_US) + 1
 #: Edges exported to Prometheus: one per octave from 4 us. Cumulative counts at a subset of the fine
 #: edges are exact, so the coarser exposition loses resolution but never accuracy.
-PROM_BOUNDS_US: tuple[float, ...] = BOUNDS_US[2 * PER_OCTAVE::PER_OCTAVE]
+PROM_BOUNDS_US: tuple[float, ...] = BOUNDS_US[2 * PER_OCTAVE :: PER_OCTAVE]
 
 
 class Histogram:

@@ -24,8 +24,11 @@ def probe_reply(health: dict[str, Any], path: str) -> tuple[int, dict[str, Any]]
     """(HTTP status, JSON body) of one probe from a health verdict {live, ready, started, reason, ...}."""
     key = {"/livez": "live", "/readyz": "ready", "/startupz": "started"}[path]
     ok = bool(health.get(key))
-    body: dict[str, Any] = {"ok": ok, **({} if ok else {"reason": health.get(f"{key}_reason") or health.get("reason") or "not yet"}),
-            **{k: health[k] for k in ("ready_workers", "workers", "min_ready_workers") if k in health}}
+    body: dict[str, Any] = {
+        "ok": ok,
+        **({} if ok else {"reason": health.get(f"{key}_reason") or health.get("reason") or "not yet"}),
+        **{k: health[k] for k in ("ready_workers", "workers", "min_ready_workers") if k in health},
+    }
     return (200 if ok else 503), body
 
 
@@ -76,18 +79,26 @@ def _prometheus(metrics_data: Callable[[], dict]) -> tuple[Callable[[], tuple[st
 
         from orchestrator.monitor.metrics import make_registry
     except ImportError:
-        return None, "prometheus-client is not installed: pip install prometheus-client (the probes work without it)"
+        return (
+            None,
+            "prometheus-client is not installed: pip install prometheus-client (the probes work without it)",
+        )
     registry = make_registry(metrics_data)
     return (lambda: (CONTENT_TYPE_LATEST, generate_latest(registry))), ""
 
 
-def start_http_server(host: str, port: int, health: Callable[[], dict[str, Any]],
-                      metrics_data: Callable[[], dict]) -> ThreadingHTTPServer:
+def start_http_server(
+    host: str, port: int, health: Callable[[], dict[str, Any]], metrics_data: Callable[[], dict]
+) -> ThreadingHTTPServer:
     """Serve the probes and /metrics on host:port from a daemon thread; returns the server (shutdown())."""
     server = _Server((host, port), _Handler)
     server.health = health
     server.metrics, server.metrics_error = _prometheus(metrics_data)
     threading.Thread(target=server.serve_forever, name="orchestrator-http", daemon=True).start()
-    log.info("[monitor] HTTP on http://%s:%d: /livez /readyz /startupz /metrics%s", host, server.server_address[1],
-             "" if server.metrics else " (off: prometheus-client missing)")
+    log.info(
+        "[monitor] HTTP on http://%s:%d: /livez /readyz /startupz /metrics%s",
+        host,
+        server.server_address[1],
+        "" if server.metrics else " (off: prometheus-client missing)",
+    )
     return server

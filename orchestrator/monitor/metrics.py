@@ -24,34 +24,68 @@ from orchestrator.monitor.nvml_sampler import REASON_NAMES
 log = logging.getLogger(__name__)
 
 _WORKER_HISTS = (
-    ("latency", "orchestrator_request_latency_seconds", "End-to-end request latency in the worker (receive to reply)"),
+    (
+        "latency",
+        "orchestrator_request_latency_seconds",
+        "End-to-end request latency in the worker (receive to reply)",
+    ),
     ("queue", "orchestrator_queue_wait_seconds", "Time a request waited in the worker queue before staging"),
     ("enqueue", "orchestrator_enqueue_seconds", "Host time to stage and launch one batch"),
     ("gpu", "orchestrator_gpu_time_seconds", "Device time of one batch, from CUDA events"),
 )
 # (key in the worker's "shm" entry, metric name, help, family); only for workers that had shared memory on
 _SHM_METRICS = (
-    ("requests_total", "orchestrator_shm_requests", "Requests served through shared memory",
-     CounterMetricFamily),
-    ("bytes_total", "orchestrator_shm_bytes", "Payload bytes (inputs and outputs) through shared memory",
-     CounterMetricFamily),
-    ("leases", "orchestrator_shm_leases", "Client leases currently held on the worker's arena",
-     GaugeMetricFamily),
-    ("arena_bytes", "orchestrator_shm_arena_bytes", "Size of the worker's shared-memory arena",
-     GaugeMetricFamily),
-    ("free_bytes", "orchestrator_shm_free_bytes", "Free bytes in the worker's shared-memory arena",
-     GaugeMetricFamily),
+    (
+        "requests_total",
+        "orchestrator_shm_requests",
+        "Requests served through shared memory",
+        CounterMetricFamily,
+    ),
+    (
+        "bytes_total",
+        "orchestrator_shm_bytes",
+        "Payload bytes (inputs and outputs) through shared memory",
+        CounterMetricFamily,
+    ),
+    (
+        "leases",
+        "orchestrator_shm_leases",
+        "Client leases currently held on the worker's arena",
+        GaugeMetricFamily,
+    ),
+    (
+        "arena_bytes",
+        "orchestrator_shm_arena_bytes",
+        "Size of the worker's shared-memory arena",
+        GaugeMetricFamily,
+    ),
+    (
+        "free_bytes",
+        "orchestrator_shm_free_bytes",
+        "Free bytes in the worker's shared-memory arena",
+        GaugeMetricFamily,
+    ),
 )
 # (sample key, metric name, help, scale to base units)
 _GPU_GAUGES = (
     ("sm_clock_mhz", "orchestrator_gpu_sm_clock_hertz", "Current SM clock", 1e6),
     ("sm_clock_max_mhz", "orchestrator_gpu_sm_clock_max_hertz", "Maximum SM clock", 1e6),
     ("mem_clock_mhz", "orchestrator_gpu_memory_clock_hertz", "Current memory clock", 1e6),
-    ("power_w", "orchestrator_gpu_power_watts", "Power draw (NVML averages over 1 s on Ampere and newer)", 1.0),
+    (
+        "power_w",
+        "orchestrator_gpu_power_watts",
+        "Power draw (NVML averages over 1 s on Ampere and newer)",
+        1.0,
+    ),
     ("power_limit_w", "orchestrator_gpu_power_limit_watts", "Enforced power limit", 1.0),
     ("temp_c", "orchestrator_gpu_temperature_celsius", "GPU temperature", 1.0),
     ("mem_temp_c", "orchestrator_gpu_memory_temperature_celsius", "Memory (HBM) temperature", 1.0),
-    ("temp_slowdown_c", "orchestrator_gpu_slowdown_temperature_celsius", "Temperature at which the GPU slows down", 1.0),
+    (
+        "temp_slowdown_c",
+        "orchestrator_gpu_slowdown_temperature_celsius",
+        "Temperature at which the GPU slows down",
+        1.0,
+    ),
     ("util_pct", "orchestrator_gpu_utilization_ratio", "Fraction of time a kernel was running (NVML)", 0.01),
     ("mem_used_bytes", "orchestrator_gpu_memory_used_bytes", "Device memory in use", 1.0),
 )
@@ -77,32 +111,56 @@ class MonitorCollector:
         for cause, n in sorted((d.get("stall_counts") or {}).items()):
             stalls.add_metric([cause], n)
         yield stalls
-        yield GaugeMetricFamily("orchestrator_nvml_available", "1 when GPU telemetry from NVML is on",
-                                value=1.0 if d.get("nvml") else 0.0)
+        yield GaugeMetricFamily(
+            "orchestrator_nvml_available",
+            "1 when GPU telemetry from NVML is on",
+            value=1.0 if d.get("nvml") else 0.0,
+        )
 
     def _workers(self, workers: dict[str, dict]) -> Iterator[Metric]:
         L = ["worker"]
         fams: dict[str, Any] = {
-            "up": GaugeMetricFamily("orchestrator_worker_up", "1 while the worker process is running", labels=L),
-            "info": GaugeMetricFamily("orchestrator_worker_info", "1 per worker: the GPU it runs on (uuid, as on "
-                                      "the orchestrator_gpu_* series; empty on CPU workers)", labels=L + ["uuid"]),
-            "rst": CounterMetricFamily("orchestrator_worker_restarts", "Times the worker slot was started again "
-                                       "after its process ended (crash, hang, kill)", labels=L),
+            "up": GaugeMetricFamily(
+                "orchestrator_worker_up", "1 while the worker process is running", labels=L
+            ),
+            "info": GaugeMetricFamily(
+                "orchestrator_worker_info",
+                "1 per worker: the GPU it runs on (uuid, as on "
+                "the orchestrator_gpu_* series; empty on CPU workers)",
+                labels=L + ["uuid"],
+            ),
+            "rst": CounterMetricFamily(
+                "orchestrator_worker_restarts",
+                "Times the worker slot was started again after its process ended (crash, hang, kill)",
+                labels=L,
+            ),
             "req": CounterMetricFamily("orchestrator_requests", "Requests completed", labels=L),
             "bat": CounterMetricFamily("orchestrator_batches", "Batches completed", labels=L),
             "itm": CounterMetricFamily("orchestrator_items", "Items (batch rows) completed", labels=L),
-            "fail": CounterMetricFamily("orchestrator_request_failures", "Requests answered with an error",
-                                        labels=["worker", "code"]),
-            "queued": GaugeMetricFamily("orchestrator_queued_requests", "Requests waiting in the worker queue",
-                                        labels=L),
-            "infl": GaugeMetricFamily("orchestrator_inflight_batches", "Batches launched and not yet completed",
-                                      labels=L),
-            "busy": GaugeMetricFamily("orchestrator_gpu_busy_ratio", "Fraction of wall time the GPU ran this worker's batches (union of their event spans)",
-                                      labels=L),
-            "faults": CounterMetricFamily("orchestrator_driver_faults",
-                                          "Driver-lock operations (allocation, module load...) after READY", labels=L),
-            "stalls": CounterMetricFamily("orchestrator_worker_stalls", "Stalls by worker and top-ranked cause",
-                                          labels=["worker", "cause"]),
+            "fail": CounterMetricFamily(
+                "orchestrator_request_failures", "Requests answered with an error", labels=["worker", "code"]
+            ),
+            "queued": GaugeMetricFamily(
+                "orchestrator_queued_requests", "Requests waiting in the worker queue", labels=L
+            ),
+            "infl": GaugeMetricFamily(
+                "orchestrator_inflight_batches", "Batches launched and not yet completed", labels=L
+            ),
+            "busy": GaugeMetricFamily(
+                "orchestrator_gpu_busy_ratio",
+                "Fraction of wall time the GPU ran this worker's batches (union of their event spans)",
+                labels=L,
+            ),
+            "faults": CounterMetricFamily(
+                "orchestrator_driver_faults",
+                "Driver-lock operations (allocation, module load...) after READY",
+                labels=L,
+            ),
+            "stalls": CounterMetricFamily(
+                "orchestrator_worker_stalls",
+                "Stalls by worker and top-ranked cause",
+                labels=["worker", "cause"],
+            ),
         }
         hists = {k: HistogramMetricFamily(name, doc, labels=L) for k, name, doc in _WORKER_HISTS}
         shm = {k: cls(name, doc, labels=L) for k, name, doc, cls in _SHM_METRICS}
@@ -137,14 +195,25 @@ class MonitorCollector:
 
     def _gpus(self, gpus: list[dict]) -> Iterator[Metric]:
         L = ["gpu", "uuid"]
-        gauges = {key: (GaugeMetricFamily(name, doc, labels=L), scale) for key, name, doc, scale in _GPU_GAUGES}
-        reason = GaugeMetricFamily("orchestrator_gpu_clock_event_reason",
-                                   "1 while this clock-event (throttle) reason is active", labels=L + ["reason"])
-        counters = CounterMetricFamily("orchestrator_gpu_clock_event",
-                                       "Cumulative time the clocks were held back for this reason (seconds)",
-                                       labels=L + ["reason"], unit="seconds")
-        foreign = GaugeMetricFamily("orchestrator_gpu_foreign_processes",
-                                    "Compute processes on the GPU that are not this orchestrator's", labels=L)
+        gauges = {
+            key: (GaugeMetricFamily(name, doc, labels=L), scale) for key, name, doc, scale in _GPU_GAUGES
+        }
+        reason = GaugeMetricFamily(
+            "orchestrator_gpu_clock_event_reason",
+            "1 while this clock-event (throttle) reason is active",
+            labels=L + ["reason"],
+        )
+        counters = CounterMetricFamily(
+            "orchestrator_gpu_clock_event",
+            "Cumulative time the clocks were held back for this reason (seconds)",
+            labels=L + ["reason"],
+            unit="seconds",
+        )
+        foreign = GaugeMetricFamily(
+            "orchestrator_gpu_foreign_processes",
+            "Compute processes on the GPU that are not this orchestrator's",
+            labels=L,
+        )
         for g in gpus:
             labels = [str(g.get("index")), str(g.get("uuid"))]
             for key, (fam, scale) in gauges.items():

@@ -25,9 +25,23 @@ HISTS = ("latency", "queue", "enqueue", "gpu")
 RATE_WINDOW_S = 2.0  # requests/s, items/s and GPU busy are averaged over this much recent reporting
 PCT_WINDOW_S = 10.0  # latency percentiles cover this much recent reporting
 SNAPSHOT_STALLS = 10
-_GPU_KEYS = ("index", "uuid", "name", "sm_clock_mhz", "sm_clock_max_mhz", "mem_clock_mhz", "power_w",
-             "power_limit_w", "temp_c", "temp_slowdown_c", "mem_temp_c", "util_pct", "mem_used_bytes",
-             "throttle_reasons", "foreign_pids")
+_GPU_KEYS = (
+    "index",
+    "uuid",
+    "name",
+    "sm_clock_mhz",
+    "sm_clock_max_mhz",
+    "mem_clock_mhz",
+    "power_w",
+    "power_limit_w",
+    "temp_c",
+    "temp_slowdown_c",
+    "mem_temp_c",
+    "util_pct",
+    "mem_used_bytes",
+    "throttle_reasons",
+    "foreign_pids",
+)
 
 
 class _Worker:
@@ -102,9 +116,13 @@ class _Worker:
         if not self.shm_used:
             return None
         cur = self.shm or {}
-        return {"requests_total": self.shm_requests, "bytes_total": self.shm_bytes,
-                "leases": cur.get("leases", 0), "arena_bytes": cur.get("arena_bytes", 0),
-                "free_bytes": cur.get("free_bytes", 0)}
+        return {
+            "requests_total": self.shm_requests,
+            "bytes_total": self.shm_bytes,
+            "leases": cur.get("leases", 0),
+            "arena_bytes": cur.get("arena_bytes", 0),
+            "free_bytes": cur.get("free_bytes", 0),
+        }
 
     def _recent(self, now: int, window_s: float) -> list[dict]:
         cut = now - int(window_s * 1e9)
@@ -126,23 +144,34 @@ class _Worker:
         p50, p99 = lat.quantile(0.5), lat.quantile(0.99)
         last = self.last
         return {
-            "pid": self.pid, "gpu_uuid": self.gpu_uuid,
+            "pid": self.pid,
+            "gpu_uuid": self.gpu_uuid,
             "requests_per_s": sum(iv.get("requests", 0) for iv in rate) / span if span else 0.0,
             "items_per_s": sum(iv.get("rows", 0) for iv in rate) / span if span else 0.0,
             "batches_per_s": sum(iv.get("batches", 0) for iv in rate) / span if span else 0.0,
             "latency_p50_ms": p50 / 1e3 if p50 is not None else None,
             "latency_p99_ms": p99 / 1e3 if p99 is not None else None,
-            "enqueue_p50_us": enq.quantile(0.5), "enqueue_p99_us": enq.quantile(0.99),
-            "queued": last.get("queued"), "inflight": last.get("inflight"),
+            "enqueue_p50_us": enq.quantile(0.5),
+            "enqueue_p99_us": enq.quantile(0.99),
+            "queued": last.get("queued"),
+            "inflight": last.get("inflight"),
             "gpu_busy_pct": (100.0 * gpu_us / (span * 1e6))
-            if span and any(iv.get("gpu_batches") for iv in rate) else None,
-            "faults": (last.get("journal") or {}).get("faults"), "faults_total": self.faults_total,
-            "stalls": self.stalls, "last_stall_cause": self.last_stall_cause,
+            if span and any(iv.get("gpu_batches") for iv in rate)
+            else None,
+            "faults": (last.get("journal") or {}).get("faults"),
+            "faults_total": self.faults_total,
+            "stalls": self.stalls,
+            "last_stall_cause": self.last_stall_cause,
             "stall_causes": dict(self.stall_causes),
-            "requests_total": self.requests, "items_total": self.rows, "batches_total": self.batches,
-            "enqueue_over_1ms_total": self.enqueue_over_1ms, "gpu_busy_ns_total": self.gpu_busy_ns,
-            "failures_total": sum(self.failures.values()), "failures_by_code": dict(self.failures),
-            "baseline_us": last.get("baseline_us"), "sync_mode": last.get("sync_mode"),
+            "requests_total": self.requests,
+            "items_total": self.rows,
+            "batches_total": self.batches,
+            "enqueue_over_1ms_total": self.enqueue_over_1ms,
+            "gpu_busy_ns_total": self.gpu_busy_ns,
+            "failures_total": sum(self.failures.values()),
+            "failures_by_code": dict(self.failures),
+            "baseline_us": last.get("baseline_us"),
+            "sync_mode": last.get("sync_mode"),
             "report_age_s": (now - self.last_rx_ns) / 1e9 if self.last_rx_ns else None,
             "journal_recent": list(self.journal)[-5:],
         }
@@ -243,7 +272,9 @@ class Monitor:
         foreign: list[dict] = []
         if self.sampler is not None and uuid:
             pad = int(self.sampler.interval_s * 1e9)
-            samples = self.sampler.window(uuid, candidate.get("t0_ns", 0) - pad, candidate.get("t1_ns", 0) + pad)
+            samples = self.sampler.window(
+                uuid, candidate.get("t0_ns", 0) - pad, candidate.get("t1_ns", 0) + pad
+            )
             foreign = self.sampler.foreign(uuid)
         causes = attribute(candidate, samples, self.host.latest(), foreign)
         gpu = next((g for g in self._gpus if g.get("uuid") == uuid), None)
@@ -259,26 +290,37 @@ class Monitor:
 
     def _gpu_views(self) -> list[dict]:
         if self.sampler is None:
-            return [{k: g.get(k) for k in _GPU_KEYS} | {"throttle_reasons": [], "foreign_pids": []}
-                    for g in self._gpus]
-        return [{k: v.get(k) for k in _GPU_KEYS} | {"throttle_reasons": v.get("throttle_reasons") or [],
-                                                    "foreign_pids": v.get("foreign_pids") or [],
-                                                    "supported_reasons": v.get("supported_reasons"),
-                                                    "reason_counters_ns": v.get("reason_counters_ns") or {},
-                                                    "processes": v.get("processes") or [],
-                                                    "lost": v.get("lost", False)}
-                for v in self.sampler.view()]
+            return [
+                {k: g.get(k) for k in _GPU_KEYS} | {"throttle_reasons": [], "foreign_pids": []}
+                for g in self._gpus
+            ]
+        return [
+            {k: v.get(k) for k in _GPU_KEYS}
+            | {
+                "throttle_reasons": v.get("throttle_reasons") or [],
+                "foreign_pids": v.get("foreign_pids") or [],
+                "supported_reasons": v.get("supported_reasons"),
+                "reason_counters_ns": v.get("reason_counters_ns") or {},
+                "processes": v.get("processes") or [],
+                "lost": v.get("lost", False),
+            }
+            for v in self.sampler.view()
+        ]
 
     def snapshot(self) -> dict:
         now = time.monotonic_ns()
         with self._lock:
             workers = {wid: w.view(now) for wid, w in self._workers.items()}
         return {
-            "nvml": self.sampler is not None, "nvml_reason": self.nvml_reason,
-            "gpus": self._gpu_views(), "workers": workers,
+            "nvml": self.sampler is not None,
+            "nvml_reason": self.nvml_reason,
+            "gpus": self._gpu_views(),
+            "workers": workers,
             "stalls": [_brief(r) for r in self.stall_log.latest(SNAPSHOT_STALLS)],
-            "stall_counts": self.stall_log.snapshot_counts(), "host": self.host.latest(),
-            "metrics_port": self.cfg.monitor.metrics_port or None, "http_host": self.cfg.monitor.http_host,
+            "stall_counts": self.stall_log.snapshot_counts(),
+            "host": self.host.latest(),
+            "metrics_port": self.cfg.monitor.metrics_port or None,
+            "http_host": self.cfg.monitor.http_host,
             "metrics_error": self.metrics_error,
         }
 
@@ -294,12 +336,25 @@ class Monitor:
                     h[name].merge(w.hists[name])
                 view = w.view(now)
                 workers[wid] = {
-                    "gpu_uuid": w.gpu_uuid, "requests_total": w.requests, "batches_total": w.batches,
-                    "items_total": w.rows, "failures": dict(w.failures), "hists": h,
-                    "queued": view["queued"], "inflight": view["inflight"], "gpu_busy_pct": view["gpu_busy_pct"],
-                    "faults_total": w.faults_total, "stall_causes": dict(w.stall_causes), "up": w.pid is not None,
+                    "gpu_uuid": w.gpu_uuid,
+                    "requests_total": w.requests,
+                    "batches_total": w.batches,
+                    "items_total": w.rows,
+                    "failures": dict(w.failures),
+                    "hists": h,
+                    "queued": view["queued"],
+                    "inflight": view["inflight"],
+                    "gpu_busy_pct": view["gpu_busy_pct"],
+                    "faults_total": w.faults_total,
+                    "stall_causes": dict(w.stall_causes),
+                    "up": w.pid is not None,
                     "restarts_total": max(0, w.spawns - 1),
                     "shm": w.shm_metrics(),
                 }
-        return {"nvml": self.sampler is not None, "gpus": self._gpu_views(), "workers": workers,
-                "stall_counts": self.stall_log.snapshot_counts(), "causes": CAUSES}
+        return {
+            "nvml": self.sampler is not None,
+            "gpus": self._gpu_views(),
+            "workers": workers,
+            "stall_counts": self.stall_log.snapshot_counts(),
+            "causes": CAUSES,
+        }

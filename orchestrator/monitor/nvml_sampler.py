@@ -20,17 +20,37 @@ log = logging.getLogger(__name__)
 # nvml.h names some bits only as ...ThrottleReason..., newer ones only as ...EventReason... (MONITORING.md 1.3).
 _REASONS: tuple[tuple[str, tuple[str, ...], int | None], ...] = (
     ("gpu_idle", ("nvmlClocksEventReasonGpuIdle", "nvmlClocksThrottleReasonGpuIdle"), 0x1),
-    ("clocks_setting", ("nvmlClocksEventReasonApplicationsClocksSetting",
-                        "nvmlClocksThrottleReasonApplicationsClocksSetting"), 0x2),
+    (
+        "clocks_setting",
+        (
+            "nvmlClocksEventReasonApplicationsClocksSetting",
+            "nvmlClocksThrottleReasonApplicationsClocksSetting",
+        ),
+        0x2,
+    ),
     ("sw_power_cap", ("nvmlClocksEventReasonSwPowerCap", "nvmlClocksThrottleReasonSwPowerCap"), 0x4),
     ("hw_slowdown", ("nvmlClocksEventReasonHwSlowdown", "nvmlClocksThrottleReasonHwSlowdown"), 0x8),
     ("sync_boost", ("nvmlClocksEventReasonSyncBoost", "nvmlClocksThrottleReasonSyncBoost"), 0x10),
-    ("sw_thermal", ("nvmlClocksEventReasonSwThermalSlowdown", "nvmlClocksThrottleReasonSwThermalSlowdown"), 0x20),
-    ("hw_thermal", ("nvmlClocksEventReasonHwThermalSlowdown", "nvmlClocksThrottleReasonHwThermalSlowdown"), 0x40),
-    ("hw_power_brake", ("nvmlClocksEventReasonHwPowerBrakeSlowdown",
-                        "nvmlClocksThrottleReasonHwPowerBrakeSlowdown"), 0x80),
-    ("display_clocks", ("nvmlClocksEventReasonDisplayClockSetting",
-                        "nvmlClocksThrottleReasonDisplayClockSetting"), 0x100),
+    (
+        "sw_thermal",
+        ("nvmlClocksEventReasonSwThermalSlowdown", "nvmlClocksThrottleReasonSwThermalSlowdown"),
+        0x20,
+    ),
+    (
+        "hw_thermal",
+        ("nvmlClocksEventReasonHwThermalSlowdown", "nvmlClocksThrottleReasonHwThermalSlowdown"),
+        0x40,
+    ),
+    (
+        "hw_power_brake",
+        ("nvmlClocksEventReasonHwPowerBrakeSlowdown", "nvmlClocksThrottleReasonHwPowerBrakeSlowdown"),
+        0x80,
+    ),
+    (
+        "display_clocks",
+        ("nvmlClocksEventReasonDisplayClockSetting", "nvmlClocksThrottleReasonDisplayClockSetting"),
+        0x100,
+    ),
     ("board_limit", ("nvmlClocksEventReasonBoardLimit", "nvmlClocksThrottleReasonBoardLimit"), None),
     ("reliability", ("nvmlClocksEventReasonReliability", "nvmlClocksThrottleReasonReliability"), None),
 )
@@ -60,8 +80,9 @@ def log_unavailable_once(reason: str) -> None:
         if _unavailable_logged:
             return
         _unavailable_logged = True
-    log.warning("[monitor] GPU telemetry unavailable (%s): serving and host/worker metrics go on without it",
-                reason)
+    log.warning(
+        "[monitor] GPU telemetry unavailable (%s): serving and host/worker metrics go on without it", reason
+    )
 
 
 def load_nvml(module: Any = None) -> tuple[Any, str | None]:
@@ -139,11 +160,16 @@ def discover_gpus(nvml: Any = None) -> list[dict]:
             except mod.NVMLError as exc:
                 log.info("[monitor] GPU %d: no CPU affinity from NVML (%s)", i, exc)
                 cpus = []
-            gpus.append({
-                "index": i, "uuid": _text(mod.nvmlDeviceGetUUID(h)), "name": _text(mod.nvmlDeviceGetName(h)),
-                "pci_bus_id": _text(mod.nvmlDeviceGetPciInfo(h).busId), "cpu_affinity": cpus,
-                "memory_total_bytes": int(mod.nvmlDeviceGetMemoryInfo(h).total),
-            })
+            gpus.append(
+                {
+                    "index": i,
+                    "uuid": _text(mod.nvmlDeviceGetUUID(h)),
+                    "name": _text(mod.nvmlDeviceGetName(h)),
+                    "pci_bus_id": _text(mod.nvmlDeviceGetPciInfo(h).busId),
+                    "cpu_affinity": cpus,
+                    "memory_total_bytes": int(mod.nvmlDeviceGetMemoryInfo(h).total),
+                }
+            )
         return gpus
     finally:
         mod.nvmlShutdown()  # reference-counted: balances our nvmlInit only
@@ -186,8 +212,11 @@ class GpuReader:
                 log.debug("[monitor] GPU %s: %s not available (%s)", self.gpu.get("index"), fn_name, exc)
             elif code == self._lost_code:
                 self.lost = True
-                log.error("[monitor] GPU %s (%s) is lost: NVML reads stopped", self.gpu.get("index"),
-                          self.gpu.get("uuid"))
+                log.error(
+                    "[monitor] GPU %s (%s) is lost: NVML reads stopped",
+                    self.gpu.get("index"),
+                    self.gpu.get("uuid"),
+                )
             else:
                 self.errors += 1
                 if self.errors <= 5:
@@ -198,7 +227,9 @@ class GpuReader:
         """Get the handle and read what never changes (max clocks cost ~1 ms each: once only)."""
         N = self.N
         uuid = self.gpu.get("uuid")
-        self.h = N.nvmlDeviceGetHandleByUUID(uuid) if uuid else N.nvmlDeviceGetHandleByIndex(self.gpu["index"])
+        self.h = (
+            N.nvmlDeviceGetHandleByUUID(uuid) if uuid else N.nvmlDeviceGetHandleByIndex(self.gpu["index"])
+        )
         if not uuid:
             self.gpu["uuid"] = _text(N.nvmlDeviceGetUUID(self.h))
         if "name" not in self.gpu:
@@ -208,8 +239,12 @@ class GpuReader:
             supported = self.call("supported_old", "nvmlDeviceGetSupportedClocksThrottleReasons")
         slowdown = getattr(N, "NVML_TEMPERATURE_THRESHOLD_SLOWDOWN", 1)
         self.static = {
-            "sm_clock_max_mhz": self.call("max_sm", "nvmlDeviceGetMaxClockInfo", getattr(N, "NVML_CLOCK_SM", 1)),
-            "mem_clock_max_mhz": self.call("max_mem", "nvmlDeviceGetMaxClockInfo", getattr(N, "NVML_CLOCK_MEM", 2)),
+            "sm_clock_max_mhz": self.call(
+                "max_sm", "nvmlDeviceGetMaxClockInfo", getattr(N, "NVML_CLOCK_SM", 1)
+            ),
+            "mem_clock_max_mhz": self.call(
+                "max_mem", "nvmlDeviceGetMaxClockInfo", getattr(N, "NVML_CLOCK_MEM", 2)
+            ),
             "temp_slowdown_c": self.call("threshold", "nvmlDeviceGetTemperatureThreshold", slowdown),
             "supported_reasons": decode_reasons(supported, self.table) if supported is not None else None,
         }
@@ -282,12 +317,22 @@ class GpuReader:
         for p in self.call("procs", "nvmlDeviceGetComputeRunningProcesses") or ():
             pname = names(p.pid)
             ours = p.pid in own_pids or pname == MPS_SERVER
-            procs.append({"pid": int(p.pid), "name": pname, "used_bytes": getattr(p, "usedGpuMemory", None),
-                          "ours": ours})
+            procs.append(
+                {
+                    "pid": int(p.pid),
+                    "name": pname,
+                    "used_bytes": getattr(p, "usedGpuMemory", None),
+                    "ours": ours,
+                }
+            )
         mem_temp = fields.get(getattr(self.N, _MEM_TEMP_FIELD[0], _MEM_TEMP_FIELD[1]))
         return {
-            "t_ns": t0, "mem_temp_c": mem_temp, "reason_counters_ns": counters, "reason_delta_ns": deltas,
-            "processes": procs, "foreign": [p for p in procs if not p["ours"]],
+            "t_ns": t0,
+            "mem_temp_c": mem_temp,
+            "reason_counters_ns": counters,
+            "reason_delta_ns": deltas,
+            "processes": procs,
+            "foreign": [p for p in procs if not p["ours"]],
             "read_us": (time.monotonic_ns() - t0) / 1e3,
         }
 
@@ -310,9 +355,18 @@ class NvmlSampler:
     namespace, or every process looks foreign).
     """
 
-    def __init__(self, gpus: list[dict], interval_ms: int, own_pids: Callable[[], Collection[int]],
-                 nvml: Any = None, *, slow_period_s: float = 1.0, limit_refresh_s: float = 10.0,
-                 ring_s: float = 60.0, process_name: Callable[[int], str] = _process_name) -> None:
+    def __init__(
+        self,
+        gpus: list[dict],
+        interval_ms: int,
+        own_pids: Callable[[], Collection[int]],
+        nvml: Any = None,
+        *,
+        slow_period_s: float = 1.0,
+        limit_refresh_s: float = 10.0,
+        ring_s: float = 60.0,
+        process_name: Callable[[int], str] = _process_name,
+    ) -> None:
         self._gpus = [dict(g) for g in gpus]
         self.interval_s = interval_ms / 1000.0
         self.slow_period_s = slow_period_s
@@ -347,20 +401,26 @@ class NvmlSampler:
             try:
                 r.open()
             except Exception as exc:  # one bad GPU must not blind the monitor to the others
-                log.error("[monitor] GPU %s (%s): cannot open in NVML: %s", g.get("index"), g.get("uuid"), exc)
+                log.error(
+                    "[monitor] GPU %s (%s): cannot open in NVML: %s", g.get("index"), g.get("uuid"), exc
+                )
                 continue
             self.readers.append(r)
             self._rings[r.gpu["uuid"]] = deque(maxlen=self._maxlen)
         self.available = bool(self.readers)
         if self.available:
-            log.info("[monitor] NVML sampling %d GPU(s) every %.0f ms", len(self.readers), self.interval_s * 1e3)
+            log.info(
+                "[monitor] NVML sampling %d GPU(s) every %.0f ms", len(self.readers), self.interval_s * 1e3
+            )
         return self.available
 
     def start(self) -> bool:
         if not self.open():
             return False
-        for name, fn, period in (("nvml-fast", self.tick_fast, self.interval_s),
-                                 ("nvml-slow", self.tick_slow, self.slow_period_s)):
+        for name, fn, period in (
+            ("nvml-fast", self.tick_fast, self.interval_s),
+            ("nvml-slow", self.tick_slow, self.slow_period_s),
+        ):
             t = threading.Thread(target=self._loop, args=(fn, period), name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -434,13 +494,20 @@ class NvmlSampler:
                 ring = self._rings.get(uuid)
                 latest = ring[-1] if ring else {}
                 slow = self._slow.get(uuid, {})
-                out.append({
-                    "index": r.gpu.get("index"), "uuid": uuid, "name": r.gpu.get("name"),
-                    "pci_bus_id": r.gpu.get("pci_bus_id"), **r.static, **latest,
-                    "mem_temp_c": slow.get("mem_temp_c"),
-                    "reason_counters_ns": dict(slow.get("reason_counters_ns", {})),
-                    "processes": list(slow.get("processes", ())),
-                    "foreign_pids": [p["pid"] for p in slow.get("foreign", ())],
-                    "lost": r.lost, "nvml_errors": r.errors,
-                })
+                out.append(
+                    {
+                        "index": r.gpu.get("index"),
+                        "uuid": uuid,
+                        "name": r.gpu.get("name"),
+                        "pci_bus_id": r.gpu.get("pci_bus_id"),
+                        **r.static,
+                        **latest,
+                        "mem_temp_c": slow.get("mem_temp_c"),
+                        "reason_counters_ns": dict(slow.get("reason_counters_ns", {})),
+                        "processes": list(slow.get("processes", ())),
+                        "foreign_pids": [p["pid"] for p in slow.get("foreign", ())],
+                        "lost": r.lost,
+                        "nvml_errors": r.errors,
+                    }
+                )
         return out

@@ -20,8 +20,18 @@ log = logging.getLogger(__name__)
 
 CAUSES = ("driver_lock", "lock_wait", "cpu_preemption", "throttling", "foreign_process", "unknown")
 #: Clock-event reasons that slow the GPU down (idle, application clocks and display clocks do not).
-SLOWING_REASONS = frozenset({"sw_power_cap", "hw_slowdown", "sw_thermal", "hw_thermal", "hw_power_brake",
-                             "sync_boost", "board_limit", "reliability"})
+SLOWING_REASONS = frozenset(
+    {
+        "sw_power_cap",
+        "hw_slowdown",
+        "sw_thermal",
+        "hw_thermal",
+        "hw_power_brake",
+        "sync_boost",
+        "board_limit",
+        "reliability",
+    }
+)
 _ABNORMAL_REASONS = frozenset({"hw_slowdown", "sw_thermal", "hw_thermal", "hw_power_brake"})
 #: Below this best score the stall is ranked "unknown" first: nothing that overlapped it explains it well.
 UNKNOWN_BELOW = 0.25
@@ -64,9 +74,16 @@ def _driver_lock(c: dict) -> Cause | None:
         in_launch += ov_l
         in_window += ov_w
         if ov_w:
-            rows.append({"op": op["op"], "detail": op.get("detail", ""), "thread": op.get("thread", ""),
-                         "fault": op.get("fault", False), "dur_us": (op["t1_ns"] - op["t0_ns"]) / 1e3,
-                         "overlap_us": max(ov_l, ov_w) / 1e3})
+            rows.append(
+                {
+                    "op": op["op"],
+                    "detail": op.get("detail", ""),
+                    "thread": op.get("thread", ""),
+                    "fault": op.get("fault", False),
+                    "dur_us": (op["t1_ns"] - op["t0_ns"]) / 1e3,
+                    "overlap_us": max(ov_l, ov_w) / 1e3,
+                }
+            )
     if not rows:
         return None
     if _enqueue_stall(c) and in_launch:
@@ -102,8 +119,17 @@ def _lock_wait(c: dict) -> Cause | None:
     frac = min(1.0, blocked / p["wall_us"])
     if frac <= 0:
         return None
-    return "lock_wait", weight * frac, {"window": where, "blocked_us": round(blocked, 1), "vcsw": p["vcsw"],
-                                        "wall_us": round(p["wall_us"], 1), "sync_mode": c.get("sync_mode")}
+    return (
+        "lock_wait",
+        weight * frac,
+        {
+            "window": where,
+            "blocked_us": round(blocked, 1),
+            "vcsw": p["vcsw"],
+            "wall_us": round(p["wall_us"], 1),
+            "sync_mode": c.get("sync_mode"),
+        },
+    )
 
 
 def _host_saturated(host: dict) -> list[str]:
@@ -165,9 +191,14 @@ def _throttling(c: dict, samples: list[dict]) -> Cause | None:
     score = base + 0.35 if ratio is not None and ratio >= GPU_SLOW_RATIO else base * 0.6
     if _enqueue_stall(c) and "latency" not in c.get("kind", ()):
         score = min(score, HOST_ONLY_CAP)
-    ev = {"reasons": sorted(active), "sm_clock_mhz": min_clock, "sm_clock_max_mhz": max_clock,
-          "clock_drop": round(drop, 3), "gpu_ratio": round(ratio, 2) if ratio is not None else None,
-          "samples": len(samples)}
+    ev = {
+        "reasons": sorted(active),
+        "sm_clock_mhz": min_clock,
+        "sm_clock_max_mhz": max_clock,
+        "clock_drop": round(drop, 3),
+        "gpu_ratio": round(ratio, 2) if ratio is not None else None,
+        "samples": len(samples),
+    }
     return "throttling", min(0.95, score), ev
 
 
@@ -178,12 +209,16 @@ def _foreign(c: dict, foreign: list[Any]) -> Cause | None:
     score = 0.7 if ratio is not None and ratio >= GPU_SLOW_RATIO else 0.3
     if _enqueue_stall(c) and "latency" not in c.get("kind", ()):
         score = min(score, HOST_ONLY_CAP)  # other processes did not delay launches in our measurements
-    return "foreign_process", score, {"processes": foreign[:8],
-                                      "gpu_ratio": round(ratio, 2) if ratio is not None else None}
+    return (
+        "foreign_process",
+        score,
+        {"processes": foreign[:8], "gpu_ratio": round(ratio, 2) if ratio is not None else None},
+    )
 
 
-def attribute(candidate: dict, gpu_samples: list[dict], host: dict,
-              foreign_pids: Iterable[int | dict]) -> list[Cause]:
+def attribute(
+    candidate: dict, gpu_samples: list[dict], host: dict, foreign_pids: Iterable[int | dict]
+) -> list[Cause]:
     """Rank the possible causes of one stall candidate: [(cause, score 0..1, evidence)], best first.
 
     `gpu_samples` are the NVML samples of the worker's GPU around the stall window (empty without NVML),
@@ -200,8 +235,14 @@ def attribute(candidate: dict, gpu_samples: list[dict], host: dict,
     found = _reconcile([x for x in tried if x and x[1] >= MIN_SCORE])
     ranked = sorted(((n, round(s, 3), e) for n, s, e in found), key=lambda x: -x[1])
     if not ranked or ranked[0][1] < UNKNOWN_BELOW:
-        ranked.insert(0, ("unknown", UNKNOWN_BELOW, {"dominant_phase": dominant_phase(candidate),
-                                                     "weak": [n for n, _, _ in ranked]}))
+        ranked.insert(
+            0,
+            (
+                "unknown",
+                UNKNOWN_BELOW,
+                {"dominant_phase": dominant_phase(candidate), "weak": [n for n, _, _ in ranked]},
+            ),
+        )
     return ranked
 
 
@@ -219,8 +260,9 @@ def _reconcile(found: list[Cause]) -> list[Cause]:
 def dominant_phase(candidate: dict) -> str | None:
     """Which phase of the oldest request's life took the longest (queue_wait, enqueue, complete_wait, reply)."""
     t = candidate.get("timings_us") or {}
-    phases: dict[str, float] = {k: t[k] for k in ("queue_wait", "enqueue", "complete_wait", "reply")
-                                if t.get(k) is not None}
+    phases: dict[str, float] = {
+        k: t[k] for k in ("queue_wait", "enqueue", "complete_wait", "reply") if t.get(k) is not None
+    }
     return max(phases, key=phases.__getitem__) if phases else None
 
 
@@ -236,7 +278,10 @@ def evidence_text(cause: str, ev: dict) -> str:
     """One short line saying why a cause was ranked."""
     if cause == "driver_lock":
         ops = ev.get("ops") or []
-        parts = [f"{o['op']}{' ' + o['detail'] if o.get('detail') else ''} {_fmt_us(o.get('dur_us'))}" for o in ops[:2]]
+        parts = [
+            f"{o['op']}{' ' + o['detail'] if o.get('detail') else ''} {_fmt_us(o.get('dur_us'))}"
+            for o in ops[:2]
+        ]
         more = f" +{ev.get('n_ops', len(ops)) - 2}" if ev.get("n_ops", len(ops)) > 2 else ""
         return f"{'; '.join(parts)}{more} (covers {ev.get('coverage', 0):.0%})"
     if cause == "lock_wait":
@@ -248,13 +293,17 @@ def evidence_text(cause: str, ev: dict) -> str:
         bits.extend(ev.get("host") or ())
         return ", ".join(bits)
     if cause == "throttling":
-        clk = f"SM {ev.get('sm_clock_mhz')}/{ev.get('sm_clock_max_mhz')} MHz" if ev.get("sm_clock_mhz") else ""
+        clk = (
+            f"SM {ev.get('sm_clock_mhz')}/{ev.get('sm_clock_max_mhz')} MHz" if ev.get("sm_clock_mhz") else ""
+        )
         ratio = f"GPU time x{ev['gpu_ratio']}" if ev.get("gpu_ratio") else ""
         return ", ".join(x for x in (",".join(ev.get("reasons") or ()), clk, ratio) if x)
     if cause == "foreign_process":
         procs = ev.get("processes") or []
-        return ", ".join(f"pid {p.get('pid')} {p.get('name', '')}".strip() if isinstance(p, dict) else f"pid {p}"
-                         for p in procs[:3])
+        return ", ".join(
+            f"pid {p.get('pid')} {p.get('name', '')}".strip() if isinstance(p, dict) else f"pid {p}"
+            for p in procs[:3]
+        )
     if cause == "unknown":
         return f"longest phase: {ev.get('dominant_phase') or '?'}"
     return ""
@@ -328,8 +377,11 @@ class StallLog:
                 self._append(line)
             except OSError as exc:
                 self._broken = True
-                log.error("[stall] cannot write %s (%s): stalls stay visible in status and metrics only",
-                          self.path, exc)
+                log.error(
+                    "[stall] cannot write %s (%s): stalls stay visible in status and metrics only",
+                    self.path,
+                    exc,
+                )
 
     def _append(self, line: str) -> None:
         if self._fh is None:

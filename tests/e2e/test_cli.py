@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from orchestrator.errors import ConfigError
 from tests.conftest import DEMO_MODEL, ROOT, cli, write_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -25,8 +26,10 @@ def cpu_config(tmp, **extra):
 def test_validate_ok_and_errors(short_tmp) -> None:
     ok = cli("validate", str(ROOT / "configs" / "cpu.toml"))
     assert ok.returncode == 0 and "OK" in ok.stdout
-    bad = write_config(short_tmp, {"model": {"max_batch": "big", "kind": "onnx", "path": "missing.onnx"},
-                                   "workers": {"count": 0}})
+    bad = write_config(
+        short_tmp,
+        {"model": {"max_batch": "big", "kind": "onnx", "path": "missing.onnx"}, "workers": {"count": 0}},
+    )
     p = cli("validate", str(bad))
     assert p.returncode == 2
     assert 'model.max_batch: expected a positive integer, got "big"' in p.stderr
@@ -39,7 +42,11 @@ def test_validate_ok_and_errors(short_tmp) -> None:
 
 def test_nothing_running(short_tmp) -> None:
     cfg = cpu_config(short_tmp)
-    for args in (("status", str(cfg), "--once", "--json"), ("stop", str(cfg)), ("status", str(cfg), "--once")):
+    for args in (
+        ("status", str(cfg), "--once", "--json"),
+        ("stop", str(cfg)),
+        ("status", str(cfg), "--once"),
+    ):
         p = cli(*args)
         assert p.returncode == 1 and "no orchestrator is running" in p.stderr and "Traceback" not in p.stderr
 
@@ -83,8 +90,13 @@ def test_detach_reports_a_worker_that_cannot_start(short_tmp) -> None:
 
 def test_foreground_start_and_ctrl_c(short_tmp) -> None:
     cfg = cpu_config(short_tmp)
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "start", str(cfg)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "start", str(cfg)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -112,9 +124,52 @@ def test_arenas_that_do_not_fit_in_shared_memory_are_a_config_error(short_tmp) -
         probe = probe.parent
     st = os.statvfs(probe)
     too_big = (st.f_bavail * st.f_frsize >> 20) + 1  # one MiB more than is free, per worker
-    cfg = write_config(short_tmp, {"workers": {"device": "cpu", "count": 2},
-                                   "transport": {"shm_mb": too_big, "shm_max_lease_mb": 1}})
+    cfg = write_config(
+        short_tmp,
+        {"workers": {"device": "cpu", "count": 2}, "transport": {"shm_mb": too_big, "shm_max_lease_mb": 1}},
+    )
     for cmd in ("validate", "start"):
         proc = cli(cmd, str(cfg))
         assert proc.returncode == 2, (cmd, proc.stdout, proc.stderr)
         assert "transport.shm_mb: 2 worker(s)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("run_dir", "message"),
+    [
+        ("/proc/orchestrator-test/run", "cannot be created or used"),
+        ("{tmp}/file/run", "is not a directory"),
+    ],
+)
+def test_unusable_run_dir_is_one_line_at_validate_and_start(short_tmp, run_dir: str, message: str) -> None:
+    (short_tmp / "file").write_text("a file, not a directory")
+    cfg = write_config(
+        short_tmp, {"orchestrator": {"run_dir": run_dir.format(tmp=short_tmp)}, "workers": {"count": 1}}
+    )
+    for cmd in ("validate", "start"):
+        proc = cli(cmd, str(cfg))
+        assert proc.returncode == 2, (cmd, proc.stderr)
+        assert (
+            f"orchestrator.run_dir: {run_dir.format(tmp=short_tmp)}" in proc.stderr and message in proc.stderr
+        )
+        assert "Traceback" not in proc.stderr
+    assert not (short_tmp / "file").is_dir() and not any(
+        p.name.startswith(".orchestrator-check") for p in short_tmp.iterdir()
+    )
+
+
+def test_gpu_config_without_a_gpu_fails_validate_as_it_fails_start(short_tmp) -> None:
+    from orchestrator.devices import discover_or_explain
+
+    cfg = write_config(short_tmp, {"workers": {"device": "gpu"}})
+    try:
+        from orchestrator.config import load_config
+
+        discover_or_explain(load_config(cfg))
+        pytest.skip("this host has a GPU")
+    except ConfigError:
+        pass
+    for cmd in ("validate", "start"):
+        proc = cli(cmd, str(cfg))
+        assert proc.returncode == 2 and 'workers.device = "gpu" needs' in proc.stderr, (cmd, proc.stderr)
+        assert "Traceback" not in proc.stderr

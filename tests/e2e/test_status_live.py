@@ -36,8 +36,10 @@ def read_for(fd: int, seconds: float) -> str:
 
 
 def test_live_view_in_a_terminal(short_tmp, orchestrator_factory) -> None:
-    cfg = write_config(short_tmp, {"workers": {"count": 2},
-                                   "model": {"kind": "synthetic", "item_shape": [16], "max_batch": 8}})
+    cfg = write_config(
+        short_tmp,
+        {"workers": {"count": 2}, "model": {"kind": "synthetic", "item_shape": [16], "max_batch": 8}},
+    )
     orchestrator_factory(cfg)
     with Client(cfg) as c:
         for _ in range(50):
@@ -46,7 +48,9 @@ def test_live_view_in_a_terminal(short_tmp, orchestrator_factory) -> None:
     if pid == 0:  # child: the CLI on a terminal of 160 x 40
         os.environ.update(COLUMNS="160", LINES="40", TERM="xterm-256color")
         os.chdir(ROOT)
-        os.execv(sys.executable, [sys.executable, "-m", "orchestrator.cli", "status", str(cfg), "--refresh", "4"])
+        os.execv(
+            sys.executable, [sys.executable, "-m", "orchestrator.cli", "status", str(cfg), "--refresh", "4"]
+        )
     try:
         screen = read_for(fd, 3.0)
         assert "w0" in screen and "w1" in screen and "ready" in screen
@@ -68,11 +72,15 @@ def test_cpu_hog_is_attributed_to_preemption(short_tmp, orchestrator_factory) ->
     # One worker on one core with busy-loop hogs on the same core: its batches get preempted. Each batch
     # computes for about a millisecond (work 200): with the ~0.1 ms batches of work 20, a shared-memory
     # request computed in place was too short to be preempted often, and under load no stall showed.
-    cfg = write_config(short_tmp, {
-        "workers": {"count": 1, "cpu_affinity": [[0]]},
-        "model": {"kind": "synthetic", "item_shape": [256], "work": 200, "max_batch": 16},
-        "monitor": {"stall_factor": 4.0, "stall_min_us": 1000},
-        "debug": {"inject": "cpu_hog", "inject_period_ms": 50}})
+    cfg = write_config(
+        short_tmp,
+        {
+            "workers": {"count": 1, "cpu_affinity": [[0]]},
+            "model": {"kind": "synthetic", "item_shape": [256], "work": 200, "max_batch": 16},
+            "monitor": {"stall_factor": 4.0, "stall_min_us": 1000},
+            "debug": {"inject": "cpu_hog", "inject_period_ms": 50},
+        },
+    )
     orch = orchestrator_factory(cfg)
     x = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32)
     with Client(cfg) as c:

@@ -27,7 +27,9 @@ def poison(slots: list) -> None:
             arr.fill(np.nan)
 
 
-def drive(pipe: Any, batches: list[dict[str, np.ndarray]], on_batch: Any = None) -> dict[int, dict[str, np.ndarray]]:
+def drive(
+    pipe: Any, batches: list[dict[str, np.ndarray]], on_batch: Any = None
+) -> dict[int, dict[str, np.ndarray]]:
     """Push requests through the pipeline as a worker would: launch while a slot is free, wait on the
     oldest only when no slot is free or nothing is left to launch. Returns outputs per request index."""
     from workers.pipeline import Request
@@ -39,7 +41,7 @@ def drive(pipe: Any, batches: list[dict[str, np.ndarray]], on_batch: Any = None)
         if on_batch is not None:
             on_batch(batch)
         for req, off in batch.parts:
-            out[req.request_id] = {n: batch.slot.outputs[n][off:off + req.rows].copy() for n in names}
+            out[req.request_id] = {n: batch.slot.outputs[n][off : off + req.rows].copy() for n in names}
 
     pending = list(enumerate(batches))
     pending.reverse()
@@ -59,4 +61,6 @@ def drive(pipe: Any, batches: list[dict[str, np.ndarray]], on_batch: Any = None)
 def same_bits(got: np.ndarray, want: np.ndarray) -> bool:
     """Bit-identical, except that any NaN equals any NaN (payloads may differ)."""
     gn, wn = np.isnan(got), np.isnan(want)
-    return bool(np.array_equal(gn, wn) and np.array_equal(got[~gn].view(np.uint32), want[~wn].view(np.uint32)))
+    return bool(
+        np.array_equal(gn, wn) and np.array_equal(got[~gn].view(np.uint32), want[~wn].view(np.uint32))
+    )

@@ -25,12 +25,16 @@ WORK, ITEM, MAX_BATCH = 40, 512, 16
 
 
 def synthetic(tmp: Path, per_gpu: int = 1, **restart: object) -> Path:
-    return write_config(tmp, {
-        "workers": {"device": "gpu", "gpus": [0], "per_gpu": per_gpu},
-        "model": {"kind": "synthetic", "item_shape": [ITEM], "work": WORK, "max_batch": MAX_BATCH},
-        "pipeline": {"depth": 2, "cuda_graphs": True},
-        "transport": {"shm_mb": 64, "shm_max_lease_mb": 8},
-        "restart": {"backoff_initial_s": 0.2, **restart}})
+    return write_config(
+        tmp,
+        {
+            "workers": {"device": "gpu", "gpus": [0], "per_gpu": per_gpu},
+            "model": {"kind": "synthetic", "item_shape": [ITEM], "work": WORK, "max_batch": MAX_BATCH},
+            "pipeline": {"depth": 2, "cuda_graphs": True},
+            "transport": {"shm_mb": 64, "shm_max_lease_mb": 8},
+            "restart": {"backoff_initial_s": 0.2, **restart},
+        },
+    )
 
 
 def test_synthetic_every_bucket_and_status(short_tmp: Path, orchestrator_factory) -> None:
@@ -49,7 +53,11 @@ def test_synthetic_every_bucket_and_status(short_tmp: Path, orchestrator_factory
     assert w["module_loading"] == "EAGER" and w["engine"]["cuda_graphs"] is True, w
     assert w["faults"] == 0
     assert st["monitor"]["nvml"] is True
-    gpu = next(iter(st["monitor"]["gpus"].values())) if isinstance(st["monitor"]["gpus"], dict) else st["monitor"]["gpus"][0]
+    gpu = (
+        next(iter(st["monitor"]["gpus"].values()))
+        if isinstance(st["monitor"]["gpus"], dict)
+        else st["monitor"]["gpus"][0]
+    )
     assert gpu.get("sm_clock_mhz") and gpu.get("power_w") is not None, gpu
     text = cli("status", str(config), "--once").stdout
     assert "ready" in text and "EAGER" in cli("status", str(config), "--once", "--json").stdout
@@ -82,8 +90,13 @@ def test_sigkilled_gpu_worker_under_load_loses_nothing(short_tmp: Path, orchestr
     while done[0] < 200 and time.monotonic() < deadline:
         time.sleep(0.05)
     os.kill(before["w1"]["pid"], signal.SIGKILL)
-    st = orch.wait_status(lambda s: {w["id"]: w for w in s["workers"]}["w1"]["state"] == "ready"
-                          and {w["id"]: w for w in s["workers"]}["w1"]["pid"] != before["w1"]["pid"], timeout=120)
+    st = orch.wait_status(
+        lambda s: (
+            {w["id"]: w for w in s["workers"]}["w1"]["state"] == "ready"
+            and {w["id"]: w for w in s["workers"]}["w1"]["pid"] != before["w1"]["pid"]
+        ),
+        timeout=120,
+    )
     at_restart = done[0]
     deadline = time.monotonic() + 30
     while done[0] < at_restart + 200 and time.monotonic() < deadline:
@@ -103,12 +116,21 @@ def test_torch_program_end_to_end(short_tmp: Path, orchestrator_factory) -> None
 
     model = tm.encoder()
     path = tm.export(model, short_tmp, aoti=False)  # AOTInductor packages: see test_torch_gpu.py
-    config = write_config(short_tmp, {
-        "workers": {"device": "gpu", "gpus": [0]},
-        "model": {"kind": "torch", "path": str(path), "max_batch": tm.MAX_BATCH,
-                  "dims": [{"name": "seq", "buckets": [8, 16, 32]}]},
-        "pipeline": {"depth": 2, "cuda_graphs": True},
-        "transport": {"shm_mb": 64, "shm_max_lease_mb": 8}}, name="torch.toml")
+    config = write_config(
+        short_tmp,
+        {
+            "workers": {"device": "gpu", "gpus": [0]},
+            "model": {
+                "kind": "torch",
+                "path": str(path),
+                "max_batch": tm.MAX_BATCH,
+                "dims": [{"name": "seq", "buckets": [8, 16, 32]}],
+            },
+            "pipeline": {"depth": 2, "cuda_graphs": True},
+            "transport": {"shm_mb": 64, "shm_max_lease_mb": 8},
+        },
+        name="torch.toml",
+    )
     orch = orchestrator_factory(config)
     rng = np.random.default_rng(2)
     for shm in (True, False):
@@ -124,8 +146,9 @@ def test_torch_program_end_to_end(short_tmp: Path, orchestrator_factory) -> None
                 with torch.no_grad():
                     want = model(torch.from_numpy(ids).cuda(), torch.from_numpy(mask).cuda())
                 for name, w in zip(tm.OUTPUTS, want, strict=True):
-                    np.testing.assert_allclose(got[name].astype(np.float32), w.float().cpu().numpy(),
-                                               atol=2e-2, rtol=2e-2)
+                    np.testing.assert_allclose(
+                        got[name].astype(np.float32), w.float().cpu().numpy(), atol=2e-2, rtol=2e-2
+                    )
     st = orch.wait_status(lambda s: s["workers"][0]["requests"] >= 80)
     w = st["workers"][0]
     assert w["engine"]["graphs"] == "on" and w["engine"]["program"] == "exported_program", w["engine"]
@@ -135,9 +158,14 @@ def test_torch_program_end_to_end(short_tmp: Path, orchestrator_factory) -> None
 def test_bad_tensorrt_plan_through_start(short_tmp: Path) -> None:
     plan = short_tmp / "bad.plan"
     plan.write_bytes(b"this is not a TensorRT plan" * 10)
-    config = write_config(short_tmp, {"workers": {"device": "gpu", "gpus": [0]},
-                                      "model": {"kind": "tensorrt", "path": str(plan), "max_batch": 8},
-                                      "restart": {"enabled": False}})
+    config = write_config(
+        short_tmp,
+        {
+            "workers": {"device": "gpu", "gpus": [0]},
+            "model": {"kind": "tensorrt", "path": str(plan), "max_batch": 8},
+            "restart": {"enabled": False},
+        },
+    )
     proc = cli("start", str(config), "--detach", timeout=180)
     if proc.returncode == 2:  # no TensorRT runtime on this host: refused before any worker starts
         assert "needs TensorRT" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

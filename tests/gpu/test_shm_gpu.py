@@ -26,8 +26,14 @@ MAX_BATCH = 16
 def build(engines: list, tmp: Path, graphs: bool):
     from workers.engines.synthetic_gpu import SyntheticGpuEngine
 
-    cfg = gpu_config(model__work=WORK, model__item_shape=list(ITEM), model__max_batch=MAX_BATCH,
-                     pipeline__depth=3, pipeline__cuda_graphs=graphs, pipeline__sync="spin")
+    cfg = gpu_config(
+        model__work=WORK,
+        model__item_shape=list(ITEM),
+        model__max_batch=MAX_BATCH,
+        pipeline__depth=3,
+        pipeline__cuda_graphs=graphs,
+        pipeline__sync="spin",
+    )
     eng = SyntheticGpuEngine(cfg)
     engines.append(eng)
     arena = Arena(tmp, "w0", 16, 8)
@@ -47,7 +53,9 @@ def test_exact_through_the_arena_for_every_bucket(engines: list, short_tmp: Path
     lease = arena.attach(__import__("os").getpid(), 4 << 20)
     row = ITEM[0] * 4
     rng = np.random.default_rng(3)
-    sizes = list(pipe.buckets) + [b - 1 for b in pipe.buckets if b > 2] + [int(s) for s in rng.integers(1, 5, 10)]
+    sizes = (
+        list(pipe.buckets) + [b - 1 for b in pipe.buckets if b > 2] + [int(s) for s in rng.integers(1, 5, 10)]
+    )
     for k, rows in enumerate(sizes):
         # One batch of several requests: shared-memory ones at lease offsets, and (every other batch) one
         # frame request first, so mixed batches are covered too.
@@ -75,9 +83,11 @@ def test_exact_through_the_arena_for_every_bucket(engines: list, short_tmp: Path
         def complete(b, got=got) -> None:
             for req, r0 in b.parts:
                 if req.shm is None:
-                    got[req.request_id] = b.slot.outputs["y"][r0:r0 + req.rows].copy()
+                    got[req.request_id] = b.slot.outputs["y"][r0 : r0 + req.rows].copy()
                 else:
-                    got[req.request_id] = arena.view(req.shm.outputs[0], np.dtype(np.float32), (req.rows, *ITEM)).copy()
+                    got[req.request_id] = arena.view(
+                        req.shm.outputs[0], np.dtype(np.float32), (req.rows, *ITEM)
+                    ).copy()
 
         pipe.complete_oldest(complete)
         for i, w in want.items():
@@ -86,11 +96,15 @@ def test_exact_through_the_arena_for_every_bucket(engines: list, short_tmp: Path
 
 
 def test_clients_attach_and_detach_without_driver_operations(short_tmp: Path, orchestrator_factory) -> None:
-    config = write_config(short_tmp, {
-        "workers": {"device": "gpu", "gpus": [0]},
-        "model": {"kind": "synthetic", "item_shape": [512], "work": 50, "max_batch": 16},
-        "pipeline": {"depth": 3, "cuda_graphs": True, "sync": "spin"},
-        "transport": {"shm_mb": 64, "shm_max_lease_mb": 2}})
+    config = write_config(
+        short_tmp,
+        {
+            "workers": {"device": "gpu", "gpus": [0]},
+            "model": {"kind": "synthetic", "item_shape": [512], "work": 50, "max_batch": 16},
+            "pipeline": {"depth": 3, "cuda_graphs": True, "sync": "spin"},
+            "transport": {"shm_mb": 64, "shm_max_lease_mb": 2},
+        },
+    )
     orch = orchestrator_factory(config)
     st0 = orch.status()
     w0 = st0["workers"][0]
@@ -103,7 +117,9 @@ def test_clients_attach_and_detach_without_driver_operations(short_tmp: Path, or
                 x = rng.random((int(rng.integers(1, 17)), 512), dtype=np.float32)
                 y = c.infer(x)["y"]
                 wrong += not same_bits(y, synthetic_math.reference(x, 50))
-    st = orch.wait_status(lambda s: s["workers"][0]["shm"]["requests"] >= 200 and s["workers"][0]["shm"]["leases"] == 0)
+    st = orch.wait_status(
+        lambda s: s["workers"][0]["shm"]["requests"] >= 200 and s["workers"][0]["shm"]["leases"] == 0
+    )
     w = st["workers"][0]
     assert wrong == 0
     assert w["shm"]["requests"] >= 200 and w["shm"]["leases"] == 0

@@ -24,11 +24,19 @@ ITEM = (1000,)  # not a multiple of the block size: the kernel's tail guard is e
 MAX_BATCH = 16
 
 
-def build(engines: list, depth: int, graphs: bool, sync: str, work: int = WORK, item=ITEM, max_batch=MAX_BATCH):
+def build(
+    engines: list, depth: int, graphs: bool, sync: str, work: int = WORK, item=ITEM, max_batch=MAX_BATCH
+):
     from workers.engines.synthetic_gpu import SyntheticGpuEngine
 
-    cfg = gpu_config(model__work=work, model__item_shape=list(item), model__max_batch=max_batch,
-                     pipeline__depth=depth, pipeline__cuda_graphs=graphs, pipeline__sync=sync)
+    cfg = gpu_config(
+        model__work=work,
+        model__item_shape=list(item),
+        model__max_batch=max_batch,
+        pipeline__depth=depth,
+        pipeline__cuda_graphs=graphs,
+        pipeline__sync=sync,
+    )
     eng = SyntheticGpuEngine(cfg)
     engines.append(eng)
     pipe = Pipeline(eng, depth, max_queue=1024, max_queue_delay_us=0, buckets=cfg.buckets)
@@ -89,21 +97,33 @@ def test_steady_state_has_no_driver_faults(engines: list) -> None:
     assert JOURNAL.faults == faults0 and JOURNAL.total == total0, JOURNAL.since(0)[-5:]
     assert eng.faults() == faults0
     e = np.array(enqueue_ns) / 1e3
-    log.warning("steady state: 2000 batches, enqueue p50 %.1f us p99 %.1f us max %.1f us, >1 ms: %d, "
-                "GPU time p50 %.1f us", np.percentile(e, 50), np.percentile(e, 99), e.max(),
-                int((e > 1000).sum()), np.percentile(gpu_us, 50))
+    log.warning(
+        "steady state: 2000 batches, enqueue p50 %.1f us p99 %.1f us max %.1f us, >1 ms: %d, "
+        "GPU time p50 %.1f us",
+        np.percentile(e, 50),
+        np.percentile(e, 99),
+        e.max(),
+        int((e > 1000).sum()),
+        np.percentile(gpu_us, 50),
+    )
     assert min(gpu_us) > 0
 
 
-@pytest.mark.parametrize("kind,ops", [("pinned_alloc", {"pinned_alloc", "pinned_free"}),
-                                      ("device_alloc", {"device_alloc", "device_free"}),
-                                      ("module_load", {"module_load", "module_unload"})])
+@pytest.mark.parametrize(
+    "kind,ops",
+    [
+        ("pinned_alloc", {"pinned_alloc", "pinned_free"}),
+        ("device_alloc", {"device_alloc", "device_free"}),
+        ("module_load", {"module_load", "module_unload"}),
+    ],
+)
 def test_injection_threads_produce_faults(engines: list, kind: str, ops: set[str]) -> None:
     eng, pipe = build(engines, 2, True, "spin")
     seq0 = JOURNAL.since(0)[-1].seq if JOURNAL.since(0) else 0
     faults0 = JOURNAL.faults
-    cfg = gpu_config(pipeline__cuda_graphs=True, debug__inject=kind, debug__inject_period_ms=5,
-                     debug__inject_bytes=8 << 20)
+    cfg = gpu_config(
+        pipeline__cuda_graphs=True, debug__inject=kind, debug__inject_period_ms=5, debug__inject_bytes=8 << 20
+    )
     inj = inject.start(cfg)
     assert inj is not None
     x = np.random.default_rng(1).random((8, *ITEM), dtype=np.float32)

@@ -32,7 +32,9 @@ def load(tmp_path: Path, data: bytes | None, runtime: str) -> EngineError:
     plan = tmp_path / "model.plan"
     if data is not None:
         plan.write_bytes(data)
-    cfg = gpu_config(model__kind="tensorrt", model__path=str(plan), model__runtime=runtime, model__max_batch=4)
+    cfg = gpu_config(
+        model__kind="tensorrt", model__path=str(plan), model__runtime=runtime, model__max_batch=4
+    )
     with pytest.raises(EngineError) as err:
         TensorRTEngine(cfg)
     log.warning("%s -> %s", "missing" if data is None else f"{len(data)} B", err.value)

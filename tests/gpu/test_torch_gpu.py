@@ -47,9 +47,15 @@ def _engine(path: Path, engines: list, graphs: bool = True, depth: int = 2) -> t
     from workers.engines.torch_engine import TorchEngine
     from workers.pipeline import Pipeline
 
-    cfg = gpu_config(model__kind="torch", model__path=str(path), model__max_batch=tm.MAX_BATCH,
-                     model__dims=[{"name": "seq", "buckets": [8, 16, 32]}], pipeline__cuda_graphs=graphs,
-                     pipeline__depth=depth, transport__shm_mb=0)
+    cfg = gpu_config(
+        model__kind="torch",
+        model__path=str(path),
+        model__max_batch=tm.MAX_BATCH,
+        model__dims=[{"name": "seq", "buckets": [8, 16, 32]}],
+        pipeline__cuda_graphs=graphs,
+        pipeline__depth=depth,
+        transport__shm_mb=0,
+    )
     eng = TorchEngine(cfg)
     engines.append(eng)
     pipe = Pipeline(eng, depth, 64, 0, cfg.buckets)
@@ -64,8 +70,10 @@ def _requests(seed: int, n: int) -> list[dict[str, np.ndarray]]:
     for _ in range(n):
         rows, length = int(rng.integers(1, tm.MAX_BATCH // 2 + 1)), int(rng.integers(1, tm.MAX_SEQ + 1))
         mask = np.ones((rows, length), np.int64)
-        mask[:, int(rng.integers(1, length + 1)):] = 0
-        out.append({"input_ids": rng.integers(0, tm.VOCAB, (rows, length), dtype=np.int64), "attention_mask": mask})
+        mask[:, int(rng.integers(1, length + 1)) :] = 0
+        out.append(
+            {"input_ids": rng.integers(0, tm.VOCAB, (rows, length), dtype=np.int64), "attention_mask": mask}
+        )
     return out
 
 
@@ -77,7 +85,9 @@ def _run(pipe, reqs: list[dict[str, np.ndarray]]) -> dict[int, dict[str, np.ndar
 
     def complete(batch) -> None:
         for req, off in batch.parts:
-            out[req.request_id] = {s.name: pipe.output_view(batch, s.name, off, req).copy() for s in pipe.engine.outputs}
+            out[req.request_id] = {
+                s.name: pipe.output_view(batch, s.name, off, req).copy() for s in pipe.engine.outputs
+            }
 
     for i, r in enumerate(reqs):
         rows = pipe.check(r)
@@ -113,7 +123,9 @@ def test_mixed_lengths_match_the_model_run_alone(programs, engines: list, kind: 
             assert got.shape == want.shape
             np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-2, err_msg=f"request {i} {name}")
     d = eng.describe()
-    assert d["module_loading"] == "EAGER" and d["program"] == ("aoti" if kind == "aoti" else "exported_program")
+    assert d["module_loading"] == "EAGER" and d["program"] == (
+        "aoti" if kind == "aoti" else "exported_program"
+    )
     if graphs:
         # One graph per (slot, batch bucket, size bucket): 2 slots x 4 batch buckets x 3 sequence buckets.
         assert d["graphs"] == "on" and d["graphs_captured"] == 2 * 4 * 3, d
@@ -143,8 +155,9 @@ def test_failed_capture_runs_uncaptured_and_right(programs, engines: list, monke
     reqs = _requests(3, 16)
     out = _run(pipe, reqs)
     for i, r in enumerate(reqs):
-        np.testing.assert_allclose(out[i]["pooler_output"].astype(np.float32), _expected(model, r)[1],
-                                   atol=2e-2, rtol=2e-2)
+        np.testing.assert_allclose(
+            out[i]["pooler_output"].astype(np.float32), _expected(model, r)[1], atol=2e-2, rtol=2e-2
+        )
 
 
 def test_program_without_dynamic_batch_is_refused(tmp_path: Path, engines: list) -> None:
@@ -152,7 +165,10 @@ def test_program_without_dynamic_batch_is_refused(tmp_path: Path, engines: list)
     from workers.engines.torch_engine import TorchEngine
 
     model = tm.encoder()
-    example = (torch.ones(2, 8, dtype=torch.int64, device="cuda"), torch.ones(2, 8, dtype=torch.int64, device="cuda"))
+    example = (
+        torch.ones(2, 8, dtype=torch.int64, device="cuda"),
+        torch.ones(2, 8, dtype=torch.int64, device="cuda"),
+    )
     ep = torch.export.export(model, example)
     path = tmp_path / "fixed.ep.pt2"
     torch.export.save(ep, str(path))

@@ -38,7 +38,9 @@ def aoti_load_problem(path: Path) -> str | None:
     import sys
 
     code = "import sys, torch; torch._inductor.aoti_load_package(sys.argv[1], run_single_threaded=True)"
-    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300
+    )
     if proc.returncode == 0:
         return None
     tail = proc.stderr.strip().splitlines()[-1:] or [""]
@@ -54,7 +56,10 @@ def export(model: Any, out: Path, aoti: bool) -> Path:
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     seq = torch.export.Dim("seq", min=1, max=MAX_SEQ)
     dyn = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
-    example = (torch.ones(2, 8, dtype=torch.int64, device="cuda"), torch.ones(2, 8, dtype=torch.int64, device="cuda"))
+    example = (
+        torch.ones(2, 8, dtype=torch.int64, device="cuda"),
+        torch.ones(2, 8, dtype=torch.int64, device="cuda"),
+    )
     with torch.no_grad():
         ep = torch.export.export(model, example, dynamic_shapes=dyn)
     path = out / ("tiny.pt2" if aoti else "tiny.ep.pt2")

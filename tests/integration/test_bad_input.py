@@ -59,9 +59,13 @@ CASES = {
 }
 
 
-def test_every_bad_input_gets_a_typed_error_and_the_worker_keeps_serving(short_tmp, orchestrator_factory) -> None:
-    cfg = write_config(short_tmp, {"workers": {"count": 1},
-                                   "model": {"kind": "synthetic", "item_shape": [8], "max_batch": 4}})
+def test_every_bad_input_gets_a_typed_error_and_the_worker_keeps_serving(
+    short_tmp, orchestrator_factory
+) -> None:
+    cfg = write_config(
+        short_tmp,
+        {"workers": {"count": 1}, "model": {"kind": "synthetic", "item_shape": [8], "max_batch": 4}},
+    )
     orch = orchestrator_factory(cfg)
     (w,) = orch.status()["workers"]
     ctx = zmq.Context()

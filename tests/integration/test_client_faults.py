@@ -23,8 +23,12 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.mark.parametrize("shm", [False, True])
-def test_dead_supervisor_fails_calls_at_once_and_clients_reconnect(short_tmp, orchestrator_factory, shm: bool) -> None:
-    cfg = synthetic_config(short_tmp, work=100000, count=2)  # ~0.2 s batches: requests are queued when it dies
+def test_dead_supervisor_fails_calls_at_once_and_clients_reconnect(
+    short_tmp, orchestrator_factory, shm: bool
+) -> None:
+    cfg = synthetic_config(
+        short_tmp, work=100000, count=2
+    )  # ~0.2 s batches: requests are queued when it dies
     orch = orchestrator_factory(cfg)
     sup_pid = orch.status()["pid"]
     x = rows(1, 64)
@@ -47,7 +51,9 @@ def test_dead_supervisor_fails_calls_at_once_and_clients_reconnect(short_tmp, or
         th = threading.Thread(target=call)
         th.start()
         started.wait(5)
-        wait_until(lambda: futs[0].done(), 20, "the workers to be busy with the submitted requests", every=0.01)
+        wait_until(
+            lambda: futs[0].done(), 20, "the workers to be busy with the submitted requests", every=0.01
+        )
         os.kill(sup_pid, signal.SIGKILL)
         t0 = time.monotonic()
         done, not_done = wait(futs, timeout=10)
@@ -60,14 +66,18 @@ def test_dead_supervisor_fails_calls_at_once_and_clients_reconnect(short_tmp, or
         if blocking.get("outcome") != "result":
             assert isinstance(blocking["outcome"], UnavailableError), repr(blocking.get("outcome"))
             assert blocking["t"] - t0 <= 3.0
-        print(f"figure: {len(failed)} calls in flight failed with UnavailableError {time.monotonic() - t0:.2f} s "
-              f"after the supervisor's SIGKILL at the latest")
+        print(
+            f"figure: {len(failed)} calls in flight failed with UnavailableError {time.monotonic() - t0:.2f} s "
+            f"after the supervisor's SIGKILL at the latest"
+        )
         t1 = time.monotonic()
         with pytest.raises(UnavailableError, match="supervisor"):
             c.infer(x)
         with pytest.raises(UnavailableError):
             c.submit(x).result(5)
-        assert time.monotonic() - t1 < 1.0, "new calls on a client that knows the supervisor is gone must fail at once"
+        assert time.monotonic() - t1 < 1.0, (
+            "new calls on a client that knows the supervisor is gone must fail at once"
+        )
         assert time.monotonic() - t0 <= 3.0 + 1.0
         t2 = time.monotonic()
         with pytest.raises(UnavailableError):
@@ -138,8 +148,10 @@ def test_frozen_worker_costs_only_its_own_requests(short_tmp, orchestrator_facto
     assert rate >= 0.5 * before_rate, f"{rate:.0f} calls/s during the stop against {before_rate:.0f} before"
     slow = [d for t, d in calls if t_stop - 0.5 <= t < t_end and d > 2.0]
     assert not slow, f"{len(slow)} calls waited over 2 s, the longest {max(slow):.2f} s"
-    print(f"figure: {rate:.0f} calls/s during the stop against {before_rate:.0f} before; longest call "
-          f"{max(d for t, d in calls if t_stop - 0.5 <= t < t_end):.2f} s")
+    print(
+        f"figure: {rate:.0f} calls/s during the stop against {before_rate:.0f} before; longest call "
+        f"{max(d for t, d in calls if t_stop - 0.5 <= t < t_end):.2f} s"
+    )
 
 
 @pytest.mark.slow

@@ -23,23 +23,34 @@ from workers.pipeline import Pipeline, Request
 pytestmark = pytest.mark.timeout(300)
 
 SEQ_MODEL = ROOT / "models" / "demo-seq.onnx"
-SEQ_DIM = {"name": "seq", "min": 1, "max": 128, "buckets": [32, 64, 128],
-           "pad": {"input_ids": 0, "attention_mask": 0}}
+SEQ_DIM = {
+    "name": "seq",
+    "min": 1,
+    "max": 128,
+    "buckets": [32, 64, 128],
+    "pad": {"input_ids": 0, "attention_mask": 0},
+}
 
 
 def seq_config(tmp: Path, dims: list | None = None, count: int = 2) -> Path:
     model: dict = {"kind": "onnx", "path": str(SEQ_MODEL), "max_batch": 64}
     if dims is not None:
         model["dims"] = dims
-    return write_config(tmp, {"workers": {"device": "cpu", "count": count}, "model": model,
-                              "pipeline": {"depth": 2, "max_queue_delay_us": 5000},
-                              "transport": {"shm_mb": 16, "shm_max_lease_mb": 4}})
+    return write_config(
+        tmp,
+        {
+            "workers": {"device": "cpu", "count": count},
+            "model": model,
+            "pipeline": {"depth": 2, "max_queue_delay_us": 5000},
+            "transport": {"shm_mb": 16, "shm_max_lease_mb": 4},
+        },
+    )
 
 
 def make_request(rng: np.random.Generator, rows: int, length: int) -> dict[str, np.ndarray]:
     ids = rng.integers(0, 1000, (rows, length), dtype=np.int64)
     mask = np.ones((rows, length), np.int64)
-    mask[:, int(rng.integers(1, length + 1)):] = 0  # some trailing positions already masked by the caller
+    mask[:, int(rng.integers(1, length + 1)) :] = 0  # some trailing positions already masked by the caller
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -71,22 +82,36 @@ def test_mixed_lengths_from_several_clients_match_onnx_runtime_alone(short_tmp, 
     assert not failures, failures[:5]
 
 
-def test_sizes_outside_the_range_and_mismatched_sizes_are_typed_errors(short_tmp, orchestrator_factory) -> None:
+def test_sizes_outside_the_range_and_mismatched_sizes_are_typed_errors(
+    short_tmp, orchestrator_factory
+) -> None:
     config = seq_config(short_tmp, [SEQ_DIM], count=1)
     orchestrator_factory(config)
     for shm in (False, True):
         with Client(config, shm=shm) as c:
             with pytest.raises(InvalidInputError, match="dimension 'seq' is 129; the model takes 1 to 128"):
-                c.infer({"input_ids": np.zeros((1, 129), np.int64), "attention_mask": np.zeros((1, 129), np.int64)})
-            with pytest.raises(InvalidInputError, match="dimension 'seq' is 9 in tensor 'attention_mask' but 8"):
-                c.infer({"input_ids": np.zeros((1, 8), np.int64), "attention_mask": np.zeros((1, 9), np.int64)})
-            ok = c.infer({"input_ids": np.zeros((2, 128), np.int64), "attention_mask": np.ones((2, 128), np.int64)})
+                c.infer(
+                    {
+                        "input_ids": np.zeros((1, 129), np.int64),
+                        "attention_mask": np.zeros((1, 129), np.int64),
+                    }
+                )
+            with pytest.raises(
+                InvalidInputError, match="dimension 'seq' is 9 in tensor 'attention_mask' but 8"
+            ):
+                c.infer(
+                    {"input_ids": np.zeros((1, 8), np.int64), "attention_mask": np.zeros((1, 9), np.int64)}
+                )
+            ok = c.infer(
+                {"input_ids": np.zeros((2, 128), np.int64), "attention_mask": np.ones((2, 128), np.int64)}
+            )
             assert ok["last_hidden_state"].shape == (2, 128, 16)
 
 
 def _pipeline(dims: list) -> Pipeline:
-    cfg = parse_config({"model": {"kind": "onnx", "path": str(SEQ_MODEL), "max_batch": 8, "dims": dims}},
-                       check_files=False)
+    cfg = parse_config(
+        {"model": {"kind": "onnx", "path": str(SEQ_MODEL), "max_batch": 8, "dims": dims}}, check_files=False
+    )
     engine = OnnxCpuEngine(cfg)
     p = Pipeline(engine, depth=2, max_queue=64, max_queue_delay_us=0, buckets=(8,))
     engine.warmup(p.slots, p.buckets)
@@ -119,7 +144,7 @@ def test_requests_are_batched_by_bucket_padded_and_cut_back() -> None:
         got = p.output_view(batch, "last_hidden_state", off, req)
         assert got.shape == want.shape and np.array_equal(got, want)
     # Padded positions hold the pad value (0) in the staged inputs.
-    staged = batch.slot.inputs["input_ids"].reshape(-1)[:batch.padded * 32].reshape(batch.padded, 32)
+    staged = batch.slot.inputs["input_ids"].reshape(-1)[: batch.padded * 32].reshape(batch.padded, 32)
     assert not staged[0:2, 10:].any()
     nxt = p.launch_next(0, expired.append)
     assert [r.request_id for r, _ in nxt.parts] == [1] and nxt.slot.dims == (64,)
@@ -134,13 +159,16 @@ def test_without_buckets_only_equal_sizes_share_a_batch() -> None:
     assert [r.request_id for r, _ in batch.parts] == [0, 2] and batch.slot.dims == (10,)
 
 
-@pytest.mark.parametrize(("dims", "message"), [
-    (None, "dimension 'seq' with no upper bound"),
-    ([{"name": "sequence", "max": 64}], "no dynamic input dimension 'sequence'"),
-    ([{"name": "seq", "max": 64, "buckets": [16, 32]}], "the last bucket must equal max (64)"),
-    ([{"name": "seq", "max": 64, "pad": {"token_type_ids": 0}}], "'token_type_ids' is not an input"),
-    ([{"name": "seq", "max": 64, "follow": {"pooler_output": 2}}], "has no axis 2"),
-])
+@pytest.mark.parametrize(
+    ("dims", "message"),
+    [
+        (None, "dimension 'seq' with no upper bound"),
+        ([{"name": "sequence", "max": 64}], "no dynamic input dimension 'sequence'"),
+        ([{"name": "seq", "max": 64, "buckets": [16, 32]}], "the last bucket must equal max (64)"),
+        ([{"name": "seq", "max": 64, "pad": {"token_type_ids": 0}}], "'token_type_ids' is not an input"),
+        ([{"name": "seq", "max": 64, "follow": {"pooler_output": 2}}], "has no axis 2"),
+    ],
+)
 def test_bad_dims_config_is_one_line_at_validate_and_start(short_tmp, dims, message) -> None:
     config = seq_config(short_tmp, dims)
     for command in ("validate", "start"):
@@ -151,9 +179,16 @@ def test_bad_dims_config_is_one_line_at_validate_and_start(short_tmp, dims, mess
 
 def test_dims_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError) as err:
-        parse_config({"model": {"kind": "onnx", "path": "m.onnx", "dims": [{"name": "seq", "max": 8, "min": 9},
-                                                                          {"name": "seq", "buckets": [4, 2]}]}},
-                     check_files=False)
+        parse_config(
+            {
+                "model": {
+                    "kind": "onnx",
+                    "path": "m.onnx",
+                    "dims": [{"name": "seq", "max": 8, "min": 9}, {"name": "seq", "buckets": [4, 2]}],
+                }
+            },
+            check_files=False,
+        )
     text = str(err.value)
     assert "model.dims[0]: min 9 exceeds max 8" in text
     assert "model.dims[1].name: dimension 'seq' is configured twice" in text
@@ -165,16 +200,21 @@ def test_dims_config_errors_name_the_key() -> None:
 def test_torch_without_torch_is_one_line_naming_the_extra(short_tmp) -> None:
     pt2 = short_tmp / "m.pt2"
     pt2.write_bytes(b"not used: torch is checked first")
-    config = write_config(short_tmp, {"workers": {"device": "gpu"}, "model": {"kind": "torch", "path": str(pt2)}})
+    config = write_config(
+        short_tmp, {"workers": {"device": "gpu"}, "model": {"kind": "torch", "path": str(pt2)}}
+    )
     try:
         import torch  # noqa: F401
+
         pytest.skip("torch is installed here; the CI image has none")
     except ImportError:
         pass
     proc = cli("validate", str(config))
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert "orchestrator[torch]" in proc.stderr and "Traceback" not in proc.stderr and len(lines) == 2, proc.stderr
+    assert "orchestrator[torch]" in proc.stderr and "Traceback" not in proc.stderr and len(lines) == 2, (
+        proc.stderr
+    )
 
 
 def test_engine_error_names_what_to_configure() -> None:

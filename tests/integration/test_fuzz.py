@@ -32,8 +32,13 @@ PER_EXAMPLE = 100  # messages per hypothesis example
 EXAMPLES = 105  # > 10,000 messages per endpoint
 REPLY_TIMEOUT_MS = 10_000
 
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 # No shrinking: the system under test is a live process, so replaying shrunk inputs against a worker that a
 # failing example may have killed would shrink towards the wrong culprit. Hypothesis prints the whole batch.
 
@@ -60,9 +65,45 @@ class Msg:
 # of the bytes. Drawing every byte through hypothesis costs ~25 us per draw: 10,000 structured messages
 # per endpoint would take minutes, and this keeps each fuzz test within seconds.
 
-DTYPES = ["<f4", "<f4", "f4", "<f8", "|b1", "?", "<i4", "u1", "<f2", "f16", "O", "V8", "S3", "U2", "(2)f",
-          "f4,f4", "M8", "c8", "", "a", "float32", "xx", "<f4 ", "()f", ",", ",f4", "(,)f", "[f4", "(2"]
-HUGE_DIMS = [0, 1, 2**16, 2**30, 2**31 - 1, 2**31 - 1]  # element counts that overflow int64, or huge next to a zero
+DTYPES = [
+    "<f4",
+    "<f4",
+    "f4",
+    "<f8",
+    "|b1",
+    "?",
+    "<i4",
+    "u1",
+    "<f2",
+    "f16",
+    "O",
+    "V8",
+    "S3",
+    "U2",
+    "(2)f",
+    "f4,f4",
+    "M8",
+    "c8",
+    "",
+    "a",
+    "float32",
+    "xx",
+    "<f4 ",
+    "()f",
+    ",",
+    ",f4",
+    "(,)f",
+    "[f4",
+    "(2",
+]
+HUGE_DIMS = [
+    0,
+    1,
+    2**16,
+    2**30,
+    2**31 - 1,
+    2**31 - 1,
+]  # element counts that overflow int64, or huge next to a zero
 ODD_DIMS = [-1, 2**31, True, 1.0, None, "4", [2]]
 
 
@@ -78,13 +119,18 @@ def rand_value(rng: random.Random, depth: int = 0) -> Any:
     if k == 3:
         return rng.choice([0.0, -0.0, math.inf, -math.inf, math.nan, rng.uniform(-1e9, 1e9)])
     if k == 4:
-        return "".join(chr(rng.choice([rng.randint(32, 126), rng.randint(0x80, 0x10FFFF) & ~0x800]))
-                       for _ in range(rng.randrange(12)))
+        return "".join(
+            chr(rng.choice([rng.randint(32, 126), rng.randint(0x80, 0x10FFFF) & ~0x800]))
+            for _ in range(rng.randrange(12))
+        )
     if k in (5, 6):
         return rng.randbytes(rng.randrange(16))
     if k in (7, 8):
         return [rand_value(rng, depth + 1) for _ in range(rng.randrange(5))]
-    return {rng.choice([rand_str(rng), rng.randint(-3, 3)]): rand_value(rng, depth + 1) for _ in range(rng.randrange(4))}
+    return {
+        rng.choice([rand_str(rng), rng.randint(-3, 3)]): rand_value(rng, depth + 1)
+        for _ in range(rng.randrange(4))
+    }
 
 
 def rand_str(rng: random.Random) -> str:
@@ -105,7 +151,10 @@ def rand_spec(rng: random.Random) -> Any:
     elif rng.random() < 0.1:
         shape = rand_value(rng)
     else:
-        shape = [rng.randint(0, 9) if rng.random() < 0.9 else rng.choice(ODD_DIMS) for _ in range(rng.randint(0, 9))]
+        shape = [
+            rng.randint(0, 9) if rng.random() < 0.9 else rng.choice(ODD_DIMS)
+            for _ in range(rng.randint(0, 9))
+        ]
     return [name, dtype, shape]
 
 
@@ -133,7 +182,9 @@ def header_message(rng: random.Random) -> Msg:
     head: list[Any] = [
         mostly(rng, protocol.VERSION, [0, 2, -1, None, "1", 1.0]),
         mostly(rng, 1, [0, 2, None, "infer"]),
-        mostly(rng, rng.choice([rng.randint(0, 2**64 - 1), rng.randint(0, 1000)]), [-1, None, 1.5, "7", True]),
+        mostly(
+            rng, rng.choice([rng.randint(0, 2**64 - 1), rng.randint(0, 1000)]), [-1, None, 1.5, "7", True]
+        ),
         mostly(rng, rng.choice([0, 0, rng.randint(0, 2**64 - 1)]), [-1, None, 0.5, "x", False]),
         mostly(rng, [rand_spec(rng) for _ in range(rng.randint(0, 3))], [rand_value(rng)]),
     ]
@@ -153,7 +204,9 @@ def rand_x(rng: random.Random) -> np.ndarray:
 
 def mutated_request(rng: random.Random) -> Msg:
     frames = [bytes(f) for f in protocol.encode_request(rng.randint(0, 2**40), {"x": rand_x(rng)})]
-    op = rng.choice(["cut header", "drop frame", "cut tensor", "grow tensor", "extra frame", "flip", "empties"])
+    op = rng.choice(
+        ["cut header", "drop frame", "cut tensor", "grow tensor", "extra frame", "flip", "empties"]
+    )
     if op == "cut header":
         frames[0] = frames[0][: rng.randrange(len(frames[0]))]
     elif op == "drop frame":
@@ -166,7 +219,7 @@ def mutated_request(rng: random.Random) -> Msg:
         frames.append(rng.randbytes(rng.randrange(16)))
     elif op == "flip":
         i = rng.randrange(len(frames[0]))
-        frames[0] = frames[0][:i] + bytes([rng.randrange(256)]) + frames[0][i + 1:]
+        frames[0] = frames[0][:i] + bytes([rng.randrange(256)]) + frames[0][i + 1 :]
     else:
         frames = [b""] * rng.randint(1, 4)
     return Msg(frames)  # may still be valid by chance (a flipped request id): then it gets a result
@@ -196,7 +249,9 @@ def control_message(kind: str, seed: int) -> Msg:
         return Msg([msgpack.packb(value)])
     if kind == "multipart":  # the supervisor answers single-frame requests only; these get no reply
         return Msg(rand_frames(rng, 2, 5, 40))
-    cmd = rng.choice(["status", "endpoints", "ping", "STOP", "stop ", "", "nope", rand_str(rng), rand_value(rng)])
+    cmd = rng.choice(
+        ["status", "endpoints", "ping", "STOP", "stop ", "", "nope", rand_str(rng), rand_value(rng)]
+    )
     if cmd == "stop":  # the one command that would end the test
         cmd = "ping"
     env = {"id": rand_value(rng), "cmd": cmd, "args": rand_value(rng) if rng.random() < 0.7 else {}}
@@ -214,13 +269,20 @@ def batches(build: Any, kinds: list[str], big: int) -> st.SearchStrategy[list[Ms
 
     @st.composite
     def strategy(draw: Any) -> list[Msg]:
-        recipe = draw(st.lists(st.tuples(st.sampled_from(kinds), st.integers(0, 2**32 - 1)),
-                               min_size=PER_EXAMPLE, max_size=PER_EXAMPLE))
+        recipe = draw(
+            st.lists(
+                st.tuples(st.sampled_from(kinds), st.integers(0, 2**32 - 1)),
+                min_size=PER_EXAMPLE,
+                max_size=PER_EXAMPLE,
+            )
+        )
         msgs = [build(kind, seed) for kind, seed in recipe]
         if draw(st.integers(0, 3)) == 0:  # large but allowed: answered like any other bad message
             msgs[draw(st.integers(0, PER_EXAMPLE - 1))] = Msg([bytes(big - draw(st.integers(0, 1000)))])
         if draw(st.integers(0, 3)) == 0:
-            msgs.insert(draw(st.integers(0, PER_EXAMPLE)), Msg([], oversize=MAX_MSG + draw(st.integers(1, 4096))))
+            msgs.insert(
+                draw(st.integers(0, PER_EXAMPLE)), Msg([], oversize=MAX_MSG + draw(st.integers(1, 4096)))
+            )
         return msgs
 
     return strategy()
@@ -283,9 +345,14 @@ class Peer:
 
 
 def start(short_tmp: Path, orchestrator_factory: Any) -> tuple[Any, dict]:
-    cfg = write_config(short_tmp, {"workers": {"count": 1},
-                                   "model": {"kind": "synthetic", "item_shape": [ITEM], "max_batch": MAX_BATCH},
-                                   "transport": {"max_message_bytes": MAX_MSG}})
+    cfg = write_config(
+        short_tmp,
+        {
+            "workers": {"count": 1},
+            "model": {"kind": "synthetic", "item_shape": [ITEM], "max_batch": MAX_BATCH},
+            "transport": {"max_message_bytes": MAX_MSG},
+        },
+    )
     orch = orchestrator_factory(cfg)
     return orch, orch.status()
 
@@ -392,8 +459,11 @@ def test_fuzz_control_endpoint(short_tmp, orchestrator_factory) -> None:
         replies = [msgpack.unpackb(r[0], raw=False, strict_map_key=False) for r in raw + ctl.recv(due)]
         for rep in replies:
             assert isinstance(rep, dict) and set(rep) >= {"id", "ok", "code"}, rep
-        pongs = {r["id"]: r for r in replies if type(r["id"]) is int and r["ok"] and isinstance(r.get("data"), dict)
-                 and "pong" in r["data"]}
+        pongs = {
+            r["id"]: r
+            for r in replies
+            if type(r["id"]) is int and r["ok"] and isinstance(r.get("data"), dict) and "pong" in r["data"]
+        }
         for pid in ping_ids:
             assert pongs[pid]["data"]["pid"] == before["pid"]
         v = _fresh_valid()  # and the data plane is unaffected
@@ -410,22 +480,35 @@ def test_fuzz_control_endpoint(short_tmp, orchestrator_factory) -> None:
     assert_nothing_died(orch, before)
 
 
-def test_headers_that_numpy_chokes_on_get_an_error_reply_not_a_dead_worker(short_tmp, orchestrator_factory) -> None:
+def test_headers_that_numpy_chokes_on_get_an_error_reply_not_a_dead_worker(
+    short_tmp, orchestrator_factory
+) -> None:
     """Found by the fuzz tests above. A shape whose element count overflows int64 (or is huge next to a zero
     dimension) made numpy raise ValueError, and dtype strings such as "," made np.dtype raise SyntaxError,
     inside the worker's receive path: one two-frame message killed the worker."""
     orch, before = start(short_tmp, orchestrator_factory)
     ctx = zmq.Context()
     peer = Peer(ctx, before["workers"][0]["endpoint"])
-    cases = [("<f4", [65536, 65536, 65536, 65536]), ("<f4", [0, 2**31 - 1, 2**31 - 1, 2**31 - 1]),
-             ("<f4", [2**30, 2**30, 16, 1]), (",", [2, 8]), (",f4", [2, 8]), ("(,)f", [2, 8])]
+    cases = [
+        ("<f4", [65536, 65536, 65536, 65536]),
+        ("<f4", [0, 2**31 - 1, 2**31 - 1, 2**31 - 1]),
+        ("<f4", [2**30, 2**30, 16, 1]),
+        (",", [2, 8]),
+        (",f4", [2, 8]),
+        ("(,)f", [2, 8]),
+    ]
     try:
         for i, (dtype, shape) in enumerate(cases):
             head = msgpack.packb([protocol.VERSION, 1, 10 + i, 0, [["x", dtype, shape]]])
             peer.send(Msg([head, b""]))
             (reply,) = peer.recv(1)
             rep = protocol.decode_reply(reply)
-            assert rep.code != ErrorCode.OK and rep.request_id == 10 + i, (dtype, shape, rep.code, rep.message)
+            assert rep.code != ErrorCode.OK and rep.request_id == 10 + i, (
+                dtype,
+                shape,
+                rep.code,
+                rep.message,
+            )
             v = _fresh_valid()
             peer.send(v)
             check_data_replies([v], peer.recv(1))
@@ -439,10 +522,16 @@ def test_headers_that_numpy_chokes_on_get_an_error_reply_not_a_dead_worker(short
 
 @pytest.mark.filterwarnings("ignore:Data type alias:DeprecationWarning")
 @settings(max_examples=2000, deadline=None, database=None)
-@given(st.lists(st.tuples(st.text(max_size=8) | st.sampled_from(DTYPES), st.lists(st.integers(0, 2**31 - 1) |
-                                                                               st.sampled_from(HUGE_DIMS), max_size=9)),
-                max_size=3),
-       st.lists(st.binary(max_size=64), max_size=3))
+@given(
+    st.lists(
+        st.tuples(
+            st.text(max_size=8) | st.sampled_from(DTYPES),
+            st.lists(st.integers(0, 2**31 - 1) | st.sampled_from(HUGE_DIMS), max_size=9),
+        ),
+        max_size=3,
+    ),
+    st.lists(st.binary(max_size=64), max_size=3),
+)
 def test_request_decoding_raises_only_typed_errors(specs: list, frames: list[bytes]) -> None:
     """In-process companion of the fuzz tests: whatever the header holds, decoding and admission raise only
     the request-scoped errors the worker answers with (anything else would escape its receive loop)."""

@@ -19,6 +19,7 @@ import pytest
 
 from orchestrator.client import Client
 from orchestrator.config import Config, parse_config
+from orchestrator.errors import ShuttingDownError
 from orchestrator.monitor import http
 from orchestrator.supervisor import Supervisor
 from tests.conftest import write_config
@@ -53,12 +54,16 @@ def until(pred, timeout: float, what: str, every: float = 0.02):
 
 
 def config(tmp: Path, port: int, work: int = 5, **orch: object) -> Path:
-    return write_config(tmp, {
-        "orchestrator": {"min_ready_workers": 2, "stop_timeout_s": 20, **orch},
-        "workers": {"device": "cpu", "count": 2},
-        "model": {"kind": "synthetic", "item_shape": [16], "work": work, "max_batch": 8},
-        "monitor": {"metrics_port": port},
-        "restart": {"backoff_initial_s": 3.0}})
+    return write_config(
+        tmp,
+        {
+            "orchestrator": {"min_ready_workers": 2, "stop_timeout_s": 20, **orch},
+            "workers": {"device": "cpu", "count": 2},
+            "model": {"kind": "synthetic", "item_shape": [16], "work": work, "max_batch": 8},
+            "monitor": {"metrics_port": port},
+            "restart": {"backoff_initial_s": 3.0},
+        },
+    )
 
 
 def test_probes_follow_the_workers(short_tmp: Path, orchestrator_factory) -> None:
@@ -97,26 +102,44 @@ def test_sigterm_fails_readyz_first_then_drains(short_tmp: Path, orchestrator_fa
         flip = time.monotonic() - t0
         assert flip < 1.0 and body["reason"].startswith("draining"), (flip, body)
         print(f"\n/readyz 503 {flip * 1000:.0f} ms after SIGTERM")
-        done = [f.result(timeout=60) for f in futures]  # what was accepted drains: every result, right
+        # What the workers had accepted drains; a request that reached a worker after it began to drain is
+        # refused with ShuttingDownError (a client with failover sends it to another host). Nothing is lost,
+        # wrong or left waiting.
+        done, refused = [], 0
+        for f in futures:
+            try:
+                done.append(f.result(timeout=60))
+            except ShuttingDownError:
+                refused += 1
     want = reference(x, work)
+    assert len(done) + refused == len(futures) and len(done) >= 2
     assert all(np.array_equal(d["y"], want) for d in done)
 
 
 def test_a_stuck_supervisor_loop_fails_livez_and_readyz(tmp_path: Path) -> None:
-    cfg = parse_config({"orchestrator": {"run_dir": str(tmp_path / "run")}, "monitor": {"livez_stall_s": 0.5}},
-                       check_files=False)
+    cfg = parse_config(
+        {"orchestrator": {"run_dir": str(tmp_path / "run")}, "monitor": {"livez_stall_s": 0.5}},
+        check_files=False,
+    )
     sup = Supervisor(cfg)
     assert sup.health()["live"]
     sup._last_tick -= 0.6  # the loop has not turned for longer than livez_stall_s
     h = sup.health()
     assert not h["live"] and not h["ready"]
-    assert http.probe_reply(h, "/livez") == (503, {"ok": False, "reason": h["live_reason"], "ready_workers": 0,
-                                                   "workers": 0, "min_ready_workers": 1})
+    assert http.probe_reply(h, "/livez") == (
+        503,
+        {"ok": False, "reason": h["live_reason"], "ready_workers": 0, "workers": 0, "min_ready_workers": 1},
+    )
 
 
 def test_http_server_serves_probes_without_prometheus(monkeypatch) -> None:
     monkeypatch.setattr(http, "_prometheus", lambda data: (None, "prometheus-client is not installed"))
-    verdict = {"live": True, "ready": False, "ready_reason": "0 of 1 workers ready; 1 needed", "started": False}
+    verdict = {
+        "live": True,
+        "ready": False,
+        "ready_reason": "0 of 1 workers ready; 1 needed",
+        "started": False,
+    }
     server = http.start_http_server("127.0.0.1", 0, lambda: verdict, dict)
     port = server.server_address[1]
     try:

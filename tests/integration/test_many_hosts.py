@@ -68,15 +68,28 @@ class Hosts:
         self.port = free_ports(3)  # control, events, metrics: the same ports on every host, as in a DaemonSet
         for addr in ADDRS:
             (tmp / addr).mkdir()
-        self.configs = [write_config(tmp / addr, {
-            "orchestrator": {"name": f"h{i}", "stop_timeout_s": 5},
-            "workers": {"device": "cpu", "count": 1},
-            "model": {"kind": "synthetic", "item_shape": [ITEM], "work": WORK, "max_batch": 32},
-            "transport": {"kind": "tcp", "host": addr, "control_port": self.port, "curve": True,
-                          "curve_server_secret": str(self.server_secret), "curve_clients_dir": str(allowed),
-                          "shm_mb": 0},
-            "monitor": {"metrics_port": self.port + 2, "http_host": addr},
-            "restart": {"backoff_initial_s": 0.2}}) for i, addr in enumerate(ADDRS)]
+        self.configs = [
+            write_config(
+                tmp / addr,
+                {
+                    "orchestrator": {"name": f"h{i}", "stop_timeout_s": 5},
+                    "workers": {"device": "cpu", "count": 1},
+                    "model": {"kind": "synthetic", "item_shape": [ITEM], "work": WORK, "max_batch": 32},
+                    "transport": {
+                        "kind": "tcp",
+                        "host": addr,
+                        "control_port": self.port,
+                        "curve": True,
+                        "curve_server_secret": str(self.server_secret),
+                        "curve_clients_dir": str(allowed),
+                        "shm_mb": 0,
+                    },
+                    "monitor": {"metrics_port": self.port + 2, "http_host": addr},
+                    "restart": {"backoff_initial_s": 0.2},
+                },
+            )
+            for i, addr in enumerate(ADDRS)
+        ]
         self.orchs = [factory(c) for c in self.configs]
 
     def endpoint(self, i: int) -> str:
@@ -155,7 +168,9 @@ def test_host_lost_and_restarted_under_load(short_tmp: Path, orchestrator_factor
         victim = hosts.orchs[1].status()["pid"]
         t_kill = time.monotonic()
         os.kill(victim, signal.SIGKILL)  # the host's workers die with their supervisor
-        until(lambda: c.hosts[hosts.label(1)]["state"] != "up", 5, "the client to give the host up", every=0.005)
+        until(
+            lambda: c.hosts[hosts.label(1)]["state"] != "up", 5, "the client to give the host up", every=0.005
+        )
         dropped_after = time.monotonic() - t_kill
         at_loss = load.ok
         until(lambda: load.ok > at_loss + 20, 30, "load to go on")  # a pick made just before is sent by now
@@ -163,18 +178,29 @@ def test_host_lost_and_restarted_under_load(short_tmp: Path, orchestrator_factor
         until(lambda: load.ok > at_loss + 120, 30, "load to go on without the host")
         assert c.hosts[hosts.label(1)]["sent"] == sent_at_loss  # nothing new for the lost host
         # The host comes back (same address and ports, new worker endpoints).
-        until(lambda: cli("start", str(hosts.configs[1]), "--detach", timeout=60).returncode == 0, 60, "restart",
-              every=0.5)
+        until(
+            lambda: cli("start", str(hosts.configs[1]), "--detach", timeout=60).returncode == 0,
+            60,
+            "restart",
+            every=0.5,
+        )
         until(lambda: hosts.readyz(1) == 200, 30, "/readyz 200 on the restarted host")
         t_ready = time.monotonic()
-        until(lambda: c.hosts[hosts.label(1)]["sent"] > sent_at_loss, 10, "load on the restarted host", every=0.005)
+        until(
+            lambda: c.hosts[hosts.label(1)]["sent"] > sent_at_loss,
+            10,
+            "load on the restarted host",
+            every=0.005,
+        )
         took_load = time.monotonic() - t_ready
     assert not load.errors, load.errors[:3]
     assert load.wrong == 0 and load.ok == load.sent, (load.ok, load.sent)  # none lost, each answered once
     assert dropped_after < 2.0, f"the dead host kept getting work for {dropped_after:.2f}s"
     assert took_load < 5.0, f"the restarted host took load {took_load:.2f}s after /readyz"
-    print(f"\nhost dropped after {dropped_after * 1000:.0f} ms; restarted host took load {took_load * 1000:.0f} ms "
-          f"after /readyz 200; {load.ok} requests, 0 lost")
+    print(
+        f"\nhost dropped after {dropped_after * 1000:.0f} ms; restarted host took load {took_load * 1000:.0f} ms "
+        f"after /readyz 200; {load.ok} requests, 0 lost"
+    )
 
 
 def test_hosts_follow_a_dns_name(short_tmp: Path, orchestrator_factory) -> None:
@@ -187,7 +213,10 @@ def test_hosts_follow_a_dns_name(short_tmp: Path, orchestrator_factory) -> None:
         return list(listed)
 
     target = f"tcp://orchestrator.test.svc:{hosts.port}"
-    with Client(target, curve=hosts.keys, resolve=resolve, resolve_interval_s=0.1, timeout=30) as c, Load(c) as load:
+    with (
+        Client(target, curve=hosts.keys, resolve=resolve, resolve_interval_s=0.1, timeout=30) as c,
+        Load(c) as load,
+    ):
         assert lookups[0] == "orchestrator.test.svc" and set(c.hosts) == {hosts.label(0), hosts.label(1)}
         assert all(h["state"] == "up" for h in c.hosts.values())
         until(lambda: hosts.served(0) > 0 and hosts.served(1) > 0, 30, "both listed hosts to serve")
@@ -210,23 +239,37 @@ def test_status_json_of_a_host(short_tmp: Path, orchestrator_factory) -> None:
         assert json.loads(r.read()) == {"ok": True, "ready_workers": 1, "workers": 1, "min_ready_workers": 1}
 
 
-def test_a_host_bound_to_every_interface_is_reached_at_the_address_used(short_tmp: Path, orchestrator_factory) -> None:
+def test_a_host_bound_to_every_interface_is_reached_at_the_address_used(
+    short_tmp: Path, orchestrator_factory
+) -> None:
     """A pod binds 0.0.0.0 and advertises it; the client connects to the address its control endpoint reached."""
     keys = short_tmp / "keys"
     _, server_secret = keygen(keys, "server")
     _, client_secret = keygen(short_tmp / "client", "app")
     port = free_ports(2)
-    config = write_config(short_tmp, {
-        "workers": {"device": "cpu", "count": 1},
-        "model": {"kind": "synthetic", "item_shape": [ITEM], "work": WORK, "max_batch": 8},
-        "transport": {"kind": "tcp", "host": "0.0.0.0", "control_port": port, "curve": True,
-                      "curve_server_secret": str(server_secret), "shm_mb": 0}})
+    config = write_config(
+        short_tmp,
+        {
+            "workers": {"device": "cpu", "count": 1},
+            "model": {"kind": "synthetic", "item_shape": [ITEM], "work": WORK, "max_batch": 8},
+            "transport": {
+                "kind": "tcp",
+                "host": "0.0.0.0",
+                "control_port": port,
+                "curve": True,
+                "curve_server_secret": str(server_secret),
+                "shm_mb": 0,
+            },
+        },
+    )
     orch = orchestrator_factory(config)
     assert orch.status()["workers"][0]["endpoint"].startswith("tcp://0.0.0.0:")
     x = np.ones((2, ITEM), np.float32)
     with Client(f"tcp://{ADDRS[0]}:{port}", curve=ClientKeys(keys / "server.key", client_secret)) as c:
         assert c.workers[0]["endpoint"].startswith(f"tcp://{ADDRS[0]}:")
-        assert c._io.workers["w0"].endpoint.startswith(f"tcp://{ADDRS[0]}:")  # what the I/O thread connects to
+        assert c._io.workers["w0"].endpoint.startswith(
+            f"tcp://{ADDRS[0]}:"
+        )  # what the I/O thread connects to
         assert np.array_equal(c.infer(x)["y"], reference(x, WORK))
         assert np.array_equal(c.submit(x).result(30)["y"], reference(x, WORK))
 
@@ -241,7 +284,12 @@ def test_a_silent_host_is_given_up_and_taken_back(short_tmp: Path, orchestrator_
         t0 = time.monotonic()
         os.kill(pid, signal.SIGSTOP)
         try:
-            until(lambda: c.hosts[hosts.label(2)]["state"] != "up", 5, "the silent host to be given up", every=0.005)
+            until(
+                lambda: c.hosts[hosts.label(2)]["state"] != "up",
+                5,
+                "the silent host to be given up",
+                every=0.005,
+            )
             silent_after = time.monotonic() - t0
         finally:
             os.kill(pid, signal.SIGCONT)

@@ -105,8 +105,10 @@ class Load:
         self.errors: list[BaseException] = []
         self.lock = threading.Lock()
         kinds = ["infer", "submit"] if use_submit else ["infer"]
-        self.threads = [threading.Thread(target=self._run, args=(i, kinds[i % len(kinds)]), daemon=True)
-                        for i in range(threads)]
+        self.threads = [
+            threading.Thread(target=self._run, args=(i, kinds[i % len(kinds)]), daemon=True)
+            for i in range(threads)
+        ]
 
     def _run(self, seed: int, kind: str) -> None:
         i = 0
@@ -141,15 +143,19 @@ class Load:
 # --- (a) restart after SIGKILL --------------------------------------------------------------------
 
 
-def test_sigkilled_worker_is_restarted_on_the_same_device_and_serves_again(short_tmp, orchestrator_factory) -> None:
+def test_sigkilled_worker_is_restarted_on_the_same_device_and_serves_again(
+    short_tmp, orchestrator_factory
+) -> None:
     orch = orchestrator_factory(synthetic_config(short_tmp))
     before = by_id(orch.status())
     with Client(orch.config) as c:
         x = rows(1)
         np.testing.assert_array_equal(c.infer(x)["y"], reference(x, 5))
         os.kill(before["w1"]["pid"], signal.SIGKILL)
-        st = orch.wait_status(lambda s: by_id(s)["w1"]["state"] == "ready"
-                              and by_id(s)["w1"]["pid"] != before["w1"]["pid"], timeout=30)
+        st = orch.wait_status(
+            lambda s: by_id(s)["w1"]["state"] == "ready" and by_id(s)["w1"]["pid"] != before["w1"]["pid"],
+            timeout=30,
+        )
         w1, w0 = by_id(st)["w1"], by_id(st)["w0"]
         assert w1["state"] == "ready", w1
         assert w1["restarts"] == 1, w1
@@ -172,11 +178,21 @@ def test_sigkilled_worker_is_restarted_on_the_same_device_and_serves_again(short
 
 
 @pytest.mark.slow
-def test_flapping_worker_is_quarantined_while_the_healthy_one_keeps_serving(short_tmp, orchestrator_factory) -> None:
+def test_flapping_worker_is_quarantined_while_the_healthy_one_keeps_serving(
+    short_tmp, orchestrator_factory
+) -> None:
     flap = 3
-    cfg = synthetic_config(short_tmp, debug={"inject": "crash_on_start", "inject_workers": ["w1"]},
-                           restart={"backoff_initial_s": 0.1, "backoff_max_s": 0.2, "flap_window_s": 30,
-                                    "flap_max_crashes": flap, "quarantine_s": 3})
+    cfg = synthetic_config(
+        short_tmp,
+        debug={"inject": "crash_on_start", "inject_workers": ["w1"]},
+        restart={
+            "backoff_initial_s": 0.1,
+            "backoff_max_s": 0.2,
+            "flap_window_s": 30,
+            "flap_max_crashes": flap,
+            "quarantine_s": 3,
+        },
+    )
     orch = orchestrator_factory(cfg, start=False)
     p = cli("start", str(cfg), "--detach")
     assert p.returncode == 1 and "w1" in p.stderr and "injected start-up crash" in p.stderr, p.stderr
@@ -218,7 +234,9 @@ def test_sigstopped_worker_is_detected_and_replaced(short_tmp, orchestrator_fact
         try:
             wait_until(lambda: gone(old), 5.0, "the stopped worker to be killed", every=0.02)
             detect = time.monotonic() - t0
-            st = orch.wait_status(lambda s: by_id(s)["w1"]["state"] == "ready" and by_id(s)["w1"]["pid"] != old, 30)
+            st = orch.wait_status(
+                lambda s: by_id(s)["w1"]["state"] == "ready" and by_id(s)["w1"]["pid"] != old, 30
+            )
             recover = time.monotonic() - t0
         finally:
             if not gone(old):
@@ -240,18 +258,25 @@ def test_sigstopped_worker_is_detected_and_replaced(short_tmp, orchestrator_fact
 
 def test_worker_that_stops_making_progress_is_killed_and_restarted(short_tmp, orchestrator_factory) -> None:
     hang = 1.5
-    cfg = synthetic_config(short_tmp, workers={"hang_timeout_s": hang},
-                           debug={"inject": "hang_after", "inject_after_batches": 5, "inject_workers": ["w0"]})
+    cfg = synthetic_config(
+        short_tmp,
+        workers={"hang_timeout_s": hang},
+        debug={"inject": "hang_after", "inject_after_batches": 5, "inject_workers": ["w0"]},
+    )
     orch = orchestrator_factory(cfg)
     old = by_id(orch.status())["w0"]
     with Client(orch.config, timeout=20) as c, Load(c, work=5, threads=3) as load:
         # Still heartbeating, so only the progress check can catch it.
-        st = orch.wait_status(lambda s: by_id(s)["w0"]["queued"] > 0 and by_id(s)["w0"]["state"] == "ready", 15)
+        st = orch.wait_status(
+            lambda s: by_id(s)["w0"]["queued"] > 0 and by_id(s)["w0"]["state"] == "ready", 15
+        )
         assert by_id(st)["w0"]["pid"] == old["pid"], "killed before it was seen hung with work queued"
         t_hung = time.monotonic()
         wait_until(lambda: gone(old["pid"]), hang + 4.0, "the hung worker to be killed", every=0.02)
         detect = time.monotonic() - t_hung
-        st = orch.wait_status(lambda s: by_id(s)["w0"]["state"] == "ready" and by_id(s)["w0"]["pid"] != old["pid"], 30)
+        st = orch.wait_status(
+            lambda s: by_id(s)["w0"]["state"] == "ready" and by_id(s)["w0"]["pid"] != old["pid"], 30
+        )
     w0, w1 = by_id(st)["w0"], by_id(st)["w1"]
     assert w0["restarts"] >= 1 and w0["state"] == "ready", w0
     log_text = (orch.run_dir / "logs" / "w0.log").read_text()
@@ -267,8 +292,13 @@ def test_worker_that_stops_making_progress_is_killed_and_restarted(short_tmp, or
 
 
 def _start_proc(cfg: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "start", str(cfg), "--detach"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "start", str(cfg), "--detach"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _supervisors(run_dir: Path) -> list[psutil.Process]:
@@ -281,7 +311,9 @@ def _supervisors(run_dir: Path) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-def test_supervisor_sigkill_under_load_then_clean_restart_and_single_instance(short_tmp, orchestrator_factory) -> None:
+def test_supervisor_sigkill_under_load_then_clean_restart_and_single_instance(
+    short_tmp, orchestrator_factory
+) -> None:
     cfg = synthetic_config(short_tmp, work=200)
     orch = orchestrator_factory(cfg)
     st = orch.status()
@@ -294,8 +326,12 @@ def test_supervisor_sigkill_under_load_then_clean_restart_and_single_instance(sh
             wait_until(lambda: load.ok > 50, 20, "load to get going")
             os.kill(sup_pid, signal.SIGKILL)
             t0 = time.monotonic()
-            wait_until(lambda: all(gone(p) for p in worker_pids), 3.0, "workers to exit after the supervisor died",
-                       every=0.02)
+            wait_until(
+                lambda: all(gone(p) for p in worker_pids),
+                3.0,
+                "workers to exit after the supervisor died",
+                every=0.02,
+            )
             exit_s = time.monotonic() - t0
         # every call returned (Load joins its threads): a result or a typed error, never a hang
         for exc in load.errors:
@@ -337,8 +373,14 @@ def test_every_client_call_has_a_finite_deadline(short_tmp, orchestrator_factory
     assert time.monotonic() - t0 < 3
     # One worker that stops serving after its first batch but keeps heartbeating, hang detection far away:
     # only the client's own deadline can end the calls.
-    orch = orchestrator_factory(synthetic_config(short_tmp, count=1, workers={"hang_timeout_s": 60},
-                                                 debug={"inject": "hang_after", "inject_after_batches": 1}))
+    orch = orchestrator_factory(
+        synthetic_config(
+            short_tmp,
+            count=1,
+            workers={"hang_timeout_s": 60},
+            debug={"inject": "hang_after", "inject_after_batches": 1},
+        )
+    )
     with Client(orch.config) as c:
         assert c.timeout == DEFAULT_TIMEOUT_S
         c.infer(rows(2))  # the one batch it serves
@@ -352,20 +394,30 @@ def test_every_client_call_has_a_finite_deadline(short_tmp, orchestrator_factory
 
 
 @pytest.mark.slow
-def test_worker_death_mid_request_gives_worker_dead_error_or_fails_over(short_tmp, orchestrator_factory) -> None:
+def test_worker_death_mid_request_gives_worker_dead_error_or_fails_over(
+    short_tmp, orchestrator_factory
+) -> None:
     # ~1.5 s of CPU per 64-row request, so requests are surely in flight when the worker is killed. Heartbeats
     # pause while a CPU batch runs: hang detection is set well above the batch time.
     work = 500_000
     x = rows(9, 64)
     expected = reference(x, work)
-    orch = orchestrator_factory(synthetic_config(short_tmp, count=2, work=work, workers={"hang_timeout_s": 30},
-                                                 restart={"backoff_initial_s": 0.1}))
+    orch = orchestrator_factory(
+        synthetic_config(
+            short_tmp, count=2, work=work, workers={"hang_timeout_s": 30}, restart={"backoff_initial_s": 0.1}
+        )
+    )
 
     def kill_and_wait(wid: str) -> None:
         w = by_id(orch.status())[wid]
         os.kill(w["pid"], signal.SIGKILL)
-        wait_until(lambda: by_id(orch.status())[wid]["state"] == "ready"
-                   and by_id(orch.status())[wid]["pid"] != w["pid"], 30, f"{wid} to come back")
+        wait_until(
+            lambda: (
+                by_id(orch.status())[wid]["state"] == "ready" and by_id(orch.status())[wid]["pid"] != w["pid"]
+            ),
+            30,
+            f"{wid} to come back",
+        )
 
     # failover off: both the I/O-thread path (submit) and the direct path (infer) raise WorkerDeadError
     with Client(orch.config, failover=False) as c:
@@ -425,8 +477,24 @@ def test_chaos_every_request_answered_once_and_correct_while_workers_die() -> No
     opts = ChaosOptions(requests=2000, rate=500, hang_timeout_s=1.5)
     r = run_chaos(opts)
     failed = [k for k, ok in r["checks"].items() if not ok]
-    assert not failed, (failed, {k: r[k] for k in ("sent", "answered_once", "unanswered", "duplicates", "correct",
-                                                   "wrong", "errors", "error_examples", "kills", "stops")})
+    assert not failed, (
+        failed,
+        {
+            k: r[k]
+            for k in (
+                "sent",
+                "answered_once",
+                "unanswered",
+                "duplicates",
+                "correct",
+                "wrong",
+                "errors",
+                "error_examples",
+                "kills",
+                "stops",
+            )
+        },
+    )
     assert r["correct"] == 2000 and len(r["kills"]) >= 3
     assert r["kill_detect"]["max_ms"] < 1000, r["kill_detect"]  # the process sentinel: immediate
     assert r["stop_detect"]["max_ms"] < (opts.hang_timeout_s + 2.5) * 1000, r["stop_detect"]

@@ -37,8 +37,11 @@ def free_port_pair() -> int:
 
 
 def base(**transport: object) -> dict:
-    return {"workers": {"count": 1}, "model": {"kind": "synthetic", "item_shape": [4], "max_batch": 8},
-            "transport": transport}
+    return {
+        "workers": {"count": 1},
+        "model": {"kind": "synthetic", "item_shape": [4], "max_batch": 8},
+        "transport": transport,
+    }
 
 
 def test_run_dir_and_socket_permissions(short_tmp, orchestrator_factory) -> None:
@@ -79,8 +82,16 @@ def test_curve_admits_authorised_clients_only(short_tmp, orchestrator_factory) -
     allowed.mkdir()
     (allowed / "alice.key").write_bytes((short_tmp / "clients-pending" / "alice.key").read_bytes())
     port = free_port_pair()
-    cfg = write_config(short_tmp, base(kind="tcp", control_port=port, curve=True,
-                                       curve_server_secret=str(server_secret), curve_clients_dir=str(allowed)))
+    cfg = write_config(
+        short_tmp,
+        base(
+            kind="tcp",
+            control_port=port,
+            curve=True,
+            curve_server_secret=str(server_secret),
+            curve_clients_dir=str(allowed),
+        ),
+    )
     orchestrator_factory(cfg)
     target = f"tcp://127.0.0.1:{port}"
     server_public = keys / "server.key"

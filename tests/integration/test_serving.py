@@ -27,15 +27,25 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def onnx_config(tmp: Path, **pipeline: object) -> Path:
-    return write_config(tmp, {"workers": {"device": "cpu", "count": 2},
-                              "model": {"kind": "onnx", "path": str(DEMO_MODEL), "max_batch": 64},
-                              "pipeline": {"depth": 2, **pipeline}})
+    return write_config(
+        tmp,
+        {
+            "workers": {"device": "cpu", "count": 2},
+            "model": {"kind": "onnx", "path": str(DEMO_MODEL), "max_batch": 64},
+            "pipeline": {"depth": 2, **pipeline},
+        },
+    )
 
 
 def synthetic_config(tmp: Path, work: int, count: int = 1, **pipeline: object) -> Path:
-    return write_config(tmp, {"workers": {"device": "cpu", "count": count},
-                              "model": {"kind": "synthetic", "item_shape": [256], "work": work, "max_batch": 64},
-                              "pipeline": {"depth": 2, **pipeline}})
+    return write_config(
+        tmp,
+        {
+            "workers": {"device": "cpu", "count": count},
+            "model": {"kind": "synthetic", "item_shape": [256], "work": work, "max_batch": 64},
+            "pipeline": {"depth": 2, **pipeline},
+        },
+    )
 
 
 def test_results_match_onnxruntime_and_status_shows_ready_workers(short_tmp, orchestrator_factory) -> None:
@@ -51,7 +61,9 @@ def test_results_match_onnxruntime_and_status_shows_ready_workers(short_tmp, orc
             x = rng.standard_normal((int(rng.integers(1, 65)), 64)).astype(np.float32)
             out = c.infer({"features": x})
             ref = sess.run(None, {"features": x})
-            worst = max(worst, float(np.abs(out["logits"] - ref[0]).max()), float(np.abs(out["probs"] - ref[1]).max()))
+            worst = max(
+                worst, float(np.abs(out["logits"] - ref[0]).max()), float(np.abs(out["probs"] - ref[1]).max())
+            )
             assert out["logits"].shape == (x.shape[0], 16)
     assert worst < 1e-5
     st = orch.wait_status(lambda s: sum(w["requests"] for w in s["workers"]) >= 50)
@@ -96,8 +108,10 @@ def test_coalescing_concurrent_clients_each_get_exactly_their_rows(short_tmp, or
         rng = np.random.default_rng(seed)
         try:
             with Client(orch.config) as c:
-                xs = [(rng.standard_normal((int(rng.integers(1, 9)), 256)) + seed).astype(np.float32)
-                      for _ in range(per_client)]
+                xs = [
+                    (rng.standard_normal((int(rng.integers(1, 9)), 256)) + seed).astype(np.float32)
+                    for _ in range(per_client)
+                ]
                 futs = [c.submit(x) for x in xs]
                 for x, f in zip(xs, futs, strict=True):
                     np.testing.assert_array_equal(f.result(60)["y"], reference(x, 300))
@@ -112,7 +126,9 @@ def test_coalescing_concurrent_clients_each_get_exactly_their_rows(short_tmp, or
     assert not errors, errors[0]
     (w,) = orch.wait_status(lambda s: s["workers"][0]["requests"] >= 8 * per_client)["workers"]
     assert w["requests"] == 8 * per_client
-    assert w["batches"] < w["requests"] * 0.5, f"no coalescing: {w['batches']} batches for {w['requests']} requests"
+    assert w["batches"] < w["requests"] * 0.5, (
+        f"no coalescing: {w['batches']} batches for {w['requests']} requests"
+    )
 
 
 def test_overload_answers_at_once_and_every_request_gets_one_reply(short_tmp, orchestrator_factory) -> None:

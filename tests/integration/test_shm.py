@@ -28,10 +28,15 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def synthetic(tmp: Path, work: int = 3, count: int = 1, **transport: object) -> Path:
-    return write_config(tmp, {"workers": {"device": "cpu", "count": count},
-                              "model": {"kind": "synthetic", "item_shape": [256], "work": work, "max_batch": 64},
-                              "pipeline": {"depth": 2, "max_queue_delay_us": 2000},
-                              "transport": {"shm_mb": 32, "shm_max_lease_mb": 4, **transport}})
+    return write_config(
+        tmp,
+        {
+            "workers": {"device": "cpu", "count": count},
+            "model": {"kind": "synthetic", "item_shape": [256], "work": work, "max_batch": 64},
+            "pipeline": {"depth": 2, "max_queue_delay_us": 2000},
+            "transport": {"shm_mb": 32, "shm_max_lease_mb": 4, **transport},
+        },
+    )
 
 
 def shm_of(orch, i: int = 0) -> dict:
@@ -39,9 +44,15 @@ def shm_of(orch, i: int = 0) -> dict:
 
 
 def test_same_results_as_frames_for_every_cpu_engine(short_tmp, orchestrator_factory) -> None:
-    onnx = write_config(short_tmp, {"workers": {"device": "cpu", "count": 2},
-                                    "model": {"kind": "onnx", "path": str(DEMO_MODEL), "max_batch": 64},
-                                    "transport": {"shm_mb": 16, "shm_max_lease_mb": 8}}, name="onnx.toml")
+    onnx = write_config(
+        short_tmp,
+        {
+            "workers": {"device": "cpu", "count": 2},
+            "model": {"kind": "onnx", "path": str(DEMO_MODEL), "max_batch": 64},
+            "transport": {"shm_mb": 16, "shm_max_lease_mb": 8},
+        },
+        name="onnx.toml",
+    )
     for config, name in ((synthetic(short_tmp), "x"), (onnx, "features")):
         orch = orchestrator_factory(config)
         rng = np.random.default_rng(1)
@@ -107,8 +118,15 @@ def test_async_client_and_infer_many_use_shared_memory(short_tmp, orchestrator_f
 
 
 def test_mode_and_errors_of_the_client(short_tmp, orchestrator_factory) -> None:
-    off = write_config(short_tmp, {"workers": {"device": "cpu"}, "model": {"kind": "synthetic", "max_batch": 64},
-                                   "transport": {"shm_mb": 0}}, name="off.toml")
+    off = write_config(
+        short_tmp,
+        {
+            "workers": {"device": "cpu"},
+            "model": {"kind": "synthetic", "max_batch": 64},
+            "transport": {"shm_mb": 0},
+        },
+        name="off.toml",
+    )
     orchestrator_factory(off)
     with Client(off) as c:
         assert not c.shm  # "auto" and no arena: frames
@@ -194,12 +212,22 @@ def test_hostile_spans_get_typed_errors_and_the_worker_keeps_serving(short_tmp, 
         for what, args in cases.items():
             code = infer(*args)
             assert code in (ErrorCode.INVALID_INPUT, ErrorCode.BATCH_TOO_LARGE), f"{what}: code {code}"
-        assert raw.call([protocol.VERSION, 1, 0, 0, [["x", "<f4", [1, 256], 0, 9]], [la, 0]]).code == ErrorCode.BAD_HEADER
+        assert (
+            raw.call([protocol.VERSION, 1, 0, 0, [["x", "<f4", [1, 256], 0, 9]], [la, 0]]).code
+            == ErrorCode.BAD_HEADER
+        )
         # Several requests in one message (INFER_MANY): the good ones complete together, each bad one gets
         # its own typed error, an entry without a usable id is dropped.
         raw.rid += 1
-        entries = [[901, 1, [0], row], [902, 2, [size], 3 * row], [903, 0, [0], row], [904, 1, [0, 0], row],
-                   [905, 1, [4 * row], 5 * row], ["x", 1, [0], row], [906, 10 ** 6, [0], row]]
+        entries = [
+            [901, 1, [0], row],
+            [902, 2, [size], 3 * row],
+            [903, 0, [0], row],
+            [904, 1, [0, 0], row],
+            [905, 1, [4 * row], 5 * row],
+            ["x", 1, [0], row],
+            [906, 10**6, [0], row],
+        ]
         raw.sock.send_multipart([msgpack.packb([protocol.VERSION, 4, 0, 0, [], [la, entries]])])
         got: dict[int, int] = {}
         while len(got) < 6:
@@ -209,13 +237,21 @@ def test_hostile_spans_get_typed_errors_and_the_worker_keeps_serving(short_tmp, 
                 got.update({r: code for r, _ in payload})
             else:
                 got[rid] = code
-        assert got == {901: 0, 905: 0, 902: ErrorCode.INVALID_INPUT, 903: ErrorCode.INVALID_INPUT,
-                       904: ErrorCode.INVALID_INPUT, 906: ErrorCode.BATCH_TOO_LARGE}
+        assert got == {
+            901: 0,
+            905: 0,
+            902: ErrorCode.INVALID_INPUT,
+            903: ErrorCode.INVALID_INPUT,
+            904: ErrorCode.INVALID_INPUT,
+            906: ErrorCode.BATCH_TOO_LARGE,
+        }
         assert raw.call([protocol.VERSION, 3, 0, 0, [], [la]]).code == ErrorCode.OK  # detach
         assert infer(la, 0, row) == ErrorCode.INVALID_INPUT, "a detached lease must be refused"
         assert infer(lb, 0, row) == ErrorCode.OK
         assert raw.call([protocol.VERSION, 2, 0, 0, [], [os.getpid(), -5]]).code == ErrorCode.INVALID_INPUT
-        assert raw.call([protocol.VERSION, 2, 0, 0, [], [1 << 30, 4096]]).code == ErrorCode.INVALID_INPUT  # no such pid
+        assert (
+            raw.call([protocol.VERSION, 2, 0, 0, [], [1 << 30, 4096]]).code == ErrorCode.INVALID_INPUT
+        )  # no such pid
         assert raw.call([protocol.VERSION, 3, 0, 0, [], [lb]]).code == ErrorCode.OK
     finally:
         raw.close()
@@ -280,8 +316,13 @@ def test_killed_clients_leave_no_lease_behind(short_tmp, orchestrator_factory) -
             else:
                 failures.append(got)
     assert killed == total, failures[:5]
-    st = orch.wait_status(lambda st: st["workers"][0]["shm"]["leases"] == 0
-                          and st["workers"][0]["shm"]["free_bytes"] == start["free_bytes"], timeout=30)
+    st = orch.wait_status(
+        lambda st: (
+            st["workers"][0]["shm"]["leases"] == 0
+            and st["workers"][0]["shm"]["free_bytes"] == start["free_bytes"]
+        ),
+        timeout=30,
+    )
     end = st["workers"][0]["shm"]
     assert end["leases"] == 0
     assert end["free_bytes"] == start["free_bytes"]
@@ -291,9 +332,14 @@ def test_killed_clients_leave_no_lease_behind(short_tmp, orchestrator_factory) -
 
 
 def test_oversized_frames_request_fails_at_once_and_others_succeed(short_tmp, orchestrator_factory) -> None:
-    config = write_config(short_tmp, {"workers": {"device": "cpu"},
-                                      "model": {"kind": "synthetic", "item_shape": [256], "max_batch": 100000},
-                                      "transport": {"max_message_bytes": 1 << 20, "shm_mb": 0}})
+    config = write_config(
+        short_tmp,
+        {
+            "workers": {"device": "cpu"},
+            "model": {"kind": "synthetic", "item_shape": [256], "max_batch": 100000},
+            "transport": {"max_message_bytes": 1 << 20, "shm_mb": 0},
+        },
+    )
     orchestrator_factory(config)
     big = np.ones((2048, 256), np.float32)  # 2 MiB: over the 1 MiB limit
     small = np.ones((4, 256), np.float32)
@@ -310,4 +356,6 @@ def test_oversized_frames_request_fails_at_once_and_others_succeed(short_tmp, or
         assert time.monotonic() - t0 < 30
         errors = [f.exception() for f in futs if f.exception() is not None]
         assert len(errors) == 1 and isinstance(errors[0], BatchTooLargeError)
-        assert all(np.array_equal(f.result()["y"], reference(small, 0)) for f in futs if f.exception() is None)
+        assert all(
+            np.array_equal(f.result()["y"], reference(small, 0)) for f in futs if f.exception() is None
+        )

@@ -88,8 +88,9 @@ class FakeRegistration:
 class FakeRuntime:
     def __init__(self) -> None:
         self.log: list[tuple] = []
-        self.info = types.SimpleNamespace(name="Fake GPU", uuid="GPU-fake", compute_capability=(9, 0),
-                                          driver_version="13.0", arch="sm_90")
+        self.info = types.SimpleNamespace(
+            name="Fake GPU", uuid="GPU-fake", compute_capability=(9, 0), driver_version="13.0", arch="sm_90"
+        )
         self.sched = None
 
     PinnedBuffer = FakeBuffer
@@ -113,5 +114,3 @@ class FakeRuntime:
     def capture(self, stream: FakeStream, enqueue: Any, detail: str = "") -> FakeGraph | None:
         self.log.append(("capture", detail))
         return FakeGraph(enqueue, self.log) if enqueue() is not False else None
-
-

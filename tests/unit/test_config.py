@@ -24,12 +24,18 @@ def test_defaults_are_valid() -> None:
 
 
 def test_wrong_type_names_key_and_expectation() -> None:
-    assert errors_of({"model": {"max_batch": "big"}}) == ['model.max_batch: expected a positive integer, got "big"']
+    assert errors_of({"model": {"max_batch": "big"}}) == [
+        'model.max_batch: expected a positive integer, got "big"'
+    ]
 
 
 def test_out_of_range() -> None:
-    assert errors_of({"pipeline": {"depth": 0}}) == ["pipeline.depth: expected an integer from 1 to 16, got 0"]
-    assert errors_of({"monitor": {"stall_factor": 0.5}}) == ["monitor.stall_factor: expected a number above 1, got 0.5"]
+    assert errors_of({"pipeline": {"depth": 0}}) == [
+        "pipeline.depth: expected an integer from 1 to 16, got 0"
+    ]
+    assert errors_of({"monitor": {"stall_factor": 0.5}}) == [
+        "monitor.stall_factor: expected a number above 1, got 0.5"
+    ]
 
 
 def test_unknown_keys_and_sections_are_reported_together() -> None:
@@ -39,7 +45,9 @@ def test_unknown_keys_and_sections_are_reported_together() -> None:
 
 
 def test_bool_is_not_an_int_and_literal_choices_listed() -> None:
-    assert errors_of({"workers": {"count": True}}) == ["workers.count: expected an integer from 1 to 256, got true"]
+    assert errors_of({"workers": {"count": True}}) == [
+        "workers.count: expected an integer from 1 to 256, got true"
+    ]
     (err,) = errors_of({"pipeline": {"sync": "busy"}})
     assert err.startswith("pipeline.sync: expected one of 'spin', 'blocking'")
 
@@ -69,7 +77,9 @@ def test_run_dir_too_long_for_ipc() -> None:
     assert err.startswith("orchestrator.run_dir:") and "ipc socket paths" in err
 
 
-@pytest.mark.parametrize("name", ["cpu.toml", "cpu-synthetic.toml", "4gpu-synthetic.toml", "gpu-shm.toml", "gpu-shm-mps.toml"])
+@pytest.mark.parametrize(
+    "name", ["cpu.toml", "cpu-synthetic.toml", "4gpu-synthetic.toml", "gpu-shm.toml", "gpu-shm-mps.toml"]
+)
 def test_shipped_configs_validate(name: str) -> None:
     cfg = load_config(ROOT / "configs" / name)
     assert isinstance(cfg, Config)
@@ -104,5 +114,12 @@ def test_dump_toml_round_trips_any_string() -> None:
 
     from orchestrator.config import dump_toml
 
-    for text in ["plain", "tab\there", "quote \" and \\\\", "emoji \U0001F600 and é", "ctl \x00\x01\x1f del \x7f", "\u2028"]:
+    for text in [
+        "plain",
+        "tab\there",
+        'quote " and \\\\',
+        "emoji \U0001f600 and é",
+        "ctl \x00\x01\x1f del \x7f",
+        "\u2028",
+    ]:
         assert tomllib.loads(dump_toml({"s": {"v": text}}))["s"]["v"] == text, repr(text)

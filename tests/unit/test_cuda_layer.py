@@ -19,10 +19,17 @@ from workers.cuda.module import KernelArgs, compile_cubin  # noqa: E402
 from workers.engines import synthetic_math  # noqa: E402
 
 
-@pytest.mark.parametrize(("value", "mode", "warns"), [(None, "LAZY", True), ("lazy", "LAZY", True),
-                                                       ("EAGER", "EAGER", False), (" eager ", "EAGER", False)])
-def test_module_loading_check(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-                              value: str | None, mode: str, warns: bool) -> None:
+@pytest.mark.parametrize(
+    ("value", "mode", "warns"),
+    [(None, "LAZY", True), ("lazy", "LAZY", True), ("EAGER", "EAGER", False), (" eager ", "EAGER", False)],
+)
+def test_module_loading_check(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    value: str | None,
+    mode: str,
+    warns: bool,
+) -> None:
     monkeypatch.setattr(context, "_env_mode", context._env_mode)  # restored afterwards
     if value is None:
         monkeypatch.delenv(context.LOADING_ENV, raising=False)
@@ -72,7 +79,9 @@ def test_fmad_false_leaves_no_fused_multiply_add() -> None:
     _nvrtc_or_skip()
 
     def ptx(options: list[bytes]) -> str:
-        prog = check(nvrtc.nvrtcCreateProgram(synthetic_math.CUDA_SOURCE.encode(), b"s.cu", 0, [], []), "create")
+        prog = check(
+            nvrtc.nvrtcCreateProgram(synthetic_math.CUDA_SOURCE.encode(), b"s.cu", 0, [], []), "create"
+        )
         opts = [b"--gpu-architecture=compute_90", *options]
         check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), "compile")
         buf = b" " * check(nvrtc.nvrtcGetPTXSize(prog), "size")

@@ -28,8 +28,11 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 DOCKER = ROOT / "deploy" / "docker"
 KUBECTL = shutil.which("kubectl")
-needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not on PATH: the render's freshness is "
-                                   "checked where it is; the committed render is validated regardless")
+needs_kubectl = pytest.mark.skipif(
+    KUBECTL is None,
+    reason="kubectl is not on PATH: the render's freshness is "
+    "checked where it is; the committed render is validated regardless",
+)
 
 
 def _load_render_module():
@@ -51,17 +54,25 @@ render_module = _load_render_module()
 
 # resource.Quantity is a string in the client's models, but the API also takes numbers (`nvidia.com/gpu: 8`).
 _QUANTITY_FIELDS = {
-    ("V1ResourceRequirements", "limits"), ("V1ResourceRequirements", "requests"),
-    ("V1VolumeResourceRequirements", "limits"), ("V1VolumeResourceRequirements", "requests"),
-    ("V1EmptyDirVolumeSource", "size_limit"), ("V1PodSpec", "overhead"),
+    ("V1ResourceRequirements", "limits"),
+    ("V1ResourceRequirements", "requests"),
+    ("V1VolumeResourceRequirements", "limits"),
+    ("V1VolumeResourceRequirements", "requests"),
+    ("V1EmptyDirVolumeSource", "size_limit"),
+    ("V1PodSpec", "overhead"),
 }
 _QUANTITY = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+|[numkMGTPE]|[KMGTPE]i)?$")
 # The client types these "object"; the API says IntOrString.
 _INT_OR_STRING_FIELDS = {
-    ("V1HTTPGetAction", "port"), ("V1TCPSocketAction", "port"), ("V1ServicePort", "target_port"),
-    ("V1RollingUpdateDaemonSet", "max_surge"), ("V1RollingUpdateDaemonSet", "max_unavailable"),
-    ("V1RollingUpdateDeployment", "max_surge"), ("V1RollingUpdateDeployment", "max_unavailable"),
-    ("V1PodDisruptionBudgetSpec", "min_available"), ("V1PodDisruptionBudgetSpec", "max_unavailable"),
+    ("V1HTTPGetAction", "port"),
+    ("V1TCPSocketAction", "port"),
+    ("V1ServicePort", "target_port"),
+    ("V1RollingUpdateDaemonSet", "max_surge"),
+    ("V1RollingUpdateDaemonSet", "max_unavailable"),
+    ("V1RollingUpdateDeployment", "max_surge"),
+    ("V1RollingUpdateDeployment", "max_unavailable"),
+    ("V1PodDisruptionBudgetSpec", "min_available"),
+    ("V1PodDisruptionBudgetSpec", "max_unavailable"),
     ("V1NetworkPolicyPort", "port"),
 }
 # base64 in JSON; newer clients type them "bytes", older ones "str".
@@ -119,7 +130,9 @@ def _walk_model(value: Any, model: str, path: str, errors: list[str], patch: boo
         attr = by_key.get(key)
         if attr is None:
             close = difflib.get_close_matches(key, list(by_key), n=1)
-            errors.append(f"{at}: unknown field in {model}" + (f" (did you mean {close[0]}?)" if close else ""))
+            errors.append(
+                f"{at}: unknown field in {model}" + (f" (did you mean {close[0]}?)" if close else "")
+            )
         elif item is not None:  # null is "unset" to the API
             _walk_type(item, cls.openapi_types[attr], at, errors, patch, (model, attr))
     if not patch:
@@ -129,7 +142,9 @@ def _walk_model(value: Any, model: str, path: str, errors: list[str], patch: boo
                 errors.append(f"{path}.{key}: required by {model}" if path else f"{key}: required by {model}")
 
 
-def _walk_type(value: Any, tp: str, path: str, errors: list[str], patch: bool, owner: tuple[str, str]) -> None:
+def _walk_type(
+    value: Any, tp: str, path: str, errors: list[str], patch: bool, owner: tuple[str, str]
+) -> None:
     if m := _LIST.match(tp):
         if not isinstance(value, list):
             errors.append(f"{path}: expected a list, got {type(value).__name__}")
@@ -157,9 +172,10 @@ def _primitive_problem(value: Any, tp: str, owner: tuple[str, str]) -> str | Non
     if owner in _BYTES_FIELDS:
         tp = "bytes"
     if owner in _QUANTITY_FIELDS and tp == "str":
-        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) or \
-            (isinstance(value, str) and _QUANTITY.match(value) is not None)
-        return None if ok else f"expected a quantity (e.g. 8, \"500m\", \"16Gi\"), {got}"
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+            isinstance(value, str) and _QUANTITY.match(value) is not None
+        )
+        return None if ok else f'expected a quantity (e.g. 8, "500m", "16Gi"), {got}'
     if tp == "object":
         if owner in _INT_OR_STRING_FIELDS and (isinstance(value, bool) or not isinstance(value, (int, str))):
             return f"expected an integer or a string, {got}"
@@ -169,7 +185,9 @@ def _primitive_problem(value: Any, tp: str, owner: tuple[str, str]) -> str | Non
     if tp == "bool":
         return None if isinstance(value, bool) else f"expected true or false, {got}"
     if tp == "int":
-        return None if isinstance(value, int) and not isinstance(value, bool) else f"expected an integer, {got}"
+        return (
+            None if isinstance(value, int) and not isinstance(value, bool) else f"expected an integer, {got}"
+        )
     if tp == "float":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return None if ok else f"expected a number, {got}"
@@ -188,12 +206,16 @@ def _primitive_problem(value: Any, tp: str, owner: tuple[str, str]) -> str | Non
 
 # --- the render ---------------------------------------------------------------------------------
 
+
 def _docs(text: str) -> list[dict]:
     return [d for d in yaml.safe_load_all(text) if d is not None]
 
 
 RENDERED = _docs((K8S / "rendered.yaml").read_text())
-SOURCES = {p.name: _docs(p.read_text()) for p in (K8S / "namespace.yaml", K8S / "daemonset.yaml", K8S / "service.yaml")}
+SOURCES = {
+    p.name: _docs(p.read_text())
+    for p in (K8S / "namespace.yaml", K8S / "daemonset.yaml", K8S / "service.yaml")
+}
 
 
 def _one(kind: str, docs: list[dict] = RENDERED) -> dict:
@@ -213,21 +235,25 @@ CONFIG = tomllib.loads(CONFIG_TEXT)
 def _normalised(docs: list[dict]) -> list[dict]:
     """Docs sorted by kind and name, with the generated names' content hashes cut off: another kustomize
     version may order or hash differently; a content change still shows in the data itself."""
-    text = re.sub(r"\b(orchestrator-config|orchestrator-curve)-[a-z0-9]{10}\b", r"\1", yaml.safe_dump_all(docs))
+    text = re.sub(
+        r"\b(orchestrator-config|orchestrator-curve)-[a-z0-9]{10}\b", r"\1", yaml.safe_dump_all(docs)
+    )
     return sorted(_docs(text), key=lambda d: (d["kind"], d["metadata"]["name"]))
 
 
 @needs_kubectl
 def test_committed_render_is_fresh():
     fresh = _docs(render_module.render())
-    assert _normalised(fresh) == _normalised(RENDERED), \
+    assert _normalised(fresh) == _normalised(RENDERED), (
         "deploy/k8s/rendered.yaml is stale: run python3 deploy/k8s/render.py"
+    )
 
 
 def test_committed_config_matches_config_toml():
     """The render's ConfigMap holds deploy/k8s/config.toml as it is now (checked without kubectl)."""
-    assert CONFIG_TEXT == (K8S / "config.toml").read_text(), \
+    assert CONFIG_TEXT == (K8S / "config.toml").read_text(), (
         "deploy/k8s/rendered.yaml is stale: run python3 deploy/k8s/render.py"
+    )
 
 
 @pytest.mark.parametrize("doc", RENDERED, ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
@@ -244,6 +270,7 @@ def test_source_manifest_matches_api_schema(name):
 
 # --- the walker catches what the client's deserializer would drop ---------------------------------
 
+
 def _mutated(edit) -> dict:
     ds = copy.deepcopy(DS)
     edit(ds["spec"]["template"]["spec"]["containers"][0], ds["spec"]["template"]["spec"])
@@ -259,24 +286,42 @@ def _set(d: dict, key: str, value: Any) -> None:
 
 
 MUTATIONS = {
-    "misspelt probe": (lambda c, p: _rename(c, "readinessProbe", "readinesProbe"),
-                       "containers[0].readinesProbe: unknown field in V1Container (did you mean readinessProbe?)"),
-    "misspelt nested field": (lambda c, p: _rename(c["livenessProbe"], "periodSeconds", "periodSecond"),
-                              "livenessProbe.periodSecond: unknown field in V1Probe (did you mean periodSeconds?)"),
-    "misspelt pod field": (lambda c, p: _rename(p, "terminationGracePeriodSeconds", "terminationGracePeriod"),
-                           "spec.terminationGracePeriod: unknown field in V1PodSpec"),
-    "string for an integer": (lambda c, p: _set(c["startupProbe"], "failureThreshold", "30"),
-                              "startupProbe.failureThreshold: expected an integer, got str '30'"),
-    "bool for a string": (lambda c, p: _set(p, "nodeSelector", {"orchestrator.example/gpu": True}),
-                          "nodeSelector.orchestrator.example/gpu: expected a string, got bool True"),
-    "not a quantity": (lambda c, p: _set(c["resources"]["limits"], "nvidia.com/gpu", "8 GPUs"),
-                       "limits.nvidia.com/gpu: expected a quantity"),
-    "object for a list": (lambda c, p: _set(c, "ports", {"name": "control", "containerPort": 7000}),
-                          "containers[0].ports: expected a list, got dict"),
-    "missing required field": (lambda c, p: c["ports"][0].pop("containerPort"),
-                               "ports[0].containerPort: required by V1ContainerPort"),
-    "bool for an IntOrString": (lambda c, p: _set(c["readinessProbe"]["httpGet"], "port", True),
-                                "httpGet.port: expected an integer or a string, got bool True"),
+    "misspelt probe": (
+        lambda c, p: _rename(c, "readinessProbe", "readinesProbe"),
+        "containers[0].readinesProbe: unknown field in V1Container (did you mean readinessProbe?)",
+    ),
+    "misspelt nested field": (
+        lambda c, p: _rename(c["livenessProbe"], "periodSeconds", "periodSecond"),
+        "livenessProbe.periodSecond: unknown field in V1Probe (did you mean periodSeconds?)",
+    ),
+    "misspelt pod field": (
+        lambda c, p: _rename(p, "terminationGracePeriodSeconds", "terminationGracePeriod"),
+        "spec.terminationGracePeriod: unknown field in V1PodSpec",
+    ),
+    "string for an integer": (
+        lambda c, p: _set(c["startupProbe"], "failureThreshold", "30"),
+        "startupProbe.failureThreshold: expected an integer, got str '30'",
+    ),
+    "bool for a string": (
+        lambda c, p: _set(p, "nodeSelector", {"orchestrator.example/gpu": True}),
+        "nodeSelector.orchestrator.example/gpu: expected a string, got bool True",
+    ),
+    "not a quantity": (
+        lambda c, p: _set(c["resources"]["limits"], "nvidia.com/gpu", "8 GPUs"),
+        "limits.nvidia.com/gpu: expected a quantity",
+    ),
+    "object for a list": (
+        lambda c, p: _set(c, "ports", {"name": "control", "containerPort": 7000}),
+        "containers[0].ports: expected a list, got dict",
+    ),
+    "missing required field": (
+        lambda c, p: c["ports"][0].pop("containerPort"),
+        "ports[0].containerPort: required by V1ContainerPort",
+    ),
+    "bool for an IntOrString": (
+        lambda c, p: _set(c["readinessProbe"]["httpGet"], "port", True),
+        "httpGet.port: expected an integer or a string, got bool True",
+    ),
 }
 
 
@@ -302,6 +347,7 @@ def test_schema_walker_takes_the_api_spellings_the_client_models_narrow():
 
 # --- invariants between the manifests and the config they carry --------------------------------
 
+
 def _container_port(ref: int | str) -> int:
     if isinstance(ref, int):
         return ref
@@ -321,22 +367,27 @@ def test_validate_reports_only_the_secret_files():
     """Outside the pod the CURVE files do not exist; nothing else may be wrong (config.toml says so)."""
     with pytest.raises(ConfigError) as info:
         load_config(K8S / "config.toml")
-    assert [e.split(":")[0] for e in info.value.errors] == ["transport.curve_server_secret",
-                                                          "transport.curve_clients_dir"]
+    assert [e.split(":")[0] for e in info.value.errors] == [
+        "transport.curve_server_secret",
+        "transport.curve_clients_dir",
+    ]
 
 
 def test_probes_use_the_health_endpoints_on_the_metrics_port():
     expected = {"startupProbe": "/startupz", "readinessProbe": "/readyz", "livenessProbe": "/livez"}
     for probe, path in expected.items():
         get = CONTAINER[probe]["httpGet"]
-        assert get["path"] == path and _container_port(get["port"]) == CONFIG["monitor"]["metrics_port"], probe
+        assert get["path"] == path and _container_port(get["port"]) == CONFIG["monitor"]["metrics_port"], (
+            probe
+        )
     assert CONFIG["monitor"]["http_host"] == "0.0.0.0", "the kubelet probes the pod's address, not loopback"
     ready, live, start = CONTAINER["readinessProbe"], CONTAINER["livenessProbe"], CONTAINER["startupProbe"]
     assert (ready["periodSeconds"], ready["failureThreshold"]) == (2, 1)
     assert (live["periodSeconds"], live["failureThreshold"]) == (10, 3)
     startup_timeout = CONFIG["orchestrator"].get("startup_timeout_s", 120.0)
-    assert start["periodSeconds"] * start["failureThreshold"] >= 2 * startup_timeout, \
+    assert start["periodSeconds"] * start["failureThreshold"] >= 2 * startup_timeout, (
         "the startup probe must outlast a worker's start-up timeout and one retry"
+    )
 
 
 def test_grace_period_covers_the_drain():
@@ -352,21 +403,27 @@ def test_headless_service_lists_only_ready_daemonset_pods():
     ports = {p["name"]: (p["port"], _container_port(p["targetPort"])) for p in spec["ports"]}
     control = CONFIG["transport"]["control_port"]
     metrics = CONFIG["monitor"]["metrics_port"]
-    assert ports == {"control": (control, control), "events": (control + 1, control + 1),
-                     "metrics": (metrics, metrics)}
+    assert ports == {
+        "control": (control, control),
+        "events": (control + 1, control + 1),
+        "metrics": (metrics, metrics),
+    }
 
 
 def test_gpu_limit_and_worker_ports_agree():
     gpus = CONTAINER["resources"]["limits"]["nvidia.com/gpu"]
     assert isinstance(gpus, int) and gpus >= 1
-    assert DS["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"] == 0, "a surge pod would wait for the GPUs"
+    assert DS["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"] == 0, (
+        "a surge pod would wait for the GPUs"
+    )
     base = CONFIG["transport"]["port_base"]
     workers = gpus * CONFIG["workers"].get("per_gpu", 1)
     declared = {p["containerPort"] for p in CONTAINER["ports"]}
     assert set(range(base, base + workers)) <= declared
     names = [p["name"] for p in CONTAINER["ports"]]
-    assert len(set(names)) == len(names) and all(re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?", n)
-                                                 for n in names), "port names: unique IANA service names"
+    assert len(set(names)) == len(names) and all(
+        re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?", n) for n in names
+    ), "port names: unique IANA service names"
 
 
 def _mounts() -> dict[str, dict]:
@@ -403,19 +460,34 @@ def test_run_directory_is_a_private_subdirectory_of_a_memory_volume():
     assert mount != run_dir, "the supervisor must own (chmod 0700) its run directory: not the mount point"
     assert _volume(mounts[mount]["name"])["emptyDir"]["medium"] == "Memory"
     assert _volume(mounts["/dev/shm"]["name"])["emptyDir"]["medium"] == "Memory"
-    assert all(_volume(m["name"]).get("emptyDir", {}).get("sizeLimit") for m in mounts.values()
-               if "emptyDir" in _volume(m["name"])), "every emptyDir has a sizeLimit"
+    assert all(
+        _volume(m["name"]).get("emptyDir", {}).get("sizeLimit")
+        for m in mounts.values()
+        if "emptyDir" in _volume(m["name"])
+    ), "every emptyDir has a sizeLimit"
 
 
 def test_pod_meets_the_namespace_pod_security_level():
     """The namespace enforces "restricted"; a pod that needs more would be refused at admission."""
     assert _one("Namespace")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     psc, csc = POD["securityContext"], CONTAINER["securityContext"]
-    assert psc["runAsNonRoot"] is True and psc["runAsUser"] > 0 and psc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert (
+        psc["runAsNonRoot"] is True
+        and psc["runAsUser"] > 0
+        and psc["seccompProfile"]["type"] == "RuntimeDefault"
+    )
     assert csc["allowPrivilegeEscalation"] is False and csc["capabilities"]["drop"] == ["ALL"]
     assert not any(POD.get(k) for k in ("hostNetwork", "hostIPC", "hostPID"))
-    allowed = {"configMap", "secret", "emptyDir", "persistentVolumeClaim", "projected", "downwardAPI", "csi",
-               "ephemeral"}
+    allowed = {
+        "configMap",
+        "secret",
+        "emptyDir",
+        "persistentVolumeClaim",
+        "projected",
+        "downwardAPI",
+        "csi",
+        "ephemeral",
+    }
     assert all((set(v) - {"name"}) <= allowed for v in POD["volumes"])
     annotations = DS["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(CONFIG["monitor"]["metrics_port"])
@@ -428,6 +500,7 @@ def test_every_object_is_in_the_namespace():
 
 # --- optional pieces ----------------------------------------------------------------------------
 
+
 def test_servicemonitor_scrapes_the_service_metrics_port():
     monitor = _docs((K8S / "optional" / "servicemonitor.yaml").read_text())[0]
     assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "ServiceMonitor")
@@ -438,7 +511,9 @@ def test_servicemonitor_scrapes_the_service_metrics_port():
     assert monitor["spec"]["selector"]["matchLabels"].items() <= SERVICE["metadata"]["labels"].items()
     assert monitor["metadata"]["namespace"] in monitor["spec"]["namespaceSelector"]["matchNames"]
     (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["port"] in {p["name"] for p in SERVICE["spec"]["ports"]} and endpoint["path"] == "/metrics"
+    assert (
+        endpoint["port"] in {p["name"] for p in SERVICE["spec"]["ports"]} and endpoint["path"] == "/metrics"
+    )
 
 
 def test_mps_host_patches_match_api_schema():
@@ -453,7 +528,9 @@ def test_mps_host_component_renders_a_valid_host_ipc_pod():
     assert [e for d in docs for e in schema_errors(d)] == []
     pod = _one("DaemonSet", docs)["spec"]["template"]["spec"]
     mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
-    assert pod["hostIPC"] is True and "/dev/shm" not in mounts, "MPS needs the host's /dev/shm, not an emptyDir"
+    assert pod["hostIPC"] is True and "/dev/shm" not in mounts, (
+        "MPS needs the host's /dev/shm, not an emptyDir"
+    )
     pipe = next(v for v in pod["volumes"] if v["name"] == mounts["/tmp/nvidia-mps"])
     assert pipe["hostPath"]["type"] == "Directory"
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
@@ -470,10 +547,14 @@ def test_render_uses_placeholders_not_keys():
 
 # --- images -------------------------------------------------------------------------------------
 
+
 def _instructions(path: Path) -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", path.read_text())
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip()) for line in text.splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip())
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 @pytest.mark.parametrize("name", ["Dockerfile.gpu", "Dockerfile.cpu"])
@@ -484,7 +565,10 @@ def test_dockerfile_agrees_with_the_daemonset(name):
     assert last["CMD"] == '["start", "/etc/orchestrator/config.toml"]'
     assert CONTAINER["args"] == ["start", "/etc/orchestrator/config.toml"]
     user, group = last["USER"].split(":")
-    assert (int(user), int(group)) == (POD["securityContext"]["runAsUser"], POD["securityContext"]["runAsGroup"])
+    assert (int(user), int(group)) == (
+        POD["securityContext"]["runAsUser"],
+        POD["securityContext"]["runAsGroup"],
+    )
     for op, arg in steps:  # the build context is the repository root: every source must exist there
         if op == "COPY" and not arg.startswith("--from"):
             for source in arg.split()[:-1]:

@@ -11,11 +11,15 @@ from orchestrator.rundir import RunDir
 
 
 def gpus(affinities: list[list[int]]) -> list[dict]:
-    return [{"index": i, "uuid": f"GPU-{i}", "name": "H200", "cpu_affinity": a} for i, a in enumerate(affinities)]
+    return [
+        {"index": i, "uuid": f"GPU-{i}", "name": "H200", "cpu_affinity": a} for i, a in enumerate(affinities)
+    ]
 
 
 def plan(gpu_list: list[dict], **workers: object) -> list:
-    cfg = parse_config({"workers": {"device": "gpu", **workers}, "model": {"kind": "synthetic"}}, check_files=False)
+    cfg = parse_config(
+        {"workers": {"device": "gpu", **workers}, "model": {"kind": "synthetic"}}, check_files=False
+    )
     return plan_workers(cfg, RunDir("/tmp/orch-plan"), gpu_list)
 
 
@@ -25,7 +29,9 @@ def test_gpus_sharing_all_cores_get_disjoint_quarters() -> None:
     assert [len(c) for c in cores] == [16, 16, 16, 16]
     assert set().union(*cores) == set(range(64)) and sum(map(len, cores)) == 64
     assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plans] == ["GPU-0", "GPU-1", "GPU-2", "GPU-3"]
-    assert all(p.env["CUDA_MODULE_LOADING"] == "EAGER" and p.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" for p in plans)
+    assert all(
+        p.env["CUDA_MODULE_LOADING"] == "EAGER" and p.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" for p in plans
+    )
 
 
 def test_two_numa_nodes_split_within_each_node() -> None:
@@ -42,5 +48,7 @@ def test_two_numa_nodes_split_within_each_node() -> None:
 def test_explicit_affinity_overrides_nvml_and_is_checked() -> None:
     plans = plan(gpus([list(range(4))] * 2), cpu_affinity=[[0], [1]])
     assert [p.cpu_affinity for p in plans] == [(0,), (1,)]
-    with pytest.raises(ConfigError, match="2 core lists given for 1 workers|1 core lists given for 2 workers"):
+    with pytest.raises(
+        ConfigError, match="2 core lists given for 1 workers|1 core lists given for 2 workers"
+    ):
         plan(gpus([list(range(4))] * 2), cpu_affinity=[[0]])

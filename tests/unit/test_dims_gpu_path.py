@@ -24,17 +24,25 @@ SCALE = np.array([1.0, 2.0, 3.0], np.float32)
 
 def model(ids: np.ndarray) -> dict[str, np.ndarray]:
     """y[r, s, k] = ids[r, s] * (k + 1); total[r] = sum of the row (padding with 0 leaves it unchanged)."""
-    return {"y": ids[..., None].astype(np.float32) * SCALE, "total": ids.sum(1, keepdims=True).astype(np.float32)}
+    return {
+        "y": ids[..., None].astype(np.float32) * SCALE,
+        "total": ids.sum(1, keepdims=True).astype(np.float32),
+    }
 
 
 class ToyEngine(GpuEngineBase):
     kind = "toy"
 
     def __init__(self, rt: FakeRuntime) -> None:
-        cfg = parse_config({"workers": {"device": "gpu"}, "pipeline": {"cuda_graphs": True}}, check_files=False)
+        cfg = parse_config(
+            {"workers": {"device": "gpu"}, "pipeline": {"cuda_graphs": True}}, check_files=False
+        )
         super().__init__(cfg, rt)
         self.inputs = (TensorSpec("ids", np.dtype(np.int64), ("seq",)),)
-        self.outputs = (TensorSpec("y", np.dtype(np.float32), ("seq", 3)), TensorSpec("total", np.dtype(np.float32), (1,)))
+        self.outputs = (
+            TensorSpec("y", np.dtype(np.float32), ("seq", 3)),
+            TensorSpec("total", np.dtype(np.float32), (1,)),
+        )
         self.dims = (DynamicDim("seq", 1, 8, (4, 8)),)
         self.max_batch = 8
 
@@ -45,8 +53,10 @@ class ToyEngine(GpuEngineBase):
         return launch_keys(self.dims)
 
     def _row_bytes(self, dims: tuple[int, ...]) -> tuple[list[int], list[int]]:
-        return ([int(np.prod(self._shape(s, dims))) * s.dtype.itemsize for s in self.inputs],
-                [int(np.prod(self._shape(s, dims))) * s.dtype.itemsize for s in self.outputs])
+        return (
+            [int(np.prod(self._shape(s, dims))) * s.dtype.itemsize for s in self.inputs],
+            [int(np.prod(self._shape(s, dims))) * s.dtype.itemsize for s in self.outputs],
+        )
 
     def _alloc_tensor(self, slot: GpuSlot, spec: TensorSpec, rows: int) -> tuple[np.ndarray, object, int]:
         item = self._shape(spec, (8,))
@@ -123,8 +133,10 @@ def test_mixed_sizes_frames_and_shared_memory_match_the_model(setup) -> None:
             out = got[req.request_id]
         else:
             n, length = req.rows, req.dims[0]
-            out = {"y": arena.view(req.shm.outputs[0], np.dtype(np.float32), (n, length, 3)),
-                   "total": arena.view(req.shm.outputs[1], np.dtype(np.float32), (n, 1))}
+            out = {
+                "y": arena.view(req.shm.outputs[0], np.dtype(np.float32), (n, length, 3)),
+                "total": arena.view(req.shm.outputs[1], np.dtype(np.float32), (n, 1)),
+            }
         for name in ("y", "total"):
             np.testing.assert_array_equal(out[name], want[name], err_msg=f"request {req.request_id} {name}")
 

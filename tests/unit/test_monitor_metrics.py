@@ -78,11 +78,28 @@ def test_on_stall_logs_and_counts(tmp_path: Path) -> None:
     mon, _ = fed_monitor(tmp_path)
     try:
         now = time.monotonic_ns()
-        cand = {"worker_id": "w0", "pid": 4321, "kind": ["enqueue"], "t0_ns": now - 20_000_000, "t1_ns": now,
-                "launch_t0_ns": now - 20_000_000, "launch_t1_ns": now - 1_000_000,
-                "timings_us": {"enqueue": 19000.0, "latency": 20000.0}, "baseline_us": {"enqueue": 20.0},
-                "journal": [{"seq": 3, "op": "pinned_alloc", "t0_ns": now - 19_500_000, "t1_ns": now - 1_200_000,
-                             "detail": "64 MiB", "thread": "inject", "fault": True}]}
+        cand = {
+            "worker_id": "w0",
+            "pid": 4321,
+            "kind": ["enqueue"],
+            "t0_ns": now - 20_000_000,
+            "t1_ns": now,
+            "launch_t0_ns": now - 20_000_000,
+            "launch_t1_ns": now - 1_000_000,
+            "timings_us": {"enqueue": 19000.0, "latency": 20000.0},
+            "baseline_us": {"enqueue": 20.0},
+            "journal": [
+                {
+                    "seq": 3,
+                    "op": "pinned_alloc",
+                    "t0_ns": now - 19_500_000,
+                    "t1_ns": now - 1_200_000,
+                    "detail": "64 MiB",
+                    "thread": "inject",
+                    "fault": True,
+                }
+            ],
+        }
         rec = mon.on_stall("w0", cand)
         snap = mon.snapshot()
     finally:
@@ -104,11 +121,23 @@ def test_exposition_parses_with_units_and_labels(tmp_path: Path) -> None:
     mon, _ = fed_monitor(tmp_path)
     data = mon.metrics_data()
     data["nvml"] = True
-    data["gpus"] = [{"index": 0, "uuid": "GPU-1", "sm_clock_mhz": 1410, "sm_clock_max_mhz": 1980,
-                     "power_w": 693.0, "power_limit_w": 700.0, "temp_c": 71, "util_pct": 98,
-                     "mem_used_bytes": 1 << 30, "throttle_reasons": ["sw_power_cap"], "foreign_pids": [77],
-                     "supported_reasons": ["gpu_idle", "sw_power_cap", "hw_thermal"],
-                     "reason_counters_ns": {"sw_power_cap": 4_848_582_848}}]
+    data["gpus"] = [
+        {
+            "index": 0,
+            "uuid": "GPU-1",
+            "sm_clock_mhz": 1410,
+            "sm_clock_max_mhz": 1980,
+            "power_w": 693.0,
+            "power_limit_w": 700.0,
+            "temp_c": 71,
+            "util_pct": 98,
+            "mem_used_bytes": 1 << 30,
+            "throttle_reasons": ["sw_power_cap"],
+            "foreign_pids": [77],
+            "supported_reasons": ["gpu_idle", "sw_power_cap", "hw_thermal"],
+            "reason_counters_ns": {"sw_power_cap": 4_848_582_848},
+        }
+    ]
     data["stall_counts"] = {"driver_lock": 2, "unknown": 0}
     mon.stop()
     text = generate_latest(make_registry(lambda: data)).decode()
@@ -116,11 +145,17 @@ def test_exposition_parses_with_units_and_labels(tmp_path: Path) -> None:
     assert all(name.startswith("orchestrator_") for name in fams)
 
     def value(fam: str, sample: str, **labels: str) -> float:
-        return next(s.value for s in fams[fam].samples if s.name == sample and all(
-            s.labels.get(k) == v for k, v in labels.items()))
+        return next(
+            s.value
+            for s in fams[fam].samples
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+        )
 
     assert value("orchestrator_requests", "orchestrator_requests_total", worker="w0") == 400
-    assert value("orchestrator_request_failures", "orchestrator_request_failures_total", worker="w0", code="20") == 1
+    assert (
+        value("orchestrator_request_failures", "orchestrator_request_failures_total", worker="w0", code="20")
+        == 1
+    )
     lat = [s for s in fams["orchestrator_request_latency_seconds"].samples if s.name.endswith("_bucket")]
     assert lat[-1].labels["le"] == "+Inf" and lat[-1].value == 400
     assert value("orchestrator_request_latency_seconds", "orchestrator_request_latency_seconds_count") == 400
@@ -128,13 +163,28 @@ def test_exposition_parses_with_units_and_labels(tmp_path: Path) -> None:
     assert le_ms == 360  # the 500 us requests, not the 5 ms ones
     assert value("orchestrator_gpu_sm_clock_hertz", "orchestrator_gpu_sm_clock_hertz", gpu="0") == 1410e6
     assert value("orchestrator_gpu_power_limit_watts", "orchestrator_gpu_power_limit_watts") == 700.0
-    assert value("orchestrator_gpu_utilization_ratio", "orchestrator_gpu_utilization_ratio") == pytest.approx(0.98)
-    assert value("orchestrator_gpu_clock_event_reason", "orchestrator_gpu_clock_event_reason",
-                 reason="sw_power_cap") == 1.0
-    assert value("orchestrator_gpu_clock_event_reason", "orchestrator_gpu_clock_event_reason",
-                 reason="hw_thermal") == 0.0
-    assert value("orchestrator_gpu_clock_event_seconds", "orchestrator_gpu_clock_event_seconds_total",
-                 reason="sw_power_cap") == pytest.approx(4.848582848)
+    assert value("orchestrator_gpu_utilization_ratio", "orchestrator_gpu_utilization_ratio") == pytest.approx(
+        0.98
+    )
+    assert (
+        value(
+            "orchestrator_gpu_clock_event_reason",
+            "orchestrator_gpu_clock_event_reason",
+            reason="sw_power_cap",
+        )
+        == 1.0
+    )
+    assert (
+        value(
+            "orchestrator_gpu_clock_event_reason", "orchestrator_gpu_clock_event_reason", reason="hw_thermal"
+        )
+        == 0.0
+    )
+    assert value(
+        "orchestrator_gpu_clock_event_seconds",
+        "orchestrator_gpu_clock_event_seconds_total",
+        reason="sw_power_cap",
+    ) == pytest.approx(4.848582848)
     assert value("orchestrator_gpu_foreign_processes", "orchestrator_gpu_foreign_processes") == 1
     assert value("orchestrator_stalls", "orchestrator_stalls_total", cause="driver_lock") == 2
     assert value("orchestrator_nvml_available", "orchestrator_nvml_available") == 1.0
@@ -150,8 +200,11 @@ def test_histogram_buckets_are_cumulative_in_seconds() -> None:
         h.record(v)
     data = {"workers": {"w0": {"hists": {"latency": h}, "up": True}}, "gpus": [], "stall_counts": {}}
     fams = _families(generate_latest(make_registry(lambda: data)).decode())
-    buckets = [(s.labels["le"], s.value) for s in fams["orchestrator_request_latency_seconds"].samples
-               if s.name.endswith("_bucket")]
+    buckets = [
+        (s.labels["le"], s.value)
+        for s in fams["orchestrator_request_latency_seconds"].samples
+        if s.name.endswith("_bucket")
+    ]
     assert ("1.6e-05", 1.0) in buckets and ("0.000128", 2.0) in buckets and ("0.001024", 3.0) in buckets
     counts = [v for _, v in buckets]
     assert counts == sorted(counts)
@@ -173,7 +226,7 @@ def test_monitor_serves_metrics_on_loopback(tmp_path: Path) -> None:
             text = resp.read().decode()
     finally:
         mon.stop()
-    assert "orchestrator_requests_total{worker=\"w0\"} 400.0" in text
+    assert 'orchestrator_requests_total{worker="w0"} 400.0' in text
     assert "orchestrator_nvml_available 0.0" in text
 
 

@@ -22,7 +22,7 @@ from orchestrator.config import parse_config
 
 UUIDS = ["GPU-11111111-2222-3333-4444-555555555555", "GPU-66666666-7777-8888-9999-000000000000"]
 
-FAKE = r'''
+FAKE = r"""
 import json, os, signal, socket, subprocess, sys, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -124,7 +124,7 @@ def daemon():
 
 
 daemon() if sys.argv[1:2] == ["-d"] else client()
-'''
+"""
 
 
 class FakeMps:
@@ -136,7 +136,9 @@ class FakeMps:
         (self.dir / "fake_mps.py").write_text(FAKE)
         # argv[0] = the real name, so process lookups (by argv[0]) see it as the MPS control daemon.
         self.binary = self.dir / mps.CONTROL
-        self.binary.write_text(f'#!/bin/bash\nexec -a {mps.CONTROL} {sys.executable} {self.dir / "fake_mps.py"} "$@"\n')
+        self.binary.write_text(
+            f'#!/bin/bash\nexec -a {mps.CONTROL} {sys.executable} {self.dir / "fake_mps.py"} "$@"\n'
+        )
         self.binary.chmod(0o755)
         self.root = root
 
@@ -153,8 +155,9 @@ class FakeMps:
 
     def run(self, pipe: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
         env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=str(pipe))
-        return subprocess.run([str(self.binary), *args], input=stdin, env=env, capture_output=True, text=True,
-                              timeout=10)
+        return subprocess.run(
+            [str(self.binary), *args], input=stdin, env=env, capture_output=True, text=True, timeout=10
+        )
 
     def start_foreign(self, pipe: Path) -> int:
         """A daemon this orchestrator did not start (someone else's `nvidia-cuda-mps-control -d`)."""
@@ -183,8 +186,9 @@ def fake(tmp_path: Path) -> Any:
 
 
 def cfg(**mps_keys: Any) -> Any:
-    return parse_config({"workers": {"device": "gpu", "per_gpu": 2}, "mps": {"enabled": True, **mps_keys}},
-                        check_files=False)
+    return parse_config(
+        {"workers": {"device": "gpu", "per_gpu": 2}, "mps": {"enabled": True, **mps_keys}}, check_files=False
+    )
 
 
 class FakeNvml:
@@ -211,8 +215,9 @@ class FakeNvml:
 def daemon_for(fake: FakeMps, run_dir: Path, config: Any = None, **kw: Any) -> mps.MpsDaemon:
     kw.setdefault("nvml", FakeNvml(dict.fromkeys(UUIDS, 0)))
     kw.setdefault("default_pipe_dir", str(fake.root / "default-pipe"))
-    return mps.MpsDaemon(config or cfg(), run_dir, UUIDS, binary=str(fake.binary), timeout_s=5.0,
-                         quit_timeout_s=2.0, **kw)
+    return mps.MpsDaemon(
+        config or cfg(), run_dir, UUIDS, binary=str(fake.binary), timeout_s=5.0, quit_timeout_s=2.0, **kw
+    )
 
 
 def test_start_and_stop_lifecycle(fake: FakeMps, tmp_path: Path) -> None:
@@ -311,9 +316,11 @@ def test_missing_binary_error_text(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setattr(mps, "SEARCH_DIRS", (str(tmp_path / "nowhere"),))
     with pytest.raises(mps.MpsError) as err:
         mps.MpsDaemon(cfg(), tmp_path / "run", UUIDS, nvml=FakeNvml({})).start()
-    assert str(err.value) == (f"mps.enabled = true but nvidia-cuda-mps-control was not found on PATH or in "
-                              f"{tmp_path / 'nowhere'}: install the NVIDIA driver's compute utilities, or set "
-                              "mps.enabled = false")
+    assert str(err.value) == (
+        f"mps.enabled = true but nvidia-cuda-mps-control was not found on PATH or in "
+        f"{tmp_path / 'nowhere'}: install the NVIDIA driver's compute utilities, or set "
+        "mps.enabled = false"
+    )
     with pytest.raises(mps.MpsError, match="is not an executable file"):
         mps.find_binary(str(tmp_path / "nvidia-cuda-mps-control"))
 
@@ -354,8 +361,9 @@ def test_stop_after_a_worker_crash_ends_daemon_and_server(fake: FakeMps, tmp_pat
     assert not mps._alive(d.pid) and not mps._alive(server)
 
 
-def test_stop_escalates_when_the_daemon_ignores_quit_and_sigterm(fake: FakeMps, tmp_path: Path,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_stop_escalates_when_the_daemon_ignores_quit_and_sigterm(
+    fake: FakeMps, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     fake.behave(ignore_quit=True, ignore_term=True)
     d = daemon_for(fake, tmp_path / "run")
     d.start()
@@ -401,8 +409,15 @@ def test_launch_failure_names_the_reason(fake: FakeMps, tmp_path: Path) -> None:
 
 def test_daemon_that_never_answers_times_out_with_its_log(fake: FakeMps, tmp_path: Path) -> None:
     fake.behave(die_at_start=True)
-    d = mps.MpsDaemon(cfg(), tmp_path / "run", UUIDS, binary=str(fake.binary), nvml=FakeNvml(dict.fromkeys(UUIDS, 0)),
-                      default_pipe_dir=str(tmp_path / "default-pipe"), timeout_s=1.0)
+    d = mps.MpsDaemon(
+        cfg(),
+        tmp_path / "run",
+        UUIDS,
+        binary=str(fake.binary),
+        nvml=FakeNvml(dict.fromkeys(UUIDS, 0)),
+        default_pipe_dir=str(tmp_path / "default-pipe"),
+        timeout_s=1.0,
+    )
     t0 = time.monotonic()
     with pytest.raises(mps.MpsError, match="did not answer within 1s; no log output"):
         d.start()
@@ -418,26 +433,40 @@ def test_list_mps_processes_sees_the_daemon_and_its_pipe_dir(fake: FakeMps, tmp_
     fake.run(pipe, stdin="quit\n")
 
 
-@pytest.mark.parametrize(("workers", "mps_keys", "expect"), [
-    ({"per_gpu": 2}, {}, ["workers.per_gpu = 2 without MPS"]),
-    ({"per_gpu": 1}, {"enabled": True}, ["gains nothing from MPS"]),
-    ({"per_gpu": 2}, {"active_thread_percentage": 50}, ["without MPS", "have no effect unless"]),
-    ({"per_gpu": 2}, {"enabled": True, "active_thread_percentage": 40}, ["leaves part of each GPU's SMs unused"]),
-    ({"per_gpu": 2}, {"enabled": True, "active_thread_percentage": 50}, []),
-])
+@pytest.mark.parametrize(
+    ("workers", "mps_keys", "expect"),
+    [
+        ({"per_gpu": 2}, {}, ["workers.per_gpu = 2 without MPS"]),
+        ({"per_gpu": 1}, {"enabled": True}, ["gains nothing from MPS"]),
+        ({"per_gpu": 2}, {"active_thread_percentage": 50}, ["without MPS", "have no effect unless"]),
+        (
+            {"per_gpu": 2},
+            {"enabled": True, "active_thread_percentage": 40},
+            ["leaves part of each GPU's SMs unused"],
+        ),
+        ({"per_gpu": 2}, {"enabled": True, "active_thread_percentage": 50}, []),
+    ],
+)
 def test_config_warnings(workers: dict, mps_keys: dict, expect: list[str]) -> None:
     c = parse_config({"workers": {"device": "gpu", **workers}, "mps": mps_keys}, check_files=False)
     got = mps.config_warnings(c)
     assert len(got) == len(expect) and all(e in g for e, g in zip(expect, got, strict=True))
 
 
-def test_supervisor_starts_mps_before_workers_and_stops_it(fake: FakeMps, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_supervisor_starts_mps_before_workers_and_stops_it(
+    fake: FakeMps, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The supervisor's side (issue 6 integration): plan -> daemon -> worker env -> status -> teardown."""
     from orchestrator import supervisor
 
-    c = parse_config({"orchestrator": {"run_dir": str(tmp_path / "run")}, "workers": {"device": "gpu", "per_gpu": 2},
-                      "mps": {"enabled": True, "active_thread_percentage": 50}}, check_files=False)
+    c = parse_config(
+        {
+            "orchestrator": {"run_dir": str(tmp_path / "run")},
+            "workers": {"device": "gpu", "per_gpu": 2},
+            "mps": {"enabled": True, "active_thread_percentage": 50},
+        },
+        check_files=False,
+    )
     sup = supervisor.Supervisor(c)
     if not hasattr(sup, "mps"):
         pytest.skip("the supervisor does not manage MPS yet (issue 6 integration pending)")
@@ -450,8 +479,12 @@ def test_supervisor_starts_mps_before_workers_and_stops_it(fake: FakeMps, tmp_pa
         sup._plan()
         pipe = str(tmp_path / "run" / "mps" / "pipe")
         envs = [w.plan.env for w in sup.workers.values()]
-        assert len(envs) == 2 and all(e["CUDA_MPS_PIPE_DIRECTORY"] == pipe and e["CUDA_VISIBLE_DEVICES"] == UUIDS[0]
-                                      and e["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50" for e in envs)
+        assert len(envs) == 2 and all(
+            e["CUDA_MPS_PIPE_DIRECTORY"] == pipe
+            and e["CUDA_VISIBLE_DEVICES"] == UUIDS[0]
+            and e["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
+            for e in envs
+        )
         st = sup.status()["mps"]
         assert st["daemon_alive"] and st["ours"] and st["pipe_dir"] == pipe
         pid = st["daemon_pid"]

@@ -64,8 +64,17 @@ class FakeNvml:
         self.calls: Counter[str] = Counter()
         self.init_error = init_error
         self.unsupported: set[str] = set()
-        self.gpus = [{"uuid": f"GPU-{i:04d}", "sm": 1980, "reasons": 0x1, "power_mw": 80_000,
-                      "procs": [], "counters": {74: 0, 270: 0}} for i in range(n_gpus)]
+        self.gpus = [
+            {
+                "uuid": f"GPU-{i:04d}",
+                "sm": 1980,
+                "reasons": 0x1,
+                "power_mw": 80_000,
+                "procs": [],
+                "counters": {74: 0, 270: 0},
+            }
+            for i in range(n_gpus)
+        ]
 
     def _h(self, name: str, h: Any) -> dict:
         self.calls[name] += 1
@@ -153,12 +162,22 @@ class FakeNvml:
         out = []
         for fid in ids:
             if fid == 82:
-                out.append(SimpleNamespace(fieldId=82, nvmlReturn=0, valueType=1, value=SimpleNamespace(uiVal=45)))
+                out.append(
+                    SimpleNamespace(fieldId=82, nvmlReturn=0, valueType=1, value=SimpleNamespace(uiVal=45))
+                )
             elif fid in g["counters"]:
-                out.append(SimpleNamespace(fieldId=fid, nvmlReturn=0, valueType=3,
-                                           value=SimpleNamespace(ullVal=g["counters"][fid])))
+                out.append(
+                    SimpleNamespace(
+                        fieldId=fid,
+                        nvmlReturn=0,
+                        valueType=3,
+                        value=SimpleNamespace(ullVal=g["counters"][fid]),
+                    )
+                )
             else:  # fields this GPU does not have come back with their own error code
-                out.append(SimpleNamespace(fieldId=fid, nvmlReturn=3, valueType=1, value=SimpleNamespace(uiVal=0)))
+                out.append(
+                    SimpleNamespace(fieldId=fid, nvmlReturn=3, valueType=1, value=SimpleNamespace(uiVal=0))
+                )
         return out
 
     def nvmlDeviceGetComputeRunningProcesses(self, h: int) -> list[Any]:
@@ -175,8 +194,15 @@ def names_of(pids: dict[int, str]):
 def test_reason_names_resolve_from_either_spelling() -> None:
     table = reason_table(FakeNvml())
     assert dict((n, b) for b, n in table) == {
-        "gpu_idle": 0x1, "clocks_setting": 0x2, "sw_power_cap": 0x4, "hw_slowdown": 0x8, "sync_boost": 0x10,
-        "sw_thermal": 0x20, "hw_thermal": 0x40, "hw_power_brake": 0x80, "display_clocks": 0x100,
+        "gpu_idle": 0x1,
+        "clocks_setting": 0x2,
+        "sw_power_cap": 0x4,
+        "hw_slowdown": 0x8,
+        "sync_boost": 0x10,
+        "sw_thermal": 0x20,
+        "hw_thermal": 0x40,
+        "hw_power_brake": 0x80,
+        "display_clocks": 0x100,
     }  # board_limit / reliability: absent from this module, so not guessed
     assert decode_reasons(0x4 | 0x40, table) == ["sw_power_cap", "hw_thermal"]
     assert decode_reasons(0x1 | 0x1000, table) == ["gpu_idle", "bit_0x1000"]
@@ -251,8 +277,13 @@ def test_slow_loop_flags_foreign_processes_and_diffs_counters() -> None:
     fake = FakeNvml()
     fake.gpus[0]["procs"] = [100, 200, 300]
     own = {100}
-    s = NvmlSampler([GPU], 50, lambda: own, fake,
-                    process_name=names_of({100: "python", 200: "stress", 300: nvml_sampler.MPS_SERVER}))
+    s = NvmlSampler(
+        [GPU],
+        50,
+        lambda: own,
+        fake,
+        process_name=names_of({100: "python", 200: "stress", 300: nvml_sampler.MPS_SERVER}),
+    )
     s.open()
     s.tick_slow()
     fake.gpus[0]["counters"] = {74: 2_000_000_000, 270: 0}
@@ -291,7 +322,9 @@ def test_threads_sample_and_stop_cleanly() -> None:
     assert all(not t.is_alive() for t in s._threads)
 
 
-def test_without_nvml_it_says_so_once(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_without_nvml_it_says_so_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(nvml_sampler, "_unavailable_logged", False)
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml raises ImportError
     caplog.set_level(logging.INFO)
@@ -310,8 +343,14 @@ def test_discover_gpus() -> None:
     gpus = discover_gpus(fake)
     usable = os.sched_getaffinity(0)
     assert [g["index"] for g in gpus] == [0, 1]
-    assert gpus[1] == {"index": 1, "uuid": "GPU-0001", "name": "NVIDIA H200", "pci_bus_id": "00000000:19:00.0",
-                       "cpu_affinity": [c for c in (0, 1) if c in usable], "memory_total_bytes": 143_771 << 20}
+    assert gpus[1] == {
+        "index": 1,
+        "uuid": "GPU-0001",
+        "name": "NVIDIA H200",
+        "pci_bus_id": "00000000:19:00.0",
+        "cpu_affinity": [c for c in (0, 1) if c in usable],
+        "memory_total_bytes": 143_771 << 20,
+    }
     assert fake.calls["init"] == fake.calls["shutdown"] == 1
 
 
@@ -334,10 +373,17 @@ def test_monitor_attributes_a_stall_to_throttling_on_its_gpu(tmp_path: Path) -> 
         while not mon.snapshot()["gpus"][0]["sm_clock_mhz"] and time.monotonic() < deadline:
             time.sleep(0.01)
         now = time.monotonic_ns()
-        cand = {"worker_id": "w0", "kind": ["latency"], "t0_ns": now - 5_000_000, "t1_ns": now,
-                "launch_t0_ns": now - 4_000_000, "launch_t1_ns": now - 3_990_000,
-                "timings_us": {"gpu": 900.0, "latency": 5000.0, "enqueue": 10.0},
-                "baseline_us": {"gpu": 200.0, "latency": 500.0}, "journal": []}
+        cand = {
+            "worker_id": "w0",
+            "kind": ["latency"],
+            "t0_ns": now - 5_000_000,
+            "t1_ns": now,
+            "launch_t0_ns": now - 4_000_000,
+            "launch_t1_ns": now - 3_990_000,
+            "timings_us": {"gpu": 900.0, "latency": 5000.0, "enqueue": 10.0},
+            "baseline_us": {"gpu": 200.0, "latency": 500.0},
+            "journal": [],
+        }
         rec = mon.on_stall("w0", cand)
         snap = mon.snapshot()
     finally:

@@ -26,8 +26,14 @@ class FakeAsyncEngine(Engine):
         self.waits = 0
 
     def create_slots(self, depth: int) -> list[Slot]:
-        return [Slot(i, {"x": np.zeros((self.max_batch, 2), np.float32)},
-                     {"y": np.zeros((self.max_batch, 2), np.float32)}) for i in range(depth)]
+        return [
+            Slot(
+                i,
+                {"x": np.zeros((self.max_batch, 2), np.float32)},
+                {"y": np.zeros((self.max_batch, 2), np.float32)},
+            )
+            for i in range(depth)
+        ]
 
     def launch(self, slot: Slot, rows: int) -> None:
         slot.outputs["y"][:rows] = slot.inputs["x"][:rows] * 2
@@ -57,7 +63,9 @@ def test_coalesces_whole_requests_up_to_max_batch_and_slices_rows_back() -> None
     assert batch.rows == 7 and len(p.queue) == 1 and p.queued_rows == 2
     eng.finished.add(batch.slot.index)
     got = {}
-    p.complete_oldest(lambda b: got.update({r.request_id: b.slot.outputs["y"][o:o + r.rows].copy() for r, o in b.parts}))
+    p.complete_oldest(
+        lambda b: got.update({r.request_id: b.slot.outputs["y"][o : o + r.rows].copy() for r, o in b.parts})
+    )
     np.testing.assert_array_equal(got[0], np.full((3, 2), 0.0))
     np.testing.assert_array_equal(got[1], np.full((4, 2), 2.0))
 

@@ -27,20 +27,40 @@ OFF = {"enabled": False, "arena_bytes": 0, "free_bytes": 0, "leases": 0, "reques
 
 
 def shm(requests: int, nbytes: int, leases: int = 2, free: int = 48 << 20) -> dict:
-    return {"arena_bytes": 64 << 20, "free_bytes": free, "leases": leases, "requests": requests, "bytes": nbytes,
-            "path": "/dev/shm/orchestrator-prod-w0", "registered": True}
+    return {
+        "arena_bytes": 64 << 20,
+        "free_bytes": free,
+        "leases": leases,
+        "requests": requests,
+        "bytes": nbytes,
+        "path": "/dev/shm/orchestrator-prod-w0",
+        "registered": True,
+    }
 
 
 def hb(requests: int, shm_entry: dict | None = None) -> dict:
-    msg = {"kind": "hb", "id": "w0", "t_ns": time.monotonic_ns(), "progress": requests, "requests": requests,
-           "queued": 0, "inflight": 0, "faults": 0, "errors": {}, "dropped": 0, "host_ns": 0}
+    msg = {
+        "kind": "hb",
+        "id": "w0",
+        "t_ns": time.monotonic_ns(),
+        "progress": requests,
+        "requests": requests,
+        "queued": 0,
+        "inflight": 0,
+        "faults": 0,
+        "errors": {},
+        "dropped": 0,
+        "host_ns": 0,
+    }
     if shm_entry is not None:
         msg["shm"] = shm_entry
     return msg
 
 
 def handle(tmp_path: Path) -> WorkerHandle:
-    return WorkerHandle(WorkerPlan("w0", "gpu:0", "ipc://w0", None, gpu_uuid="GPU-a"), Config(), RunDir(tmp_path))
+    return WorkerHandle(
+        WorkerPlan("w0", "gpu:0", "ipc://w0", None, gpu_uuid="GPU-a"), Config(), RunDir(tmp_path)
+    )
 
 
 # --- status --json ---------------------------------------------------------------------------------------
@@ -68,8 +88,16 @@ def test_status_shm_from_heartbeat(tmp_path: Path) -> None:
 
 def test_shm_status_coerces_counts_to_integers() -> None:
     s = shm_status({"requests": 3.0, "bytes": None, "leases": "2", "arena_bytes": "x"})
-    assert s == {"enabled": True, "requests": 3, "bytes": 0, "leases": 2, "arena_bytes": 0, "free_bytes": 0,
-                 "path": "", "registered": False}
+    assert s == {
+        "enabled": True,
+        "requests": 3,
+        "bytes": 0,
+        "leases": 2,
+        "arena_bytes": 0,
+        "free_bytes": 0,
+        "path": "",
+        "registered": False,
+    }
     assert all(type(s[k]) is int for k in ("requests", "bytes", "leases", "arena_bytes", "free_bytes"))
     assert shm_status("garbage") == OFF
 
@@ -84,11 +112,26 @@ def text_of(renderable: object, width: int = 200) -> str:
 
 
 def two_workers() -> dict:
-    w = {"device": "gpu:0", "gpu_uuid": "GPU-a", "pid": 5001, "state": "ready", "restarts": 0, "uptime_s": 60.0,
-         "faults": 0, "queued": 0, "inflight": 0}
-    return {"name": "prod", "pid": 4242, "run_dir": "/tmp/x", "uptime_s": 61.0, "mps": None,
-            "workers": [{**w, "id": "w0"}, {**w, "id": "w1", "device": "gpu:1", "pid": 5002}],
-            "monitor": {"workers": {"w0": {"requests_per_s": 12345.0}, "w1": {}}}}
+    w = {
+        "device": "gpu:0",
+        "gpu_uuid": "GPU-a",
+        "pid": 5001,
+        "state": "ready",
+        "restarts": 0,
+        "uptime_s": 60.0,
+        "faults": 0,
+        "queued": 0,
+        "inflight": 0,
+    }
+    return {
+        "name": "prod",
+        "pid": 4242,
+        "run_dir": "/tmp/x",
+        "uptime_s": 61.0,
+        "mps": None,
+        "workers": [{**w, "id": "w0"}, {**w, "id": "w1", "device": "gpu:1", "pid": 5002}],
+        "monitor": {"workers": {"w0": {"requests_per_s": 12345.0}, "w1": {}}},
+    }
 
 
 def _row(out: str, wid: str) -> str:
@@ -127,8 +170,12 @@ def test_live_view_shm_share_edges() -> None:
 
 def _samples(mon: Monitor) -> dict[tuple[str, str], float]:
     text = generate_latest(make_registry(mon.metrics_data)).decode()
-    return {(s.name, s.labels.get("worker", "")): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples if s.name.startswith("orchestrator_shm")}
+    return {
+        (s.name, s.labels.get("worker", "")): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name.startswith("orchestrator_shm")
+    }
 
 
 def test_metrics_per_worker_and_across_restarts(tmp_path: Path) -> None:
@@ -152,7 +199,9 @@ def test_metrics_per_worker_and_across_restarts(tmp_path: Path) -> None:
         mon.set_worker("w0", 200, None)
         got = _samples(mon)
         assert got[("orchestrator_shm_requests_total", "w0")] == 30
-        assert got[("orchestrator_shm_leases", "w0")] == 0 and got[("orchestrator_shm_arena_bytes", "w0")] == 0
+        assert (
+            got[("orchestrator_shm_leases", "w0")] == 0 and got[("orchestrator_shm_arena_bytes", "w0")] == 0
+        )
         mon.on_shm("w0", shm_status(shm(5, 500, leases=1)))
         got = _samples(mon)
         assert got[("orchestrator_shm_requests_total", "w0")] == 35
@@ -163,10 +212,26 @@ def test_metrics_per_worker_and_across_restarts(tmp_path: Path) -> None:
 
 
 def test_metric_families_are_typed() -> None:
-    data = {"workers": {"w0": {"up": True, "shm": {"requests_total": 7, "bytes_total": 70, "leases": 1,
-                                                   "arena_bytes": 1 << 20, "free_bytes": 1 << 19}}},
-            "gpus": [], "stall_counts": {}}
-    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(make_registry(lambda: data)).decode())}
+    data = {
+        "workers": {
+            "w0": {
+                "up": True,
+                "shm": {
+                    "requests_total": 7,
+                    "bytes_total": 70,
+                    "leases": 1,
+                    "arena_bytes": 1 << 20,
+                    "free_bytes": 1 << 19,
+                },
+            }
+        },
+        "gpus": [],
+        "stall_counts": {},
+    }
+    fams = {
+        f.name: f
+        for f in text_string_to_metric_families(generate_latest(make_registry(lambda: data)).decode())
+    }
     assert fams["orchestrator_shm_requests"].type == "counter"
     assert fams["orchestrator_shm_bytes"].type == "counter"
     for name in ("orchestrator_shm_leases", "orchestrator_shm_arena_bytes", "orchestrator_shm_free_bytes"):

@@ -36,8 +36,10 @@ class LockEngine(Engine):
         self.spin = spin
 
     def create_slots(self, depth: int) -> list[Slot]:
-        return [Slot(i, {"x": np.zeros((8, 16), np.float32)}, {"y": np.zeros((8, 16), np.float32)})
-                for i in range(depth)]
+        return [
+            Slot(i, {"x": np.zeros((8, 16), np.float32)}, {"y": np.zeros((8, 16), np.float32)})
+            for i in range(depth)
+        ]
 
     def launch(self, slot: Slot, rows: int) -> None:
         with self.lock:

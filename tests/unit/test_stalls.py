@@ -15,22 +15,49 @@ MS = 1_000_000  # ns
 def candidate(**over: object) -> dict:
     """An enqueue stall of 30 ms at t = 100..130 ms; no probe, journal or GPU evidence unless given."""
     c = {
-        "worker_id": "w0", "pid": 123, "kind": ["enqueue"], "sync_mode": "blocking",
-        "t0_ns": 100 * MS, "t1_ns": 131 * MS, "launch_t0_ns": 100 * MS, "launch_t1_ns": 130 * MS,
-        "timings_us": {"queue_wait": 50.0, "enqueue": 30000.0, "complete_wait": 400.0, "gpu": 120.0,
-                       "reply": 30.0, "latency": 30500.0},
+        "worker_id": "w0",
+        "pid": 123,
+        "kind": ["enqueue"],
+        "sync_mode": "blocking",
+        "t0_ns": 100 * MS,
+        "t1_ns": 131 * MS,
+        "launch_t0_ns": 100 * MS,
+        "launch_t1_ns": 130 * MS,
+        "timings_us": {
+            "queue_wait": 50.0,
+            "enqueue": 30000.0,
+            "complete_wait": 400.0,
+            "gpu": 120.0,
+            "reply": 30.0,
+            "latency": 30500.0,
+        },
         "baseline_us": {"enqueue": 15.0, "latency": 600.0, "gpu": 120.0},
-        "probe_launch": {"wall_us": 30000.0, "oncpu_us": 40.0, "runq_us": 10.0, "blocked_us": 29950.0,
-                         "vcsw": 0, "ivcsw": 0},
-        "probe_batch": None, "schedstat": True, "journal": [],
+        "probe_launch": {
+            "wall_us": 30000.0,
+            "oncpu_us": 40.0,
+            "runq_us": 10.0,
+            "blocked_us": 29950.0,
+            "vcsw": 0,
+            "ivcsw": 0,
+        },
+        "probe_batch": None,
+        "schedstat": True,
+        "journal": [],
     }
     c.update(over)
     return c
 
 
 def op(name: str, t0_ms: float, t1_ms: float, detail: str = "64 MiB") -> dict:
-    return {"seq": 1, "op": name, "t0_ns": int(t0_ms * MS), "t1_ns": int(t1_ms * MS), "detail": detail,
-            "thread": "inject", "fault": True}
+    return {
+        "seq": 1,
+        "op": name,
+        "t0_ns": int(t0_ms * MS),
+        "t1_ns": int(t1_ms * MS),
+        "detail": detail,
+        "thread": "inject",
+        "fault": True,
+    }
 
 
 def names(ranked: list) -> list[str]:
@@ -38,7 +65,14 @@ def names(ranked: list) -> list[str]:
 
 
 def test_driver_op_overlapping_the_launch_ranks_first() -> None:
-    blocked = {"wall_us": 30000.0, "oncpu_us": 40.0, "runq_us": 10.0, "blocked_us": 29950.0, "vcsw": 3, "ivcsw": 0}
+    blocked = {
+        "wall_us": 30000.0,
+        "oncpu_us": 40.0,
+        "runq_us": 10.0,
+        "blocked_us": 29950.0,
+        "vcsw": 3,
+        "ivcsw": 0,
+    }
     ranked = attribute(candidate(journal=[op("pinned_alloc", 99, 129.5)], probe_launch=blocked), [], {}, [])
     assert names(ranked)[:2] == ["driver_lock", "lock_wait"]
     cause, score, ev = ranked[0]
@@ -53,22 +87,42 @@ def test_driver_op_outside_the_window_is_not_blamed() -> None:
 
 
 def test_driver_lock_outranks_the_lock_wait_it_explains_even_at_low_coverage() -> None:
-    blocked = {"wall_us": 30000.0, "oncpu_us": 40.0, "runq_us": 10.0, "blocked_us": 29950.0, "vcsw": 2, "ivcsw": 0}
+    blocked = {
+        "wall_us": 30000.0,
+        "oncpu_us": 40.0,
+        "runq_us": 10.0,
+        "blocked_us": 29950.0,
+        "vcsw": 2,
+        "ivcsw": 0,
+    }
     ranked = attribute(candidate(journal=[op("module_load", 128, 135)], probe_launch=blocked), [], {}, [])
     assert names(ranked)[:2] == ["driver_lock", "lock_wait"]
     assert ranked[0][2].get("explains") == "lock_wait"
 
 
 def test_voluntary_switches_while_blocked_mean_lock_wait() -> None:
-    blocked = {"wall_us": 30000.0, "oncpu_us": 500.0, "runq_us": 20.0, "blocked_us": 29480.0, "vcsw": 4, "ivcsw": 0}
+    blocked = {
+        "wall_us": 30000.0,
+        "oncpu_us": 500.0,
+        "runq_us": 20.0,
+        "blocked_us": 29480.0,
+        "vcsw": 4,
+        "ivcsw": 0,
+    }
     ranked = attribute(candidate(probe_launch=blocked), [], {}, [])
     assert names(ranked)[0] == "lock_wait"
     assert ranked[0][2]["vcsw"] == 4
 
 
 def test_run_queue_wait_means_cpu_preemption() -> None:
-    preempted = {"wall_us": 30000.0, "oncpu_us": 3000.0, "runq_us": 26000.0, "blocked_us": 1000.0,
-                 "vcsw": 0, "ivcsw": 9}
+    preempted = {
+        "wall_us": 30000.0,
+        "oncpu_us": 3000.0,
+        "runq_us": 26000.0,
+        "blocked_us": 1000.0,
+        "vcsw": 0,
+        "ivcsw": 9,
+    }
     ranked = attribute(candidate(probe_launch=preempted), [], {"cpu_pct": 99.0, "ncpu": 2, "load1": 6.0}, [])
     assert names(ranked)[0] == "cpu_preemption"
     assert ranked[0][1] >= 0.8
@@ -81,12 +135,23 @@ def test_host_saturation_alone_is_weak_evidence() -> None:
 
 
 def _gpu_sample(t_ms: float, clock: int, reasons: list[str]) -> dict:
-    return {"t_ns": int(t_ms * MS), "sm_clock_mhz": clock, "sm_clock_max_mhz": 1980, "throttle_reasons": reasons}
+    return {
+        "t_ns": int(t_ms * MS),
+        "sm_clock_mhz": clock,
+        "sm_clock_max_mhz": 1980,
+        "throttle_reasons": reasons,
+    }
 
 
 def _latency_stall(gpu_us: float) -> dict:
-    timings = {"queue_wait": 50.0, "enqueue": 15.0, "complete_wait": gpu_us + 50, "gpu": gpu_us,
-               "reply": 30.0, "latency": gpu_us + 200}
+    timings = {
+        "queue_wait": 50.0,
+        "enqueue": 15.0,
+        "complete_wait": gpu_us + 50,
+        "gpu": gpu_us,
+        "reply": 30.0,
+        "latency": gpu_us + 200,
+    }
     return candidate(kind=["latency"], timings_us=timings, probe_launch=None)
 
 
@@ -124,12 +189,29 @@ def test_nothing_overlapping_is_unknown() -> None:
 
 
 def test_ranking_is_by_descending_score() -> None:
-    mixed = {"wall_us": 30000.0, "oncpu_us": 100.0, "runq_us": 9000.0, "blocked_us": 20900.0, "vcsw": 2, "ivcsw": 3}
-    ranked = attribute(candidate(probe_launch=mixed, journal=[op("device_alloc", 101, 110)]),
-                       [_gpu_sample(110, 1400, ["sw_power_cap"])], {"cpu_pct": 95.0}, [{"pid": 9}])
+    mixed = {
+        "wall_us": 30000.0,
+        "oncpu_us": 100.0,
+        "runq_us": 9000.0,
+        "blocked_us": 20900.0,
+        "vcsw": 2,
+        "ivcsw": 3,
+    }
+    ranked = attribute(
+        candidate(probe_launch=mixed, journal=[op("device_alloc", 101, 110)]),
+        [_gpu_sample(110, 1400, ["sw_power_cap"])],
+        {"cpu_pct": 95.0},
+        [{"pid": 9}],
+    )
     scores = [s for _, s, _ in ranked]
     assert scores == sorted(scores, reverse=True)
-    assert set(names(ranked)) >= {"driver_lock", "lock_wait", "cpu_preemption", "throttling", "foreign_process"}
+    assert set(names(ranked)) >= {
+        "driver_lock",
+        "lock_wait",
+        "cpu_preemption",
+        "throttling",
+        "foreign_process",
+    }
 
 
 def test_record_is_json_and_log_counts_by_top_cause(tmp_path: Path) -> None:
@@ -159,7 +241,9 @@ def test_log_rotates_past_its_size_limit(tmp_path: Path) -> None:
     assert log.total == 10
 
 
-def test_unwritable_log_keeps_counting_and_says_so_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_unwritable_log_keeps_counting_and_says_so_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     log = StallLog(tmp_path / "missing-dir" / "stalls.jsonl")
     rec = build_record(candidate(), attribute(candidate(), [], {}, []), None)
     for _ in range(3):

@@ -24,33 +24,106 @@ def text_of(renderable: object, width: int = 200) -> str:
 
 
 def gpu_status() -> dict:
-    stall = {"time": time.time(), "worker_id": "w1", "gpu_index": 1, "kind": ["enqueue"], "enqueue_us": 31200.0,
-             "latency_us": 31900.0, "cause": "driver_lock",
-             "causes": [{"cause": "driver_lock", "score": 0.95,
-                         "evidence": {"ops": [{"op": "pinned_alloc", "detail": "64 MiB", "dur_us": 30100.0}],
-                                      "n_ops": 1, "coverage": 0.97}},
-                        {"cause": "lock_wait", "score": 0.74, "evidence": {"blocked_us": 30000.0, "vcsw": 3}}]}
-    gpu = {"index": 0, "uuid": "GPU-a", "name": "H200", "sm_clock_mhz": 1410, "sm_clock_max_mhz": 1980,
-           "power_w": 693.4, "power_limit_w": 700.0, "temp_c": 71, "temp_slowdown_c": 89, "util_pct": 99,
-           "mem_used_bytes": 1 << 34, "throttle_reasons": ["sw_power_cap"], "foreign_pids": []}
+    stall = {
+        "time": time.time(),
+        "worker_id": "w1",
+        "gpu_index": 1,
+        "kind": ["enqueue"],
+        "enqueue_us": 31200.0,
+        "latency_us": 31900.0,
+        "cause": "driver_lock",
+        "causes": [
+            {
+                "cause": "driver_lock",
+                "score": 0.95,
+                "evidence": {
+                    "ops": [{"op": "pinned_alloc", "detail": "64 MiB", "dur_us": 30100.0}],
+                    "n_ops": 1,
+                    "coverage": 0.97,
+                },
+            },
+            {"cause": "lock_wait", "score": 0.74, "evidence": {"blocked_us": 30000.0, "vcsw": 3}},
+        ],
+    }
+    gpu = {
+        "index": 0,
+        "uuid": "GPU-a",
+        "name": "H200",
+        "sm_clock_mhz": 1410,
+        "sm_clock_max_mhz": 1980,
+        "power_w": 693.4,
+        "power_limit_w": 700.0,
+        "temp_c": 71,
+        "temp_slowdown_c": 89,
+        "util_pct": 99,
+        "mem_used_bytes": 1 << 34,
+        "throttle_reasons": ["sw_power_cap"],
+        "foreign_pids": [],
+    }
     return {
-        "name": "prod", "pid": 4242, "run_dir": "/run/user/0/orchestrator/prod", "uptime_s": 3725.0,
+        "name": "prod",
+        "pid": 4242,
+        "run_dir": "/run/user/0/orchestrator/prod",
+        "uptime_s": 3725.0,
         "mps": None,
         "workers": [
-            {"id": "w0", "device": "gpu:0", "gpu_uuid": "GPU-a", "pid": 5001, "state": "ready", "restarts": 0,
-             "endpoint": "ipc://x", "uptime_s": 3700.0, "cpu_affinity": [0, 1], "module_loading": "EAGER",
-             "faults": 0, "queued": 4, "inflight": 2},
-            {"id": "w1", "device": "gpu:1", "gpu_uuid": "GPU-b", "pid": None, "state": "quarantined",
-             "restarts": 5, "endpoint": "ipc://y", "uptime_s": None, "cpu_affinity": None,
-             "module_loading": "EAGER", "faults": 3, "queued": None, "inflight": None},
+            {
+                "id": "w0",
+                "device": "gpu:0",
+                "gpu_uuid": "GPU-a",
+                "pid": 5001,
+                "state": "ready",
+                "restarts": 0,
+                "endpoint": "ipc://x",
+                "uptime_s": 3700.0,
+                "cpu_affinity": [0, 1],
+                "module_loading": "EAGER",
+                "faults": 0,
+                "queued": 4,
+                "inflight": 2,
+            },
+            {
+                "id": "w1",
+                "device": "gpu:1",
+                "gpu_uuid": "GPU-b",
+                "pid": None,
+                "state": "quarantined",
+                "restarts": 5,
+                "endpoint": "ipc://y",
+                "uptime_s": None,
+                "cpu_affinity": None,
+                "module_loading": "EAGER",
+                "faults": 3,
+                "queued": None,
+                "inflight": None,
+            },
         ],
         "monitor": {
-            "nvml": True, "gpus": [gpu, {**gpu, "index": 1, "uuid": "GPU-b", "throttle_reasons": ["hw_thermal"],
-                                          "foreign_pids": [777]}],
-            "workers": {"w0": {"requests_per_s": 12345.0, "items_per_s": 98760.0, "latency_p50_ms": 0.84,
-                               "latency_p99_ms": 2.5, "gpu_busy_pct": 93.7, "stalls": 0, "last_stall_cause": None},
-                        "w1": {"stalls": 7, "last_stall_cause": "driver_lock"}},
-            "stalls": [stall], "stall_counts": {"driver_lock": 7, "unknown": 0},
+            "nvml": True,
+            "gpus": [
+                gpu,
+                {
+                    **gpu,
+                    "index": 1,
+                    "uuid": "GPU-b",
+                    "throttle_reasons": ["hw_thermal"],
+                    "foreign_pids": [777],
+                },
+            ],
+            "workers": {
+                "w0": {
+                    "requests_per_s": 12345.0,
+                    "items_per_s": 98760.0,
+                    "latency_p50_ms": 0.84,
+                    "latency_p99_ms": 2.5,
+                    "gpu_busy_pct": 93.7,
+                    "stalls": 0,
+                    "last_stall_cause": None,
+                },
+                "w1": {"stalls": 7, "last_stall_cause": "driver_lock"},
+            },
+            "stalls": [stall],
+            "stall_counts": {"driver_lock": 7, "unknown": 0},
             "host": {"cpu_pct": 41.0, "mem_pct": 12.5, "load1": 3.2, "ncpu": 16, "psi_cpu_some_avg10": 1.5},
         },
     }
@@ -59,8 +132,21 @@ def gpu_status() -> dict:
 def test_worker_rows_show_serving_and_gpu_columns() -> None:
     out = text_of(status_view.render(gpu_status()))
     row0 = next(line for line in out.splitlines() if line.lstrip().startswith("w0"))
-    for piece in ("gpu:0", "ready", "5001", "12.3k", "98.8k", "840us", "2.5ms", "4/2", "94%", "1410/1980",
-                  "693/700W", "71C", "sw_power_cap"):
+    for piece in (
+        "gpu:0",
+        "ready",
+        "5001",
+        "12.3k",
+        "98.8k",
+        "840us",
+        "2.5ms",
+        "4/2",
+        "94%",
+        "1410/1980",
+        "693/700W",
+        "71C",
+        "sw_power_cap",
+    ):
         assert piece in row0, (piece, row0)
     row1 = next(line for line in out.splitlines() if line.lstrip().startswith("w1"))
     assert "quarantined" in row1 and "hw_thermal" in row1 and "+1 foreign" in row1 and "7 driver_lock" in row1
@@ -89,11 +175,31 @@ def test_renders_a_real_monitor_snapshot(tmp_path: Path) -> None:
         b.t_launch_ns, b.t_enqueued_ns, b.t_done_ns = now - 400_000, now - 300_000, now
         tel.on_batch(b, None)
     mon.on_report("w0", tel.report())
-    status = {"name": "cpu", "pid": 1, "run_dir": str(tmp_path), "uptime_s": 5.0, "mps": None,
-              "workers": [{"id": "w0", "device": "cpu", "gpu_uuid": None, "pid": 321, "state": "ready",
-                           "restarts": 0, "endpoint": "ipc://z", "uptime_s": 5.0, "cpu_affinity": [0],
-                           "module_loading": None, "faults": 0, "queued": 0, "inflight": 0}],
-              "monitor": mon.snapshot()}
+    status = {
+        "name": "cpu",
+        "pid": 1,
+        "run_dir": str(tmp_path),
+        "uptime_s": 5.0,
+        "mps": None,
+        "workers": [
+            {
+                "id": "w0",
+                "device": "cpu",
+                "gpu_uuid": None,
+                "pid": 321,
+                "state": "ready",
+                "restarts": 0,
+                "endpoint": "ipc://z",
+                "uptime_s": 5.0,
+                "cpu_affinity": [0],
+                "module_loading": None,
+                "faults": 0,
+                "queued": 0,
+                "inflight": 0,
+            }
+        ],
+        "monitor": mon.snapshot(),
+    }
     mon.stop()
     out = text_of(status_view.render(status))
     row = next(line for line in out.splitlines() if line.lstrip().startswith("w0"))

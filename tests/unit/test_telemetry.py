@@ -42,8 +42,14 @@ def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     _CLOCK.clear()
 
 
-def make_batch(enqueue_us: float, latency_us: float, n_requests: int = 2, rows: int = 4,
-               probe: ThreadProbe | None = None, gpu_done_us: float = 100.0) -> Batch:
+def make_batch(
+    enqueue_us: float,
+    latency_us: float,
+    n_requests: int = 2,
+    rows: int = 4,
+    probe: ThreadProbe | None = None,
+    gpu_done_us: float = 100.0,
+) -> Batch:
     """A replied batch whose oldest request arrived `latency_us` ago and whose launch took `enqueue_us`."""
     now = time.monotonic_ns()
     _CLOCK[:] = [now]
@@ -151,8 +157,10 @@ def test_threshold_floor_and_factor() -> None:
 def test_baseline_is_robust_to_a_stall_storm() -> None:
     tel = make_tel(max_candidates_per_s=1000.0)
     warm(tel)
-    flagged = sum(tel.on_batch(make_batch(30_000.0 if i % 4 == 0 else 20.0, 300.0), 100.0) is not None
-                  for i in range(400))
+    flagged = sum(
+        tel.on_batch(make_batch(30_000.0 if i % 4 == 0 else 20.0, 300.0), 100.0) is not None
+        for i in range(400)
+    )
     assert flagged == 100  # a quarter of the batches stalled: the median stays at the normal 20 us
 
 
@@ -230,8 +238,10 @@ def test_per_batch_cost_is_small() -> None:
     costs = [run(True) - run(False) for _ in range(5)]
     cost = statistics.median(costs)
     snaps = statistics.median(_time_snaps(probe) for _ in range(3))
-    print(f"\n[telemetry] per-batch cost: {cost:.2f} us (of which 2 probe snaps {2 * snaps:.2f} us), "
-          f"4 requests/batch, median of 5 runs of {n}")
+    print(
+        f"\n[telemetry] per-batch cost: {cost:.2f} us (of which 2 probe snaps {2 * snaps:.2f} us), "
+        f"4 requests/batch, median of 5 runs of {n}"
+    )
     assert cost < 30.0
 
 
@@ -250,6 +260,8 @@ def test_gpu_busy_is_the_union_of_overlapping_batch_spans() -> None:
         tel.on_batch(make_batch(10.0, 50.0), 100.0, (base + start * 1000, base + stop * 1000))
     rep = tel.report()
     assert rep["interval"]["gpu_busy_ns"] == 250_000  # 150 us + 100 us, the overlap counted once
-    assert rep["interval"]["gpu_time_us"] == 300.0  # the per-batch sum overcounts: that is why the union exists
+    assert (
+        rep["interval"]["gpu_time_us"] == 300.0
+    )  # the per-batch sum overcounts: that is why the union exists
     expected_pct = 100.0 * 250_000 / (rep["interval_s"] * 1e9)
     assert rep["interval"]["gpu_busy_pct"] == pytest.approx(expected_pct)

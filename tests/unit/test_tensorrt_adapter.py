@@ -26,14 +26,22 @@ GOOD = b"FAKEPLAN"
 
 SEV = types.SimpleNamespace(**{k: types.SimpleNamespace(name=k) for k in ("ERROR", "WARNING", "INFO")})
 BAD_PLANS = [
-    (b"OLDVER", "IRuntime::deserializeCudaEngine: Error Code 1: Serialization (Serialization assertion "
-                "stdVersionRead == kSERIALIZATION_VERSION failed.Version tag does not match.)"),
-    (b"OTHERGPU", "The engine plan file is generated on an incompatible device, expecting compute 8.6 "
-                  "got compute 9.0, please rebuild."),
+    (
+        b"OLDVER",
+        "IRuntime::deserializeCudaEngine: Error Code 1: Serialization (Serialization assertion "
+        "stdVersionRead == kSERIALIZATION_VERSION failed.Version tag does not match.)",
+    ),
+    (
+        b"OTHERGPU",
+        "The engine plan file is generated on an incompatible device, expecting compute 8.6 "
+        "got compute 9.0, please rebuild.",
+    ),
     (b"NOTVC", "Unexpected call to stub loadRunner for ReformatRunner"),
 ]
-GARBAGE = ("IRuntime::deserializeCudaEngine: Error Code 1: Serialization "
-           "(Serialization assertion magicTagRead == kMAGIC_TAG failed.Magic tag does not match)")
+GARBAGE = (
+    "IRuntime::deserializeCudaEngine: Error Code 1: Serialization "
+    "(Serialization assertion magicTagRead == kMAGIC_TAG failed.Magic tag does not match)"
+)
 
 
 class Opts(types.SimpleNamespace):
@@ -144,10 +152,23 @@ def _nptype(dt: str) -> type:
     return np.float32
 
 
-def make_fake_trt(calls: list[tuple], *, batch: tuple[int, int] = (1, 16), static: int | None = None,
-                  dtype: str = "FLOAT", fail_execute: bool = False, runtime_errors: tuple[str, ...] = ()) -> Any:
-    opts = Opts(calls=calls, batch=batch, static=static, dtype=dtype, fail_execute=fail_execute,
-                runtime_errors=runtime_errors)
+def make_fake_trt(
+    calls: list[tuple],
+    *,
+    batch: tuple[int, int] = (1, 16),
+    static: int | None = None,
+    dtype: str = "FLOAT",
+    fail_execute: bool = False,
+    runtime_errors: tuple[str, ...] = (),
+) -> Any:
+    opts = Opts(
+        calls=calls,
+        batch=batch,
+        static=static,
+        dtype=dtype,
+        fail_execute=fail_execute,
+        runtime_errors=runtime_errors,
+    )
     trt = types.ModuleType("fake_tensorrt")
     trt.__version__ = "11.4.0"
     trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT", NONE="NONE")
@@ -162,9 +183,11 @@ def config(tmp_path: Path, plan: bytes | None = GOOD, **pipeline: Any) -> Any:
     path = tmp_path / "model.plan"
     if plan is not None:
         path.write_bytes(plan)
-    raw = {"workers": {"device": "gpu"},
-           "model": {"kind": "tensorrt", "path": str(path), "max_batch": pipeline.pop("max_batch", 8)},
-           "pipeline": {"depth": 2, **pipeline}}
+    raw = {
+        "workers": {"device": "gpu"},
+        "model": {"kind": "tensorrt", "path": str(path), "max_batch": pipeline.pop("max_batch", 8)},
+        "pipeline": {"depth": 2, **pipeline},
+    }
     return parse_config(raw, check_files=False)
 
 
@@ -186,7 +209,7 @@ def run_batches(engine: TensorRTEngine, depth: int, sizes: list[int], buckets: t
 
     def complete(batch: Any) -> None:
         for r, off in batch.parts:
-            results[r.request_id] = batch.slot.outputs["output"][off:off + r.rows].copy()
+            results[r.request_id] = batch.slot.outputs["output"][off : off + r.rows].copy()
 
     for i, rows in enumerate(sizes):
         x = rng.random((rows, 4), dtype=np.float32)
@@ -213,7 +236,12 @@ def test_call_sequence_and_results_without_graphs(tmp_path: Path) -> None:
     run_batches(eng, 2, [3, 8, 1, 5], buckets=(1, 2, 4, 8))
     names = [c[0] for c in calls]
     # one context per slot, addresses bound right after it, then shapes, then enqueues
-    assert names[:4] == ["create_execution_context", "set_tensor_address", "set_tensor_address", "set_input_shape"]
+    assert names[:4] == [
+        "create_execution_context",
+        "set_tensor_address",
+        "set_tensor_address",
+        "set_input_shape",
+    ]
     assert names.count("create_execution_context") == 2
     assert names.index("execute_async_v3") > names.index("set_input_shape")
     executed = [c[2] for c in calls if c[0] == "execute_async_v3"]
@@ -228,7 +256,9 @@ def test_call_sequence_and_results_without_graphs(tmp_path: Path) -> None:
 def test_graphs_are_captured_per_slot_and_bucket_and_replayed(tmp_path: Path) -> None:
     calls: list[tuple] = []
     rt = FakeRuntime()
-    eng = TensorRTEngine(config(tmp_path, cuda_graphs=True, buckets=[2, 4, 8]), trt=make_fake_trt(calls), rt=rt)
+    eng = TensorRTEngine(
+        config(tmp_path, cuda_graphs=True, buckets=[2, 4, 8]), trt=make_fake_trt(calls), rt=rt
+    )
     assert eng.pads_to_buckets
     run_batches(eng, 2, [3, 8, 1], buckets=(2, 4, 8))
     captures = [e for e in rt.log if e[0] == "capture"]
@@ -369,7 +399,9 @@ def test_shared_memory_batches_copy_spans_around_the_compute_graph(tmp_path: Pat
     calls: list[tuple] = []
     rt = FakeRuntime()
     rt.HostRegistration = FakeRegistration  # type: ignore[attr-defined]
-    eng = TensorRTEngine(config(tmp_path, cuda_graphs=True, buckets=[2, 4, 8]), trt=make_fake_trt(calls), rt=rt)
+    eng = TensorRTEngine(
+        config(tmp_path, cuda_graphs=True, buckets=[2, 4, 8]), trt=make_fake_trt(calls), rt=rt
+    )
     arena = Arena(tmp_path, "w0", 1, 1)
     assert eng.attach_arena(arena.addr, arena.size)
     pipe = Pipeline(eng, 2, max_queue=64, max_queue_delay_us=0, buckets=(2, 4, 8), arena=arena)

@@ -26,7 +26,9 @@ def _installed() -> list[str]:
 
 
 MODULES = _installed()
-pytestmark = pytest.mark.skipif(not MODULES, reason="no TensorRT bindings installed (tensorrt-lean-cu13-bindings)")
+pytestmark = pytest.mark.skipif(
+    not MODULES, reason="no TensorRT bindings installed (tensorrt-lean-cu13-bindings)"
+)
 
 
 @pytest.fixture(params=MODULES or ["none"])
@@ -35,8 +37,12 @@ def trt(request: pytest.FixtureRequest):
 
 
 def test_every_member_the_adapter_uses_exists(trt) -> None:
-    missing = [f"{cls}.{member}" for cls, members in TRT_API.items()
-               for member in members if not hasattr(getattr(trt, cls, None), member)]
+    missing = [
+        f"{cls}.{member}"
+        for cls, members in TRT_API.items()
+        for member in members
+        if not hasattr(getattr(trt, cls, None), member)
+    ]
     missing += [f for f in TRT_FUNCTIONS if not callable(getattr(trt, f, None))]
     assert not missing, f"{trt.__name__} {trt.__version__} lacks {missing}"
 

@@ -51,7 +51,9 @@ def check_module_loading() -> str:
         log.warning(
             "[cuda] !!! %s=%s, not EAGER: kernels will load on first use and stall launches for "
             "milliseconds. Start the worker with %s=EAGER (the supervisor does). !!!",
-            LOADING_ENV, shown, LOADING_ENV,
+            LOADING_ENV,
+            shown,
+            LOADING_ENV,
         )
     _env_mode = mode
     return mode
@@ -103,7 +105,9 @@ def _init_driver() -> int:
         raise EngineError(f"CUDA driver unavailable: {exc}") from exc
     count = check(driver.cuDeviceGetCount(), "cuDeviceGetCount")
     if count == 0:
-        raise EngineError(f"no CUDA device visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+        raise EngineError(
+            f"no CUDA device visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+        )
     if count > 1:
         log.warning("[cuda] %d devices visible; a worker should see exactly one (using device 0)", count)
     return count
@@ -113,8 +117,14 @@ def _device_info(dev: Any) -> DeviceInfo:
     attr = driver.CUdevice_attribute
     name = check(driver.cuDeviceGetName(256, dev), "cuDeviceGetName")
     uuid = check(driver.cuDeviceGetUuid(dev), "cuDeviceGetUuid")
-    major = check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cuDeviceGetAttribute")
-    minor = check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "cuDeviceGetAttribute")
+    major = check(
+        driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev),
+        "cuDeviceGetAttribute",
+    )
+    minor = check(
+        driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev),
+        "cuDeviceGetAttribute",
+    )
     total = check(driver.cuDeviceTotalMem(dev), "cuDeviceTotalMem")
     ver = check(driver.cuDriverGetVersion(), "cuDriverGetVersion")
     return DeviceInfo(
@@ -154,8 +164,15 @@ class CudaContext:
         self.loading_mode = "EAGER" if mode == driver.CUmoduleLoadingMode.CU_MODULE_EAGER_LOADING else "LAZY"
         if self.loading_mode != "EAGER" and _env_mode == "EAGER":
             log.warning("[cuda] %s=EAGER but the driver reports LAZY loading", LOADING_ENV)
-        log.info("[cuda] context on %s (%s, %s), driver %s, module loading %s, sched %s",
-                 self.info.name, self.info.uuid, self.info.arch, self.info.driver_version, self.loading_mode, sched)
+        log.info(
+            "[cuda] context on %s (%s, %s), driver %s, module loading %s, sched %s",
+            self.info.name,
+            self.info.uuid,
+            self.info.arch,
+            self.info.driver_version,
+            self.loading_mode,
+            sched,
+        )
 
     def make_current(self) -> None:
         """Bind the context to the calling thread (each OS thread has its own current context)."""

@@ -63,8 +63,11 @@ def capture(stream: Stream, enqueue: Callable[[], Any], detail: str = "") -> Gra
     if err or ok is False:
         if not err:
             driver.cuGraphDestroy(graph)
-        log.warning("[cuda] graph capture of %s failed (%s); running it without a graph",
-                    detail, err.name if err else "enqueue returned False")
+        log.warning(
+            "[cuda] graph capture of %s failed (%s); running it without a graph",
+            detail,
+            err.name if err else "enqueue returned False",
+        )
         return None
     try:
         with JOURNAL.timed("graph_instantiate", detail):

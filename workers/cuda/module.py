@@ -42,7 +42,9 @@ def compile_cubin(source: str, name: str, arch: str, options: tuple[str, ...] = 
     stays short and predictable. NVRTC itself takes no driver lock.
     """
     try:
-        prog = check(nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []), "nvrtcCreateProgram")
+        prog = check(
+            nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []), "nvrtcCreateProgram"
+        )
     except CudaError:
         raise
     except Exception as exc:  # libnvrtc missing: cuda-bindings does not ship it
@@ -100,8 +102,12 @@ class KernelArgs:
 
 def max_active_blocks(func: Any, block: int, dynamic_smem: int) -> int:
     """Blocks of `func` one SM can hold at once with this block size and dynamic shared memory."""
-    return int(check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(func, block, dynamic_smem),
-                     "cuOccupancyMaxActiveBlocksPerMultiprocessor"))
+    return int(
+        check(
+            driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(func, block, dynamic_smem),
+            "cuOccupancyMaxActiveBlocksPerMultiprocessor",
+        )
+    )
 
 
 def allow_dynamic_smem(func: Any, nbytes: int) -> None:
@@ -110,7 +116,9 @@ def allow_dynamic_smem(func: Any, nbytes: int) -> None:
     check(driver.cuFuncSetAttribute(func, attr, nbytes), "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
 
 
-def launch_kernel(func: Any, grid: int, block: int, stream: Stream, args: KernelArgs, shared_mem: int = 0) -> None:
+def launch_kernel(
+    func: Any, grid: int, block: int, stream: Stream, args: KernelArgs, shared_mem: int = 0
+) -> None:
     """One-dimensional launch of `func` on `stream`. Returns at once (no sync)."""
     err = driver.cuLaunchKernel(func, grid, 1, 1, block, 1, 1, shared_mem, stream.handle, args.ptr, 0)[0]
     if err:

@@ -17,11 +17,17 @@ class Stream:
     stream (TensorRT warns that the default stream adds cudaDeviceSynchronize calls)."""
 
     def __init__(self, non_blocking: bool = True, priority: int | None = None) -> None:
-        flags = driver.CUstream_flags.CU_STREAM_NON_BLOCKING if non_blocking else driver.CUstream_flags.CU_STREAM_DEFAULT
+        flags = (
+            driver.CUstream_flags.CU_STREAM_NON_BLOCKING
+            if non_blocking
+            else driver.CUstream_flags.CU_STREAM_DEFAULT
+        )
         if priority is None:
             self.handle = check(driver.cuStreamCreate(flags), "cuStreamCreate")
         else:  # lower number = higher priority; see cuCtxGetStreamPriorityRange
-            self.handle = check(driver.cuStreamCreateWithPriority(flags, priority), "cuStreamCreateWithPriority")
+            self.handle = check(
+                driver.cuStreamCreateWithPriority(flags, priority), "cuStreamCreateWithPriority"
+            )
         self.ptr: int = int(self.handle)
 
     def __int__(self) -> int:

@@ -37,9 +37,15 @@ class DynamicDim:
         return size
 
 
-def model_dims(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], ranges: Mapping[str, tuple[int, int | None]],
-               config: Sequence[DimSection], *, need_buckets: bool, where: str = "model",
-               ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], tuple[DynamicDim, ...]]:
+def model_dims(
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    ranges: Mapping[str, tuple[int, int | None]],
+    config: Sequence[DimSection],
+    *,
+    need_buckets: bool,
+    where: str = "model",
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], tuple[DynamicDim, ...]]:
     """Combine the model's dynamic dimensions (named in its specs; `ranges` holds the bounds the model
     declares, None for none) with [[model.dims]]. Returns the specs (outputs renamed where `follow` says)
     and the dimensions, or raises EngineError naming what to configure."""
@@ -65,14 +71,18 @@ def model_dims(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], rang
             if axis is None:
                 continue
             if not 1 <= axis <= len(shape):
-                raise EngineError(f"model.dims[{cd.name!r}].follow: output {s.name!r} has no axis {axis} "
-                                  f"(its shape is [batch, {', '.join(map(str, shape))}])")
+                raise EngineError(
+                    f"model.dims[{cd.name!r}].follow: output {s.name!r} has no axis {axis} "
+                    f"(its shape is [batch, {', '.join(map(str, shape))}])"
+                )
             shape[axis - 1] = cd.name
         for axis, d in enumerate(shape, start=1):
             if isinstance(d, str) and d not in users:
-                raise EngineError(f"output {s.name!r} has dynamic dimension {d!r} at axis {axis}, which follows no "
-                                  f"input dimension ({names or 'none'}): name the one it follows in [[model.dims]] "
-                                  f"follow = {{{s.name} = {axis}}}, or export the model with that name")
+                raise EngineError(
+                    f"output {s.name!r} has dynamic dimension {d!r} at axis {axis}, which follows no "
+                    f"input dimension ({names or 'none'}): name the one it follows in [[model.dims]] "
+                    f"follow = {{{s.name} = {axis}}}, or export the model with that name"
+                )
         out_specs.append(TensorSpec(s.name, s.dtype, tuple(shape)))
     dims = []
     for name in names:
@@ -81,25 +91,32 @@ def model_dims(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], rang
         lo = max(lo_model, c.min if c else 1)
         hi = (c.max if c and c.max else None) or hi_model
         if hi is None:
-            raise EngineError(f"input {users[name][0]!r} has dynamic dimension {name!r} with no upper bound: declare "
-                              f"its range in the config ([[model.dims]] name = \"{name}\", max = ...)")
+            raise EngineError(
+                f"input {users[name][0]!r} has dynamic dimension {name!r} with no upper bound: declare "
+                f'its range in the config ([[model.dims]] name = "{name}", max = ...)'
+            )
         if hi_model is not None and hi > hi_model:
             raise EngineError(f"model.dims[{name!r}].max = {hi} exceeds the model's own bound {hi_model}")
         if lo > hi:
             raise EngineError(f"dimension {name!r}: its range {lo}..{hi} is empty")
         buckets = tuple(c.buckets) if c else ()
         if buckets and (buckets[0] < lo or buckets[-1] != hi):
-            raise EngineError(f"model.dims[{name!r}].buckets {list(buckets)}: they must lie in {lo}..{hi} "
-                              f"and end at {hi}")
+            raise EngineError(
+                f"model.dims[{name!r}].buckets {list(buckets)}: they must lie in {lo}..{hi} and end at {hi}"
+            )
         if need_buckets and not buckets:
-            raise EngineError(f"dimension {name!r} is dynamic and this engine runs fixed shapes (one CUDA graph per "
-                              f"batch and size bucket): give it buckets ([[model.dims]] name = \"{name}\", "
-                              f"buckets = [...] ending at {hi})")
+            raise EngineError(
+                f"dimension {name!r} is dynamic and this engine runs fixed shapes (one CUDA graph per "
+                f'batch and size bucket): give it buckets ([[model.dims]] name = "{name}", '
+                f"buckets = [...] ending at {hi})"
+            )
         pad = dict(c.pad) if c else {}
         for key in pad:
             if key not in users[name]:
-                raise EngineError(f"model.dims[{name!r}].pad: {key!r} is not an input with dimension {name!r} "
-                                  f"(those are {users[name]})")
+                raise EngineError(
+                    f"model.dims[{name!r}].pad: {key!r} is not an input with dimension {name!r} "
+                    f"(those are {users[name]})"
+                )
         dims.append(DynamicDim(name, lo, hi, buckets, pad))
     return tuple(inputs), tuple(out_specs), tuple(dims)
 
@@ -116,4 +133,4 @@ def launch_keys(dims: Sequence[DynamicDim]) -> list[tuple[int, ...]]:
 def batch_view(arr: np.ndarray, rows: int, shape: tuple[int, ...]) -> np.ndarray:
     """The leading part of a slot array (sized for the largest dimensions) as a C-contiguous
     [rows, *shape] array: how a batch launched at smaller sizes lays its tensors out."""
-    return arr.reshape(-1)[:rows * math.prod(shape)].reshape(rows, *shape)
+    return arr.reshape(-1)[: rows * math.prod(shape)].reshape(rows, *shape)

@@ -112,7 +112,9 @@ class GpuEngineBase(Engine):
     # --- slots --------------------------------------------------------------------------------------
 
     def _alloc_tensor(self, slot: GpuSlot, spec: TensorSpec, rows: int) -> tuple[np.ndarray, Any, int]:
-        row_bytes = int(np.prod([int(d) for d in spec.item_shape], dtype=np.int64)) * spec.dtype.itemsize  # static
+        row_bytes = (
+            int(np.prod([int(d) for d in spec.item_shape], dtype=np.int64)) * spec.dtype.itemsize
+        )  # static
         nbytes = max(row_bytes * rows, 1)
         detail = f"slot {slot.index} {spec.name} {nbytes} B"
         host = self.rt.PinnedBuffer(nbytes, detail)
@@ -326,9 +328,16 @@ class GpuEngineBase(Engine):
                     self.wait(slot)
                     slot.shm_parts = []
             slot.dims = ()
-        log.info("[ready] %s warmed up: %d slot(s) x buckets %s x sizes %s, %d graph(s) captured, %d capture "
-                 "failure(s)", self.kind, len(slots), list(buckets), self._launch_keys(), self.graphs_captured,
-                 self.graph_failures)
+        log.info(
+            "[ready] %s warmed up: %d slot(s) x buckets %s x sizes %s, %d graph(s) captured, %d capture "
+            "failure(s)",
+            self.kind,
+            len(slots),
+            list(buckets),
+            self._launch_keys(),
+            self.graphs_captured,
+            self.graph_failures,
+        )
 
     def _capture(self, slot: GpuSlot, rows: int, compute_only: bool = False) -> None:
         """One graph per (slot, bucket): H2D + compute + D2H for staged batches, or the compute step alone

@@ -17,10 +17,18 @@ from workers.engines.base import Engine, Slot, TensorSpec
 from workers.engines.dims import batch_view, model_dims
 
 _ORT_DTYPES = {
-    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-    "tensor(int8)": np.int8, "tensor(int16)": np.int16, "tensor(int32)": np.int32, "tensor(int64)": np.int64,
-    "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
-    "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int8)": np.int8,
+    "tensor(int16)": np.int16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
 }
 
 
@@ -61,8 +69,13 @@ class OnnxCpuEngine(Engine):
         except Exception as exc:  # ORT raises its own exception types for bad files
             raise EngineError(f"cannot load ONNX model {cfg.model.path}: {exc}") from None
         self.inputs, self.outputs, self.dims = model_dims(
-            [_spec(a, "input") for a in self.session.get_inputs()], [_spec(a, "output") for a in self.session.get_outputs()],
-            {}, cfg.model.dims, need_buckets=False, where=f"ONNX model {cfg.model.path}")
+            [_spec(a, "input") for a in self.session.get_inputs()],
+            [_spec(a, "output") for a in self.session.get_outputs()],
+            {},
+            cfg.model.dims,
+            need_buckets=False,
+            where=f"ONNX model {cfg.model.path}",
+        )
         self._largest = tuple(d.hi for d in self.dims)
         self._names = tuple(d.name for d in self.dims)
         self.max_batch = cfg.model.max_batch
@@ -74,7 +87,9 @@ class OnnxCpuEngine(Engine):
 
     def create_slots(self, depth: int) -> list[Slot]:
         def alloc(specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:
-            return {s.name: np.zeros((self.max_batch, *self._shape(s, self._largest)), s.dtype) for s in specs}
+            return {
+                s.name: np.zeros((self.max_batch, *self._shape(s, self._largest)), s.dtype) for s in specs
+            }
 
         return [Slot(i, alloc(self.inputs), alloc(self.outputs)) for i in range(depth)]
 
@@ -89,8 +104,10 @@ class OnnxCpuEngine(Engine):
             self.compute_views(feeds, {name: arr[:rows] for name, arr in slot.outputs.items()})
             return
         d = slot.dims
-        self.compute_views({s.name: batch_view(slot.inputs[s.name], rows, self._shape(s, d)) for s in self.inputs},
-                           {s.name: batch_view(slot.outputs[s.name], rows, self._shape(s, d)) for s in self.outputs})
+        self.compute_views(
+            {s.name: batch_view(slot.inputs[s.name], rows, self._shape(s, d)) for s in self.inputs},
+            {s.name: batch_view(slot.outputs[s.name], rows, self._shape(s, d)) for s in self.outputs},
+        )
 
     def compute_views(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         # ONNX Runtime reads the inputs in place (views of the arena or of the slot) and returns new arrays.
@@ -98,7 +115,9 @@ class OnnxCpuEngine(Engine):
         for name, value in zip(self._out_names, results, strict=True):
             out = outputs[name]
             if value.shape != out.shape:
-                raise EngineError(f"model output {name!r} has shape {list(value.shape)}, expected {list(out.shape)}")
+                raise EngineError(
+                    f"model output {name!r} has shape {list(value.shape)}, expected {list(out.shape)}"
+                )
             out[...] = value
 
     def done(self, slot: Slot) -> bool:

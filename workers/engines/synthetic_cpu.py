@@ -29,8 +29,12 @@ class SyntheticCpuEngine(Engine):
     def create_slots(self, depth: int) -> list[Slot]:
         shape = (self.max_batch, *(int(d) for d in self.inputs[0].item_shape))  # a static shape
         return [
-            Slot(i, {"x": np.zeros(shape, np.float32)}, {"y": np.zeros(shape, np.float32)},
-                 extra={"tmp": np.zeros(shape, np.float32)})
+            Slot(
+                i,
+                {"x": np.zeros(shape, np.float32)},
+                {"y": np.zeros(shape, np.float32)},
+                extra={"tmp": np.zeros(shape, np.float32)},
+            )
             for i in range(depth)
         ]
 

@@ -56,8 +56,14 @@ class SyntheticGpuEngine(GpuEngineBase):
         self.function = self.module.function(KERNEL)
         self._args: dict[int, Any] = {}  # slot index -> KernelArgs
         self.smem = self._fill_smem() if m.fill_gpu else 0
-        log.info("[ready] synthetic GPU engine: item %s, work %d, %s, NVRTC %s, %d B shared memory per block",
-                 self.item_shape, self.work, arch, self.nvrtc_version, self.smem)
+        log.info(
+            "[ready] synthetic GPU engine: item %s, work %d, %s, NVRTC %s, %d B shared memory per block",
+            self.item_shape,
+            self.work,
+            arch,
+            self.nvrtc_version,
+            self.smem,
+        )
 
     def _fill_smem(self) -> int:
         """Dynamic shared memory per block that makes one full batch occupy every SM, and no more.
@@ -77,19 +83,26 @@ class SyntheticGpuEngine(GpuEngineBase):
         smem = min(optin, device_attribute("MAX_SHARED_MEMORY_PER_MULTIPROCESSOR") // per_sm)
         while smem > 0 and max_active_blocks(self.function, BLOCK, smem) < per_sm:
             smem -= 256
-        log.info("[ready] fill_gpu: %d blocks per full batch on %d SMs -> %d resident per SM (%d B each)",
-                 blocks, sms, max_active_blocks(self.function, BLOCK, smem), smem)
+        log.info(
+            "[ready] fill_gpu: %d blocks per full batch on %d SMs -> %d resident per SM (%d B each)",
+            blocks,
+            sms,
+            max_active_blocks(self.function, BLOCK, smem),
+            smem,
+        )
         return smem
 
     def _init_slot(self, slot: GpuSlot) -> None:
         # (x, y, n, work): pointers and n as 64-bit, work as 32-bit, exactly the kernel's C types.
         # n changes per batch and is updated in place (KernelArgs.set); nothing is allocated per launch.
-        self._args[slot.index] = KernelArgs([
-            (slot.device["x"].ptr, np.uint64),
-            (slot.device["y"].ptr, np.uint64),
-            (0, np.uint64),
-            (self.work, np.uint32),
-        ])
+        self._args[slot.index] = KernelArgs(
+            [
+                (slot.device["x"].ptr, np.uint64),
+                (slot.device["y"].ptr, np.uint64),
+                (0, np.uint64),
+                (self.work, np.uint32),
+            ]
+        )
 
     def _compute(self, slot: GpuSlot, rows: int) -> None:
         n = rows * self.item_elems
@@ -114,11 +127,18 @@ class SyntheticGpuEngine(GpuEngineBase):
         got = slot.outputs["y"][:1]
         if not np.array_equal(got, want, equal_nan=True):
             bad = int(np.count_nonzero(got != want))
-            raise EngineError(f"synthetic GPU kernel disagrees with the numpy reference in {bad} of {want.size} elements")
+            raise EngineError(
+                f"synthetic GPU kernel disagrees with the numpy reference in {bad} of {want.size} elements"
+            )
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d.update(work=self.work, item_shape=list(self.item_shape), nvrtc=self.nvrtc_version, fill_gpu_smem=self.smem)
+        d.update(
+            work=self.work,
+            item_shape=list(self.item_shape),
+            nvrtc=self.nvrtc_version,
+            fill_gpu_smem=self.smem,
+        )
         return d
 
     def close(self) -> None:

@@ -34,11 +34,24 @@ RUNTIME_MODULES = {
 # installed bindings, so keep it in step with the code below.
 TRT_API: dict[str, tuple[str, ...]] = {
     "Runtime": ("deserialize_cuda_engine", "engine_host_code_allowed"),
-    "ICudaEngine": ("num_io_tensors", "get_tensor_name", "get_tensor_mode", "get_tensor_dtype",
-                    "get_tensor_shape", "get_tensor_profile_shape", "get_tensor_location",
-                    "num_optimization_profiles", "create_execution_context"),
-    "IExecutionContext": ("set_input_shape", "set_tensor_address", "execute_async_v3", "infer_shapes",
-                          "get_tensor_shape"),
+    "ICudaEngine": (
+        "num_io_tensors",
+        "get_tensor_name",
+        "get_tensor_mode",
+        "get_tensor_dtype",
+        "get_tensor_shape",
+        "get_tensor_profile_shape",
+        "get_tensor_location",
+        "num_optimization_profiles",
+        "create_execution_context",
+    ),
+    "IExecutionContext": (
+        "set_input_shape",
+        "set_tensor_address",
+        "execute_async_v3",
+        "infer_shapes",
+        "get_tensor_shape",
+    ),
     "ILogger": ("log",),
     "TensorIOMode": ("INPUT", "OUTPUT"),
     "TensorLocation": ("HOST",),
@@ -57,7 +70,7 @@ def import_tensorrt(choice: str) -> tuple[ModuleType, str]:
             except (ImportError, OSError) as exc:
                 tried.append(f"{name}: {exc}")
     raise EngineError(
-        f"TensorRT is not installed (model.runtime = \"{choice}\"; tried {'; '.join(tried)}). Install the GPU "
+        f'TensorRT is not installed (model.runtime = "{choice}"; tried {"; ".join(tried)}). Install the GPU '
         "extra (pip install 'orchestrator[gpu]', which brings tensorrt-lean-cu13-bindings and -libs) or the full "
         "tensorrt package."
     )
@@ -97,12 +110,20 @@ def diagnose_plan_failure(messages: list[tuple[str, str]], path: str, runtime: s
     cc = ".".join(str(v) for v in device.compute_capability)
     if "incompatible device" in low or "expecting compute" in low:
         reason = f"the plan was built for another GPU (this one is {device.name}, compute capability {cc}); rebuild it on this GPU model"
-    elif "version tag does not match" in low or "not compatible with this version" in low or "expecting library version" in low:
-        reason = (f"the plan was built with another TensorRT version (this runtime is {runtime}); rebuild it with "
-                  "this version, or build a version-compatible plan (trtexec --versionCompatible)")
+    elif (
+        "version tag does not match" in low
+        or "not compatible with this version" in low
+        or "expecting library version" in low
+    ):
+        reason = (
+            f"the plan was built with another TensorRT version (this runtime is {runtime}); rebuild it with "
+            "this version, or build a version-compatible plan (trtexec --versionCompatible)"
+        )
     elif "loadrunner" in low or "version compatible" in low or "version-compatible" in low:
-        reason = ("the plan is not version-compatible, which the lean runtime requires; rebuild it with "
-                  "trtexec --versionCompatible or install the full tensorrt package")
+        reason = (
+            "the plan is not version-compatible, which the lean runtime requires; rebuild it with "
+            "trtexec --versionCompatible or install the full tensorrt package"
+        )
     elif "host code" in low:
         reason = "the plan embeds host code (version-compatible plan); set model.trust_host_code = true if you trust it"
     else:
@@ -152,7 +173,9 @@ class TensorRTEngine(GpuEngineBase):
         with JOURNAL.timed("engine_load", self.path):
             engine = self.runtime.deserialize_cuda_engine(data)
         if engine is None:  # TensorRT never raises here; the reason is in what it logged
-            raise EngineError(diagnose_plan_failure(self.logger.messages, self.path, self.runtime_name, self.ctx.info))
+            raise EngineError(
+                diagnose_plan_failure(self.logger.messages, self.path, self.runtime_name, self.ctx.info)
+            )
         self.engine = engine
         self.logger.capturing = False
         log.info("[ready] TensorRT plan %s loaded with %s (%s)", self.path, self.runtime_name, runtime_kind)
@@ -164,15 +187,23 @@ class TensorRTEngine(GpuEngineBase):
         try:
             dtype = np.dtype(trt.nptype(dt))
         except TypeError:
-            raise EngineError(f"tensor {name!r}: TensorRT type {getattr(dt, 'name', dt)} has no numpy equivalent; "
-                              "this server supports FLOAT, HALF, INT8, INT32, INT64, BOOL and UINT8 I/O") from None
+            raise EngineError(
+                f"tensor {name!r}: TensorRT type {getattr(dt, 'name', dt)} has no numpy equivalent; "
+                "this server supports FLOAT, HALF, INT8, INT32, INT64, BOOL and UINT8 I/O"
+            ) from None
         shape = tuple(int(d) for d in e.get_tensor_shape(name))
         if e.get_tensor_location(name) == trt.TensorLocation.HOST:
-            raise EngineError(f"tensor {name!r} is a shape tensor (host memory); plans with shape-tensor inputs are not supported")
+            raise EngineError(
+                f"tensor {name!r} is a shape tensor (host memory); plans with shape-tensor inputs are not supported"
+            )
         if not shape:
-            raise EngineError(f"tensor {name!r} is a scalar; every I/O tensor needs a leading batch dimension")
+            raise EngineError(
+                f"tensor {name!r} is a scalar; every I/O tensor needs a leading batch dimension"
+            )
         if any(d < 0 for d in shape[1:]):
-            raise EngineError(f"tensor {name!r} has shape {list(shape)}: only the first (batch) dimension may be dynamic")
+            raise EngineError(
+                f"tensor {name!r} has shape {list(shape)}: only the first (batch) dimension may be dynamic"
+            )
         return TensorSpec(name, dtype, shape[1:]), shape[0]
 
     def _discover(self) -> None:
@@ -193,16 +224,25 @@ class TensorRTEngine(GpuEngineBase):
                     rng = (int(mn[0]), int(mx[0]))
                 lo = max(lo, rng[0])
                 if rng[1] < hi:
-                    hi, limiter = rng[1], f"input {name!r} allows batch {rng[0]}..{rng[1]} in optimization profile 0"
+                    hi, limiter = (
+                        rng[1],
+                        f"input {name!r} allows batch {rng[0]}..{rng[1]} in optimization profile 0",
+                    )
             elif mode == trt.TensorIOMode.OUTPUT:
                 outputs.append(spec)
         if not inputs or not outputs:
-            raise EngineError(f"TensorRT plan {self.path} has {len(inputs)} input(s) and {len(outputs)} output(s); both are needed")
+            raise EngineError(
+                f"TensorRT plan {self.path} has {len(inputs)} input(s) and {len(outputs)} output(s); both are needed"
+            )
         if lo > hi:
-            raise EngineError(f"TensorRT plan {self.path}: its inputs allow no common batch size ({lo} > {hi})")
+            raise EngineError(
+                f"TensorRT plan {self.path}: its inputs allow no common batch size ({lo} > {hi})"
+            )
         if self.cfg.model.max_batch > hi:
-            raise EngineError(f"model.max_batch = {self.cfg.model.max_batch} exceeds what the plan accepts: {limiter}; "
-                              "lower model.max_batch or rebuild the plan with a larger --maxShapes")
+            raise EngineError(
+                f"model.max_batch = {self.cfg.model.max_batch} exceeds what the plan accepts: {limiter}; "
+                "lower model.max_batch or rebuild the plan with a larger --maxShapes"
+            )
         self.inputs, self.outputs = tuple(inputs), tuple(outputs)
         self.min_batch, self.profile_max = lo, hi
         self.max_batch = self.cfg.model.max_batch
@@ -218,7 +258,9 @@ class TensorRTEngine(GpuEngineBase):
         with JOURNAL.timed("context_create", f"TensorRT execution context for slot {slot.index}"):
             ctx = self.engine.create_execution_context()
         if ctx is None:
-            raise EngineError(f"TensorRT could not create execution context {slot.index} (out of device memory?)")
+            raise EngineError(
+                f"TensorRT could not create execution context {slot.index} (out of device memory?)"
+            )
         # Buffers never move, so addresses are bound once per slot; captured graphs bake them in too.
         for name, buf in slot.device.items():
             if not ctx.set_tensor_address(name, buf.ptr):
@@ -233,8 +275,10 @@ class TensorRTEngine(GpuEngineBase):
         for spec in self.outputs:
             got = tuple(int(d) for d in ctx.get_tensor_shape(spec.name))
             if got != (rows, *spec.item_shape):
-                raise EngineError(f"output {spec.name!r} has shape {list(got)} for a batch of {rows}; "
-                                  f"expected [{rows}, {', '.join(map(str, spec.item_shape))}] (batch-major outputs only)")
+                raise EngineError(
+                    f"output {spec.name!r} has shape {list(got)} for a batch of {rows}; "
+                    f"expected [{rows}, {', '.join(map(str, spec.item_shape))}] (batch-major outputs only)"
+                )
 
     def _set_rows(self, index: int, rows: int) -> None:
         ctx = self._contexts[index]
@@ -254,7 +298,9 @@ class TensorRTEngine(GpuEngineBase):
             return True
         if self._capturing:  # not capturable: let capture() end the capture and fall back to eager
             return False
-        raise EngineError(f"TensorRT execute_async_v3 failed for a batch of {rows} rows (see the [trt] log lines)")
+        raise EngineError(
+            f"TensorRT execute_async_v3 failed for a batch of {rows} rows (see the [trt] log lines)"
+        )
 
     def _capture(self, slot: GpuSlot, rows: int, compute_only: bool = False) -> None:
         self._capturing = True
@@ -265,8 +311,13 @@ class TensorRTEngine(GpuEngineBase):
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d.update(runtime=self.runtime_name, plan=self.path, batch_range=[self.min_batch, self.profile_max],
-                 inputs=[s.to_wire() for s in self.inputs], outputs=[s.to_wire() for s in self.outputs])
+        d.update(
+            runtime=self.runtime_name,
+            plan=self.path,
+            batch_range=[self.min_batch, self.profile_max],
+            inputs=[s.to_wire() for s in self.inputs],
+            outputs=[s.to_wire() for s in self.outputs],
+        )
         return d
 
     def close(self) -> None:

@@ -29,8 +29,9 @@ from workers.engines.torch_program import BATCH, Program
 
 log = logging.getLogger(__name__)
 
-TORCH_MISSING = ('model.kind = "torch" needs PyTorch, which is not installed here: '
-                 "pip install 'orchestrator[torch]'")
+TORCH_MISSING = (
+    "model.kind = \"torch\" needs PyTorch, which is not installed here: pip install 'orchestrator[torch]'"
+)
 
 
 @dataclass
@@ -89,33 +90,53 @@ class TorchEngine(GpuEngineBase):
         torch.cuda.set_device(0)
         self.program = Program(cfg.model.path, device_index=0)
         if self.program.device and not self.program.device.startswith("cuda"):
-            raise EngineError(f"{cfg.model.path} was exported for {self.program.device}, not the GPU: export it on the "
-                              "GPU (scripts/export_models.py --device cuda)")
+            raise EngineError(
+                f"{cfg.model.path} was exported for {self.program.device}, not the GPU: export it on the "
+                "GPU (scripts/export_models.py --device cuda)"
+            )
         sig = self.program.signature
         dims = {k: (lo, hi or None) for k, (lo, hi) in sig["dims"].items()}
         b_lo, b_hi = dims.pop(BATCH, (1, None))
         where = f"program {cfg.model.path}"
         if b_lo > 1:
-            raise EngineError(f"{where}: its batch dimension starts at {b_lo}; export it with Dim('batch', min=1) so "
-                              "batches of one row run")
+            raise EngineError(
+                f"{where}: its batch dimension starts at {b_lo}; export it with Dim('batch', min=1) so "
+                "batches of one row run"
+            )
         if b_hi is not None and cfg.model.max_batch > b_hi:
-            raise EngineError(f"model.max_batch = {cfg.model.max_batch} exceeds the batch range of {where} (1..{b_hi})")
-        specs = [[TensorSpec(n, np.dtype(d), tuple(shape)) for n, d, shape in sig[k]] for k in ("inputs", "outputs")]
-        self.inputs, self.outputs, self.dims = model_dims(specs[0], specs[1], dims, cfg.model.dims,
-                                                          need_buckets=True, where=where)
+            raise EngineError(
+                f"model.max_batch = {cfg.model.max_batch} exceeds the batch range of {where} (1..{b_hi})"
+            )
+        specs = [
+            [TensorSpec(n, np.dtype(d), tuple(shape)) for n, d, shape in sig[k]]
+            for k in ("inputs", "outputs")
+        ]
+        self.inputs, self.outputs, self.dims = model_dims(
+            specs[0], specs[1], dims, cfg.model.dims, need_buckets=True, where=where
+        )
         self.max_batch = cfg.model.max_batch
-        self.pads_to_buckets = True  # fixed shapes only: torch's allocator then reaches its steady state in warm-up
+        self.pads_to_buckets = (
+            True  # fixed shapes only: torch's allocator then reaches its steady state in warm-up
+        )
         self._names = tuple(d.name for d in self.dims)
         self._largest = tuple(d.hi for d in self.dims)
         self._row_bytes_at: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
         self._alloc_base: tuple[int, int] | None = None
         self._alloc_faults_seen = 0
         self.capture_error = ""
-        self._torch_dtypes = {s.name: getattr(torch, np.dtype(s.dtype).name if s.dtype != np.bool_ else "bool")
-                              for s in (*self.inputs, *self.outputs)}
-        log.info("[ready] torch %s: %s %s, inputs %s, outputs %s, dynamic %s", torch.__version__, self.program.kind,
-                 cfg.model.path, [s.to_wire() for s in self.inputs], [s.to_wire() for s in self.outputs],
-                 [(d.name, d.lo, d.hi, list(d.buckets)) for d in self.dims])
+        self._torch_dtypes = {
+            s.name: getattr(torch, np.dtype(s.dtype).name if s.dtype != np.bool_ else "bool")
+            for s in (*self.inputs, *self.outputs)
+        }
+        log.info(
+            "[ready] torch %s: %s %s, inputs %s, outputs %s, dynamic %s",
+            torch.__version__,
+            self.program.kind,
+            cfg.model.path,
+            [s.to_wire() for s in self.inputs],
+            [s.to_wire() for s in self.outputs],
+            [(d.name, d.lo, d.hi, list(d.buckets)) for d in self.dims],
+        )
 
     # --- shapes -----------------------------------------------------------------------------------
 
@@ -130,7 +151,8 @@ class TorchEngine(GpuEngineBase):
         if got is None:
             got = self._row_bytes_at[dims] = (
                 [int(np.prod(self._shape(s, dims), dtype=np.int64)) * s.dtype.itemsize for s in self.inputs],
-                [int(np.prod(self._shape(s, dims), dtype=np.int64)) * s.dtype.itemsize for s in self.outputs])
+                [int(np.prod(self._shape(s, dims), dtype=np.int64)) * s.dtype.itemsize for s in self.outputs],
+            )
         return got
 
     # --- slots ------------------------------------------------------------------------------------
@@ -144,8 +166,11 @@ class TorchEngine(GpuEngineBase):
         row_bytes = int(np.prod(item, dtype=np.int64)) * spec.dtype.itemsize
         nbytes = max(row_bytes * rows, 1)
         host = self.rt.PinnedBuffer(nbytes, f"slot {slot.index} {spec.name} {nbytes} B")
-        flat = self._torch.empty(max(rows * int(np.prod(item, dtype=np.int64)), 1), dtype=self._torch_dtypes[spec.name],
-                                 device="cuda")
+        flat = self._torch.empty(
+            max(rows * int(np.prod(item, dtype=np.int64)), 1),
+            dtype=self._torch_dtypes[spec.name],
+            device="cuda",
+        )
         ptr = flat.data_ptr()
         dev = _DeviceTensor(flat, ptr, driver.CUdeviceptr(ptr))
         slot.buffers += [host, dev]
@@ -163,11 +188,15 @@ class TorchEngine(GpuEngineBase):
         key = (rows, slot.dims)
         views = slot.extra["views"].get(key)
         if views is None:
+
             def view(spec: TensorSpec) -> Any:
                 shape = (rows, *self._shape(spec, slot.dims))
-                return slot.device[spec.name].tensor[:int(np.prod(shape, dtype=np.int64))].view(shape)
+                return slot.device[spec.name].tensor[: int(np.prod(shape, dtype=np.int64))].view(shape)
 
-            views = slot.extra["views"][key] = ([view(s) for s in self.inputs], [view(s) for s in self.outputs])
+            views = slot.extra["views"][key] = (
+                [view(s) for s in self.inputs],
+                [view(s) for s in self.outputs],
+            )
         return views
 
     # --- compute ----------------------------------------------------------------------------------
@@ -177,7 +206,9 @@ class TorchEngine(GpuEngineBase):
         with self._torch.cuda.stream(slot.extra["tstream"]):
             results = self.program.run(*ins)
             if len(results) != len(outs):
-                raise EngineError(f"the program returned {len(results)} outputs, its signature lists {len(outs)}")
+                raise EngineError(
+                    f"the program returned {len(results)} outputs, its signature lists {len(outs)}"
+                )
             for dst, got in zip(outs, results, strict=True):
                 dst.copy_(got)
         return True
@@ -187,15 +218,22 @@ class TorchEngine(GpuEngineBase):
         step = self._compute if compute_only else self._enqueue_eager
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=slot.extra["pool"], stream=slot.extra["tstream"],
-                                  capture_error_mode="thread_local"):
+            with torch.cuda.graph(
+                graph,
+                pool=slot.extra["pool"],
+                stream=slot.extra["tstream"],
+                capture_error_mode="thread_local",
+            ):
                 step(slot, rows)
         except Exception as exc:  # the program does something a graph cannot hold: it runs uncaptured
             self.graph_failures += 1
             if not self.capture_error:
                 self.capture_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                log.warning("[ready] CUDA graph capture of %s failed (%s): it runs without graphs (graphs: off)",
-                            self.cfg.model.path, self.capture_error)
+                log.warning(
+                    "[ready] CUDA graph capture of %s failed (%s): it runs without graphs (graphs: off)",
+                    self.cfg.model.path,
+                    self.capture_error,
+                )
             torch.cuda.synchronize()
             return
         into = slot.compute_graphs if compute_only else slot.graphs
@@ -222,8 +260,12 @@ class TorchEngine(GpuEngineBase):
         if not self.graph_failures and self.want_graphs:
             n += allocs - self._alloc_base[1]
         if n > self._alloc_faults_seen:
-            log.warning("[stall] torch's caching allocator changed after READY: %d new segment(s), %d new block "
-                        "allocation(s)", segs - self._alloc_base[0], allocs - self._alloc_base[1])
+            log.warning(
+                "[stall] torch's caching allocator changed after READY: %d new segment(s), %d new block "
+                "allocation(s)",
+                segs - self._alloc_base[0],
+                allocs - self._alloc_base[1],
+            )
             self._alloc_faults_seen = n
         return n
 
@@ -232,10 +274,16 @@ class TorchEngine(GpuEngineBase):
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d.update(program=self.program.kind, path=self.cfg.model.path, torch=self._torch.__version__,
-                 graphs="on" if d["cuda_graphs"] else "off", capture_error=self.capture_error or None,
-                 dims=[[x.name, x.lo, x.hi, list(x.buckets)] for x in self.dims],
-                 inputs=[s.to_wire() for s in self.inputs], outputs=[s.to_wire() for s in self.outputs])
+        d.update(
+            program=self.program.kind,
+            path=self.cfg.model.path,
+            torch=self._torch.__version__,
+            graphs="on" if d["cuda_graphs"] else "off",
+            capture_error=self.capture_error or None,
+            dims=[[x.name, x.lo, x.hi, list(x.buckets)] for x in self.dims],
+            inputs=[s.to_wire() for s in self.inputs],
+            outputs=[s.to_wire() for s in self.outputs],
+        )
         return d
 
     def close(self) -> None:

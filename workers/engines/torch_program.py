@@ -29,8 +29,15 @@ _EXTRA_FILE = "orchestrator.json"
 BATCH = "batch"
 
 _TORCH_TO_NUMPY = {
-    "float16": "<f2", "float32": "<f4", "float64": "<f8", "int64": "<i8", "int32": "<i4", "int16": "<i2",
-    "int8": "|i1", "uint8": "|u1", "bool": "|b1",
+    "float16": "<f2",
+    "float32": "<f4",
+    "float64": "<f8",
+    "int64": "<i8",
+    "int32": "<i4",
+    "int16": "<i2",
+    "int8": "|i1",
+    "uint8": "|u1",
+    "bool": "|b1",
 }
 
 
@@ -45,20 +52,25 @@ def program_kind(path: str | Path) -> str:
         return AOTI
     if any(n.endswith("/models/model.json") or n.endswith("serialized_exported_program.json") for n in names):
         return EXPORTED
-    raise EngineError(f"{path} is a zip file but neither an AOTInductor package (aoti_compile_and_package) nor "
-                      "an ExportedProgram (torch.export.save)")
+    raise EngineError(
+        f"{path} is a zip file but neither an AOTInductor package (aoti_compile_and_package) nor "
+        "an ExportedProgram (torch.export.save)"
+    )
 
 
 def _dtype(t: Any, what: str) -> str:
     name = str(t).removeprefix("torch.")
     if name not in _TORCH_TO_NUMPY:
-        raise EngineError(f"{what} has dtype {name}, which the orchestrator does not serve "
-                          f"(served: {', '.join(_TORCH_TO_NUMPY)})")
+        raise EngineError(
+            f"{what} has dtype {name}, which the orchestrator does not serve "
+            f"(served: {', '.join(_TORCH_TO_NUMPY)})"
+        )
     return _TORCH_TO_NUMPY[name]
 
 
-def signature_of(ep: Any, dim_names: Mapping[str, str] | None = None,
-                 output_names: list[str] | None = None) -> dict[str, Any]:
+def signature_of(
+    ep: Any, dim_names: Mapping[str, str] | None = None, output_names: list[str] | None = None
+) -> dict[str, Any]:
     """The signature of an ExportedProgram. `dim_names` maps its size symbols (str, e.g. "s27") to names;
     unnamed dynamic dimensions are called `<input>.<axis>`. Outputs are named by `output_names`, by the
     keys of a dict output, or `output<i>`. Raises EngineError for what the engine cannot serve."""
@@ -74,18 +86,24 @@ def signature_of(ep: Any, dim_names: Mapping[str, str] | None = None,
     for name in sig.user_inputs:
         val = placeholders[name].meta.get("val")
         if val is None or not hasattr(val, "shape"):
-            raise EngineError(f"program input {name!r} is not a tensor; the orchestrator serves tensor inputs only")
+            raise EngineError(
+                f"program input {name!r} is not a tensor; the orchestrator serves tensor inputs only"
+            )
         shape = list(val.shape)
         if not shape:
             raise EngineError(f"program input {name!r} is a scalar; a leading batch dimension is required")
         first = str(shape[0])
         if first not in ranges:
-            raise EngineError(f"program input {name!r} has a fixed batch of {first}: export it with a dynamic batch "
-                              "dimension (dynamic_shapes={...: {0: torch.export.Dim('batch', max=...)}})")
+            raise EngineError(
+                f"program input {name!r} has a fixed batch of {first}: export it with a dynamic batch "
+                "dimension (dynamic_shapes={...: {0: torch.export.Dim('batch', max=...)}})"
+            )
         if batch_sym is None:
             batch_sym = first
         elif first != batch_sym:
-            raise EngineError(f"program input {name!r}: its first dimension is not the batch dimension of the others")
+            raise EngineError(
+                f"program input {name!r}: its first dimension is not the batch dimension of the others"
+            )
         item: list[int | str] = []
         for axis, d in enumerate(shape[1:], start=1):
             s = str(d)
@@ -94,8 +112,10 @@ def signature_of(ep: Any, dim_names: Mapping[str, str] | None = None,
             elif s in ranges:
                 item.append(names.setdefault(s, f"{name}.{axis}"))
             else:
-                raise EngineError(f"program input {name!r} axis {axis} has size {s}, an expression the orchestrator "
-                                  "cannot bind from a request")
+                raise EngineError(
+                    f"program input {name!r} axis {axis} has size {s}, an expression the orchestrator "
+                    "cannot bind from a request"
+                )
         inputs.append([name, _dtype(val.dtype, f"program input {name!r}"), item])
     names[batch_sym] = BATCH  # type: ignore[index]
     out_node = next(n for n in ep.graph.nodes if n.op == "output")
@@ -115,8 +135,9 @@ def signature_of(ep: Any, dim_names: Mapping[str, str] | None = None,
             elif s in names:
                 item.append(names[s])
             else:
-                raise EngineError(f"program output {oname!r} axis {axis} has size {s}, which follows no input "
-                                  "dimension")
+                raise EngineError(
+                    f"program output {oname!r} axis {axis} has size {s}, which follows no input dimension"
+                )
         outputs.append([oname, _dtype(val.dtype, f"program output {oname!r}"), item])
     dims = {names[s]: r for s, r in ranges.items() if s in names}
     return {"inputs": inputs, "outputs": outputs, "dims": dims}
@@ -138,8 +159,9 @@ def _names_from_dynamic_shapes(ep: Any, dynamic_shapes: Mapping[str, Mapping[int
     return out
 
 
-def save_exported(ep: Any, path: str | Path, dynamic_shapes: Mapping[str, Mapping[int, Any]],
-                  output_names: list[str]) -> dict[str, Any]:
+def save_exported(
+    ep: Any, path: str | Path, dynamic_shapes: Mapping[str, Mapping[int, Any]], output_names: list[str]
+) -> dict[str, Any]:
     """torch.export.save with the signature (Dim and output names) as an extra file; returns it."""
     import torch
 
@@ -148,8 +170,13 @@ def save_exported(ep: Any, path: str | Path, dynamic_shapes: Mapping[str, Mappin
     return sig
 
 
-def package_aoti(ep: Any, path: str | Path, dynamic_shapes: Mapping[str, Mapping[int, Any]],
-                 output_names: list[str], **inductor_configs: Any) -> dict[str, Any]:
+def package_aoti(
+    ep: Any,
+    path: str | Path,
+    dynamic_shapes: Mapping[str, Mapping[int, Any]],
+    output_names: list[str],
+    **inductor_configs: Any,
+) -> dict[str, Any]:
     """Compile an ExportedProgram into an AOTInductor package carrying its signature; returns it."""
     import torch
 
@@ -171,13 +198,16 @@ class Program:
             if self.kind == AOTI:
                 # run_single_threaded: one runner without its own locking, so a CUDA graph can capture it
                 # (pytorch PR #148601); the worker's serving thread is its only caller.
-                model = torch._inductor.aoti_load_package(self.path, run_single_threaded=True,
-                                                          device_index=device_index)
+                model = torch._inductor.aoti_load_package(
+                    self.path, run_single_threaded=True, device_index=device_index
+                )
                 raw = model.get_metadata().get(SIGNATURE_KEY)
                 if raw is None:
-                    raise EngineError(f"AOTInductor package {self.path} carries no input signature (the compiled model "
-                                      "does not expose its input shapes): write it with workers.engines.torch_program."
-                                      "package_aoti, or serve the ExportedProgram (torch.export.save) instead")
+                    raise EngineError(
+                        f"AOTInductor package {self.path} carries no input signature (the compiled model "
+                        "does not expose its input shapes): write it with workers.engines.torch_program."
+                        "package_aoti, or serve the ExportedProgram (torch.export.save) instead"
+                    )
                 self.signature = json.loads(raw)
                 self.device = model.get_metadata().get("AOTI_DEVICE_KEY", "")
                 self._run = model
@@ -185,13 +215,16 @@ class Program:
                 extra = {_EXTRA_FILE: ""}
                 ep = torch.export.load(self.path, extra_files=extra)
                 self.signature = json.loads(extra[_EXTRA_FILE]) if extra[_EXTRA_FILE] else signature_of(ep)
-                self.device = next((str(t.device) for t in ep.state_dict.values() if hasattr(t, "device")), "")
+                self.device = next(
+                    (str(t.device) for t in ep.state_dict.values() if hasattr(t, "device")), ""
+                )
                 self._run = ep.module()
         except EngineError:
             raise
         except Exception as exc:  # torch raises many types for corrupt or incompatible archives
-            raise EngineError(f"cannot load {self.path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                              ) from None
+            raise EngineError(
+                f"cannot load {self.path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from None
 
     def run(self, *tensors: Any) -> list[Any]:
         out = self._run(*tensors)
