@@ -296,7 +296,9 @@ def decode_reply(frames: Sequence, shm_of: Any = None) -> Reply:
         raise ProtocolError("reply frame count does not match its header")
     for (name, dtype_text, shape), frame in zip(payload, frames[1:], strict=True):
         buf = frame.buffer if hasattr(frame, "buffer") else frame
-        tensors[name] = np.frombuffer(buf, dtype=np.dtype(dtype_text)).reshape(shape)
+        arr = np.frombuffer(buf, dtype=np.dtype(dtype_text)).reshape(shape)
+        arr.flags.writeable = False  # a view of the received message, read-only as results are documented
+        tensors[name] = arr
     return Reply(request_id, 0, "", tensors)
 
 
