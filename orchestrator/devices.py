@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from orchestrator.config import Config
@@ -28,18 +29,40 @@ class WorkerPlan:
     shares_gpu_with: tuple[str, ...] = ()
 
 
-def _split(cores: list[int], parts: int) -> list[tuple[int, ...] | None]:
-    """Split cores into `parts` contiguous, disjoint groups; share all of them if there are too few."""
+def physical_core_of(cpu: int) -> tuple[int, int] | None:
+    """(package, core) of a logical CPU from sysfs; None where the topology is not readable."""
+    base = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+    try:
+        with open(f"{base}/physical_package_id") as f:
+            package = int(f.read())
+        with open(f"{base}/core_id") as f:
+            return package, int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _split(
+    cores: list[int], parts: int, core_of: Callable[[int], object] = physical_core_of
+) -> list[tuple[int, ...] | None]:
+    """Split cores into `parts` disjoint groups, by physical core: SMT siblings (logical CPUs of one core,
+    which Linux usually numbers far apart, e.g. 0 and 32) go to the same worker, so no two workers share a
+    physical core while there are at least as many physical cores as workers. With fewer, logical CPUs are
+    split instead; with fewer logical CPUs than workers, all of them are shared."""
     if not cores:
         return [None] * parts
     if len(cores) < parts:
         return [tuple(cores)] * parts
-    size, extra = divmod(len(cores), parts)
+    physical: dict[object, list[int]] = {}
+    for cpu in sorted(cores):
+        key = core_of(cpu)
+        physical.setdefault(key if key is not None else ("cpu", cpu), []).append(cpu)
+    units = list(physical.values()) if len(physical) >= parts else [[c] for c in sorted(cores)]
+    size, extra = divmod(len(units), parts)
     out: list[tuple[int, ...] | None] = []
     start = 0
     for i in range(parts):
         n = size + (1 if i < extra else 0)
-        out.append(tuple(cores[start : start + n]))
+        out.append(tuple(sorted(c for unit in units[start : start + n] for c in unit)))
         start += n
     return out
 

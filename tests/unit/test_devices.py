@@ -52,3 +52,20 @@ def test_explicit_affinity_overrides_nvml_and_is_checked() -> None:
         ConfigError, match="2 core lists given for 1 workers|1 core lists given for 2 workers"
     ):
         plan(gpus([list(range(4))] * 2), cpu_affinity=[[0]])
+
+
+def test_smt_siblings_stay_together_so_no_two_workers_share_a_physical_core() -> None:
+    from orchestrator.devices import _split
+
+    # 16 physical cores with two threads each, numbered as Linux does: core k is CPUs k and k + 16.
+    def core_of(cpu: int) -> tuple[int, int]:
+        return 0, cpu % 16
+
+    parts = _split(list(range(32)), 4, core_of)
+    assert parts[0] == (0, 1, 2, 3, 16, 17, 18, 19)
+    physical = [{core_of(c) for c in p} for p in parts]
+    assert all(len(p) == 4 for p in physical) and len(set().union(*physical)) == 16  # disjoint cores
+    # Fewer physical cores than workers: logical CPUs are split (sharing a core cannot be avoided).
+    assert _split(list(range(4)), 4, lambda cpu: (0, cpu % 2)) == [(0,), (1,), (2,), (3,)]
+    # No topology: every CPU is its own unit, as before.
+    assert _split(list(range(8)), 2, lambda cpu: None) == [(0, 1, 2, 3), (4, 5, 6, 7)]
