@@ -176,7 +176,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         return _start_detached(cfg, Path(args.config), rd, args.timeout)
     from orchestrator.supervisor import Supervisor, configure_logging, install_signal_wakeup
 
-    configure_logging(cfg.orchestrator.log_level)
+    configure_logging(cfg)
     flag, wake_fd = install_signal_wakeup()
     print(
         f"orchestrator '{cfg.orchestrator.name}' starting in {rd.root} (Ctrl-C drains and stops)",

@@ -61,6 +61,14 @@ class OrchestratorSection:
     log_level: Literal["debug", "info", "warning", "error"] = field(
         default="info", metadata={"doc": "log level of the supervisor and workers"}
     )
+    log_max_mb: int = field(
+        default=64,
+        metadata=_int_range(
+            0,
+            1 << 20,
+            "supervisor.log and each worker log are rotated past this size (one older file kept as NAME.1); 0 = never",
+        ),
+    )
     min_ready_workers: int = field(
         default=1,
         metadata=_int_range(

@@ -471,11 +471,16 @@ def install_signal_wakeup() -> tuple[dict[str, Any], int]:
     return flag, rfd
 
 
-def configure_logging(level: str, stream: Any = None) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        stream=stream or sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+def configure_logging(cfg: Config, log_file: bool = False) -> None:
+    """The supervisor's logging: to stderr, which is <run_dir>/supervisor.log when detached (log_file), then
+    rotated past orchestrator.log_max_mb; repeated messages rate-limited (orchestrator/logs.py)."""
+    from orchestrator import logs
+
+    logs.configure(
+        cfg.orchestrator.log_level,
+        "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        RunDir(cfg.run_dir).root / "supervisor.log" if log_file else None,
+        cfg.orchestrator.log_max_mb << 20,
     )
 
 
@@ -489,7 +494,7 @@ def main() -> None:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    configure_logging(cfg.orchestrator.log_level)
+    configure_logging(cfg, log_file=True)
     flag, wake_fd = install_signal_wakeup()
     try:
         sys.exit(Supervisor(cfg).run(flag, wake_fd))

@@ -41,11 +41,18 @@ def _arm_parent_death(expected_ppid: int) -> None:
         sys.exit(0)
 
 
-def _configure_logging(level: str, worker_id: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)s [{worker_id}] %(name)s: %(message)s",
-        stream=sys.stderr,
+def _configure_logging(cfg: Config, spec: dict[str, Any]) -> None:
+    """stderr is <run_dir>/logs/<id>.log (the supervisor redirected it): rotated past log_max_mb."""
+    from orchestrator import logs
+    from orchestrator.rundir import RunDir
+
+    worker_id = spec["id"]
+    path = RunDir(Path(spec.get("run_dir") or cfg.run_dir)).logs / f"{worker_id}.log"
+    logs.configure(
+        cfg.orchestrator.log_level,
+        f"%(asctime)s %(levelname)s [{worker_id}] %(name)s: %(message)s",
+        path,
+        cfg.orchestrator.log_max_mb << 20,
     )
 
 
@@ -86,7 +93,7 @@ def _startup(spec: dict[str, Any], cfg: Config, ctx: zmq.Context, sup: zmq.Socke
 def run_worker(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     cfg = from_dict(spec["config"])
-    _configure_logging(cfg.orchestrator.log_level, spec["id"])
+    _configure_logging(cfg, spec)
     _arm_parent_death(spec["ppid"])
     # Only set flags in signal handlers; the serving loop notices through the wakeup fd it polls.
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
