@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import zmq
 
 from orchestrator import protocol
-from orchestrator.errors import ControlError, ErrorCode, UnavailableError
+from orchestrator.errors import ErrorCode, UnavailableError, error_from_code
 from orchestrator.security import ClientKeys
 
 if TYPE_CHECKING:
@@ -147,7 +147,10 @@ class ControlClient:
             if reply.get("id") in (req_id, 0):
                 break
         if not reply.get("ok"):
-            raise ControlError(reply.get("error", "command failed"))
+            # The one code-to-exception mapping of the data plane (FORBIDDEN and UNKNOWN_COMMAND: ControlError).
+            raise error_from_code(
+                int(reply.get("code") or ErrorCode.INTERNAL), reply.get("error", "command failed")
+            )
         return reply.get("data")
 
     def close(self) -> None:
