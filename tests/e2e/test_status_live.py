@@ -84,13 +84,17 @@ def test_cpu_hog_is_attributed_to_preemption(short_tmp, orchestrator_factory) ->
     orch = orchestrator_factory(cfg)
     x = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32)
     with Client(cfg) as c:
-        end = time.monotonic() + 8
+        end = time.monotonic() + 12
         while time.monotonic() < end:
             c.infer(x)
     st = orch.wait_status(lambda s: s["monitor"].get("stall_counts"), timeout=5)
     counts = st["monitor"]["stall_counts"]
     assert counts, "a CPU hog on the worker's only core should produce stalls"
-    top = max(counts, key=counts.get)
-    assert top == "cpu_preemption", counts
+    # Some stalls stay "unknown": a batch slowed without a context switch in its window (the hog on an SMT
+    # sibling, or schedstat not updated within a 1-2 ms window) leaves no run-queue evidence. Of the stalls
+    # that are attributed, preemption must lead, and nothing may be blamed on another cause.
+    attributed = {k: v for k, v in counts.items() if k != "unknown" and v}
+    assert attributed and max(attributed, key=attributed.get) == "cpu_preemption", counts
+    assert set(attributed) == {"cpu_preemption"}, counts
     stall_log = orch.run_dir / "stalls.jsonl"
     assert stall_log.exists() and stall_log.read_text().strip()
