@@ -7,6 +7,7 @@ its slot must be reused (deferred synchronisation). CPU and GPU engines go throu
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -136,6 +137,7 @@ class Pipeline:
         self.bound: tuple[int, ...] = ()  # their sizes in the request check_specs() last accepted
         self._dim_names = tuple(d.name for d in self.dims)
         self._shapes: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = {}  # (tensor, dims) -> item shape
+        self._row_bytes: dict[tuple[int, ...], list[int]] = {}  # dims -> input_row_bytes
         self.arena = arena  # workers.arena.Arena, for synchronous engines' views of shared-memory requests
         # A shared-memory request smaller than this (inputs plus outputs) is staged by a CPU copy like a
         # frame request: copying a few KiB costs well under a microsecond, an async copy's driver call
@@ -206,6 +208,15 @@ class Pipeline:
     def key_of(self, dims: tuple[int, ...]) -> tuple[int, ...]:
         """The sizes a request with dynamic-dimension sizes `dims` is launched at."""
         return tuple(d.launch_size(v) for d, v in zip(self.dims, dims, strict=True))
+
+    def input_row_bytes(self, dims: tuple[int, ...]) -> list[int]:
+        """Bytes per row of each input at dynamic sizes `dims` (cached: a request's spans are checked with it)."""
+        got = self._row_bytes.get(dims)
+        if got is None:
+            got = self._row_bytes[dims] = [
+                math.prod(self.item_shape(s, dims)) * s.dtype.itemsize for s in self.engine.inputs
+            ]
+        return got
 
     def item_shape(self, spec: Any, dims: tuple[int, ...]) -> tuple[int, ...]:
         """A tensor's concrete item shape for dynamic-dimension sizes `dims` (cached)."""
@@ -292,6 +303,22 @@ class Pipeline:
                 continue
             parts.append((req, off))
             off += req.rows
+        padded = next(b for b in self.buckets if b >= rows) if engine.pads_to_buckets else rows
+        return self._seal(slot, parts, off, staged, dma, rows, padded, now_ns)
+
+    def _seal(
+        self,
+        slot: Slot,
+        parts: list[tuple[Request, int]],
+        off: int,
+        staged: list[tuple[int, int, list[int], list[int]]],
+        dma: list[Request],
+        rows: int,
+        padded: int,
+        now_ns: int,
+    ) -> Batch:
+        """Both launch paths' end: the `off` staged rows first, then each DMA request's rows (slot.shm_parts),
+        and the launch."""
         slot.frames_rows = off
         slot.staged_shm = staged
         slot.shm_parts = []
@@ -299,9 +326,6 @@ class Pipeline:
             parts.append((req, off))
             slot.shm_parts.append((off, req.rows, req.shm.inputs, req.shm.outputs))  # type: ignore[union-attr]
             off += req.rows
-        padded = rows
-        if engine.pads_to_buckets:
-            padded = next(b for b in self.buckets if b >= rows)
         batch = Batch(slot, parts, rows, padded)
         self._launch(batch, now_ns)
         return batch
@@ -385,17 +409,8 @@ class Pipeline:
                 staged_dims.append(req.dims)
             parts.append((req, off))
             off += n
-        slot.frames_rows = off
-        slot.staged_shm = staged
         slot.staged_dims = staged_dims
-        slot.shm_parts = []
-        for req in dma:
-            parts.append((req, off))
-            slot.shm_parts.append((off, req.rows, req.shm.inputs, req.shm.outputs))  # type: ignore[union-attr]
-            off += req.rows
-        batch = Batch(slot, parts, rows, padded)
-        self._launch(batch, now_ns)
-        return batch
+        return self._seal(slot, parts, off, staged, dma, rows, padded, now_ns)
 
     def _pad_value(self, tensor: str) -> float:
         """What padded positions of an input hold: its value in [[model.dims]] pad (0 by default). With

@@ -284,15 +284,10 @@ class ServeLoop:
         offsets = header.offsets
         if self.pipeline.dims:  # bytes per row depend on the request's sizes of the dynamic dimensions
             given = {name: off for (name, _, _), off in zip(header.specs, offsets, strict=True)}  # type: ignore[arg-type]
-            item = self.pipeline.item_shape
+            row_bytes = self.pipeline.input_row_bytes(dims)
             ins = [
-                span(
-                    lease,
-                    given[s.name],
-                    rows * int(np.prod(item(s, dims), dtype=np.int64)) * s.dtype.itemsize,
-                    s.name,
-                )
-                for s in self.engine.inputs
+                span(lease, given[s.name], rows * rb, s.name)
+                for s, rb in zip(self.engine.inputs, row_bytes, strict=True)
             ]
             return self._spans(lease, ins, shm[1], rows, dims)  # type: ignore[index]
         if len(self._in_row_bytes) == 1:  # one input: check_specs made sure it is the model's
@@ -312,14 +307,7 @@ class ServeLoop:
             layout = self._out_layouts[(rows, dims)] = protocol.shm_layout(self._out_shapes(rows, dims))
         offs, total = layout
         start = self.arena.span(lease, out, total, "outputs")  # type: ignore[union-attr]
-        in_bytes = (
-            rows * self._in_row_total
-            if not dims
-            else sum(
-                rows * int(np.prod(self.pipeline.item_shape(s, dims), dtype=np.int64)) * s.dtype.itemsize
-                for s in self.engine.inputs
-            )
-        )
+        in_bytes = rows * (sum(self.pipeline.input_row_bytes(dims)) if dims else self._in_row_total)
         return ShmSpans(lease, ins, [start + o for o in offs], in_bytes + total)
 
     def _out_shapes(self, rows: int, dims: tuple[int, ...]) -> list[tuple[str, np.dtype, tuple[int, ...]]]:

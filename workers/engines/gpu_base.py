@@ -30,7 +30,9 @@ _REANCHOR_NS = 200_000_000
 
 @dataclass(eq=False)
 class GpuSlot(Slot):
-    """A Slot plus its CUDA resources. `h2d`/`d2h` hold (dst, src, bytes per row) for each tensor."""
+    """A Slot plus its CUDA resources. `h2d`/`d2h` hold (dst, src, bytes per row) for each tensor, and
+    `in_dev`/`out_dev` (device pointer, bytes per row): the copy plan at the model's own sizes. `copies`
+    holds one plan per launch size of the dynamic dimensions ((): the model's own), built with the slot."""
 
     stream: Any = None
     ev_start: Any = None  # timing event, recorded before the H2D copies
@@ -46,6 +48,7 @@ class GpuSlot(Slot):
     in_dev: list[tuple[int, int]] = field(default_factory=list)  # (device pointer, bytes per row) per input
     out_dev: list[tuple[int, int]] = field(default_factory=list)  # the same per output
     anchor: int = 0  # which of the engine's anchor events this slot's last batch is timed against
+    copies: dict[tuple[int, ...], tuple[list, list, list, list]] = field(default_factory=dict)
 
 
 def default_runtime() -> Any:
@@ -144,6 +147,8 @@ class GpuEngineBase(Engine):
                 slot.outputs[spec.name] = arr
                 slot.d2h.append((arr.ctypes.data, dev.handle, row_bytes))
                 slot.out_dev.append((dev.ptr, row_bytes))
+            for dims in self._launch_keys():
+                slot.copies[dims] = self._copy_plan(slot, dims)
             self._init_slot(slot)
             self.slots.append(slot)
         self._anchors = [self.rt.Event(timing=True), self.rt.Event(timing=True)]
@@ -152,30 +157,29 @@ class GpuEngineBase(Engine):
 
     # --- per batch (hot path: no allocation, no sync) ------------------------------------------
 
+    def _copy_plan(self, slot: GpuSlot, dims: tuple[int, ...]) -> tuple[list, list, list, list]:
+        """(h2d, d2h, in_dev, out_dev) for a batch at dynamic sizes `dims`: the same buffers, with the bytes
+        per row at those sizes (a batch at smaller sizes uses each buffer's leading part)."""
+        if not dims:
+            return slot.h2d, slot.d2h, slot.in_dev, slot.out_dev
+        rb_in, rb_out = self._row_bytes(dims)
+        return (
+            [(d, s, rb) for (d, s, _), rb in zip(slot.h2d, rb_in, strict=True)],
+            [(d, s, rb) for (d, s, _), rb in zip(slot.d2h, rb_out, strict=True)],
+            [(p, rb) for (p, _), rb in zip(slot.in_dev, rb_in, strict=True)],
+            [(p, rb) for (p, _), rb in zip(slot.out_dev, rb_out, strict=True)],
+        )
+
     def _enqueue_eager(self, slot: GpuSlot, rows: int) -> Any:
-        if slot.dims:
-            return self._enqueue_eager_dims(slot, rows)
-        stream = slot.stream
-        handle = stream.handle
+        h2d, d2h, _, _ = slot.copies[slot.dims]
+        handle = slot.stream.handle
         htod = self.rt.copy_htod_async
-        for dst, src, row_bytes in slot.h2d:
+        for dst, src, row_bytes in h2d:
             htod(dst, src, rows * row_bytes, handle)
         ok = self._compute(slot, rows)
         dtoh = self.rt.copy_dtoh_async
-        for dst, src, row_bytes in slot.d2h:
+        for dst, src, row_bytes in d2h:
             dtoh(dst, src, rows * row_bytes, handle)
-        return ok
-
-    def _enqueue_eager_dims(self, slot: GpuSlot, rows: int) -> Any:
-        """_enqueue_eager at the dynamic sizes slot.dims: the leading bytes of each buffer."""
-        handle = slot.stream.handle
-        rb_in, rb_out = self._row_bytes(slot.dims)
-        htod, dtoh = self.rt.copy_htod_async, self.rt.copy_dtoh_async
-        for (dst, src, _), rb in zip(slot.h2d, rb_in, strict=True):
-            htod(dst, src, rows * rb, handle)
-        ok = self._compute(slot, rows)
-        for (dst, src, _), rb in zip(slot.d2h, rb_out, strict=True):
-            dtoh(dst, src, rows * rb, handle)
         return ok
 
     def _anchor_for(self, slot: GpuSlot, now: int) -> None:
@@ -193,57 +197,30 @@ class GpuEngineBase(Engine):
     def _enqueue_shm(self, slot: GpuSlot, rows: int) -> None:
         """A batch with shared-memory requests: staged frame rows (if any) and each request's spans go
         straight between the registered arena and the device rows, around the compute-only graph. No
-        payload byte is touched by the CPU."""
-        if slot.dims:
-            self._enqueue_shm_dims(slot, rows)
-            return
+        payload byte is touched by the CPU. With dynamic dimensions, every DMA request has the batch's
+        sizes: its rows lie at those sizes in the device buffers as in its spans."""
+        h2d, d2h, in_dev, out_dev = slot.copies[slot.dims]
         handle = slot.stream.handle
         htod, dtoh = self.rt.copy_htod_async, self.rt.copy_dtoh_async
         base = self.arena_addr
         frames = slot.frames_rows
         if frames:
-            for dst, src, row_bytes in slot.h2d:
+            for dst, src, row_bytes in h2d:
                 htod(dst, src, frames * row_bytes, handle)
         for row, n, ins, _ in slot.shm_parts:
-            for (dev, row_bytes), off in zip(slot.in_dev, ins, strict=True):
+            for (dev, row_bytes), off in zip(in_dev, ins, strict=True):
                 htod(dev + row * row_bytes, base + off, n * row_bytes, handle)
-        graph = slot.compute_graphs.get(rows)
+        graph = slot.compute_graphs.get((rows, slot.dims) if slot.dims else rows)
         if graph is not None:
             graph.launch(slot.stream)
         else:
             self._compute(slot, rows)
         if frames:
-            for dst, src, row_bytes in slot.d2h:
+            for dst, src, row_bytes in d2h:
                 dtoh(dst, src, frames * row_bytes, handle)
         for row, n, _, outs in slot.shm_parts:
-            for (dev, row_bytes), off in zip(slot.out_dev, outs, strict=True):
+            for (dev, row_bytes), off in zip(out_dev, outs, strict=True):
                 dtoh(base + off, dev + row * row_bytes, n * row_bytes, handle)
-
-    def _enqueue_shm_dims(self, slot: GpuSlot, rows: int) -> None:
-        """_enqueue_shm at the dynamic sizes slot.dims (each DMA request has exactly those sizes): rows are
-        laid out at those sizes in the device buffers, as in its spans."""
-        handle = slot.stream.handle
-        htod, dtoh = self.rt.copy_htod_async, self.rt.copy_dtoh_async
-        base = self.arena_addr
-        rb_in, rb_out = self._row_bytes(slot.dims)
-        frames = slot.frames_rows
-        if frames:
-            for (dst, src, _), rb in zip(slot.h2d, rb_in, strict=True):
-                htod(dst, src, frames * rb, handle)
-        for row, n, ins, _ in slot.shm_parts:
-            for (dev, _), rb, off in zip(slot.in_dev, rb_in, ins, strict=True):
-                htod(dev + row * rb, base + off, n * rb, handle)
-        graph = slot.compute_graphs.get((rows, slot.dims))
-        if graph is not None:
-            graph.launch(slot.stream)
-        else:
-            self._compute(slot, rows)
-        if frames:
-            for (dst, src, _), rb in zip(slot.d2h, rb_out, strict=True):
-                dtoh(dst, src, frames * rb, handle)
-        for row, n, _, outs in slot.shm_parts:
-            for (dev, _), rb, off in zip(slot.out_dev, rb_out, outs, strict=True):
-                dtoh(base + off, dev + row * rb, n * rb, handle)
 
     def launch(self, slot: Slot, rows: int) -> None:
         assert isinstance(slot, GpuSlot)

@@ -120,7 +120,6 @@ class TorchEngine(GpuEngineBase):
         )
         self._names = tuple(d.name for d in self.dims)
         self._largest = tuple(d.hi for d in self.dims)
-        self._row_bytes_at: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
         self._alloc_base: tuple[int, int] | None = None
         self._alloc_faults_seen = 0
         self.capture_error = ""
@@ -147,13 +146,10 @@ class TorchEngine(GpuEngineBase):
         return launch_keys(self.dims) if self.dims else [()]
 
     def _row_bytes(self, dims: tuple[int, ...]) -> tuple[list[int], list[int]]:
-        got = self._row_bytes_at.get(dims)
-        if got is None:
-            got = self._row_bytes_at[dims] = (
-                [int(np.prod(self._shape(s, dims), dtype=np.int64)) * s.dtype.itemsize for s in self.inputs],
-                [int(np.prod(self._shape(s, dims), dtype=np.int64)) * s.dtype.itemsize for s in self.outputs],
-            )
-        return got
+        def rb(s: TensorSpec) -> int:
+            return int(np.prod(self._shape(s, dims), dtype=np.int64)) * s.dtype.itemsize
+
+        return [rb(s) for s in self.inputs], [rb(s) for s in self.outputs]
 
     # --- slots ------------------------------------------------------------------------------------
 
