@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -54,6 +55,18 @@ def write_config(directory: Path, sections: dict[str, dict[str, object]], name: 
     path = directory / name
     path.write_text(dump_toml(sections))
     return path
+
+
+def wait_until(pred: Any, timeout: float, what: str, every: float = 0.05) -> Any:
+    """Poll `pred` until it returns something true (returned), or fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(every)
 
 
 def cli(*args: str, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess:

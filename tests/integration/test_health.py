@@ -22,7 +22,7 @@ from orchestrator.config import Config, parse_config
 from orchestrator.errors import ShuttingDownError
 from orchestrator.monitor import http
 from orchestrator.supervisor import Supervisor
-from tests.conftest import write_config
+from tests.conftest import wait_until, write_config
 from workers.engines.synthetic_math import reference
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,17 +40,6 @@ def get(port: int, path: str) -> tuple[int, dict]:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
-
-
-def until(pred, timeout: float, what: str, every: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
 
 
 def config(tmp: Path, port: int, work: int = 5, **orch: object) -> Path:
@@ -77,13 +66,13 @@ def test_probes_follow_the_workers(short_tmp: Path, orchestrator_factory) -> Non
     w1 = next(w for w in orch.status()["workers"] if w["id"] == "w1")
     t0 = time.monotonic()
     os.kill(w1["pid"], signal.SIGKILL)
-    code, body = until(lambda: (r := get(port, "/readyz"))[0] == 503 and r, 2.0, "/readyz 503")
+    code, body = wait_until(lambda: (r := get(port, "/readyz"))[0] == 503 and r, 2.0, "/readyz 503")
     flip = time.monotonic() - t0
     assert flip < 1.0, f"/readyz took {flip:.2f}s to fail"
     print(f"\n/readyz 503 {flip * 1000:.0f} ms after the worker it needed was killed")
     assert body["reason"] == "1 of 2 workers ready; 2 needed", body
     assert get(port, "/livez")[0] == 200 and get(port, "/startupz")[0] == 200  # alive, and started once
-    until(lambda: get(port, "/readyz")[0] == 200, 30.0, "/readyz back to 200 after the restart")
+    wait_until(lambda: get(port, "/readyz")[0] == 200, 30.0, "/readyz back to 200 after the restart")
 
 
 def test_sigterm_fails_readyz_first_then_drains(short_tmp: Path, orchestrator_factory) -> None:
@@ -98,7 +87,7 @@ def test_sigterm_fails_readyz_first_then_drains(short_tmp: Path, orchestrator_fa
         assert not all(f.done() for f in futures)
         t0 = time.monotonic()
         os.kill(pid, signal.SIGTERM)
-        code, body = until(lambda: (r := get(port, "/readyz"))[0] == 503 and r, 2.0, "/readyz 503")
+        code, body = wait_until(lambda: (r := get(port, "/readyz"))[0] == 503 and r, 2.0, "/readyz 503")
         flip = time.monotonic() - t0
         assert flip < 1.0 and body["reason"].startswith("draining"), (flip, body)
         print(f"\n/readyz 503 {flip * 1000:.0f} ms after SIGTERM")

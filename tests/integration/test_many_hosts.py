@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,13 +20,14 @@ import pytest
 
 from orchestrator.client import Client
 from orchestrator.security import ClientKeys, keygen
-from tests.conftest import cli, write_config
+from tests.conftest import cli, wait_until, write_config
+from tests.integration.load import ITEM, Load
 from workers.engines.synthetic_math import reference
 
 pytestmark = pytest.mark.timeout(240)
 
 ADDRS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
-WORK, ITEM = 50, 16
+WORK = 50
 
 
 def free_ports(n: int) -> int:
@@ -111,82 +111,38 @@ class Hosts:
             return 0
 
 
-class Load:
-    """Threads sending checked requests (blocking infer and futures) until stopped; counts everything."""
-
-    def __init__(self, client: Client, threads: int = 4) -> None:
-        self.c = client
-        self.sent = self.ok = self.wrong = 0
-        self.errors: list[str] = []
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
-
-    def _run(self, i: int) -> None:
-        rng = np.random.default_rng(i)
-        while not self.stop.is_set():
-            x = rng.standard_normal((int(rng.integers(1, 9)), ITEM)).astype(np.float32)
-            with self.lock:
-                self.sent += 1
-            try:
-                y = self.c.infer(x)["y"] if i % 2 else self.c.submit(x).result(60)["y"]
-            except Exception as exc:  # nothing may be lost: any error fails the test
-                with self.lock:
-                    self.errors.append(repr(exc))
-                continue
-            with self.lock:
-                self.ok += 1
-                self.wrong += not np.array_equal(y, reference(x, WORK))
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(60)
-
-
-def until(pred, timeout: float, what: str, every: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
-
-
 def test_host_lost_and_restarted_under_load(short_tmp: Path, orchestrator_factory) -> None:
     hosts = Hosts(short_tmp, orchestrator_factory)
-    with Client([hosts.endpoint(i) for i in range(3)], curve=hosts.keys, timeout=30) as c, Load(c) as load:
+    with (
+        Client([hosts.endpoint(i) for i in range(3)], curve=hosts.keys, timeout=30) as c,
+        Load(c, work=WORK, threads=4) as load,
+    ):
         assert set(c.hosts) == {hosts.label(i) for i in range(3)}
-        until(lambda: all(hosts.served(i) > 0 for i in range(3)), 30, "every host to serve")
+        wait_until(lambda: all(hosts.served(i) > 0 for i in range(3)), 30, "every host to serve")
         victim = hosts.orchs[1].status()["pid"]
         t_kill = time.monotonic()
         os.kill(victim, signal.SIGKILL)  # the host's workers die with their supervisor
-        until(
+        wait_until(
             lambda: c.hosts[hosts.label(1)]["state"] != "up", 5, "the client to give the host up", every=0.005
         )
         dropped_after = time.monotonic() - t_kill
         at_loss = load.ok
-        until(lambda: load.ok > at_loss + 20, 30, "load to go on")  # a pick made just before is sent by now
+        wait_until(
+            lambda: load.ok > at_loss + 20, 30, "load to go on"
+        )  # a pick made just before is sent by now
         sent_at_loss = c.hosts[hosts.label(1)]["sent"]
-        until(lambda: load.ok > at_loss + 120, 30, "load to go on without the host")
+        wait_until(lambda: load.ok > at_loss + 120, 30, "load to go on without the host")
         assert c.hosts[hosts.label(1)]["sent"] == sent_at_loss  # nothing new for the lost host
         # The host comes back (same address and ports, new worker endpoints).
-        until(
+        wait_until(
             lambda: cli("start", str(hosts.configs[1]), "--detach", timeout=60).returncode == 0,
             60,
             "restart",
             every=0.5,
         )
-        until(lambda: hosts.readyz(1) == 200, 30, "/readyz 200 on the restarted host")
+        wait_until(lambda: hosts.readyz(1) == 200, 30, "/readyz 200 on the restarted host")
         t_ready = time.monotonic()
-        until(
+        wait_until(
             lambda: c.hosts[hosts.label(1)]["sent"] > sent_at_loss,
             10,
             "load on the restarted host",
@@ -215,21 +171,21 @@ def test_hosts_follow_a_dns_name(short_tmp: Path, orchestrator_factory) -> None:
     target = f"tcp://orchestrator.test.svc:{hosts.port}"
     with (
         Client(target, curve=hosts.keys, resolve=resolve, resolve_interval_s=0.1, timeout=30) as c,
-        Load(c) as load,
+        Load(c, work=WORK, threads=4) as load,
     ):
         assert lookups[0] == "orchestrator.test.svc" and set(c.hosts) == {hosts.label(0), hosts.label(1)}
         assert all(h["state"] == "up" for h in c.hosts.values())
-        until(lambda: hosts.served(0) > 0 and hosts.served(1) > 0, 30, "both listed hosts to serve")
+        wait_until(lambda: hosts.served(0) > 0 and hosts.served(1) > 0, 30, "both listed hosts to serve")
         assert hosts.served(2) == 0
         listed.append(ADDRS[2])  # a new host appears in DNS
-        until(lambda: hosts.served(2) > 0, 10, "the new host to take load")
+        wait_until(lambda: hosts.served(2) > 0, 10, "the new host to take load")
         listed.remove(ADDRS[0])  # and one leaves: it gets no new work
-        until(lambda: c.hosts[hosts.label(0)]["state"] == "retired", 5, "the host to be retired")
+        wait_until(lambda: c.hosts[hosts.label(0)]["state"] == "retired", 5, "the host to be retired")
         mark = load.ok
-        until(lambda: load.ok > mark + 20, 30, "load to go on")  # a pick made just before is sent by now
+        wait_until(lambda: load.ok > mark + 20, 30, "load to go on")  # a pick made just before is sent by now
         before = c.hosts[hosts.label(0)]["sent"]
         at = c.hosts[hosts.label(2)]["sent"]
-        until(lambda: c.hosts[hosts.label(2)]["sent"] > at + 50, 30, "load to go on")
+        wait_until(lambda: c.hosts[hosts.label(2)]["sent"] > at + 50, 30, "load to go on")
         assert c.hosts[hosts.label(0)]["sent"] == before, "a host no longer listed got new work"
 
 
@@ -278,13 +234,16 @@ def test_a_silent_host_is_given_up_and_taken_back(short_tmp: Path, orchestrator_
     """No connection drops when a host goes silent (a partition; here its supervisor is SIGSTOPped): its
     heartbeats stop, and the client gives it up within 2 s all the same; when it speaks again, it is back."""
     hosts = Hosts(short_tmp, orchestrator_factory)
-    with Client([hosts.endpoint(i) for i in range(3)], curve=hosts.keys, timeout=30) as c, Load(c) as load:
-        until(lambda: all(h["sent"] > 0 for h in c.hosts.values()), 30, "every host to take work")
+    with (
+        Client([hosts.endpoint(i) for i in range(3)], curve=hosts.keys, timeout=30) as c,
+        Load(c, work=WORK, threads=4) as load,
+    ):
+        wait_until(lambda: all(h["sent"] > 0 for h in c.hosts.values()), 30, "every host to take work")
         pid = hosts.orchs[2].status()["pid"]
         t0 = time.monotonic()
         os.kill(pid, signal.SIGSTOP)
         try:
-            until(
+            wait_until(
                 lambda: c.hosts[hosts.label(2)]["state"] != "up",
                 5,
                 "the silent host to be given up",
@@ -293,9 +252,9 @@ def test_a_silent_host_is_given_up_and_taken_back(short_tmp: Path, orchestrator_
             silent_after = time.monotonic() - t0
         finally:
             os.kill(pid, signal.SIGCONT)
-        until(lambda: c.hosts[hosts.label(2)]["state"] == "up", 10, "the host back")
+        wait_until(lambda: c.hosts[hosts.label(2)]["state"] == "up", 10, "the host back")
         back = c.hosts[hosts.label(2)]["sent"]
-        until(lambda: c.hosts[hosts.label(2)]["sent"] > back, 10, "work for it again")
+        wait_until(lambda: c.hosts[hosts.label(2)]["sent"] > back, 10, "work for it again")
     assert not load.errors, load.errors[:3]
     assert load.wrong == 0 and load.ok == load.sent
     assert silent_after < 2.0, f"a silent host kept its place for {silent_after:.2f}s"

@@ -29,12 +29,11 @@ from orchestrator.errors import (
     WorkerDeadError,
 )
 from orchestrator.rundir import RunDir
-from tests.conftest import ROOT, cli, write_config
+from tests.conftest import ROOT, cli, wait_until, write_config
+from tests.integration.load import ITEM, Load, rows
 from workers.engines.synthetic_math import reference
 
 pytestmark = pytest.mark.timeout(120)
-
-ITEM = 16  # row width of the synthetic model in these tests
 
 
 def synthetic_config(tmp: Path, count: int = 2, work: int = 5, **sections: dict[str, object]) -> Path:
@@ -51,21 +50,6 @@ def synthetic_config(tmp: Path, count: int = 2, work: int = 5, **sections: dict[
 
 def by_id(status: dict) -> dict[str, dict]:
     return {w["id"]: w for w in status["workers"]}
-
-
-def wait_until(pred: Callable[[], object], timeout: float, what: str, every: float = 0.05) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(every)
-
-
-def rows(seed: int, n: int = 4) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, ITEM)).astype(np.float32)
 
 
 def sent(c: Client, n: int) -> None:
@@ -97,53 +81,6 @@ def raw_infer(endpoint: str, x: np.ndarray, request_id: int = 1, timeout_ms: int
         return protocol.decode_reply(sock.recv_multipart())
     finally:
         sock.close()
-
-
-class Load:
-    """Client threads sending small requests until stopped, each outcome checked against the reference."""
-
-    def __init__(self, client: Client, work: int, threads: int = 2, use_submit: bool = True) -> None:
-        self.client = client
-        self.work = work
-        self.stop = threading.Event()
-        self.ok = 0
-        self.wrong = 0
-        self.errors: list[BaseException] = []
-        self.lock = threading.Lock()
-        kinds = ["infer", "submit"] if use_submit else ["infer"]
-        self.threads = [
-            threading.Thread(target=self._run, args=(i, kinds[i % len(kinds)]), daemon=True)
-            for i in range(threads)
-        ]
-
-    def _run(self, seed: int, kind: str) -> None:
-        i = 0
-        while not self.stop.is_set():
-            x = rows(seed * 100_000 + i, 1 + i % 8)
-            i += 1
-            try:
-                if kind == "infer":
-                    out = self.client.infer(x)
-                else:
-                    out = self.client.submit(x).result(self.client.timeout + 5)
-                good = np.array_equal(out["y"], reference(x, self.work))
-                with self.lock:
-                    self.ok += good
-                    self.wrong += not good
-            except BaseException as exc:  # recorded and asserted on by the test
-                with self.lock:
-                    self.errors.append(exc)
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(self.client.timeout + 10)
-        assert not any(t.is_alive() for t in self.threads), "a client call did not return"
 
 
 # --- (a) restart after SIGKILL --------------------------------------------------------------------

@@ -25,8 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from orchestrator.config import Config
 from orchestrator.monitor.metrics import make_registry
 from orchestrator.monitor.monitor import Monitor
+from tests.unit.monitor_data import batch, driver_lock_stall
 from workers.driver_journal import DriverJournal
-from workers.pipeline import Batch, Request
 from workers.telemetry import WorkerTelemetry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,15 +153,6 @@ def parse_exposition(text: str) -> Exported:
     return Exported({k: frozenset(v) for k, v in labels.items()}, family, types)
 
 
-def _batch(latency_us: float, n: int = 2) -> Batch:
-    now = time.monotonic_ns()
-    t_launch = now - int(latency_us * 1000) // 2
-    parts = [(Request(None, i, {}, 2, now - int(latency_us * 1000)), 2 * i) for i in range(n)]
-    b = Batch(None, parts, 2 * n, 2 * n)  # type: ignore[arg-type]
-    b.t_launch_ns, b.t_enqueued_ns, b.t_done_ns = t_launch, t_launch + 20_000, now
-    return b
-
-
 def representative_data(tmp_path: Path) -> dict:
     """Monitor.metrics_data() with a serving worker (all four histograms, a failure, a driver fault, a stall,
     shared memory), a worker slot that is down, and one GPU with every NVML reading, so that every family the
@@ -177,7 +168,7 @@ def representative_data(tmp_path: Path) -> dict:
         journal.record("pinned_alloc", now - 2_000_000, now - 1_000_000, "64 MiB")
         tel = WorkerTelemetry("w0", mon.cfg.monitor, journal, "blocking")
         for i in range(100):
-            tel.on_batch(_batch(500.0 if i % 10 else 5000.0), 150.0, (now + i * 1000, now + i * 1000 + 500))
+            tel.on_batch(batch(500.0 if i % 10 else 5000.0), 150.0, (now + i * 1000, now + i * 1000 + 500))
         tel.note_failure(20)
         tel.note_queue(3, 1)
         mon.on_report("w0", tel.report())
@@ -193,31 +184,7 @@ def representative_data(tmp_path: Path) -> dict:
             },
         )
         now = time.monotonic_ns()
-        mon.on_stall(
-            "w0",
-            {
-                "worker_id": "w0",
-                "pid": 4321,
-                "kind": ["enqueue"],
-                "t0_ns": now - 20_000_000,
-                "t1_ns": now,
-                "launch_t0_ns": now - 20_000_000,
-                "launch_t1_ns": now - 1_000_000,
-                "timings_us": {"enqueue": 19000.0, "latency": 20000.0},
-                "baseline_us": {"enqueue": 20.0},
-                "journal": [
-                    {
-                        "seq": 3,
-                        "op": "pinned_alloc",
-                        "t0_ns": now - 19_500_000,
-                        "t1_ns": now - 1_200_000,
-                        "detail": "64 MiB",
-                        "thread": "inject",
-                        "fault": True,
-                    }
-                ],
-            },
-        )
+        mon.on_stall("w0", driver_lock_stall(now))
         data = mon.metrics_data()
     finally:
         mon.stop()

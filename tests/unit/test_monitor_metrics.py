@@ -21,20 +21,9 @@ from orchestrator.monitor.http import start_http_server
 from orchestrator.monitor.metrics import make_registry
 from orchestrator.monitor.monitor import Monitor
 from orchestrator.monitor.stalls import CAUSES
+from tests.unit.monitor_data import batch, driver_lock_stall
 from workers.driver_journal import DriverJournal
-from workers.pipeline import Batch, Request
 from workers.telemetry import WorkerTelemetry
-
-US = 1000
-
-
-def batch(latency_us: float, enqueue_us: float = 20.0, n: int = 2) -> Batch:
-    now = time.monotonic_ns()
-    t_launch = now - int(latency_us * US) // 2
-    parts = [(Request(None, i, {}, 2, now - int(latency_us * US)), 2 * i) for i in range(n)]
-    b = Batch(None, parts, 2 * n, 2 * n)  # type: ignore[arg-type]
-    b.t_launch_ns, b.t_enqueued_ns, b.t_done_ns = t_launch, t_launch + int(enqueue_us * US), now
-    return b
 
 
 def fed_monitor(tmp_path: Path, cfg: Config | None = None) -> tuple[Monitor, WorkerTelemetry]:
@@ -78,28 +67,7 @@ def test_on_stall_logs_and_counts(tmp_path: Path) -> None:
     mon, _ = fed_monitor(tmp_path)
     try:
         now = time.monotonic_ns()
-        cand = {
-            "worker_id": "w0",
-            "pid": 4321,
-            "kind": ["enqueue"],
-            "t0_ns": now - 20_000_000,
-            "t1_ns": now,
-            "launch_t0_ns": now - 20_000_000,
-            "launch_t1_ns": now - 1_000_000,
-            "timings_us": {"enqueue": 19000.0, "latency": 20000.0},
-            "baseline_us": {"enqueue": 20.0},
-            "journal": [
-                {
-                    "seq": 3,
-                    "op": "pinned_alloc",
-                    "t0_ns": now - 19_500_000,
-                    "t1_ns": now - 1_200_000,
-                    "detail": "64 MiB",
-                    "thread": "inject",
-                    "fault": True,
-                }
-            ],
-        }
+        cand = driver_lock_stall(now)
         rec = mon.on_stall("w0", cand)
         snap = mon.snapshot()
     finally:
