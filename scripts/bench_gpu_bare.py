@@ -75,11 +75,11 @@ def _loop(
     return n, time.monotonic_ns() - t0, wait_ns
 
 
-def _union_us(spans: np.ndarray) -> float:
-    """Total length of the union of [start, stop] intervals: batches on different slot streams overlap."""
-    order = np.argsort(spans[:, 0])
+def union_length(spans: Any) -> float:
+    """Total length of the union of [start, stop] intervals (an (n, 2) array or pairs): batches on
+    different slot streams overlap."""
     total, cur0, cur1 = 0.0, None, None
-    for s0, s1 in spans[order]:
+    for s0, s1 in sorted((float(a), float(b)) for a, b in spans):
         if cur1 is None or s0 > cur1:
             if cur1 is not None:
                 total += cur1 - cur0
@@ -147,7 +147,7 @@ def bare_run(shape: Shape, work: int, depth: int, graphs: bool, sync: str, secon
         "batches_per_s": n / (wall_ns / 1e9),
         "items_per_s": n * shape.rows / (wall_ns / 1e9),
         "gpu_time_us_p50": _pct(gpu, 50),
-        "gpu_busy": _union_us(spans) / wall_us,
+        "gpu_busy": union_length(spans) / wall_us,
         "gpu_busy_sum": float(gpu.sum()) / wall_us,
         "host_us_per_batch": (wall_ns - wait_ns) / 1e3 / n,
         "enqueue_us_p50": _pct(enq, 50),

@@ -74,6 +74,7 @@ from scripts.bench_torch_limit import (  # noqa: E402
     RTOL,
     ModelSpec,
     Runner,
+    add_model_args,
     check_bounds,
     compare,
     eager_reference,
@@ -541,14 +542,7 @@ def run_point(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=sorted(MODELS), required=True)
-    ap.add_argument("--models", type=Path, required=True, help="directory with MODEL.pt2 and MODEL.ep.pt2")
-    ap.add_argument(
-        "--program",
-        choices=["aoti", "ep"],
-        default="aoti",
-        help="aoti: the AOTInductor package (default); ep: the ExportedProgram",
-    )
+    add_model_args(ap)
     ap.add_argument(
         "--accelerator", choices=["cuda", "cpu"], default="cuda", help="LitServer accelerator (one device)"
     )

@@ -50,6 +50,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts.bench_gpu_bare import union_length  # noqa: E402
 from scripts.benchlib import machine_info  # noqa: E402
 
 SEQ_LEN = 128
@@ -223,19 +224,6 @@ def percentiles_us(lat_s: list[float] | np.ndarray) -> dict[str, float | None]:
     return {"p50": round(float(p[0]), 1), "p90": round(float(p[1]), 1), "p99": round(float(p[2]), 1)}
 
 
-def union_ms(spans: list[tuple[float, float]]) -> float:
-    """Total length of the union of [start, end] spans."""
-    total, cur_start, cur_end = 0.0, None, None
-    for start, end in sorted(spans):
-        if cur_end is None or start > cur_end:
-            if cur_end is not None:
-                total += cur_end - cur_start
-            cur_start, cur_end = start, end
-        else:
-            cur_end = max(cur_end, end)
-    return total + (cur_end - cur_start if cur_end is not None else 0.0)
-
-
 # --- CUDA graphs -------------------------------------------------------------------------------------------
 
 
@@ -388,7 +376,7 @@ def measure_batch(runner: Runner, spec: ModelSpec, requests: int, args: argparse
         "replays": r["replays"],
         "items_per_s": round(items / r["wall_s"], 1),
         "requests_per_s": round(r["replays"] * requests / r["wall_s"], 1),
-        "gpu_busy": round(union_ms(r["spans"]) / (last - first), 4) if last > first else None,
+        "gpu_busy": round(union_length(r["spans"]) / (last - first), 4) if last > first else None,
         "gpu_ms_per_batch": round(float(np.mean([e - s for s, e in r["spans"]])), 4),
         "check_max_abs_diff": diff,
     }
@@ -424,8 +412,8 @@ def default_batches(most: int) -> list[int]:
     return [*sizes, most] if most >= 1 else []
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """--model, --models, --program: which export of which model (this script and bench_litserve.py)."""
     ap.add_argument("--model", choices=sorted(MODELS), required=True)
     ap.add_argument("--models", type=Path, required=True, help="directory with MODEL.pt2 and MODEL.ep.pt2")
     ap.add_argument(
@@ -434,6 +422,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="aoti",
         help="aoti: the AOTInductor package (default); ep: the ExportedProgram",
     )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(ap)
     ap.add_argument(
         "--batches",
         help="batch sizes in requests (comma separated); default: powers of two "

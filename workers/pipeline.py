@@ -136,7 +136,7 @@ class Pipeline:
         self.dims = engine.dims  # dynamic non-batch dimensions (workers/engines/dims.py); () for most models
         self.bound: tuple[int, ...] = ()  # their sizes in the request check_specs() last accepted
         self._dim_names = tuple(d.name for d in self.dims)
-        self._shapes: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = {}  # (tensor, dims) -> item shape
+        self.item_shape = engine.item_shape_at  # a tensor's item shape at given dynamic sizes
         self._row_bytes: dict[tuple[int, ...], list[int]] = {}  # dims -> input_row_bytes
         self.arena = arena  # workers.arena.Arena, for synchronous engines' views of shared-memory requests
         # A shared-memory request smaller than this (inputs plus outputs) is staged by a CPU copy like a
@@ -217,16 +217,6 @@ class Pipeline:
                 math.prod(self.item_shape(s, dims)) * s.dtype.itemsize for s in self.engine.inputs
             ]
         return got
-
-    def item_shape(self, spec: Any, dims: tuple[int, ...]) -> tuple[int, ...]:
-        """A tensor's concrete item shape for dynamic-dimension sizes `dims` (cached)."""
-        k = (spec.name, dims)
-        shape = self._shapes.get(k)
-        if shape is None:
-            shape = self._shapes[k] = shapes.resolve(
-                spec.item_shape, dict(zip(self._dim_names, dims, strict=True))
-            )
-        return shape
 
     def offer(self, req: Request) -> bool:
         """Queue a checked request; False when the bounded queue is full (reply OVERLOADED)."""

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.shapes import resolve
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -92,6 +94,20 @@ class Engine(ABC):
         GPU engines only enqueue (H2D, kernels or graph, D2H, event record) and return at once; CPU
         engines may compute synchronously.
         """
+
+    def item_shape_at(self, spec: TensorSpec, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        """A tensor's concrete item shape at these sizes of the dynamic dimensions (self.dims order); cached,
+        since the pipeline asks per request."""
+        cache: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = self.__dict__.setdefault(
+            "_item_shapes", {}
+        )
+        key = (spec.name, sizes)
+        shape = cache.get(key)
+        if shape is None:
+            shape = cache[key] = resolve(
+                spec.item_shape, {d.name: v for d, v in zip(self.dims, sizes, strict=True)}
+            )
+        return shape
 
     def compute_views(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         """Synchronous engines with `computes_views`: compute one batch from `inputs` into `outputs`."""

@@ -12,7 +12,6 @@ import numpy as np
 
 from orchestrator.config import Config
 from orchestrator.errors import EngineError
-from orchestrator.shapes import resolve
 from workers.engines.base import Engine, Slot, TensorSpec
 from workers.engines.dims import batch_view, model_dims
 
@@ -77,18 +76,15 @@ class OnnxCpuEngine(Engine):
             where=f"ONNX model {cfg.model.path}",
         )
         self._largest = tuple(d.hi for d in self.dims)
-        self._names = tuple(d.name for d in self.dims)
         self.max_batch = cfg.model.max_batch
         self.path = cfg.model.path
         self._out_names = [o.name for o in self.outputs]
 
-    def _shape(self, spec: TensorSpec, dims: tuple[int, ...]) -> tuple[int, ...]:
-        return resolve(spec.item_shape, dict(zip(self._names, dims, strict=True)))
-
     def create_slots(self, depth: int) -> list[Slot]:
         def alloc(specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:
             return {
-                s.name: np.zeros((self.max_batch, *self._shape(s, self._largest)), s.dtype) for s in specs
+                s.name: np.zeros((self.max_batch, *self.item_shape_at(s, self._largest)), s.dtype)
+                for s in specs
             }
 
         return [Slot(i, alloc(self.inputs), alloc(self.outputs)) for i in range(depth)]
@@ -105,8 +101,8 @@ class OnnxCpuEngine(Engine):
             return
         d = slot.dims
         self.compute_views(
-            {s.name: batch_view(slot.inputs[s.name], rows, self._shape(s, d)) for s in self.inputs},
-            {s.name: batch_view(slot.outputs[s.name], rows, self._shape(s, d)) for s in self.outputs},
+            {s.name: batch_view(slot.inputs[s.name], rows, self.item_shape_at(s, d)) for s in self.inputs},
+            {s.name: batch_view(slot.outputs[s.name], rows, self.item_shape_at(s, d)) for s in self.outputs},
         )
 
     def compute_views(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:

@@ -21,7 +21,6 @@ import numpy as np
 
 from orchestrator.config import Config
 from orchestrator.errors import EngineError
-from orchestrator.shapes import resolve
 from workers.engines.base import TensorSpec
 from workers.engines.dims import launch_keys, model_dims
 from workers.engines.gpu_base import GpuEngineBase, GpuSlot
@@ -118,7 +117,6 @@ class TorchEngine(GpuEngineBase):
         self.pads_to_buckets = (
             True  # fixed shapes only: torch's allocator then reaches its steady state in warm-up
         )
-        self._names = tuple(d.name for d in self.dims)
         self._largest = tuple(d.hi for d in self.dims)
         self._alloc_base: tuple[int, int] | None = None
         self._alloc_faults_seen = 0
@@ -139,15 +137,12 @@ class TorchEngine(GpuEngineBase):
 
     # --- shapes -----------------------------------------------------------------------------------
 
-    def _shape(self, spec: TensorSpec, dims: tuple[int, ...]) -> tuple[int, ...]:
-        return resolve(spec.item_shape, dict(zip(self._names, dims, strict=True)))
-
     def _launch_keys(self) -> list[tuple[int, ...]]:
         return launch_keys(self.dims) if self.dims else [()]
 
     def _row_bytes(self, dims: tuple[int, ...]) -> tuple[list[int], list[int]]:
         def rb(s: TensorSpec) -> int:
-            return int(np.prod(self._shape(s, dims), dtype=np.int64)) * s.dtype.itemsize
+            return int(np.prod(self.item_shape_at(s, dims), dtype=np.int64)) * s.dtype.itemsize
 
         return [rb(s) for s in self.inputs], [rb(s) for s in self.outputs]
 
@@ -158,7 +153,7 @@ class TorchEngine(GpuEngineBase):
         largest sizes of the dynamic dimensions (a batch at smaller sizes uses their leading part)."""
         from cuda.bindings import driver
 
-        item = self._shape(spec, self._largest)
+        item = self.item_shape_at(spec, self._largest)
         row_bytes = int(np.prod(item, dtype=np.int64)) * spec.dtype.itemsize
         nbytes = max(row_bytes * rows, 1)
         host = self.rt.PinnedBuffer(nbytes, f"slot {slot.index} {spec.name} {nbytes} B")
@@ -186,7 +181,7 @@ class TorchEngine(GpuEngineBase):
         if views is None:
 
             def view(spec: TensorSpec) -> Any:
-                shape = (rows, *self._shape(spec, slot.dims))
+                shape = (rows, *self.item_shape_at(spec, slot.dims))
                 return slot.device[spec.name].tensor[: int(np.prod(shape, dtype=np.int64))].view(shape)
 
             views = slot.extra["views"][key] = (
