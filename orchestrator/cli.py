@@ -1,4 +1,4 @@
-"""The `orchestrator` command: start, stop, status, validate.
+"""The `orchestrator` command: start, stop, status, validate, bench.
 
 Runs in the user's shell process. User mistakes (bad config, nothing running) end with a clear message
 and an exit status (2 for config or usage errors, 1 for runtime failures), never a traceback.
@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import Config, default_run_dir, load_config
 from orchestrator.control import ControlClient
 from orchestrator.errors import ConfigError, EngineError, OrchestratorError, UnavailableError
 from orchestrator.rundir import RunDir
+
+if TYPE_CHECKING:
+    from orchestrator.bench.sweep import Settings
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -310,6 +315,172 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- bench ---------------------------------------------------------------------------------------
+
+
+class _Usage(Exception):
+    """A bench flag's value is not acceptable: one line, exit 2."""
+
+
+def _numbers(text: str, flag: str, kind: type, positive: bool = True) -> list:
+    """`1,4,16` -> [1, 4, 16]: finite numbers of `kind`, each above 0 (`positive`) or at least 0."""
+    out = []
+    for part in text.split(","):
+        try:
+            v = kind(part.strip())
+        except ValueError:
+            v = None
+        if v is None or not math.isfinite(v) or (v <= 0 if positive else v < 0):
+            what = ("positive " if positive else "non-negative ") + ("integer" if kind is int else "number")
+            want = f"{what}s separated by commas" if "," in text else f"a {what}"
+            raise _Usage(f'{flag}: expected {want}, got "{text}"')
+        out.append(v)
+    return out
+
+
+def _one(text: str, flag: str, kind: type, positive: bool = True) -> Any:
+    if "," in text:
+        raise _Usage(f'{flag}: expected one value, got "{text}"')
+    return _numbers(text, flag, kind, positive)[0]
+
+
+def _cpu_list(text: str) -> list[int]:
+    """`8-15` or `8,9,12-13` -> core numbers."""
+    cores: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, dash, hi = part.strip().partition("-")
+            cores.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+    except ValueError:
+        raise _Usage(f'--client-cpus: expected core numbers such as 8-15 or 8,9,10, got "{text}"') from None
+    if not cores or min(cores) < 0:
+        raise _Usage(f'--client-cpus: expected core numbers such as 8-15 or 8,9,10, got "{text}"')
+    return cores
+
+
+def _bench_settings(args: argparse.Namespace) -> Settings:
+    from orchestrator.bench.inputs import InputError, parse_dims
+    from orchestrator.bench.sweep import Settings
+
+    if args.rate is not None and args.concurrency is not None:
+        raise _Usage("--rate (open loop) and --concurrency (closed loop) exclude each other: give one")
+    s = Settings(
+        concurrency=None
+        if args.rate is not None
+        else _numbers(args.concurrency or "1,4,16,64", "--concurrency", int),
+        rates=_numbers(args.rate, "--rate", float) if args.rate is not None else None,
+        rows=_one(args.rows, "--rows", int),
+        duration=_one(args.duration, "--duration", float),
+        warmup=_one(args.warmup, "--warmup", float, positive=False),
+        processes=_one(args.processes, "--processes", int),
+        shm="auto" if args.shm is None else bool(args.shm),
+        seed=_one(args.seed, "--seed", int, positive=False),
+        check_every=_one(args.check, "--check", int, positive=False),
+        rtol=_one(args.rtol, "--rtol", float, positive=False) if args.rtol is not None else None,
+        atol=_one(args.atol, "--atol", float, positive=False) if args.atol is not None else None,
+        client_cpus=_cpu_list(args.client_cpus) if args.client_cpus else None,
+        timeout=_one(args.timeout, "--timeout", float),
+        inputs=args.inputs,
+    )
+    try:
+        s.dims = parse_dims(args.dim)
+    except InputError as exc:
+        raise _Usage(str(exc)) from None
+    if s.processes > 256:
+        raise _Usage(f"--processes {s.processes}: at most 256")
+    if s.inputs and not Path(s.inputs).is_file():
+        raise _Usage(f"--inputs: no such file: {s.inputs}")
+    if (args.server_key is None) != (args.client_key is None):
+        raise _Usage(
+            "--server-key and --client-key go together (CURVE: the server's public key, your secret key)"
+        )
+    if args.server_key is not None:
+        for flag, path in (("--server-key", args.server_key), ("--client-key", args.client_key)):
+            if not Path(path).is_file():
+                raise _Usage(f"{flag}: no such file: {path}")
+        s.curve = (args.server_key, args.client_key)
+    for flag in ("json", "csv", "plot"):
+        out = getattr(args, flag)
+        if out is not None and not Path(out).resolve().parent.is_dir():
+            raise _Usage(f"--{flag}: the directory of {out} does not exist")
+    for target in (args.target, args.compare):
+        if target is not None and not target.startswith(("ipc://", "tcp://")) and not Path(target).exists():
+            raise _Usage(f"no such config file or run directory: {target}")
+    return s
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """A throughput/latency sweep against a running orchestrator, with its workers' telemetry."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from orchestrator.bench import report
+    from orchestrator.bench.inputs import InputError
+    from orchestrator.bench.sweep import SweepError, run_target
+
+    try:
+        s = _bench_settings(args)
+    except _Usage as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    if args.plot:
+        from orchestrator.bench.plot import PlotUnavailable, require
+
+        try:
+            require()
+        except PlotUnavailable as exc:
+            _err(str(exc))
+            return EXIT_USAGE
+    targets = [args.target, *([args.compare] if args.compare else [])]
+    per_point = s.warmup + s.duration + 0.5
+    results: list[dict] = []
+    failure: str | None = None
+    with report.BenchProgress(per_point * len(s.points()) * len(targets)) as progress:
+        for i, target in enumerate(targets):
+            progress.prefix = f"{'AB'[i]}: " if len(targets) > 1 else ""
+            try:
+                results.append(run_target(target, s, progress))
+            except InputError as exc:
+                _err(str(exc))
+                return EXIT_USAGE
+            except ConfigError as exc:
+                if exc.source:
+                    raise
+                _err(str(exc))
+                return EXIT_USAGE
+            except SweepError as exc:
+                results.append(exc.partial)
+                failure = f"{target}: {exc}"
+                break
+            except OrchestratorError as exc:
+                if not results:
+                    raise
+                failure = f"{target}: {exc}"
+                break
+    out = Console() if sys.stdout.isatty() else Console(width=200)
+    for result in results:
+        out.print(report.table(result))
+        for line in report.notes(result):
+            out.print(f"  {escape(line)}", highlight=False)
+    doc = report.document(s.to_json(), results[0], results[1] if len(results) > 1 else None)
+    if args.json:
+        report.write_json(args.json, doc)
+    if args.csv:
+        report.write_csv(args.csv, results)
+    if args.plot:
+        from orchestrator.bench.plot import plot
+
+        plot(results, args.plot, title=doc["command"])
+    if failure:
+        _err(failure)
+        return EXIT_FAIL
+    wrong = [p for r in results for p in r["points"] if not p["correct"]]
+    if wrong:
+        _err(f"{len(wrong)} point(s) returned wrong results (see `wrong` in the table)")
+        return EXIT_FAIL
+    return EXIT_OK
+
+
 # --- entry ---------------------------------------------------------------------------------------
 
 
@@ -342,6 +513,70 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config without starting anything")
     p.add_argument("config")
     p.set_defaults(func=cmd_validate)
+    p = sub.add_parser(
+        "bench",
+        help="measure throughput and latency as load rises, with the workers' telemetry",
+        description="Load a running orchestrator (closed loop at each --concurrency, or open loop at each "
+        "--rate) and report, per point, requests/s, items/s, latency percentiles, errors, wrong results and "
+        "the workers' telemetry over the same window. See README.md, 'Benchmarking your model'.",
+    )
+    p.add_argument(
+        "target", help="config file, run directory or control endpoint (ipc://..., tcp://host:port)"
+    )
+    p.add_argument(
+        "--concurrency",
+        metavar="N[,N...]",
+        help="closed loop: requests in flight, one point each (default 1,4,16,64)",
+    )
+    p.add_argument("--rate", metavar="R[,R...]", help="open loop: requests per second, one point each")
+    p.add_argument("--rows", default="1", metavar="N", help="rows (items) per request (default 1)")
+    p.add_argument("--duration", default="5", metavar="S", help="measured seconds per point (default 5)")
+    p.add_argument(
+        "--warmup", default="1", metavar="S", help="seconds of load before each point's window (default 1)"
+    )
+    p.add_argument(
+        "--processes", default="1", metavar="P", help="client processes sharing the load (default 1)"
+    )
+    p.add_argument(
+        "--shm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="shared memory (--shm) or frames (--no-shm); default: shared memory for local targets",
+    )
+    p.add_argument(
+        "--dim",
+        action="append",
+        default=[],
+        metavar="NAME=SIZE",
+        help="size of a dynamic dimension (default: its max)",
+    )
+    p.add_argument(
+        "--inputs", metavar="FILE.npz", help="requests cut from these arrays instead of random ones"
+    )
+    p.add_argument("--seed", default="0", metavar="N", help="seed of the random inputs (default 0)")
+    p.add_argument(
+        "--check",
+        nargs="?",
+        const="1",
+        default="16",
+        metavar="N",
+        help="check every Nth reply against a reference (--check alone: every reply; 0: none; default 16)",
+    )
+    p.add_argument("--rtol", metavar="X", help="relative tolerance of the check (default: by dtype)")
+    p.add_argument("--atol", metavar="X", help="absolute tolerance of the check (default: by dtype)")
+    p.add_argument("--json", metavar="FILE", help="write every figure as JSON")
+    p.add_argument("--csv", metavar="FILE", help="write one CSV row per point")
+    p.add_argument(
+        "--plot", metavar="FILE.png", help="draw latency against throughput and GPU busy (matplotlib)"
+    )
+    p.add_argument(
+        "--compare", metavar="TARGET2", help="run the same sweep against a second target, then compare"
+    )
+    p.add_argument("--client-cpus", metavar="LIST", help="pin the client processes to these cores, e.g. 8-15")
+    p.add_argument("--timeout", default="30", metavar="S", help="seconds each request may take (default 30)")
+    p.add_argument("--server-key", metavar="FILE", help="tcp with CURVE: the server's public key")
+    p.add_argument("--client-key", metavar="FILE", help="tcp with CURVE: your secret key")
+    p.set_defaults(func=cmd_bench)
     return ap
 
 

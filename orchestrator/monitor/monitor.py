@@ -55,6 +55,7 @@ class _Worker:
         self.last: dict = {}
         self.last_rx_ns = 0
         self.requests = self.batches = self.rows = self.enqueue_over_1ms = self.gpu_busy_ns = 0
+        self.reported_s = 0.0  # the reports' intervals added up: the time the counters above cover
         self.failures: dict[str, int] = {}
         self.hists = {h: Histogram() for h in HISTS}
         self.faults_total = 0
@@ -85,6 +86,7 @@ class _Worker:
         self.rows += iv.get("rows", 0)
         self.enqueue_over_1ms += iv.get("enqueue_over_1ms", 0)
         self.gpu_busy_ns += iv.get("gpu_busy_ns", 0)
+        self.reported_s += iv.get("interval_s", 0.0)
         for code, n in (iv.get("failures") or {}).items():
             self.failures[str(code)] = self.failures.get(str(code), 0) + n
         for h in HISTS:
@@ -168,6 +170,9 @@ class _Worker:
             "batches_total": self.batches,
             "enqueue_over_1ms_total": self.enqueue_over_1ms,
             "gpu_busy_ns_total": self.gpu_busy_ns,
+            "reported_s_total": self.reported_s,
+            # Every report's histograms merged (wire form): `orchestrator bench` differences two snapshots.
+            "hist_total": {f"{h}_us": self.hists[h].to_wire() for h in HISTS},
             "failures_total": sum(self.failures.values()),
             "failures_by_code": dict(self.failures),
             "baseline_us": last.get("baseline_us"),
