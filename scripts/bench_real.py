@@ -15,6 +15,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomli_w
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.config import dump_toml  # noqa: E402
 from scripts.bench_gpu_orch import closed_loop, totals  # noqa: E402
 from scripts.benchlib import ROOT, copy_logs, machine_info, start_or_record, status_json  # noqa: E402
+from scripts.profile_serving import pyspy, summarise  # noqa: E402
 
 MODELS = {
     "bert": {"config": "configs/gpu-bert.toml", "program": "models/bert-tiny.ep.pt2", "items": 16},
@@ -139,12 +141,31 @@ class Pool:
 
 
 def point(
-    pool: Pool, config: Path, concurrency: int, processes: int, seconds: float, items: int
+    pool: Pool,
+    config: Path,
+    concurrency: int,
+    processes: int,
+    seconds: float,
+    items: int,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     clients = min(processes, concurrency)
     per = max(1, concurrency // clients)
     before = status_json(config)
+    spies = []
+    if profile is not None:  # py-spy on the worker and one client for the window (sampling, no pause)
+        profile.mkdir(parents=True, exist_ok=True)
+        raw, raw_client = profile / f"c{concurrency}.txt", profile / f"c{concurrency}-client.txt"
+        for pid, into in ((before["workers"][0]["pid"], raw), (pool.procs[0].pid, raw_client)):
+            cmd = [pyspy(), "record", "-p", str(pid), "-d", str(max(1, int(seconds) - 1)), "-r", "1000"]
+            spies.append(
+                subprocess.Popen(
+                    [*cmd, "-f", "raw", "-o", str(into), "--nonblocking"], stdout=subprocess.DEVNULL
+                )
+            )
     results = pool.run(clients, per, seconds)
+    for spy in spies:
+        spy.wait(timeout=60)
     time.sleep(0.5)  # the workers' last heartbeat of the window
     after = status_json(config)
     t0, t1 = totals(before), totals(after)
@@ -178,6 +199,26 @@ def point(
         "launches_over_1ms": d["launches_over_1ms"],
         "wrong": sum(r["wrong"] for r in results),
         "errors": errors,
+        "profile": profiled(raw, d["batches"] * max(1, int(seconds) - 1) / wall) if spies else None,
+        "profile_client": profiled(raw_client, lat.size / clients * max(1, int(seconds) - 1) / wall)
+        if spies
+        else None,
+    }
+
+
+def profiled(raw: Path, batches: float) -> dict[str, Any] | None:
+    """The worker's py-spy samples in the window (`batches` served while it sampled): the serving loop's steps
+    (inclusive) and the functions with the most self time, as a share of the samples and as microseconds of
+    thread time per batch (at 1 kHz a sample stands for 1 ms)."""
+    if not raw.is_file():
+        return None
+    prof = summarise(raw, 0)
+    samples = max(1, prof["samples"])
+    per_batch = 1e3 / max(1.0, batches)
+    return {
+        "samples": prof["samples"],
+        "steps_us_per_batch": {k: round(n * per_batch, 1) for k, n in prof["inclusive"].items() if n},
+        "self_top": [[f, round(n / samples, 4), round(n * per_batch, 1)] for f, n in prof["self"]],
     }
 
 
@@ -186,8 +227,11 @@ def session_config(args: argparse.Namespace, tmp: Path) -> Path:
     raw = tomllib.loads(src.read_text())
     raw["orchestrator"]["run_dir"] = str(tmp / "run")
     raw["model"]["path"] = str((src.parent / raw["model"]["path"]).resolve())
+    if args.per_gpu > 1:  # several workers on the GPU: under MPS, each with its own serving thread
+        raw["workers"]["per_gpu"] = args.per_gpu
+        raw["mps"] = {"enabled": True}
     path = tmp / "config.toml"
-    path.write_text(dump_toml(raw))
+    path.write_text(tomli_w.dumps(raw))
     return path
 
 
@@ -198,11 +242,13 @@ def main() -> int:
         "--concurrency", default="1,64", help="requests in flight over all clients, comma-separated"
     )
     ap.add_argument("--processes", type=int, default=8, help="client processes at most")
+    ap.add_argument("--per-gpu", type=int, default=1, help="workers on the GPU (more than 1: under MPS)")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per point")
     ap.add_argument(
         "--steady-s", type=float, default=0.0, help="then a steady run this long at the last concurrency"
     )
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--profile", type=Path, help="py-spy the worker during each point; raw samples go here")
     ap.add_argument("--logs", type=Path, help="copy the run directory's logs here")
     args = ap.parse_args()
     try:
@@ -238,7 +284,7 @@ def main() -> int:
         pool = Pool(config, args.model, min(args.processes, max(levels)), ref)
         out["first_replies_match_reference"] = pool.checks_ok
         for c in levels:
-            r = point(pool, config, c, args.processes, args.seconds, spec["items"])
+            r = point(pool, config, c, args.processes, args.seconds, spec["items"], args.profile)
             out["points"].append(r)
             lat = r["latency_us"] or {}
             say(

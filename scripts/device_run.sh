@@ -12,6 +12,9 @@
 #   bash scripts/device_run.sh limit    # issue 10: in-process limit of both models (bench_torch_limit.py)
 #   bash scripts/device_run.sh orch     # issue 10: both models through the orchestrator (bench_real.py) + 60 s steady
 #   bash scripts/device_run.sh litserve # issue 10: both models under LitServe (bench_litserve.py)
+#   bash scripts/device_run.sh prof     # issue 10: both models with py-spy profiles (worker, client), GPU tests
+#   bash scripts/device_run.sh final    # issues 10 and 14: torch tests, both models (bert also 2 workers
+#                                       # under MPS), `orchestrator bench` sweeps (scripts/device_bench.sh)
 #   bash scripts/device_run.sh real     # issue 10 in one call, most important first, ExportedPrograms only
 #                                       # (models/bert-tiny.* carried; AOTInductor packages do not load there)
 # Every step runs even when an earlier one failed; its log and exit status go under $OUT; a summary ends it.
@@ -175,8 +178,40 @@ run_mode() {
         step torch-tests 120 python3 -m pytest tests/gpu/test_torch_gpu.py tests/gpu/test_e2e_gpu.py -q \
             -p no:cacheprovider -rs -k "not aoti and not synthetic and not sigkilled"
         ;;
+    prof)
+        # Both models through the orchestrator with py-spy on the worker and one client at each point (raw
+        # samples in the tarball), then the whole GPU test tier.
+        mkdir -p "$OUT/real"
+        [ -f models/resnet18.ep.pt2 ] || step export-resnet 90 python3 scripts/export_models.py --out models \
+            --models resnet --device cuda --max-batch 64 --no-aoti --no-onnx
+        # shellcheck disable=SC2086
+        step orch-bert 150 python3 scripts/bench_real.py --model bert --concurrency ${BERT_C:-1,64} --seconds 8 \
+            --profile "$RES/prof-bert" --json "$OUT/real/orch-bert.json" --logs "$RES/logs-orch-bert" ${ORCH_ARGS:-}
+        step orch-resnet 110 python3 scripts/bench_real.py --model resnet --concurrency 1,32 --seconds 6 \
+            --profile "$RES/prof-resnet" --json "$OUT/real/orch-resnet.json" --logs "$RES/logs-orch-resnet"
+        # -v: each test's outcome is in the log as it ends, even when the step runs out of time
+        step gpu-tests 240 python3 -m pytest tests/gpu -v -p no:cacheprovider -rfEs --tb=short --timeout 100 \
+            ${TEST_ARGS:-}
+        ;;
+    final)
+        # Issue 10 after the batch-growth change (1 worker, and 2 under MPS), the torch tests, and issue 14's
+        # `orchestrator bench` sweeps (synthetic 110 us, pipelined vs depth 1; bert-tiny).
+        mkdir -p "$OUT/real" "$OUT/bench"
+        step torch-tests 110 python3 -m pytest tests/gpu/test_torch_gpu.py tests/gpu/test_e2e_gpu.py -v \
+            -p no:cacheprovider -rfEs --tb=short --timeout 100 -k "not aoti"
+        step orch-bert 130 python3 scripts/bench_real.py --model bert --concurrency 1,64 --seconds 8 --steady-s 30 \
+            --profile "$RES/prof-bert" --json "$OUT/real/orch-bert.json" --logs "$RES/logs-orch-bert"
+        step orch-bert-mps 90 python3 scripts/bench_real.py --model bert --per-gpu 2 --concurrency 64 --seconds 8 \
+            --json "$OUT/real/orch-bert-mps.json" --logs "$RES/logs-orch-bert-mps"
+        [ -f models/resnet18.ep.pt2 ] || step export-resnet 60 python3 scripts/export_models.py --out models \
+            --models resnet --device cuda --max-batch 64 --no-aoti --no-onnx
+        step orch-resnet 80 python3 scripts/bench_real.py --model resnet --concurrency 1,32 --seconds 6 \
+            --json "$OUT/real/orch-resnet.json" --logs "$RES/logs-orch-resnet"
+        step bench-synthetic 110 bash scripts/device_bench.sh synthetic "$OUT/bench" "$RES/logs-bench-synthetic"
+        step bench-bert 90 bash scripts/device_bench.sh bert "$OUT/bench" "$RES/logs-bench-bert"
+        ;;
     *)
-        echo "unknown mode '$1' (gpu, stalls, single, quad, shm, profile, shm2, export, torch, gputests, limit, orch, litserve, real)"
+        echo "unknown mode '$1' (gpu, stalls, single, quad, shm, profile, shm2, export, torch, gputests, limit, orch, litserve, real, prof, final)"
         SUMMARY+=("FAIL  mode: unknown '$1'")
         FAILED=1
         ;;

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from orchestrator.config import parse_config
+from orchestrator.errors import EngineError
 from tests.unit.fake_cuda import FakeRuntime
 from workers.arena import Arena
 from workers.engines.base import TensorSpec
@@ -22,10 +23,16 @@ from workers.pipeline import Pipeline, Request, ShmSpans
 SCALE = np.array([1.0, 2.0, 3.0], np.float32)
 
 
+VOCAB = 100  # ids index an embedding of this many rows: anything else is an out-of-range gather
+
+
 def model(ids: np.ndarray) -> dict[str, np.ndarray]:
-    """y[r, s, k] = ids[r, s] * (k + 1); total[r] = sum of the row (padding with 0 leaves it unchanged)."""
+    """y[r, s, k] = (ids[r, s] + 1) * (k + 1) (nonzero for id 0, as an embedding is); total[r] = sum of the
+    row (padding with 0 leaves it unchanged)."""
+    if ids.size and not (0 <= ids.min() and ids.max() < VOCAB):  # the device-side assert of a real gather
+        raise EngineError(f"id out of the embedding's range: {ids.min()}..{ids.max()}")
     return {
-        "y": ids[..., None].astype(np.float32) * SCALE,
+        "y": (ids[..., None] + 1).astype(np.float32) * SCALE,
         "total": ids.sum(1, keepdims=True).astype(np.float32),
     }
 
@@ -146,3 +153,16 @@ def test_every_batch_and_size_bucket_has_both_graphs(setup) -> None:
     for slot in pipe.slots:
         keys = {(rows, dims) for rows in (1, 2, 4, 8) for dims in ((4,), (8,))}
         assert set(slot.graphs) == keys and set(slot.compute_graphs) == keys
+
+
+def test_remembered_checks_give_each_shape_its_own_sizes_and_never_skip_a_refusal(setup) -> None:
+    from orchestrator.errors import InvalidInputError
+
+    _, pipe, _ = setup
+    ids = np.dtype(np.int64)
+    for _ in range(2):  # the second round is answered from what the first remembered
+        assert pipe.check_specs([("ids", ids, (3, 6))]) == 3 and pipe.bound == (6,)
+        assert pipe.check_specs([("ids", ids, (2, 4))]) == 2 and pipe.bound == (4,)
+        for bad in ([("ids", ids, (2, 9))], [("ids", np.dtype(np.int32), (2, 4))]):
+            with pytest.raises(InvalidInputError):
+                pipe.check_specs(bad)

@@ -8,6 +8,7 @@ default) so unit tests can substitute a CPU stand-in.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -83,6 +84,8 @@ class GpuEngineBase(Engine):
         self._tls = threading.local()  # which threads have the CUDA context bound
         self._tls.bound = True  # the constructing thread: context() made it current
         self.arena_addr = 0  # the shared-memory arena, registered as pinned host memory (attach_arena)
+        self.arena_size = 0
+        self._faults_base = 0  # the journal's fault count at this engine's READY
         self._arena_reg: Any = None
 
     # --- subclass hooks --------------------------------------------------------------------------
@@ -240,6 +243,7 @@ class GpuEngineBase(Engine):
     def attach_arena(self, addr: int, nbytes: int) -> bool:
         self._arena_reg = self.rt.HostRegistration(addr, nbytes, f"shared-memory arena {nbytes >> 20} MiB")
         self.arena_addr = addr
+        self.arena_size = nbytes
         return True
 
     def done(self, slot: Slot) -> bool:
@@ -299,8 +303,8 @@ class GpuEngineBase(Engine):
                 self.launch(slot, rows)  # the real launch path once, events included
                 self.wait(slot)
                 self.gpu_time_us(slot)
-                if self.arena_addr:  # and the shared-memory path: one row from and to the arena's start
-                    slot.shm_parts = [(0, 1, [0] * len(slot.in_dev), [0] * len(slot.out_dev))]
+                if self.arena_addr:  # and the shared-memory path: one row through the arena
+                    slot.shm_parts = [self._warmup_spans(slot)]
                     self.launch(slot, rows)
                     self.wait(slot)
                     slot.shm_parts = []
@@ -315,6 +319,29 @@ class GpuEngineBase(Engine):
             self.graphs_captured,
             self.graph_failures,
         )
+
+    def _warmup_spans(self, slot: GpuSlot) -> tuple[int, int, list[int], list[int]]:
+        """A one-row shared-memory part for warm-up, before any client has a lease: each input's first row
+        copied from the slot's pinned input (what the eager warm-up ran on) to the arena's start, one after
+        another, and the outputs after them. Inputs and outputs must not share bytes: an output written
+        over an input (as it once was, at offset 0) feeds the next warm-up batch garbage, e.g. token ids out
+        of an embedding's range (a device-side assert that ends the worker)."""
+        h2d, _, _, out_dev = slot.copies[slot.dims]
+        ins, off = [], 0
+        for _, src, row_bytes in h2d:
+            ctypes.memmove(self.arena_addr + off, src, row_bytes)
+            ins.append(off)
+            off += -(-row_bytes // 256) * 256
+        outs = []
+        for _, row_bytes in out_dev:
+            outs.append(off)
+            off += -(-row_bytes // 256) * 256
+        if off > self.arena_size:
+            raise EngineError(
+                f"one row of the model's tensors ({off} bytes) does not fit the {self.arena_size} byte "
+                "shared-memory arena: raise transport.shm_mb"
+            )
+        return (0, 1, ins, outs)
 
     def _capture(self, slot: GpuSlot, rows: int, compute_only: bool = False) -> None:
         """One graph per (slot, bucket): H2D + compute + D2H for staged batches, or the compute step alone
@@ -331,10 +358,13 @@ class GpuEngineBase(Engine):
 
     def mark_ready(self) -> None:
         self._anchor_users = [0, 0]  # warm-up launches were never read as spans
+        # The journal is process-wide and may already hold faults (an engine before this one in the same
+        # process, as in the GPU tests): this engine's faults are those recorded after its own READY.
+        self._faults_base = JOURNAL.faults
         JOURNAL.mark_ready()
 
     def faults(self) -> int:
-        return JOURNAL.faults
+        return JOURNAL.faults - self._faults_base
 
     def describe(self) -> dict[str, Any]:
         info = self.ctx.info
