@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from orchestrator import protocol
+from orchestrator import messages, protocol
 from orchestrator.errors import (
     BatchTooLargeError,
     DeadlineExceededError,
@@ -150,6 +150,7 @@ class _Host:
         "rediscover_at",
         "retired",
         "workers",
+        "refused",
     )
 
     def __init__(self, label: str, control: str) -> None:
@@ -167,6 +168,7 @@ class _Host:
         self.rediscover_at = 0.0
         self.retired = False
         self.workers: set[str] = set()
+        self.refused = 0  # events that did not decode (a supervisor of another release): logged once
 
 
 class ClientIO(threading.Thread):
@@ -575,26 +577,31 @@ class ClientIO(threading.Thread):
             h.last_event = time.monotonic()
             if h.lost:  # a host coming back is re-read through its control socket, not from events
                 continue
-            msg = protocol.unpack(payload)
-            if topic == b"supervisor":  # heartbeat, or "stopping"
+            try:
+                msg = messages.EVENTS.decode(payload)
+            except messages.MessageError as exc:
+                h.refused += 1
+                (log.warning if h.refused == 1 else log.debug)("events from %s refused: %s", h.control, exc)
                 continue
-            w = self.workers.get(self._wid(h, str(msg.get("id"))))
+            if not isinstance(msg, messages.WorkerEvent):  # the supervisor's heartbeat, or "stopping"
+                continue
+            w = self.workers.get(self._wid(h, msg.id))
             if w is None:
                 continue
-            state = msg.get("state")
-            if state == "ready" and not w.ready and not h.retired:
+            state = msg.state
+            if state == messages.WorkerState.READY and not w.ready and not h.retired:
                 if w.sock is not None:  # it was draining: the same socket serves again
                     w.ready = True
                 else:
-                    w.endpoint = reachable(msg.get("endpoint") or w.endpoint, h.control)
+                    w.endpoint = reachable(msg.endpoint or w.endpoint, h.control)
                     self._connect(w)
-            elif state in ("failed", "stopped") and w.sock is not None:
+            elif state in (messages.WorkerState.FAILED, messages.WorkerState.STOPPED) and w.sock is not None:
                 # A stopping worker answers everything it accepted before it says "stopped", and those
                 # replies usually travel ahead of this event (which goes through the supervisor): take
                 # them first. One still in transit is answered ShuttingDownError (or retried elsewhere),
                 # as the worker itself would have: a clean stop never reads as a dead worker.
                 self._on_reply(w)
-                w.stopped_cleanly = state == "stopped"
+                w.stopped_cleanly = state == messages.WorkerState.STOPPED
                 self._worker_gone(
                     w,
                     lambda wid, st=state, clean=w.stopped_cleanly: (
@@ -605,7 +612,7 @@ class ClientIO(threading.Thread):
                         )
                     ),
                 )
-            elif state == "draining":
+            elif state == messages.WorkerState.DRAINING:
                 w.ready = False  # stop sending new work there; replies still arrive
 
     def _on_disconnect(self, h: _Host) -> None:
@@ -725,7 +732,7 @@ class ClientIO(threading.Thread):
             if self.curve is not None:
                 self.curve.apply(sock)
             sock.connect(h.control)
-            sock.send(protocol.pack({"id": 1, "cmd": "endpoints", "args": {}}))
+            sock.send(messages.encode(messages.ControlRequest(id=1, cmd="endpoints")))
             self.poller.register(sock, zmq.POLLIN)
             h.rediscover, h.rediscover_at = sock, now + 1.0
         elif h.rediscover is not None and now >= h.rediscover_at:
@@ -740,8 +747,8 @@ class ClientIO(threading.Thread):
     def _on_rediscovered(self, h: _Host) -> None:
         """An orchestrator answers on a lost host's control socket (restarted, or reached at last)."""
         try:
-            reply = protocol.unpack(h.rediscover.recv(zmq.NOBLOCK))  # type: ignore[union-attr]
-            info = reply["data"]
+            reply = messages.CONTROL_REPLIES.decode(h.rediscover.recv(zmq.NOBLOCK))  # type: ignore[union-attr]
+            info = reply.data
             if not isinstance(info.get("workers"), list):
                 raise ValueError("no workers")
         except Exception:  # not an answer we can use: ask again later

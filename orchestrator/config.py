@@ -7,7 +7,6 @@ with its key path and what was expected, e.g. `model.max_batch: expected a posit
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tomllib
 import types
@@ -74,6 +73,13 @@ class OrchestratorSection:
         metadata=_int_range(
             1, None, "/readyz answers 200 only while at least this many workers are READY (and not draining)"
         ),
+    )
+    cpu_affinity: str | tuple[int, ...] = field(
+        default="auto",
+        metadata={
+            "doc": '"auto" (the supervisor and its threads on cores no worker has: one physical core is kept '
+            'for them when there are more than workers), "none" (anywhere), or a list of cores'
+        },
     )
 
 
@@ -535,6 +541,13 @@ def _cross_checks(cfg: Config, base: Path, check_files: bool, errors: list[str])
         errors.append(
             f'workers.cpu_affinity: expected "auto", "none" or a list of core lists, got "{w.cpu_affinity}"'
         )
+    sup = cfg.orchestrator.cpu_affinity
+    if isinstance(sup, str) and sup not in ("auto", "none"):
+        errors.append(f'orchestrator.cpu_affinity: expected "auto", "none" or a list of cores, got "{sup}"')
+    elif isinstance(sup, tuple) and (not sup or any(c < 0 for c in sup)):
+        errors.append(
+            f"orchestrator.cpu_affinity: expected a non-empty list of core numbers, got {list(sup)}"
+        )
     t = cfg.transport
     if t.kind == "tcp":
         loopback = t.host in ("127.0.0.1", "localhost", "::1") or t.host.startswith("127.")
@@ -681,40 +694,27 @@ def _type_name(tp: Any) -> str:
     return str(tp)
 
 
-def toml_value(v: Any) -> str:
-    """One TOML value: str, bool, int, float, or a list/tuple of them."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        # A JSON string is a TOML basic string, given two fixes: characters outside the BMP go as UTF-8, not
-        # as the surrogate pairs JSON escapes them to (TOML rejects those), and DEL, which JSON leaves bare.
-        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):  # an inline table (e.g. [[model.dims]] entries, written as a list of them)
-        return "{" + ", ".join(f"{_toml_key(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+def _inline_toml(v: Any) -> str:
+    """A default value on one line, for the config reference's table: tomli-w writes each scalar (it spreads
+    arrays over several lines, which a Markdown table cannot hold)."""
+    import tomli_w  # documentation only: the package is needed by scripts/update_readme_config.py and tests
+
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return toml_value(dataclasses.asdict(v))
-    return repr(v)
-
-
-def _toml_key(k: str) -> str:
-    return k if k and all(c.isascii() and (c.isalnum() or c in "-_") for c in k) else toml_value(k)
-
-
-def dump_toml(doc: dict[str, dict[str, Any]]) -> str:
-    """A config as TOML text ({section: {key: value}}), for tests and benchmark scripts that write configs."""
-    return "\n".join(
-        f"[{sec}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items())
-        for sec, keys in doc.items()
-    )
+        v = dataclasses.asdict(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_inline_toml(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return (
+            "{" + ", ".join(f"{tomli_w.dumps({k: 0})[:-5]} = {_inline_toml(x)}" for k, x in v.items()) + "}"
+        )
+    return tomli_w.dumps({"v": v})[4:-1]
 
 
 def _reference_row(key: str, tp: Any, f: dataclasses.Field) -> str:
     if f.default is not dataclasses.MISSING:
-        default = toml_value(f.default)
+        default = _inline_toml(f.default)
     elif f.default_factory is not dataclasses.MISSING:
-        default = toml_value(f.default_factory())
+        default = _inline_toml(f.default_factory())
     else:
         default = ""
     type_name = (

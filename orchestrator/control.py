@@ -1,20 +1,25 @@
 """Control plane: the supervisor's commands (one small class each) and the client the CLI uses to call them.
 
-Commands run on the supervisor's main thread, which owns the control ROUTER. Envelope, both msgpack maps:
-  request  {"id": int, "cmd": str, "args": {...}}
-  reply    {"id": int, "ok": bool, "code": int, "error": str, "data": any}
+Commands run on the supervisor's main thread, which owns the control ROUTER. The envelope is typed
+(orchestrator/messages.py), both msgpack maps:
+  request  ControlRequest {"kind": "request", "v": 1, "id": int, "cmd": str, "args": {...}}
+  reply    ControlReply   {"kind": "reply", "v": 1, "id": int, "ok": bool, "code": int, "error": str, "data": any}
+A failed command's `code` is an ErrorCode, mapped back to the exception by errors.error_from_code, the one
+mapping the data plane uses too.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import zmq
 
-from orchestrator import protocol
+from orchestrator import messages
 from orchestrator.errors import ErrorCode, UnavailableError, error_from_code
+from orchestrator.messages import ControlReply, ControlRequest
 from orchestrator.security import ClientKeys
 
 if TYPE_CHECKING:
@@ -71,44 +76,33 @@ class Ping(Command):
 COMMANDS: dict[str, Command] = {c.name: c() for c in (Status, Endpoints, Stop, Ping)}
 
 
+log = logging.getLogger(__name__)
+
+
+def _refuse(req_id: int, code: ErrorCode, error: str) -> bytes:
+    return messages.encode(ControlReply(id=req_id, ok=False, code=int(code), error=error))
+
+
 def handle(sup: Supervisor, payload: bytes, local: bool) -> bytes:
     """Decode one control request, run it, encode the reply. Never raises for bad input."""
     try:
-        msg = protocol.unpack(payload, max_size=1 << 16)
-        if not isinstance(msg, dict) or not isinstance(msg.get("cmd"), str):
-            raise ValueError("expected a map with a 'cmd' string")
-        req_id = msg.get("id", 0)
-        args = msg.get("args") or {}
-        if not isinstance(args, dict):
-            raise ValueError("'args' must be a map")
-    except Exception as exc:  # garbage on the control socket: answer, never crash
-        return protocol.pack(
-            {"id": 0, "ok": False, "code": int(ErrorCode.BAD_HEADER), "error": f"bad control message: {exc}"}
-        )
-    cmd = COMMANDS.get(msg["cmd"])
+        req = messages.CONTROL_REQUESTS.decode(payload)
+    except messages.MessageError as exc:  # garbage on the control socket: answer, never crash
+        log.warning("[control] refused a request: %s", exc)
+        return _refuse(0, exc.code, f"bad control message: {exc}")
+    cmd = COMMANDS.get(req.cmd)
     if cmd is None:
-        return protocol.pack(
-            {
-                "id": req_id,
-                "ok": False,
-                "code": int(ErrorCode.UNKNOWN_COMMAND),
-                "error": f"unknown command {msg['cmd'][:40]!r}; known: {', '.join(sorted(COMMANDS))}",
-            }
-        )
+        known = ", ".join(sorted(COMMANDS))
+        return _refuse(req.id, ErrorCode.UNKNOWN_COMMAND, f"unknown command {req.cmd[:40]!r}; known: {known}")
     if cmd.local_only and not local:
-        return protocol.pack(
-            {
-                "id": req_id,
-                "ok": False,
-                "code": int(ErrorCode.FORBIDDEN),
-                "error": f"{cmd.name} is only accepted on the local control socket",
-            }
+        return _refuse(
+            req.id, ErrorCode.FORBIDDEN, f"{cmd.name} is only accepted on the local control socket"
         )
     try:
-        data = cmd.execute(sup, args, local)
+        data = cmd.execute(sup, req.args, local)
     except Exception as exc:  # a command bug must not take the supervisor down
-        return protocol.pack({"id": req_id, "ok": False, "code": int(ErrorCode.INTERNAL), "error": str(exc)})
-    return protocol.pack({"id": req_id, "ok": True, "code": 0, "error": "", "data": data})
+        return _refuse(req.id, ErrorCode.INTERNAL, str(exc))
+    return messages.encode(ControlReply(id=req.id, ok=True, data=data))
 
 
 class ControlClient:
@@ -135,23 +129,23 @@ class ControlClient:
         self.sock.connect(endpoint)
 
     def call(self, cmd: str, **args: Any) -> Any:
+        """Run `cmd` and return its answer. A refusal raises the exception its code maps to (ControlError for
+        FORBIDDEN and UNKNOWN_COMMAND); a reply from another release raises MessageError (a ProtocolError)."""
         req_id = next(self._ids)
-        self.sock.send(protocol.pack({"id": req_id, "cmd": cmd, "args": args}))
+        self.sock.send(messages.encode(ControlRequest(id=req_id, cmd=cmd, args=args)))
         deadline_ms = self.timeout_ms
         while True:
             if not self.sock.poll(deadline_ms):
                 raise UnavailableError(
                     f"no answer from the supervisor at {self.endpoint} within {self.timeout_ms / 1000:g}s"
                 )
-            reply = protocol.unpack(self.sock.recv(), max_size=64 << 20)
-            if reply.get("id") in (req_id, 0):
+            reply = messages.CONTROL_REPLIES.decode(self.sock.recv())
+            if reply.id in (req_id, 0):
                 break
-        if not reply.get("ok"):
-            # The one code-to-exception mapping of the data plane (FORBIDDEN and UNKNOWN_COMMAND: ControlError).
-            raise error_from_code(
-                int(reply.get("code") or ErrorCode.INTERNAL), reply.get("error", "command failed")
-            )
-        return reply.get("data")
+        if not reply.ok:
+            # The one code-to-exception mapping, the data plane's too.
+            raise error_from_code(reply.code or ErrorCode.INTERNAL, reply.error or "command failed")
+        return reply.data
 
     def close(self) -> None:
         self.sock.close(0)

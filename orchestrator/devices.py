@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from orchestrator.config import Config
@@ -42,7 +42,7 @@ def physical_core_of(cpu: int) -> tuple[int, int] | None:
 
 
 def _split(
-    cores: list[int], parts: int, core_of: Callable[[int], object] = physical_core_of
+    cores: list[int], parts: int, core_of: Callable[[int], object] | None = None
 ) -> list[tuple[int, ...] | None]:
     """Split cores into `parts` disjoint groups, by physical core: SMT siblings (logical CPUs of one core,
     which Linux usually numbers far apart, e.g. 0 and 32) go to the same worker, so no two workers share a
@@ -52,6 +52,7 @@ def _split(
         return [None] * parts
     if len(cores) < parts:
         return [tuple(cores)] * parts
+    core_of = core_of or physical_core_of
     physical: dict[object, list[int]] = {}
     for cpu in sorted(cores):
         key = core_of(cpu)
@@ -65,6 +66,45 @@ def _split(
         out.append(tuple(sorted(c for unit in units[start : start + n] for c in unit)))
         start += n
     return out
+
+
+def _supervisor_reserve(cfg: Config, cores: set[int], workers: int) -> set[int]:
+    """The cores kept off the workers for the supervisor's own threads (its poll loop, the NVML sampler,
+    ZeroMQ's I/O threads): with orchestrator.cpu_affinity = "auto", the last physical core (all its SMT
+    siblings) of `cores` when there are more physical cores than workers; the configured list; or none."""
+    want = cfg.orchestrator.cpu_affinity
+    if want == "none":
+        return set()
+    if isinstance(want, tuple):
+        return set(want)
+    physical: dict[object, list[int]] = {}
+    for cpu in sorted(cores):
+        key = physical_core_of(cpu)
+        physical.setdefault(key if key is not None else ("cpu", cpu), []).append(cpu)
+    if len(physical) <= workers:
+        return set()  # every physical core serves a worker: the supervisor shares (status says so)
+    return set(physical[max(physical, key=lambda k: max(physical[k]))])
+
+
+def supervisor_cores(cfg: Config, plans: list[WorkerPlan]) -> tuple[int, ...] | None:
+    """Where the supervisor process and its threads run: the configured cores, else (auto) every allowed
+    core that no worker is pinned to; None (anywhere) when that leaves nothing or with "none"."""
+    want = cfg.orchestrator.cpu_affinity
+    if want == "none":
+        return None
+    host = os.sched_getaffinity(0)
+    if isinstance(want, tuple):
+        bad = sorted(set(want) - host)
+        if bad:
+            raise ConfigError(
+                f"orchestrator.cpu_affinity: cores {bad} are not available on this host (available: {sorted(host)})"
+            )
+        return tuple(sorted(want))
+    if any(p.cpu_affinity is None for p in plans):
+        return None  # a worker may run anywhere: no core is the supervisor's alone
+    used = {c for p in plans for c in p.cpu_affinity or ()}
+    left = sorted(host - used)
+    return tuple(left) if left else None
 
 
 def _endpoint(cfg: Config, rundir: RunDir, worker_id: str, index: int) -> str:
@@ -151,14 +191,16 @@ def _select_gpus(cfg: Config, gpus: list[dict]) -> list[dict]:
 
 def plan_workers(cfg: Config, rundir: RunDir, gpus: list[dict] | None = None) -> list[WorkerPlan]:
     """One plan per worker process; GPU configs need `gpus` from discover_or_explain()."""
+    host = os.sched_getaffinity(0)
     if cfg.workers.device == "cpu":
         n = cfg.workers.count
-        affinity = _explicit_affinity(cfg, n) or _split(sorted(os.sched_getaffinity(0)), n)
+        affinity = _explicit_affinity(cfg, n) or _split(sorted(host - _supervisor_reserve(cfg, host, n)), n)
         return [WorkerPlan(f"w{i}", "cpu", _endpoint(cfg, rundir, f"w{i}", i), affinity[i]) for i in range(n)]
     chosen = _select_gpus(cfg, gpus or [])
     per = cfg.workers.per_gpu
     explicit = _explicit_affinity(cfg, len(chosen) * per)
-    local = _numa_split(chosen, per)
+    near = {c for g in chosen for c in g.get("cpu_affinity") or ()} or host  # the GPUs' local cores
+    local = _numa_split(chosen, per, _supervisor_reserve(cfg, near, len(chosen) * per))
     plans: list[WorkerPlan] = []
     for g in chosen:
         ids = tuple(f"w{len(plans) + k}" for k in range(per))
@@ -185,17 +227,22 @@ def plan_workers(cfg: Config, rundir: RunDir, gpus: list[dict] | None = None) ->
     return plans
 
 
-def _numa_split(gpus: list[dict], per_gpu: int) -> dict[tuple[int, int], tuple[int, ...] | None]:
+def _numa_split(
+    gpus: list[dict], per_gpu: int, reserved: Collection[int] = ()
+) -> dict[tuple[int, int], tuple[int, ...] | None]:
     """NUMA-local cores for each (GPU index, worker k). GPUs that NVML gives the same local cores (one NUMA
     node, or a host where every core is local to every GPU) share those cores out among all their workers,
     so no two workers of the node run on the same core; a GPU alone on its node splits its cores among its
-    own workers."""
+    own workers. The supervisor's `reserved` cores are left out while a node keeps a core per worker."""
     groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}
     for g in gpus:
         key = tuple(sorted(g.get("cpu_affinity") or []))
         groups.setdefault(key, []).extend((g["index"], k) for k in range(per_gpu))
     out: dict[tuple[int, int], tuple[int, ...] | None] = {}
     for cores, members in groups.items():
-        for member, part in zip(members, _split(list(cores), len(members)), strict=True):
+        pool = [c for c in cores if c not in reserved]
+        if len(pool) < len(members):
+            pool = list(cores)
+        for member, part in zip(members, _split(pool, len(members)), strict=True):
             out[member] = part
     return out

@@ -158,6 +158,19 @@ def _shm(w: dict) -> Text:
     return Text(f"{min(100, int(pct))}%")  # floored: 100% only when every request used it
 
 
+def cores(cpus: list[int] | None) -> str:
+    """A CPU list as ranges ("0-3,8"); "any" for an unpinned process."""
+    if not cpus:
+        return "any"
+    cpus = sorted(cpus)
+    out, start = [], cpus[0]
+    for prev, cur in zip(cpus, [*cpus[1:], None], strict=True):
+        if cur != prev + 1:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur  # type: ignore[assignment]
+    return ",".join(out)
+
+
 def _worker_table(status: dict) -> Table:
     mon = status.get("monitor") or {}
     gpus = {g.get("uuid"): g for g in mon.get("gpus") or ()}
@@ -168,6 +181,7 @@ def _worker_table(status: dict) -> Table:
         ("device", "left"),
         ("state", "left"),
         ("pid", "right"),
+        ("cores", "left"),
         ("rst", "right"),
         ("up", "right"),
         ("req/s", "right"),
@@ -196,6 +210,7 @@ def _worker_table(status: dict) -> Table:
             str(w.get("device") or "-"),
             _state(w.get("state")),
             str(w.get("pid") or "-"),
+            cores(w.get("cpu_affinity")),
             str(w.get("restarts", 0)),
             _dur(w.get("uptime_s")),
             _rate(m.get("requests_per_s")),
@@ -313,7 +328,8 @@ def render(status: dict) -> RenderableType:
     head = Text.assemble(
         ("orchestrator ", "bold"),
         (str(status.get("name", "?")), "bold cyan"),
-        f"  pid {status.get('pid', '-')}  up {_dur(status.get('uptime_s'))}  ",
+        f"  pid {status.get('pid', '-')} on cores {cores(status.get('cpu_affinity'))}"
+        f"  up {_dur(status.get('uptime_s'))}  ",
         (str(status.get("run_dir", "")), "dim"),
     )
     parts: list[RenderableType] = [head, _worker_table(status), *_engine_lines(status), _host_line(status)]

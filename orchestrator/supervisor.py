@@ -17,12 +17,14 @@ from typing import Any
 
 import zmq
 
-from orchestrator import control, protocol
+from orchestrator import control, messages
 from orchestrator.config import Config, load_config
-from orchestrator.devices import discover_or_explain, plan_workers
-from orchestrator.errors import ConfigError, OrchestratorError
+from orchestrator.devices import discover_or_explain, plan_workers, supervisor_cores
+from orchestrator.errors import ConfigError, OrchestratorError, WorkerStartupError, error_from_code
+from orchestrator.messages import Failed, Heartbeat, Ready, Stall, StateChange, SupervisorState
 from orchestrator.monitor.monitor import Monitor
 from orchestrator.mps import MpsDaemon, config_warnings
+from orchestrator.procstat import pin_process, set_title
 from orchestrator.restart_policy import Action
 from orchestrator.rundir import RunDir
 from orchestrator.security import secure_server, stop_authenticator
@@ -46,9 +48,10 @@ class Supervisor:
         self._stop_deadline = 0.0
         self._killed_all = False
         self.gpus: list[dict] = []
+        self.cpu_affinity: tuple[int, ...] | None = None  # where the supervisor and its threads run
         self.monitor: Monitor | None = None
         self.mps: MpsDaemon | None = None
-        self.exit_code = 0
+        self.startup_error: WorkerStartupError | None = None  # no worker could start: run() raises it
         self._startup_settled = False
         self._last_tick = time.monotonic()  # the loop's last turn, for /livez
         self._started = False  # latched once min_ready_workers were READY together, for /startupz
@@ -98,7 +101,16 @@ class Supervisor:
             self.gpus = discover_or_explain(self.cfg)
         for text in config_warnings(self.cfg):
             log.warning("[spawn] %s", text)
+        host = tuple(sorted(os.sched_getaffinity(0)))
         plans = plan_workers(self.cfg, self.rundir, self.gpus)
+        self.cpu_affinity = supervisor_cores(self.cfg, plans)
+        if self.cpu_affinity is not None:
+            # Workers inherit our mask: one without cores of its own gets the host's, not ours.
+            plans = [p if p.cpu_affinity else dataclasses.replace(p, cpu_affinity=host) for p in plans]
+            pin_process(self.cpu_affinity)
+            log.info("[spawn] supervisor and its threads on cores %s", ",".join(map(str, self.cpu_affinity)))
+        else:
+            log.info("[spawn] supervisor not pinned (orchestrator.cpu_affinity: no core is ours alone)")
         if self.cfg.mps.enabled:
             # Before any worker starts: a CUDA context created while no daemon answers silently runs without MPS.
             self.mps = MpsDaemon(
@@ -113,23 +125,22 @@ class Supervisor:
 
     # --- events ---------------------------------------------------------------------------------
 
-    def _emit(self, topic: bytes, msg: dict[str, Any]) -> None:
-        frames = [topic, protocol.pack(msg)]
+    def _emit(self, msg: messages.Event) -> None:
+        frames = [msg.kind.value.encode(), messages.encode(msg)]  # the topic is the kind, for SUB filters
         self.pub.send_multipart(frames)
         if self.tcp_pub is not None:
             self.tcp_pub.send_multipart(frames)
 
     def _publish(self, w: WorkerHandle) -> None:
         self._emit(
-            b"worker",
-            {
-                "id": w.id,
-                "state": w.state.value,
-                "endpoint": w.endpoint,
-                "pid": w.pid,
-                "restarts": w.tracker.restarts,
-                "t": time.time(),
-            },
+            messages.WorkerEvent(
+                id=w.id,
+                state=w.state,
+                endpoint=w.endpoint,
+                pid=w.pid,
+                restarts=w.tracker.restarts,
+                t=time.time(),
+            )
         )
 
     def _set_state(self, w: WorkerHandle, state: State) -> None:
@@ -137,45 +148,57 @@ class Supervisor:
             w.state = state
             self._publish(w)
 
-    def _on_inbox(self, msg: dict[str, Any]) -> None:
-        w = self.workers.get(msg.get("id", ""))
-        if w is None:
+    def _receive(self, raw: bytes) -> None:
+        """One message from the inbox, typed by its decoder; one it refuses is logged and dropped."""
+        try:
+            msg = messages.WORKER_MESSAGES.decode(raw)
+        except messages.MessageError as exc:  # another release's worker, or not a worker at all
+            log.warning("[inbox] refused a message: %s", exc)
             return
-        kind = msg.get("kind")
+        self._on_inbox(msg)
+
+    def _on_inbox(self, msg: messages.WorkerMessage) -> None:
+        w = self.workers.get(msg.id)
+        if w is None or msg.pid != w.pid:
+            return  # not one of ours, or a previous process of the slot (a late message)
         now = time.monotonic()
-        if kind == "hb":
-            if self.monitor is not None and isinstance(msg.get("report"), dict):
-                self.monitor.on_report(w.id, msg["report"])
-            w.on_heartbeat(msg, now)
-            if self.monitor is not None:
-                self.monitor.on_shm(w.id, w.shm)
-        elif kind == "stall" and self.monitor is not None:
-            rec = self.monitor.on_stall(w.id, msg.get("candidate", {}))
-            log.warning("[stall] %s: %s", w.id, rec.get("summary", rec.get("causes")))
-        elif kind == "ready":
-            if msg.get("pid") != w.pid:
-                return  # a previous incarnation's late message
-            w.ready_info = msg
-            w.endpoint = msg.get("endpoint", w.endpoint)
-            w.ready_at = now
-            w.last_beat = now
-            w.last_error = ""
-            w.tracker.on_ready(now)
-            if self.monitor is not None:
-                self.monitor.set_worker(w.id, w.pid, w.plan.gpu_uuid)
-            log.info(
-                "[ready] %s pid %d at %s (%s, loading %s)",
-                w.id,
-                w.pid,
-                w.endpoint,
-                msg.get("engine", {}).get("kind"),
-                msg.get("engine", {}).get("module_loading", "n/a"),
-            )
-            self._set_state(w, State.DRAINING if self.stopping else State.READY)
-        elif kind == "failed":
-            w.last_error = msg.get("error", "")
-        elif kind == "state" and msg.get("state") == "draining":
-            self._set_state(w, State.DRAINING)
+        match msg:
+            case Heartbeat():
+                if self.monitor is not None and msg.report is not None:
+                    self.monitor.on_report(w.id, msg.report)
+                w.on_heartbeat(msg, now)
+                if self.monitor is not None:
+                    self.monitor.on_shm(w.id, w.shm)
+            case Stall():
+                if self.monitor is not None:
+                    rec = self.monitor.on_stall(w.id, msg.candidate)
+                    log.warning("[stall] %s: %s", w.id, rec.get("summary", rec.get("causes")))
+            case Ready():
+                w.ready_info = msg
+                w.endpoint = msg.endpoint
+                w.ready_at = now
+                w.last_beat = now
+                w.last_error = ""
+                w.startup_failure = None
+                w.tracker.on_ready(now)
+                if self.monitor is not None:
+                    self.monitor.set_worker(w.id, w.pid, w.plan.gpu_uuid)
+                log.info(
+                    "[ready] %s pid %d at %s (%s, loading %s)",
+                    w.id,
+                    w.pid,
+                    w.endpoint,
+                    msg.engine.get("kind"),
+                    msg.engine.get("module_loading", "n/a"),
+                )
+                self._set_state(w, State.DRAINING if self.stopping else State.READY)
+            case Failed():
+                w.last_error = msg.error
+                # the worker's own exception, rebuilt by the mapping both planes use (EngineError...)
+                w.startup_failure = error_from_code(msg.code, msg.error)
+            case StateChange():
+                if msg.state == State.DRAINING:
+                    self._set_state(w, State.DRAINING)
 
     def _on_exit(self, w: WorkerHandle) -> None:
         code = w.reap()
@@ -205,7 +228,7 @@ class Supervisor:
         now = time.monotonic()
         if now >= self._next_beat:  # clients tell a live supervisor from a dead one by these
             self._next_beat = now + _BEAT_S
-            self._emit(b"supervisor", {"state": "alive", "pid": os.getpid(), "t": time.time()})
+            self._emit(messages.SupervisorEvent(state=SupervisorState.ALIVE, pid=os.getpid(), t=time.time()))
         for w in self.workers.values():
             if w.pidfd is not None and not self.stopping and w.state in (State.STARTING, State.READY):
                 why = w.hung(now)
@@ -237,7 +260,7 @@ class Supervisor:
             reason,
             sum(w.pidfd is not None for w in self.workers.values()),
         )
-        self._emit(b"supervisor", {"state": "stopping", "t": time.time()})
+        self._emit(messages.SupervisorEvent(state=SupervisorState.STOPPING, t=time.time()))
         for w in self.workers.values():
             w.restart_at = None
             if w.pidfd is not None:
@@ -257,6 +280,7 @@ class Supervisor:
             "uptime_s": round(now - self._t0, 1),
             "stopping": self.stopping,
             "device": self.cfg.workers.device,
+            "cpu_affinity": list(self.cpu_affinity) if self.cpu_affinity is not None else None,
             "workers": [w.describe(now) for w in self.workers.values()],
             "monitor": self.monitor.snapshot() if self.monitor is not None else {},
             "mps": self.mps.status() if self.mps is not None else None,
@@ -305,10 +329,10 @@ class Supervisor:
                     "endpoint": w.endpoint,
                     "state": w.state.value,
                     "device": w.plan.device,
-                    "inputs": w.ready_info.get("inputs", []),
-                    "outputs": w.ready_info.get("outputs", []),
-                    "max_batch": w.ready_info.get("max_batch"),
-                    "dims": w.ready_info.get("dims", []),
+                    "inputs": w.ready_info.inputs if w.ready_info else [],
+                    "outputs": w.ready_info.outputs if w.ready_info else [],
+                    "max_batch": w.ready_info.max_batch if w.ready_info else None,
+                    "dims": w.ready_info.dims if w.ready_info else [],
                 }
                 for w in self.workers.values()
             ],
@@ -336,12 +360,7 @@ class Supervisor:
                     raw = self.inbox.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                try:
-                    msg = protocol.unpack(raw, max_size=16 << 20)
-                except Exception:
-                    continue  # not from one of our workers: ignore
-                if isinstance(msg, dict):
-                    self._on_inbox(msg)
+                self._receive(raw)
         for sock, local in ((self.ctl, True), (self.tcp_ctl, False)):
             if sock is not None and sock in events:
                 self._serve_control(sock, local)
@@ -358,9 +377,11 @@ class Supervisor:
             return
         self._startup_settled = True
         if not any(w.ready_at for w in ws):
-            for text in self.startup_failures():
-                log.error("[spawn] %s", text)
-            self.exit_code = 1
+            # Raised by run() once the stop is over: `start` prints it (one message, no traceback), the
+            # detached supervisor logs it and exits 1.
+            err = WorkerStartupError("no worker could start:\n" + "\n".join(self.startup_failures()))
+            err.__cause__ = next((w.startup_failure for w in ws if w.startup_failure), None)
+            self.startup_error = err
             self.request_stop("no worker could start")
 
     def _serve_control(self, sock: zmq.Socket, local: bool) -> None:
@@ -406,8 +427,10 @@ class Supervisor:
         return out
 
     def run(self, stop_flag: dict[str, bool], wake_fd: int) -> int:
-        """Own the run directory, start every worker, serve until stopped. Returns the exit status."""
+        """Own the run directory, start every worker, serve until stopped. Returns the exit status (0);
+        raises WorkerStartupError when no worker could start."""
         lock_fd = self.rundir.acquire()
+        set_title(f"orchestrator: supervisor {self.cfg.orchestrator.name} in {self.rundir.root}")
         try:
             self._open_sockets()
             self._plan()
@@ -424,7 +447,9 @@ class Supervisor:
             )
             self.serve(stop_flag, wake_fd)
             log.info("[shutdown] all workers stopped (%s)", self.stop_reason)
-            return self.exit_code
+            if self.startup_error is not None:
+                raise self.startup_error
+            return 0
         finally:
             self._teardown()
             os.close(lock_fd)

@@ -7,19 +7,22 @@ only the supervisor, which then drains them in order.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
+from orchestrator import messages
 from orchestrator.config import Config, to_dict
 from orchestrator.devices import WorkerPlan
+from orchestrator.errors import OrchestratorError
+from orchestrator.messages import Heartbeat, Ready, ShmStats
 from orchestrator.procstat import process_state
 from orchestrator.restart_policy import RestartTracker
 from orchestrator.rundir import RunDir
@@ -29,38 +32,25 @@ log = logging.getLogger(__name__)
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
-class State(StrEnum):
-    STARTING = "starting"
-    READY = "ready"
-    DRAINING = "draining"
-    STOPPED = "stopped"
-    FAILED = "failed"
-
+State = messages.WorkerState  # a worker slot's state (the events carry it)
 
 SHM_COUNTS = ("arena_bytes", "free_bytes", "leases", "requests", "bytes")
 
 
-def shm_status(shm: Any) -> dict[str, Any]:
+def shm_status(shm: ShmStats | None) -> dict[str, Any]:
     """The status `shm` object built from a heartbeat's `shm` entry; runs in the supervisor.
 
-    Always the same numeric keys (integers), so scripts need no special case: `enabled` is False with zeros
-    when the heartbeat has none (an older worker, or transport.shm_mb = 0). `requests` and `bytes` count
-    since this worker process started, like the heartbeat's `requests` (which covers both paths).
+    Always the same numeric keys (integers: the heartbeat's schema makes them so), so scripts need no special
+    case: `enabled` is False with zeros when the heartbeat has none (transport.shm_mb = 0). `requests` and
+    `bytes` count since this worker process started, like the heartbeat's `requests` (both paths).
     """
-    if not isinstance(shm, dict):
+    if shm is None:
         return {"enabled": False} | dict.fromkeys(SHM_COUNTS, 0)
-    out = {
-        **shm,
-        "enabled": True,
-        "path": str(shm.get("path") or ""),
-        "registered": bool(shm.get("registered")),
-    }
-    for key in SHM_COUNTS:
-        try:
-            out[key] = int(shm.get(key) or 0)
-        except (TypeError, ValueError):
-            out[key] = 0
-    return out
+    return {**msgspec.structs.asdict(shm), "enabled": True}
+
+
+#: What status shows for a worker that has not sent a heartbeat yet.
+_NO_HEARTBEAT = Heartbeat(id="", pid=0, t_ns=0, progress=0, requests=0, queued=0, inflight=0, faults=0)
 
 
 def tail(path: Path, lines: int = 20, max_bytes: int = 16384) -> str:
@@ -89,19 +79,20 @@ class WorkerHandle:
         self.proc: subprocess.Popen | None = None
         self.pidfd: int | None = None
         self.state = State.STOPPED
-        self.ready_info: dict[str, Any] = {}
+        self.ready_info: Ready | None = None  # the READY message of the current process
         self.endpoint = plan.endpoint
         self.started_at = 0.0
         self.ready_at = 0.0
         self.restart_at: float | None = None  # monotonic time of a scheduled restart
         self.quarantined = False
         self.last_error = ""
+        self.startup_failure: OrchestratorError | None = None  # what a FAILED message said, rebuilt
         self.exit_code: int | None = None
         # progress-based hang detection (fed by heartbeats)
         self.last_beat = 0.0
         self.last_progress = -1
         self.last_progress_at = 0.0
-        self.heartbeat: dict[str, Any] = {}
+        self.heartbeat: Heartbeat | None = None  # the latest one of the current process
         self.kill_reason = ""
 
     @property
@@ -117,21 +108,21 @@ class WorkerHandle:
         return self.rundir.logs / f"{self.id}.log"
 
     def spawn(self) -> None:
-        spec = {
-            "id": self.id,
-            "device": self.plan.device,
-            "endpoint": self.plan.endpoint,
-            "supervisor_endpoint": self.rundir.inbox_endpoint(),
-            "ppid": os.getpid(),
-            "cpu_affinity": list(self.plan.cpu_affinity) if self.plan.cpu_affinity else None,
-            "gpu_uuid": self.plan.gpu_uuid,
-            "config": to_dict(self.cfg),
-            "run_dir": str(self.rundir.root),
-        }
+        spec = messages.WorkerSpec(
+            id=self.id,
+            device=self.plan.device,
+            endpoint=self.plan.endpoint,
+            supervisor_endpoint=self.rundir.inbox_endpoint(),
+            ppid=os.getpid(),
+            cpu_affinity=list(self.plan.cpu_affinity) if self.plan.cpu_affinity else None,
+            gpu_uuid=self.plan.gpu_uuid,
+            config=to_dict(self.cfg),
+            run_dir=str(self.rundir.root),
+        )
         spec_path = self.rundir.specs / f"{self.id}.json"
         fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(spec, f)
+        with os.fdopen(fd, "wb") as f:
+            f.write(messages.encode_json(spec))
         env = dict(os.environ)
         env.update(self.plan.env)
         env["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -158,8 +149,9 @@ class WorkerHandle:
         self.last_beat = now
         self.last_progress = -1
         self.last_progress_at = now
-        self.ready_info = {}
-        self.heartbeat = {}
+        self.ready_info = None
+        self.heartbeat = None
+        self.startup_failure = None
         self.exit_code = None
         self.kill_reason = ""
         self.restart_at = None
@@ -195,19 +187,18 @@ class WorkerHandle:
         self.kill_reason = reason
         self.signal(signal.SIGKILL)
 
-    def on_heartbeat(self, msg: dict[str, Any], now: float) -> None:
+    def on_heartbeat(self, msg: Heartbeat, now: float) -> None:
         self.last_beat = now
-        msg.pop("report", None)  # the monitor keeps the telemetry; status shows its view
+        msg.report = None  # the monitor keeps the telemetry; status shows its view
         self.heartbeat = msg
-        progress = msg.get("progress", 0)
-        if progress != self.last_progress:
-            self.last_progress = progress
+        if msg.progress != self.last_progress:
+            self.last_progress = msg.progress
             self.last_progress_at = now
 
     @property
     def shm(self) -> dict[str, Any]:
         """The latest heartbeat's shared-memory counters in status form (see shm_status)."""
-        return shm_status(self.heartbeat.get("shm"))
+        return shm_status(self.heartbeat.shm if self.heartbeat is not None else None)
 
     def hung(self, now: float) -> str | None:
         """Why this worker looks hung, judged by progress rather than liveness; None if it is fine."""
@@ -225,14 +216,16 @@ class WorkerHandle:
         # timeout, which is there for slow batches. A few missed heartbeats and the stopped state suffice.
         if silent > max(1.0, 5 * self.cfg.workers.heartbeat_interval_ms / 1000) and _stopped(self.proc.pid):
             return f"stopped (state T) with no heartbeat for {silent:.1f}s"
-        busy = self.heartbeat.get("queued", 0) or self.heartbeat.get("inflight", 0)
+        hb = self.heartbeat
+        busy = (hb.queued or hb.inflight) if hb is not None else 0
         if busy and now - self.last_progress_at > limit:
             return f"{busy} requests waiting and no progress for {now - self.last_progress_at:.1f}s"
         return None
 
     def describe(self, now: float) -> dict[str, Any]:
-        hb = self.heartbeat
-        eng = self.ready_info.get("engine", {})
+        hb = self.heartbeat or _NO_HEARTBEAT
+        ready = self.ready_info
+        eng = ready.engine if ready is not None else {}
         return {
             "id": self.id,
             "device": self.plan.device,
@@ -245,17 +238,18 @@ class WorkerHandle:
             "quarantined": self.quarantined,
             "endpoint": self.endpoint,
             "uptime_s": round(now - self.ready_at, 1) if self.state == State.READY else 0.0,
-            "cpu_affinity": self.ready_info.get("cpu_affinity") or list(self.plan.cpu_affinity or []),
+            "cpu_affinity": (ready.cpu_affinity if ready is not None else [])
+            or list(self.plan.cpu_affinity or []),
             "module_loading": eng.get("module_loading"),
             "engine": eng,
-            "faults": hb.get("faults", 0),
-            "queued": hb.get("queued", 0),
-            "inflight": hb.get("inflight", 0),
-            "batches": hb.get("progress", 0),
-            "requests": hb.get("requests", 0),
-            "host_ns": hb.get("host_ns", 0),
+            "faults": hb.faults,
+            "queued": hb.queued,
+            "inflight": hb.inflight,
+            "batches": hb.progress,
+            "requests": hb.requests,
+            "host_ns": hb.host_ns,
             "shm": self.shm,
-            "errors": hb.get("errors", {}),
+            "errors": dict(hb.errors),
             "last_error": self.last_error,
             "next_restart_in_s": round(self.restart_at - now, 1) if self.restart_at else None,
         }

@@ -1,14 +1,17 @@
-"""Serving-thread cost of two host-side paths, on the CPU with no GPU (no-op or stand-in CUDA layers), for
+"""Serving-thread cost of host-side paths, on the CPU with no GPU (no-op or stand-in CUDA layers), for
 before/after comparisons of changes to them:
 
     python scripts/bench_host_paths.py enqueue   # GpuEngineBase._enqueue_eager / _enqueue_shm, static model
     python scripts/bench_host_paths.py dims      # the pipeline's check / stage+launch / complete for four
                                                  # bert-sized (16 x 128) shared-memory requests
+    python scripts/bench_host_paths.py header    # orchestrator.protocol.decode_request_header on a
+                                                 # shared-memory and a frames INFER header, two tensors each
 
 `enqueue` drives a GPU engine over a CUDA stand-in whose copies do nothing, so the figure is the Python
 around the driver calls. `dims` drives workers.pipeline.Pipeline with a do-nothing asynchronous engine that
-has a dynamic `seq` dimension, over a real shared-memory arena in /tmp. Figures are noisy on a shared VM: run
-each a few times.
+has a dynamic `seq` dimension, over a real shared-memory arena in /tmp. `header` times the worker's decode of
+a request header (orchestrator/protocol.py), the first thing the serving thread does with each request.
+Figures are noisy on a shared VM: run each a few times.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orchestrator.config import parse_config  # noqa: E402
+from orchestrator.protocol import decode_request_header, encode_request, encode_shm_request  # noqa: E402
 from tests.unit.fake_cuda import FakeRuntime  # noqa: E402
 from workers.arena import Arena  # noqa: E402
 from workers.engines.base import Engine, Slot, TensorSpec  # noqa: E402
@@ -151,13 +155,28 @@ def dims(length: int = 128, batches: int = 2000, per_batch: int = 4) -> None:
     )
 
 
+def header(n: int = 200_000) -> None:
+    """The worker's header decode for two typical requests (bert-like: two int64 16 x 128 inputs): the best
+    of 7 runs of n."""
+    specs = [["input_ids", "<i8", [16, 128], 0], ["attention_mask", "<i8", [16, 128], 16384]]
+    shm = encode_shm_request(123456, specs, 7, 32768, 5000)[0]
+    x = np.zeros((16, 128), np.int64)
+    frames = encode_request(123457, {"input_ids": x, "attention_mask": x}, 5000)[0]
+    for label, data in (("shm INFER", shm), ("frames INFER", frames)):
+        decode_request_header(data)  # the dtype cache warm, as in a serving worker
+        best = min(timeit.repeat(lambda d=data: decode_request_header(d), number=n, repeat=7))
+        print(f"decode_request_header, {label} header of {len(data)} bytes: {best / n * 1e6:.2f} us")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["enqueue", "dims"])
+    ap.add_argument("what", choices=["enqueue", "dims", "header"])
     ap.add_argument("--seq", type=int, default=128, help="dims: the requests' sequence length (1-128)")
     a = ap.parse_args()
     if a.what == "enqueue":
         enqueue()
+    elif a.what == "header":
+        header()
     else:
         dims(a.seq)
 

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomli_w
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from orchestrator import mps  # noqa: E402
-from orchestrator.config import dump_toml  # noqa: E402
 from scripts.benchlib import cli, copy_logs, machine_info, start_or_record, status_json  # noqa: E402
 from scripts.loadgen import run_load  # noqa: E402
 
@@ -182,7 +182,7 @@ def write_config(
     if use_mps:
         doc["mps"] = {"enabled": True}
     path = tmp / f"{label}.toml"
-    path.write_text(dump_toml(doc))
+    path.write_text(tomli_w.dumps(doc))
     return path, run_dir
 
 

@@ -20,10 +20,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.config import dump_toml  # noqa: E402
 from scripts.bench_mps import (  # noqa: E402
     ITEM,
     ROWS,
@@ -93,7 +94,7 @@ def scaled_config(
     for section, keys in (extra or {}).items():
         doc.setdefault(section, {}).update(keys)
     path = tmp / f"{label}.toml"
-    path.write_text(dump_toml(doc))
+    path.write_text(tomli_w.dumps(doc))
     return path, run_dir, doc
 
 

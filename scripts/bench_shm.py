@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomli_w
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -46,7 +47,7 @@ os.environ.setdefault(
     "CUDA_MODULE_LOADING", "EAGER"
 )  # read by cuInit in the bare child: set before it starts
 
-from orchestrator.config import dump_toml, load_config  # noqa: E402
+from orchestrator.config import load_config  # noqa: E402
 from scripts.bench_gpu_bare import Shape  # noqa: E402
 from scripts.bench_gpu_orch import NvmlUtil, closed_loop, totals  # noqa: E402
 from scripts.bench_mps import cell, fmt, mps_evidence, mps_leftovers, same_bits, stop  # noqa: E402
@@ -456,7 +457,7 @@ def session_config(
         doc.pop("mps", None)
     s["config"] = doc
     path = tmp / f"{s['label']}.toml"
-    path.write_text(dump_toml(doc))
+    path.write_text(tomli_w.dumps(doc))
     load_config(path)  # a mistake names its key before anything starts
     return path, run_dir, client_cores
 

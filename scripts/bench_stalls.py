@@ -17,10 +17,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.config import dump_toml, load_config  # noqa: E402
+from orchestrator.config import load_config  # noqa: E402
 from orchestrator.rundir import RunDir  # noqa: E402
 from scripts import benchlib  # noqa: E402
 from scripts.benchlib import machine_info as machine  # noqa: E402
@@ -72,7 +74,7 @@ def scenario_sections(args: argparse.Namespace, scenario: str, run_dir: Path) ->
 
 
 def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    path.write_text(dump_toml(sections))
+    path.write_text(tomli_w.dumps(sections))
     load_config(path)  # ConfigError names the key at fault before anything starts
     return path
 

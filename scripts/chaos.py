@@ -222,7 +222,7 @@ class EventLog(threading.Thread):
         self.closing = False
 
     def run(self) -> None:
-        from orchestrator import protocol
+        from orchestrator import messages
 
         ctx = zmq.Context.instance()
         sub = ctx.socket(zmq.SUB)
@@ -235,10 +235,12 @@ class EventLog(threading.Thread):
                     continue
                 _topic, payload = sub.recv_multipart()
                 now = time.monotonic()
-                msg = protocol.unpack(payload)
+                msg = messages.EVENTS.decode(payload)
+                if not isinstance(msg, messages.WorkerEvent):
+                    continue
                 with self.lock:
-                    self.events.append((now, msg["id"], msg["state"], msg.get("pid")))
-                    self.state[msg["id"]] = (msg["state"], msg.get("pid"))
+                    self.events.append((now, msg.id, msg.state.value, msg.pid))
+                    self.state[msg.id] = (msg.state.value, msg.pid)
         finally:
             sub.close(0)
 

@@ -15,8 +15,7 @@ from typing import Any
 
 import psutil
 import pytest
-
-from orchestrator.config import dump_toml
+import tomli_w
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / "models" / "demo.onnx"
@@ -53,7 +52,7 @@ def write_config(directory: Path, sections: dict[str, dict[str, object]], name: 
     orch.setdefault("run_dir", str(directory / "run"))
     orch.setdefault("startup_timeout_s", 60)
     path = directory / name
-    path.write_text(dump_toml(sections))
+    path.write_text(tomli_w.dumps(sections))
     return path
 
 
@@ -164,6 +163,16 @@ def no_leftover_processes() -> Iterator[None]:
     pytest.fail(f"processes left behind: {[(p.pid, ' '.join(p.cmdline()[:4])) for p in left]}")
 
 
+#: How a supervisor's or a worker's command line reads: its process title names the role and the run directory
+#: ("orchestrator: worker w0 cpu in /tmp/orch-x/run"), or, without setproctitle, the module it runs.
+ROLE_MARKS = (
+    "orchestrator: supervisor ",
+    "orchestrator: worker ",
+    "orchestrator.supervisor",
+    "workers.worker",
+)
+
+
 def _orchestrator_orphans(since: float) -> list[psutil.Process]:
     """Detached supervisors and their workers re-parent to init: find this test's by command line (a role
     and one of the test's own directories) and start time."""
@@ -176,7 +185,7 @@ def _orchestrator_orphans(since: float) -> list[psutil.Process]:
             if (
                 p.info["create_time"] >= since - 1
                 and p.pid != os.getpid()
-                and any(m in cmd for m in ("orchestrator.supervisor", "workers.worker"))
+                and any(m in cmd for m in ROLE_MARKS)
                 and any(d in cmd for d in _TEST_DIRS)
                 and p.status() != psutil.STATUS_ZOMBIE
             ):

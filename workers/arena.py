@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from orchestrator.errors import InvalidInputError, OverloadedError
+from orchestrator.messages import ShmStats
 from orchestrator.shm import PAGE, SpanAllocator, arena_dir, ensure_private_dir
 
 log = logging.getLogger(__name__)
@@ -195,17 +196,18 @@ class Arena:
 
     # --- status -----------------------------------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
-        return {
-            "arena_bytes": self.size,
-            "free_bytes": self._alloc.free_bytes,
-            "leases": len(self.leases),
-            "requests": self.requests,
-            "bytes": self.bytes,
-            "path": str(self.path),
-            "registered": self.registered,
-            "refused": self.refused,
-        }
+    def stats(self) -> ShmStats:
+        """What a heartbeat carries (orchestrator.messages.ShmStats)."""
+        return ShmStats(
+            arena_bytes=self.size,
+            free_bytes=self._alloc.free_bytes,
+            leases=len(self.leases),
+            requests=self.requests,
+            bytes=self.bytes,
+            path=str(self.path),
+            registered=self.registered,
+            refused=self.refused,
+        )
 
     def close(self) -> None:
         for lease in list(self.leases.values()):

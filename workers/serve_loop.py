@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from orchestrator import protocol
+from orchestrator import messages, protocol
 from orchestrator.config import Config
 from orchestrator.errors import (
     BatchTooLargeError,
@@ -93,9 +93,9 @@ class ServeLoop:
     """Owns the data socket and the pipeline of one worker."""
 
     def __init__(
-        self, spec: dict[str, Any], cfg: Config, engine: Engine, ctx: zmq.Context, sup: zmq.Socket
+        self, spec: messages.WorkerSpec, cfg: Config, engine: Engine, ctx: zmq.Context, sup: zmq.Socket
     ) -> None:
-        self.id = spec["id"]
+        self.id = spec.id
         self.spec = spec
         self.cfg = cfg
         self.engine = engine
@@ -133,7 +133,7 @@ class ServeLoop:
         self.data.setsockopt(zmq.MAXMSGSIZE, cfg.transport.max_message_bytes)
         self.data.setsockopt(zmq.RCVHWM, 100_000)
         self.data.setsockopt(zmq.SNDHWM, 100_000)
-        self.endpoint = self._bind(spec["endpoint"])
+        self.endpoint = self._bind(spec.endpoint)
         self.spin = cfg.pipeline.sync == "spin"
         self.waiter: CompletionWaiter | None = None
         self.dropped = 0  # messages with no usable reply address
@@ -150,12 +150,12 @@ class ServeLoop:
         self._send_ready()
 
     @staticmethod
-    def _make_arena(spec: dict[str, Any], cfg: Config, engine: Engine) -> Arena | None:
+    def _make_arena(spec: messages.WorkerSpec, cfg: Config, engine: Engine) -> Arena | None:
         """The shared-memory arena (transport.shm_mb), registered with the GPU before warm-up and READY."""
         t = cfg.transport
         if not t.shm_mb:
             return None
-        arena = Arena(Path(spec.get("run_dir") or cfg.run_dir), spec["id"], t.shm_mb, t.shm_max_lease_mb)
+        arena = Arena(Path(spec.run_dir or cfg.run_dir), spec.id, t.shm_mb, t.shm_max_lease_mb)
         try:
             arena.registered = engine.attach_arena(arena.addr, arena.size)
         except EngineError as exc:
@@ -174,21 +174,20 @@ class ServeLoop:
 
     def _send_ready(self) -> None:
         eng = self.engine
-        msg = {
-            "kind": "ready",
-            "id": self.id,
-            "pid": os.getpid(),
-            "endpoint": self.endpoint,
-            "engine": eng.describe(),
-            "inputs": [s.to_wire() for s in eng.inputs],
-            "outputs": [s.to_wire() for s in eng.outputs],
-            "max_batch": eng.max_batch,
-            "dims": [[d.name, d.lo, d.hi, list(d.buckets)] for d in eng.dims],
-            "buckets": list(self.pipeline.buckets),
-            "depth": self.pipeline.depth,
-            "cpu_affinity": sorted(os.sched_getaffinity(0)),
-        }
-        self.sup.send(protocol.pack(msg))
+        msg = messages.Ready(
+            id=self.id,
+            pid=os.getpid(),
+            endpoint=self.endpoint,
+            engine=eng.describe(),
+            inputs=[(s.name, s.dtype.str, list(s.item_shape)) for s in eng.inputs],
+            outputs=[(s.name, s.dtype.str, list(s.item_shape)) for s in eng.outputs],
+            max_batch=eng.max_batch,
+            dims=[(d.name, d.lo, d.hi, list(d.buckets)) for d in eng.dims],
+            buckets=list(self.pipeline.buckets),
+            depth=self.pipeline.depth,
+            cpu_affinity=sorted(os.sched_getaffinity(0)),
+        )
+        self.sup.send(messages.encode(msg))
 
     # --- receive --------------------------------------------------------------------------------
 
@@ -206,14 +205,18 @@ class ServeLoop:
             # Draining many requests per wake-up amortises the poll and lets the saturated loop run
             # complete/launch back to back, but a long burst (~10 us per request) must not outlast the work
             # queued on an asynchronous device. So GPU workers drain at most _FEED_EVERY requests while a
-            # launch is possible or the oldest batch has finished (measured on an H200, 128 KiB batches:
-            # draining everything left 110 us batches 86% of the bare limit; returning after every request
-            # cost 20-35 us of host time per batch on 30 us batches). CPU engines always drain, to coalesce.
+            # launch is due (pipeline.should_launch: the device would idle, the batch is full, or the oldest
+            # request has waited max_queue_delay_us) or the oldest batch has finished (measured on an H200,
+            # 128 KiB batches: draining everything left 110 us batches 86% of the bare limit; returning
+            # after every request cost 20-35 us of host time per batch on 30 us batches). While another
+            # batch runs and the next is not yet due, they keep draining, so the next batch grows: breaking
+            # whenever a slot was free capped bert-tiny's batches at _FEED_EVERY requests (64 of 256 rows)
+            # while the GPU needed 400 us for them. CPU engines always drain, to coalesce.
             if (
                 feed
                 and n
                 and n % _FEED_EVERY == 0
-                and ((pipeline.free and pipeline.queue) or pipeline.oldest_done())
+                and (pipeline.oldest_done() or pipeline.should_launch(time.monotonic_ns()))
             ):
                 break
             # Check readiness first: a NOBLOCK recv that raises zmq.Again costs several microseconds.
@@ -468,9 +471,8 @@ class ServeLoop:
         candidate = self.telemetry.on_batch(batch, gpu_us, span)
         if candidate is not None:
             try:
-                self.sup.send(
-                    protocol.pack({"kind": "stall", "id": self.id, "candidate": candidate}), zmq.NOBLOCK
-                )
+                stall = messages.Stall(id=self.id, pid=os.getpid(), candidate=candidate)
+                self.sup.send(messages.encode(stall), zmq.NOBLOCK)
             except zmq.Again:
                 pass
         self.host_ns += time.monotonic_ns() - t0
@@ -545,12 +547,12 @@ class ServeLoop:
             if now >= next_beat:
                 self._heartbeat()
                 next_beat = now + beat_ns
-                if os.getppid() != self.spec["ppid"]:
-                    log.error("[shutdown] supervisor %d is gone; stopping", self.spec["ppid"])
+                if os.getppid() != self.spec.ppid:
+                    log.error("[shutdown] supervisor %d is gone; stopping", self.spec.ppid)
                     stop_flag["stop"] = True
             if stop_flag["stop"] and not self.draining:
                 self.draining = True
-                orphaned = os.getppid() != self.spec["ppid"]
+                orphaned = os.getppid() != self.spec.ppid
                 # Orphaned (the supervisor died, by any means): nobody will restart us or route new work
                 # here, so finish what is on the device and leave within a second rather than the full drain.
                 grace = 1.0 if orphaned else self.cfg.orchestrator.stop_timeout_s
@@ -587,7 +589,8 @@ class ServeLoop:
 
     def _send_state(self, state: str) -> None:
         try:
-            self.sup.send(protocol.pack({"kind": "state", "id": self.id, "state": state}), zmq.NOBLOCK)
+            msg = messages.StateChange(id=self.id, pid=os.getpid(), state=messages.WorkerState(state))
+            self.sup.send(messages.encode(msg), zmq.NOBLOCK)
         except zmq.Again:
             pass
 
@@ -600,34 +603,25 @@ class ServeLoop:
             if reaped:
                 log.info("[shm] %d lease(s) ended: their client process exited", reaped)
         self.telemetry.note_queue(len(p.queue), len(p.inflight))
-        msg = {
-            "kind": "hb",
-            "id": self.id,
-            "t_ns": time.monotonic_ns(),
-            "progress": p.completed_batches,
-            "requests": p.completed_requests,
-            "queued": len(p.queue),
-            "inflight": len(p.inflight),
-            "faults": self.engine.faults(),
-            "errors": self.errors_by_code,
-            "dropped": self.dropped,
-            "host_ns": self.host_ns,
-            "report": self.telemetry.report(),
-            "shm": self.arena.stats() if self.arena is not None else None,
-        }
+        msg = messages.Heartbeat(
+            id=self.id,
+            pid=os.getpid(),
+            t_ns=time.monotonic_ns(),
+            progress=p.completed_batches,
+            requests=p.completed_requests,
+            queued=len(p.queue),
+            inflight=len(p.inflight),
+            faults=self.engine.faults(),
+            errors=self.errors_by_code,
+            dropped=self.dropped,
+            host_ns=self.host_ns,
+            report=self.telemetry.report(),
+            shm=self.arena.stats() if self.arena is not None else None,
+        )
         try:
-            self.sup.send(protocol.pack(msg), zmq.NOBLOCK)
+            self.sup.send(messages.encode(msg), zmq.NOBLOCK)
         except zmq.Again:
             pass
-
-    def _shm_status(self) -> dict[str, Any] | None:
-        arena = self.arena
-        if arena is None:
-            return None
-        reaped = arena.reap()  # leases of client processes that exited: once per heartbeat
-        if reaped:
-            log.info("[shm] %d lease(s) ended: their client process exited", reaped)
-        return arena.stats()
 
     def close(self) -> None:
         if self.waiter is not None:

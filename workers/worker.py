@@ -1,6 +1,6 @@
 """Worker process entry: load the engine, allocate and warm up, report READY, then serve over ZeroMQ.
 
-`python -m workers.worker SPEC_JSON_PATH`, started by the supervisor. One serving thread owns the data
+`python -m workers.worker SPEC_JSON_PATH` (an orchestrator.messages.WorkerSpec), started by the supervisor. One serving thread owns the data
 ROUTER and the supervisor PUSH socket and runs the pipeline; a completion-waiter thread is used only for
 GPU engines in blocking-sync mode. Signal handlers only set a flag and wake the serving thread.
 """
@@ -8,7 +8,6 @@ GPU engines in blocking-sync mode. Signal handlers only set a flag and wake the 
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import signal
@@ -19,9 +18,10 @@ from typing import Any
 
 import zmq
 
-from orchestrator import protocol
+from orchestrator import messages
 from orchestrator.config import Config, from_dict
 from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.procstat import pin_process, set_title
 from workers.serve_loop import ServeLoop
 
 log = logging.getLogger("workers.worker")
@@ -41,26 +41,19 @@ def _arm_parent_death(expected_ppid: int) -> None:
         sys.exit(0)
 
 
-def _configure_logging(cfg: Config, spec: dict[str, Any]) -> None:
+def _configure_logging(cfg: Config, spec: messages.WorkerSpec) -> None:
     """stderr is <run_dir>/logs/<id>.log (the supervisor redirected it): rotated past log_max_mb."""
     from orchestrator import logs
     from orchestrator.rundir import RunDir
 
-    worker_id = spec["id"]
-    path = RunDir(Path(spec.get("run_dir") or cfg.run_dir)).logs / f"{worker_id}.log"
+    worker_id = spec.id
+    path = RunDir(Path(spec.run_dir or cfg.run_dir)).logs / f"{worker_id}.log"
     logs.configure(
         cfg.orchestrator.log_level,
         f"%(asctime)s %(levelname)s [{worker_id}] %(name)s: %(message)s",
         path,
         cfg.orchestrator.log_max_mb << 20,
     )
-
-
-def _send_to_supervisor(sock: zmq.Socket, msg: dict[str, Any]) -> None:
-    try:
-        sock.send(protocol.pack(msg), zmq.NOBLOCK)
-    except zmq.Again:
-        log.debug("supervisor channel full; dropped %s", msg.get("kind"))
 
 
 def injected_here(cfg: Config, worker_id: str) -> bool:
@@ -70,11 +63,13 @@ def injected_here(cfg: Config, worker_id: str) -> bool:
     )
 
 
-def _startup(spec: dict[str, Any], cfg: Config, ctx: zmq.Context, sup: zmq.Socket) -> ServeLoop:
+def _startup(spec: messages.WorkerSpec, cfg: Config, ctx: zmq.Context, sup: zmq.Socket) -> ServeLoop:
     """Everything before READY. Raises on failure (reported as last words by the caller)."""
-    if spec.get("cpu_affinity"):
-        os.sched_setaffinity(0, spec["cpu_affinity"])
-    if cfg.debug.inject == "crash_on_start" and injected_here(cfg, spec["id"]):
+    if (
+        spec.cpu_affinity
+    ):  # every thread: ZeroMQ's I/O threads started with the context, on our parent's cores
+        pin_process(tuple(spec.cpu_affinity))
+    if cfg.debug.inject == "crash_on_start" and injected_here(cfg, spec.id):
         raise RuntimeError("injected start-up crash (debug.inject = crash_on_start)")
     t0 = time.monotonic()
     from workers.engines.registry import create_engine  # imports CUDA only for GPU engines
@@ -90,11 +85,22 @@ def _startup(spec: dict[str, Any], cfg: Config, ctx: zmq.Context, sup: zmq.Socke
     return loop
 
 
+def title(spec: messages.WorkerSpec) -> str:
+    """The process title `ps` shows: "orchestrator: worker w3 gpu 3 in RUN_DIR" ("... w0 cpu in ..."); the
+    run directory tells the workers of two orchestrators on one host apart."""
+    return f"orchestrator: worker {spec.id} {spec.device.replace(':', ' ')} in {spec.run_dir}"
+
+
 def run_worker(spec_path: str) -> int:
-    spec = json.loads(Path(spec_path).read_text())
-    cfg = from_dict(spec["config"])
+    try:
+        spec = messages.WORKER_SPEC.decode(Path(spec_path).read_bytes())
+    except (OSError, messages.MessageError) as exc:  # not the supervisor's file, or another release's
+        print(f"workers.worker: cannot use {spec_path}: {exc}", file=sys.stderr)
+        return 2
+    set_title(title(spec))
+    cfg = from_dict(spec.config)
     _configure_logging(cfg, spec)
-    _arm_parent_death(spec["ppid"])
+    _arm_parent_death(spec.ppid)
     # Only set flags in signal handlers; the serving loop notices through the wakeup fd it polls.
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
@@ -109,7 +115,7 @@ def run_worker(spec_path: str) -> int:
     sup = ctx.socket(zmq.PUSH)
     sup.setsockopt(zmq.LINGER, 2000)
     sup.setsockopt(zmq.SNDHWM, 1000)
-    sup.connect(spec["supervisor_endpoint"])
+    sup.connect(spec.supervisor_endpoint)
     try:
         loop = _startup(spec, cfg, ctx, sup)
     except Exception as exc:  # last words: the supervisor shows this with the log tail
@@ -118,24 +124,17 @@ def run_worker(spec_path: str) -> int:
             log.error("[spawn] start-up failed: %s", exc)
         else:
             log.exception("[spawn] start-up failed")
-        sup.send(
-            protocol.pack(
-                {
-                    "kind": "failed",
-                    "id": spec["id"],
-                    "pid": os.getpid(),
-                    "code": int(code),
-                    "error": f"{type(exc).__name__}: {exc}",
-                }
-            )
+        failed = messages.Failed(
+            id=spec.id, pid=os.getpid(), code=int(code), error=f"{type(exc).__name__}: {exc}"
         )
+        sup.send(messages.encode(failed))
         sup.close()
         ctx.term()
         return 3
     # Stall injection ([debug] inject) starts after READY, so its driver operations count as faults.
     from workers import inject
 
-    injector = inject.start(cfg) if injected_here(cfg, spec["id"]) else None
+    injector = inject.start(cfg) if injected_here(cfg, spec.id) else None
     try:
         loop.run(rfd, stop_flag)
     finally:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tomli_w
 
 from orchestrator.client import Client
-from orchestrator.config import dump_toml
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.timeout(180)
@@ -32,7 +32,7 @@ def cpu_config(short_tmp: Path, orchestrator_factory) -> Path:
     raw["orchestrator"]["run_dir"] = str(short_tmp / "run")
     raw["model"]["path"] = str(ROOT / "models" / "demo.onnx")
     path = short_tmp / "cpu.toml"
-    path.write_text(dump_toml(raw))
+    path.write_text(tomli_w.dumps(raw))
     orchestrator_factory(path)
     return path
 

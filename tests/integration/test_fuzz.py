@@ -18,7 +18,7 @@ import zmq
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from orchestrator import protocol
+from orchestrator import messages, protocol
 from orchestrator.errors import ErrorCode
 from orchestrator.rundir import RunDir
 from tests.conftest import write_config
@@ -254,8 +254,14 @@ def control_message(kind: str, seed: int) -> Msg:
     )
     if cmd == "stop":  # the one command that would end the test
         cmd = "ping"
-    env = {"id": rand_value(rng), "cmd": cmd, "args": rand_value(rng) if rng.random() < 0.7 else {}}
-    for key in rng.sample(["id", "cmd", "args"], rng.choice([0, 0, 0, 1, 2])):
+    env = {
+        "kind": mostly(rng, "request", ["reply", "", None, rand_value(rng)]),
+        "v": mostly(rng, messages.VERSION, [0, 2, None, "1"]),
+        "id": rand_value(rng) if rng.random() < 0.5 else rng.randint(0, 1000),
+        "cmd": cmd,
+        "args": rand_value(rng) if rng.random() < 0.7 else {},
+    }
+    for key in rng.sample(["kind", "v", "id", "cmd", "args"], rng.choice([0, 0, 0, 1, 2])):
         del env[key]
     return Msg([msgpack.packb(env)])
 
@@ -454,7 +460,8 @@ def test_fuzz_control_endpoint(short_tmp, orchestrator_factory) -> None:
             due += len(m.frames) == 1
             if i % 10 == 0:  # valid commands interleaved
                 ping_ids.append(next(pings))
-                ctl.send(Msg([msgpack.packb({"id": ping_ids[-1], "cmd": "ping", "args": {}})]))
+                ping = messages.ControlRequest(id=ping_ids[-1], cmd="ping")
+                ctl.send(Msg([messages.encode(ping)]))
                 due += 1
         replies = [msgpack.unpackb(r[0], raw=False, strict_map_key=False) for r in raw + ctl.recv(due)]
         for rep in replies:

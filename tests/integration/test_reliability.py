@@ -249,7 +249,8 @@ def _supervisors(run_dir: Path) -> list[psutil.Process]:
     out = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if "orchestrator.supervisor" in cmd and str(run_dir.parent) in cmd and not gone(p.pid):
+        role = "orchestrator: supervisor " in cmd or "orchestrator.supervisor" in cmd  # titled, or not
+        if role and str(run_dir.parent) in cmd and not gone(p.pid):
             out.append(p)
     return out
 

@@ -78,7 +78,15 @@ def test_run_dir_too_long_for_ipc() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["cpu.toml", "cpu-synthetic.toml", "4gpu-synthetic.toml", "gpu-shm.toml", "gpu-shm-mps.toml"]
+    "name",
+    [
+        "cpu.toml",
+        "cpu-sync.toml",
+        "cpu-synthetic.toml",
+        "4gpu-synthetic.toml",
+        "gpu-shm.toml",
+        "gpu-shm-mps.toml",
+    ],
 )
 def test_shipped_configs_validate(name: str) -> None:
     cfg = load_config(ROOT / "configs" / name)
@@ -109,17 +117,36 @@ def test_shm_lease_cannot_exceed_the_arena() -> None:
     assert parse_config({"transport": {"shm_mb": 0, "shm_max_lease_mb": 32}}).transport.shm_mb == 0  # off
 
 
-def test_dump_toml_round_trips_any_string() -> None:
+def test_configs_written_as_toml_round_trip_any_string(tmp_path: Path) -> None:
+    """Tests and benchmark scripts write configs with tomli-w. The hand-written writer it replaced sent a
+    character outside the BMP as a JSON surrogate-pair escape ("\\ud83d\\ude00"), which tomllib rejects."""
     import tomllib
 
-    from orchestrator.config import dump_toml
+    from tests.conftest import write_config
 
-    for text in [
+    texts = [
         "plain",
         "tab\there",
         'quote " and \\\\',
         "emoji \U0001f600 and é",
         "ctl \x00\x01\x1f del \x7f",
         "\u2028",
-    ]:
-        assert tomllib.loads(dump_toml({"s": {"v": text}}))["s"]["v"] == text, repr(text)
+        "\U0010ffff",
+    ]
+    for i, text in enumerate(texts):
+        path = write_config(tmp_path, {"s": {"v": text}}, name=f"{i}.toml")
+        assert tomllib.loads(path.read_text(encoding="utf-8"))["s"]["v"] == text, repr(text)
+    name = "bench \U0001f600 \U0001d11e"  # a config the orchestrator loads, with the name it was given
+    assert load_config(write_config(tmp_path, {"orchestrator": {"name": name}})).orchestrator.name == name
+
+
+def test_reference_defaults_are_toml() -> None:
+    """The README's config reference shows each default as the TOML value to write (one line each)."""
+    import tomllib
+
+    rows = [line.split(" | ") for line in reference().splitlines()[2:]]
+    for _, _, default, _ in rows:
+        value = default.strip("`")
+        if value:
+            tomllib.loads(f"v = {value}")  # raises on anything that is not a TOML value
+    assert any(d == "`[256]`" for _, _, d, _ in rows) and any(d == '`""`' for _, _, d, _ in rows)

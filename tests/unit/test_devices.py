@@ -16,9 +16,16 @@ def gpus(affinities: list[list[int]]) -> list[dict]:
     ]
 
 
-def plan(gpu_list: list[dict], **workers: object) -> list:
+def plan(gpu_list: list[dict], supervisor: object = "none", **workers: object) -> list:
+    """Plans for these GPUs; the supervisor's core is not set aside unless `supervisor` says so (the tests of
+    that reservation are below)."""
     cfg = parse_config(
-        {"workers": {"device": "gpu", **workers}, "model": {"kind": "synthetic"}}, check_files=False
+        {
+            "orchestrator": {"cpu_affinity": supervisor},
+            "workers": {"device": "gpu", **workers},
+            "model": {"kind": "synthetic"},
+        },
+        check_files=False,
     )
     return plan_workers(cfg, RunDir("/tmp/orch-plan"), gpu_list)
 
@@ -69,3 +76,49 @@ def test_smt_siblings_stay_together_so_no_two_workers_share_a_physical_core() ->
     assert _split(list(range(4)), 4, lambda cpu: (0, cpu % 2)) == [(0,), (1,), (2,), (3,)]
     # No topology: every CPU is its own unit, as before.
     assert _split(list(range(8)), 2, lambda cpu: None) == [(0, 1, 2, 3), (4, 5, 6, 7)]
+
+
+def _by_pairs(cpu: int) -> tuple[int, int]:
+    """16 physical cores with two threads each, numbered as Linux does: core k is CPUs k and k + 16."""
+    return (0, cpu % 16)
+
+
+def test_auto_keeps_one_physical_core_for_the_supervisor(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator import devices
+
+    monkeypatch.setattr(devices, "physical_core_of", _by_pairs)
+    plans = plan(gpus([list(range(32))] * 4), supervisor="auto")
+    used = {c for p in plans for c in p.cpu_affinity}
+    assert used == set(range(32)) - {15, 31}  # the last physical core, both its threads
+    assert all(len(p.cpu_affinity) >= 6 for p in plans)
+    cfg = parse_config({"orchestrator": {"cpu_affinity": "auto"}}, check_files=False)
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert devices.supervisor_cores(cfg, plans) == (15, 31)
+
+
+def test_no_core_is_set_aside_when_workers_need_every_physical_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator import devices
+
+    monkeypatch.setattr(devices, "physical_core_of", _by_pairs)
+    plans = plan(gpus([list(range(32))] * 4), supervisor="auto", per_gpu=4)  # 16 workers, 16 physical cores
+    assert {c for p in plans for c in p.cpu_affinity} == set(range(32))
+    cfg = parse_config({"orchestrator": {"cpu_affinity": "auto"}}, check_files=False)
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert devices.supervisor_cores(cfg, plans) is None  # shared: status shows "any"
+
+
+def test_configured_supervisor_cores_are_kept_off_the_workers_and_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from orchestrator import devices
+
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: set(range(8)))
+    plans = plan(gpus([list(range(8))]), supervisor=[7], per_gpu=2)
+    assert {c for p in plans for c in p.cpu_affinity} == set(range(7))
+    cfg = parse_config({"orchestrator": {"cpu_affinity": [7]}}, check_files=False)
+    assert devices.supervisor_cores(cfg, plans) == (7,)
+    bad = parse_config({"orchestrator": {"cpu_affinity": [9]}}, check_files=False)
+    with pytest.raises(ConfigError, match=r"orchestrator.cpu_affinity: cores \[9\] are not available"):
+        devices.supervisor_cores(bad, plans)
+    none = parse_config({"orchestrator": {"cpu_affinity": "none"}}, check_files=False)
+    assert devices.supervisor_cores(none, plans) is None

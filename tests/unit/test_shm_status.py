@@ -1,5 +1,6 @@
 """Shared-memory observability: the heartbeat's `shm` entry in `status --json`, the live view's shm column
-and the Prometheus families. No processes: heartbeats are plain dicts fed to a WorkerHandle and a Monitor."""
+and the Prometheus families. No processes: heartbeats are maps decoded by the supervisor's inbox decoder and
+fed to a WorkerHandle and a Monitor."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import msgpack
+import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from orchestrator import status_view
+from orchestrator import messages, status_view
 from orchestrator.config import Config
 from orchestrator.devices import WorkerPlan
 from orchestrator.monitor.metrics import make_registry
@@ -35,13 +37,20 @@ def shm(requests: int, nbytes: int, leases: int = 2, free: int = 48 << 20) -> di
         "bytes": nbytes,
         "path": "/dev/shm/orchestrator-prod-w0",
         "registered": True,
+        "refused": 0,
     }
 
 
-def hb(requests: int, shm_entry: dict | None = None) -> dict:
+PID = 4321  # the worker process of handle()
+
+
+def hb(requests: int, shm_entry: dict | None = None) -> messages.Heartbeat:
+    """A heartbeat as the supervisor has it: a worker's map through the inbox decoder."""
     msg = {
         "kind": "hb",
+        "v": messages.VERSION,
         "id": "w0",
+        "pid": PID,
         "t_ns": time.monotonic_ns(),
         "progress": requests,
         "requests": requests,
@@ -54,13 +63,17 @@ def hb(requests: int, shm_entry: dict | None = None) -> dict:
     }
     if shm_entry is not None:
         msg["shm"] = shm_entry
-    return msg
+    out = messages.WORKER_MESSAGES.decode(msgpack.packb(msg))
+    assert isinstance(out, messages.Heartbeat)
+    return out
 
 
 def handle(tmp_path: Path) -> WorkerHandle:
-    return WorkerHandle(
+    w = WorkerHandle(
         WorkerPlan("w0", "gpu:0", "ipc://w0", None, gpu_uuid="GPU-a"), Config(), RunDir(tmp_path)
     )
+    w.proc = SimpleNamespace(pid=PID)  # type: ignore[assignment]  # spawned, as far as the messages go
+    return w
 
 
 # --- status --json ---------------------------------------------------------------------------------------
@@ -69,9 +82,11 @@ def handle(tmp_path: Path) -> WorkerHandle:
 def test_status_shm_is_always_present(tmp_path: Path) -> None:
     w = handle(tmp_path)
     assert w.describe(time.monotonic())["shm"] == OFF  # no heartbeat yet
-    w.on_heartbeat(hb(10), time.monotonic())  # an older worker, or transport.shm_mb = 0
+    w.on_heartbeat(hb(10), time.monotonic())  # transport.shm_mb = 0: no `shm` entry
     assert w.describe(time.monotonic())["shm"] == OFF
-    w.on_heartbeat(hb(10, None) | {"shm": None}, time.monotonic())
+    beat = hb(10)
+    beat.shm = None  # or a null one
+    w.on_heartbeat(beat, time.monotonic())
     assert w.describe(time.monotonic())["shm"] == OFF
 
 
@@ -86,20 +101,20 @@ def test_status_shm_from_heartbeat(tmp_path: Path) -> None:
     assert isinstance(out["shm"]["requests"], int) and out["shm"]["enabled"] is True
 
 
-def test_shm_status_coerces_counts_to_integers() -> None:
-    s = shm_status({"requests": 3.0, "bytes": None, "leases": "2", "arena_bytes": "x"})
-    assert s == {
-        "enabled": True,
-        "requests": 3,
-        "bytes": 0,
-        "leases": 2,
-        "arena_bytes": 0,
-        "free_bytes": 0,
-        "path": "",
-        "registered": False,
-    }
+@pytest.mark.parametrize(
+    ("key", "value"), [("requests", 3.5), ("bytes", None), ("leases", "2"), ("arena_bytes", "x")]
+)
+def test_a_heartbeat_with_counts_that_are_not_integers_is_refused(key: str, value: object) -> None:
+    """The status counts are integers because the inbox decoder refuses anything else (with a reason)."""
+    with pytest.raises(messages.MessageError, match=f"shm.{key}"):
+        hb(1, shm(1, 1) | {key: value})
+
+
+def test_shm_status_counts_are_integers() -> None:
+    s = shm_status(hb(1, shm(3, 4096)).shm)
+    assert s == {**shm(3, 4096), "enabled": True}
     assert all(type(s[k]) is int for k in ("requests", "bytes", "leases", "arena_bytes", "free_bytes"))
-    assert shm_status("garbage") == OFF
+    assert shm_status(None) == OFF
 
 
 # --- live view -------------------------------------------------------------------------------------------
@@ -184,8 +199,8 @@ def test_metrics_per_worker_and_across_restarts(tmp_path: Path) -> None:
     try:
         mon.set_worker("w0", 100, None)
         mon.set_worker("w1", 101, None)
-        mon.on_shm("w0", shm_status(shm(10, 1000)))
-        mon.on_shm("w0", shm_status(shm(30, 3000, leases=3, free=32 << 20)))
+        mon.on_shm("w0", shm_status(messages.ShmStats(**shm(10, 1000))))
+        mon.on_shm("w0", shm_status(messages.ShmStats(**shm(30, 3000, leases=3, free=32 << 20))))
         mon.on_shm("w1", shm_status(None))  # shared memory off: no shm series for w1
         got = _samples(mon)
         assert got[("orchestrator_shm_requests_total", "w0")] == 30
@@ -202,7 +217,7 @@ def test_metrics_per_worker_and_across_restarts(tmp_path: Path) -> None:
         assert (
             got[("orchestrator_shm_leases", "w0")] == 0 and got[("orchestrator_shm_arena_bytes", "w0")] == 0
         )
-        mon.on_shm("w0", shm_status(shm(5, 500, leases=1)))
+        mon.on_shm("w0", shm_status(messages.ShmStats(**shm(5, 500, leases=1))))
         got = _samples(mon)
         assert got[("orchestrator_shm_requests_total", "w0")] == 35
         assert got[("orchestrator_shm_bytes_total", "w0")] == 3500
