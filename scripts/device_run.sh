@@ -196,19 +196,19 @@ run_mode() {
     final)
         # Issue 10 after the batch-growth change (1 worker, and 2 under MPS), the torch tests, and issue 14's
         # `orchestrator bench` sweeps (bert-tiny; synthetic 110 us, pipelined vs depth 1). Most important first.
-        mkdir -p "$OUT/real" "$OUT/bench"
+        mkdir -p "$RES/real" "$RES/bench"
         step torch-tests 100 python3 -m pytest tests/gpu/test_torch_gpu.py tests/gpu/test_e2e_gpu.py -v \
             -p no:cacheprovider -rfEs --tb=short --timeout 90 -k "not aoti"
         step orch-bert 120 python3 scripts/bench_real.py --model bert --concurrency 1,64 --seconds 8 --steady-s 30 \
-            --profile "$RES/prof-bert" --json "$OUT/real/orch-bert.json" --logs "$RES/logs-orch-bert"
+            --profile "$RES/prof-bert" --json "$RES/real/orch-bert.json" --logs "$RES/logs-orch-bert"
         step orch-bert-mps 80 python3 scripts/bench_real.py --model bert --per-gpu 2 --concurrency 64 --seconds 8 \
-            --json "$OUT/real/orch-bert-mps.json" --logs "$RES/logs-orch-bert-mps"
+            --json "$RES/real/orch-bert-mps.json" --logs "$RES/logs-orch-bert-mps"
         [ -f models/resnet18.ep.pt2 ] || step export-resnet 60 python3 scripts/export_models.py --out models \
             --models resnet --device cuda --max-batch 64 --no-aoti --no-onnx
         step orch-resnet 80 python3 scripts/bench_real.py --model resnet --concurrency 1,32 --seconds 6 \
-            --json "$OUT/real/orch-resnet.json" --logs "$RES/logs-orch-resnet"
-        step bench-bert 90 bash scripts/device_bench.sh bert "$OUT/bench" "$RES/logs-bench-bert"
-        step bench-synthetic 100 bash scripts/device_bench.sh synthetic "$OUT/bench" "$RES/logs-bench-synthetic"
+            --json "$RES/real/orch-resnet.json" --logs "$RES/logs-orch-resnet"
+        step bench-bert 90 bash scripts/device_bench.sh bert "$RES/bench" "$RES/logs-bench-bert"
+        step bench-synthetic 100 bash scripts/device_bench.sh synthetic "$RES/bench" "$RES/logs-bench-synthetic"
         ;;
     *)
         echo "unknown mode '$1' (gpu, stalls, single, quad, shm, profile, shm2, export, torch, gputests, limit, orch, litserve, real, prof, final)"
