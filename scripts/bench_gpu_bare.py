@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.config import Config, parse_config
+from orchestrator.common.config import Config, parse_config
 from workers.driver_journal import JOURNAL
 from workers.pipeline import Batch, Pipeline, Request
 

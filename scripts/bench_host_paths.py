@@ -4,13 +4,13 @@ before/after comparisons of changes to them:
     python scripts/bench_host_paths.py enqueue   # GpuEngineBase._enqueue_eager / _enqueue_shm, static model
     python scripts/bench_host_paths.py dims      # the pipeline's check / stage+launch / complete for four
                                                  # bert-sized (16 x 128) shared-memory requests
-    python scripts/bench_host_paths.py header    # orchestrator.protocol.decode_request_header on a
+    python scripts/bench_host_paths.py header    # orchestrator.common.protocol.decode_request_header on a
                                                  # shared-memory and a frames INFER header, two tensors each
 
 `enqueue` drives a GPU engine over a CUDA stand-in whose copies do nothing, so the figure is the Python
 around the driver calls. `dims` drives workers.pipeline.Pipeline with a do-nothing asynchronous engine that
 has a dynamic `seq` dimension, over a real shared-memory arena in /tmp. `header` times the worker's decode of
-a request header (orchestrator/protocol.py), the first thing the serving thread does with each request.
+a request header (orchestrator/common/protocol.py), the first thing the serving thread does with each request.
 Figures are noisy on a shared VM: run each a few times.
 """
 
@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.config import parse_config  # noqa: E402
-from orchestrator.protocol import decode_request_header, encode_request, encode_shm_request  # noqa: E402
+from orchestrator.common.config import parse_config  # noqa: E402
+from orchestrator.common.protocol import decode_request_header, encode_request, encode_shm_request  # noqa: E402
 from tests.unit.fake_cuda import FakeRuntime  # noqa: E402
 from workers.arena import Arena  # noqa: E402
 from workers.engines.base import Engine, Slot, TensorSpec  # noqa: E402

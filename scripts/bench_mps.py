@@ -26,7 +26,7 @@ import tomli_w
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orchestrator import mps  # noqa: E402
+from orchestrator.supervisor import mps  # noqa: E402
 from scripts.benchlib import cli, copy_logs, machine_info, start_or_record, status_json  # noqa: E402
 from scripts.loadgen import run_load  # noqa: E402
 

@@ -47,7 +47,7 @@ os.environ.setdefault(
     "CUDA_MODULE_LOADING", "EAGER"
 )  # read by cuInit in the bare child: set before it starts
 
-from orchestrator.config import load_config  # noqa: E402
+from orchestrator.common.config import load_config  # noqa: E402
 from scripts.bench_gpu_bare import Shape  # noqa: E402
 from scripts.bench_gpu_orch import NvmlUtil, closed_loop, totals  # noqa: E402
 from scripts.bench_mps import cell, fmt, mps_evidence, mps_leftovers, same_bits, stop  # noqa: E402

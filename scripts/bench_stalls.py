@@ -22,8 +22,8 @@ import tomli_w
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.config import load_config  # noqa: E402
-from orchestrator.rundir import RunDir  # noqa: E402
+from orchestrator.common.config import load_config  # noqa: E402
+from orchestrator.common.rundir import RunDir  # noqa: E402
 from scripts import benchlib  # noqa: E402
 from scripts.benchlib import machine_info as machine  # noqa: E402
 from scripts.loadgen import run_load  # noqa: E402

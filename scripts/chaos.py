@@ -145,7 +145,7 @@ def _submit_thread(
 def client_main(spec: dict) -> None:
     """A client process (`chaos.py --client SPEC`): say "ready", wait for "go" on stdin, run, print the tally."""
     from orchestrator.client import Client
-    from orchestrator.errors import OrchestratorError
+    from orchestrator.common.errors import OrchestratorError
     from workers.engines.synthetic_math import reference
 
     config, proc, n = spec["config"], spec["proc"], spec["n"]
@@ -222,7 +222,7 @@ class EventLog(threading.Thread):
         self.closing = False
 
     def run(self) -> None:
-        from orchestrator import messages
+        from orchestrator.common import messages
 
         ctx = zmq.Context.instance()
         sub = ctx.socket(zmq.SUB)
@@ -294,16 +294,16 @@ flap_max_crashes = 100000
 
 
 def _status(run_dir: Path) -> dict:
-    from orchestrator.control import ControlClient
-    from orchestrator.rundir import RunDir
+    from orchestrator.client.control import ControlClient
+    from orchestrator.common.rundir import RunDir
 
     with ControlClient(RunDir(run_dir).control_endpoint(), timeout_s=5) as c:
         return c.call("status")
 
 
 def _endpoints(run_dir: Path) -> dict:
-    from orchestrator.control import ControlClient
-    from orchestrator.rundir import RunDir
+    from orchestrator.client.control import ControlClient
+    from orchestrator.common.rundir import RunDir
 
     with ControlClient(RunDir(run_dir).control_endpoint(), timeout_s=5) as c:
         return c.call("endpoints")

@@ -228,7 +228,7 @@ echo "MPS after:"; mps_processes | tee "$RES/mps-after.txt"
 # A daemon the benchmarks started and failed to stop (its temp pipe dir is gone by now): end it by pid.
 python3 - <<'EOF' 2>&1 | tee -a "$RES/mps-after.txt"
 import os, signal
-from orchestrator.mps import list_mps_processes
+from orchestrator.supervisor.mps import list_mps_processes
 ours = [p for p in list_mps_processes() if p.pipe_dir and p.pipe_dir.startswith(("/tmp/bmps-", "/tmp/bscale-", "/tmp/bshm-"))]
 for p in ours:
     print(f"LEAKED {p.role} pid {p.pid} (pipe dir {p.pipe_dir}): SIGKILL")

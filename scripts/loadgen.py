@@ -1,8 +1,8 @@
 """Closed-loop load for the benchmark scripts (bench_cpu, bench_mps, bench_scaling, bench_stalls): N client
 processes keeping K requests in flight each for a fixed time. The loop itself is `orchestrator bench`'s
-(orchestrator/bench/load.py); this keeps the scripts' call and result shape.
+(orchestrator/cli/bench/load.py); this keeps the scripts' call and result shape.
 
-Runs in the benchmark's process; the client processes are spawned by orchestrator.bench.load.
+Runs in the benchmark's process; the client processes are spawned by orchestrator.cli.bench.load.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.bench.load import run_load as bench_load
+from orchestrator.cli.bench.load import run_load as bench_load
 
 
 @dataclass

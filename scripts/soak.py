@@ -88,8 +88,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def _status(run_dir: Path) -> dict:
-    from orchestrator.control import ControlClient
-    from orchestrator.rundir import RunDir
+    from orchestrator.client.control import ControlClient
+    from orchestrator.common.rundir import RunDir
 
     with ControlClient(RunDir(run_dir).control_endpoint(), timeout_s=5) as c:
         return c.call("status")

@@ -1,4 +1,5 @@
-"""Regenerate the config reference table in README.md from orchestrator/config.py (run after editing it).
+"""Regenerate the config reference table in README.md from orchestrator/common/config.py (run after
+editing it).
 
 tests/unit/test_readme.py fails when the README's table and the code disagree.
 """
@@ -11,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.config import reference  # noqa: E402
+from orchestrator.common.config import reference  # noqa: E402
 
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 

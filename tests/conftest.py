@@ -89,7 +89,7 @@ class Running:
 
     def __init__(self, config: Path) -> None:
         self.config = config
-        from orchestrator.config import load_config
+        from orchestrator.common.config import load_config
 
         self.cfg = load_config(config)
         self.run_dir = self.cfg.run_dir
@@ -99,8 +99,8 @@ class Running:
         return self
 
     def status(self) -> dict:
-        from orchestrator.control import ControlClient
-        from orchestrator.rundir import RunDir
+        from orchestrator.client.control import ControlClient
+        from orchestrator.common.rundir import RunDir
 
         with ControlClient(RunDir(self.run_dir).control_endpoint(), timeout_s=5) as c:
             return c.call("status")
@@ -115,7 +115,7 @@ class Running:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        from orchestrator.rundir import RunDir
+        from orchestrator.common.rundir import RunDir
 
         if RunDir(self.run_dir).is_running():
             cli("stop", str(self.config), timeout=60)

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.errors import InvalidInputError, OverloadedError
-from orchestrator.messages import ShmStats
-from orchestrator.shm import PAGE, SpanAllocator, arena_dir, ensure_private_dir
+from orchestrator.common.errors import InvalidInputError, OverloadedError
+from orchestrator.common.messages import ShmStats
+from orchestrator.common.shm import PAGE, SpanAllocator, arena_dir, ensure_private_dir
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class Arena:
     # --- status -----------------------------------------------------------------------------------
 
     def stats(self) -> ShmStats:
-        """What a heartbeat carries (orchestrator.messages.ShmStats)."""
+        """What a heartbeat carries (orchestrator.common.messages.ShmStats)."""
         return ShmStats(
             arena_bytes=self.size,
             free_bytes=self._alloc.free_bytes,

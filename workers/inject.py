@@ -16,8 +16,8 @@ import sys
 import threading
 from typing import Any
 
-from orchestrator.config import Config
-from orchestrator.errors import ConfigError
+from orchestrator.common.config import Config
+from orchestrator.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,13 @@ class Injector:
     @property
     def hog_pids(self) -> list[int]:
         return [p.pid for p in self._hogs]
+
+
+def injected_here(cfg: Config, worker_id: str) -> bool:
+    """Whether [debug] inject applies to this worker."""
+    return cfg.debug.inject != "none" and (
+        not cfg.debug.inject_workers or worker_id in cfg.debug.inject_workers
+    )
 
 
 def start(cfg: Config) -> Injector | None:

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator import shapes
-from orchestrator.errors import BatchTooLargeError, InvalidInputError
+from orchestrator.common import shapes
+from orchestrator.common.errors import BatchTooLargeError, InvalidInputError
 from workers.engines.base import Engine, Slot
 from workers.engines.dims import batch_view
 

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import zmq
 
-from orchestrator import messages, protocol
-from orchestrator.config import Config
-from orchestrator.errors import (
+from orchestrator.common import messages, protocol
+from orchestrator.common.config import Config
+from orchestrator.common.errors import (
     BatchTooLargeError,
     EngineError,
     ErrorCode,
@@ -26,9 +26,10 @@ from orchestrator.errors import (
     OrchestratorError,
     RequestError,
 )
-from orchestrator.protocol import Kind
-from orchestrator.security import secure_server, stop_authenticator
-from orchestrator.shapes import is_dynamic
+from orchestrator.common.protocol import Kind
+from orchestrator.common.security import secure_server, stop_authenticator
+from orchestrator.common.shapes import is_dynamic
+from workers import inject
 from workers.arena import Arena
 from workers.driver_journal import JOURNAL
 from workers.engines.base import Engine, Slot
@@ -143,9 +144,7 @@ class ServeLoop:
         self.errors_by_code: dict[int, int] = {}
         self.draining = False
         self.hang = False  # debug.inject = hang_after reached: stop making progress, keep heartbeats
-        from workers.worker import injected_here
-
-        self.hang_armed = cfg.debug.inject == "hang_after" and injected_here(cfg, self.id)
+        self.hang_armed = cfg.debug.inject == "hang_after" and inject.injected_here(cfg, self.id)
         engine.mark_ready()
         self._send_ready()
 

@@ -14,8 +14,8 @@ from collections import deque
 from statistics import median_low
 from typing import Any
 
-from orchestrator.config import MonitorSection
-from orchestrator.monitor.histogram import BOUNDS_US, Histogram
+from orchestrator.common.config import MonitorSection
+from orchestrator.common.histogram import BOUNDS_US, Histogram
 from workers.driver_journal import DriverJournal, DriverOp
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
 """Worker process entry: load the engine, allocate and warm up, report READY, then serve over ZeroMQ.
 
-`python -m workers.worker SPEC_JSON_PATH` (an orchestrator.messages.WorkerSpec), started by the supervisor. One serving thread owns the data
-ROUTER and the supervisor PUSH socket and runs the pipeline; a completion-waiter thread is used only for
-GPU engines in blocking-sync mode. Signal handlers only set a flag and wake the serving thread.
+`python -m workers.worker SPEC_JSON_PATH` (an orchestrator.common.messages.WorkerSpec), started by the
+supervisor. One serving thread owns the data ROUTER and the supervisor PUSH socket and runs the pipeline; a
+completion-waiter thread is used only for GPU engines in blocking-sync mode. Signal handlers only set a flag and wake the serving thread.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from typing import Any
 
 import zmq
 
-from orchestrator import messages
-from orchestrator.config import Config, from_dict
-from orchestrator.errors import ErrorCode, OrchestratorError
-from orchestrator.procstat import pin_process, set_title
+from orchestrator.common import messages
+from orchestrator.common.config import Config, from_dict
+from orchestrator.common.errors import ErrorCode, OrchestratorError
+from orchestrator.common.procstat import pin_process, set_title
+from workers import inject
 from workers.serve_loop import ServeLoop
 
 log = logging.getLogger("workers.worker")
@@ -43,8 +44,8 @@ def _arm_parent_death(expected_ppid: int) -> None:
 
 def _configure_logging(cfg: Config, spec: messages.WorkerSpec) -> None:
     """stderr is <run_dir>/logs/<id>.log (the supervisor redirected it): rotated past log_max_mb."""
-    from orchestrator import logs
-    from orchestrator.rundir import RunDir
+    from orchestrator.common import logs
+    from orchestrator.common.rundir import RunDir
 
     worker_id = spec.id
     path = RunDir(Path(spec.run_dir or cfg.run_dir)).logs / f"{worker_id}.log"
@@ -56,20 +57,13 @@ def _configure_logging(cfg: Config, spec: messages.WorkerSpec) -> None:
     )
 
 
-def injected_here(cfg: Config, worker_id: str) -> bool:
-    """Whether [debug] inject applies to this worker."""
-    return cfg.debug.inject != "none" and (
-        not cfg.debug.inject_workers or worker_id in cfg.debug.inject_workers
-    )
-
-
 def _startup(spec: messages.WorkerSpec, cfg: Config, ctx: zmq.Context, sup: zmq.Socket) -> ServeLoop:
     """Everything before READY. Raises on failure (reported as last words by the caller)."""
     if (
         spec.cpu_affinity
     ):  # every thread: ZeroMQ's I/O threads started with the context, on our parent's cores
         pin_process(tuple(spec.cpu_affinity))
-    if cfg.debug.inject == "crash_on_start" and injected_here(cfg, spec.id):
+    if cfg.debug.inject == "crash_on_start" and inject.injected_here(cfg, spec.id):
         raise RuntimeError("injected start-up crash (debug.inject = crash_on_start)")
     t0 = time.monotonic()
     from workers.engines.registry import create_engine  # imports CUDA only for GPU engines
@@ -132,9 +126,7 @@ def run_worker(spec_path: str) -> int:
         ctx.term()
         return 3
     # Stall injection ([debug] inject) starts after READY, so its driver operations count as faults.
-    from workers import inject
-
-    injector = inject.start(cfg) if injected_here(cfg, spec.id) else None
+    injector = inject.start(cfg) if inject.injected_here(cfg, spec.id) else None
     try:
         loop.run(rfd, stop_flag)
     finally:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from orchestrator.errors import ConfigError
+from orchestrator.common.errors import ConfigError
 from tests.conftest import DEMO_MODEL, ROOT, cli, write_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -117,7 +117,7 @@ def test_foreground_start_and_ctrl_c(short_tmp) -> None:
 def test_arenas_that_do_not_fit_in_shared_memory_are_a_config_error(short_tmp) -> None:
     import os
 
-    from orchestrator.shm import arena_dir
+    from orchestrator.common.shm import arena_dir
 
     probe = arena_dir(short_tmp / "run")
     while not probe.exists():
@@ -159,11 +159,11 @@ def test_unusable_run_dir_is_one_line_at_validate_and_start(short_tmp, run_dir: 
 
 
 def test_gpu_config_without_a_gpu_fails_validate_as_it_fails_start(short_tmp) -> None:
-    from orchestrator.devices import discover_or_explain
+    from orchestrator.supervisor.devices import discover_or_explain
 
     cfg = write_config(short_tmp, {"workers": {"device": "gpu"}})
     try:
-        from orchestrator.config import load_config
+        from orchestrator.common.config import load_config
 
         discover_or_explain(load_config(cfg))
         pytest.skip("this host has a GPU")

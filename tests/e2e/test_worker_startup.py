@@ -32,6 +32,6 @@ def test_foreground_start_where_no_worker_can_start(short_tmp: Path) -> None:
     ), message
     assert "injected start-up crash" in message.split("--- last lines of ", 1)[1]  # the worker's log tail
     assert (
-        'cli.py", line' not in p.stderr and "WorkerStartupError" not in p.stderr
+        'commands.py", line' not in p.stderr and "WorkerStartupError" not in p.stderr
     )  # printed, not a traceback
     assert "[shutdown] all workers stopped (no worker could start)" in head  # drained in order first

@@ -11,7 +11,7 @@ import numpy as np
 
 def gpu_config(**kw: Any) -> Any:
     """A validated GPU config; keyword `section__key=value` sets [section] key."""
-    from orchestrator.config import parse_config
+    from orchestrator.common.config import parse_config
 
     raw: dict[str, dict[str, Any]] = {"workers": {"device": "gpu"}, "model": {"kind": "synthetic"}}
     for key, value in kw.items():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from gpu_helpers import drive, gpu_config, poison
 
-from orchestrator.errors import EngineError
+from orchestrator.common.errors import EngineError
 from workers.engines import synthetic_math
 from workers.engines.tensorrt_engine import TensorRTEngine, import_tensorrt
 from workers.pipeline import Pipeline

@@ -161,7 +161,7 @@ def test_failed_capture_runs_uncaptured_and_right(programs, engines: list, monke
 
 
 def test_program_without_dynamic_batch_is_refused(tmp_path: Path, engines: list) -> None:
-    from orchestrator.errors import EngineError
+    from orchestrator.common.errors import EngineError
     from workers.engines.torch_engine import TorchEngine
 
     model = tm.encoder()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import zmq
 
-from orchestrator import protocol
-from orchestrator.errors import ErrorCode
+from orchestrator.common import protocol
+from orchestrator.common.errors import ErrorCode
 from tests.conftest import write_config
 
 pytestmark = pytest.mark.timeout(90)

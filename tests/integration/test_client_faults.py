@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from orchestrator.client import Client
-from orchestrator.errors import UnavailableError
+from orchestrator.common.errors import UnavailableError
 from tests.conftest import cli
 from tests.integration.test_reliability import rows, synthetic_config, wait_until
 from workers.engines.synthetic_math import reference

@@ -14,8 +14,8 @@ import onnxruntime as ort
 import pytest
 
 from orchestrator.client import Client
-from orchestrator.config import parse_config
-from orchestrator.errors import ConfigError, EngineError, InvalidInputError
+from orchestrator.common.config import parse_config
+from orchestrator.common.errors import ConfigError, EngineError, InvalidInputError
 from tests.conftest import ROOT, cli, write_config
 from workers.engines.onnx_cpu import OnnxCpuEngine
 from workers.pipeline import Pipeline, Request

@@ -18,9 +18,9 @@ import zmq
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from orchestrator import messages, protocol
-from orchestrator.errors import ErrorCode
-from orchestrator.rundir import RunDir
+from orchestrator.common import messages, protocol
+from orchestrator.common.errors import ErrorCode
+from orchestrator.common.rundir import RunDir
 from tests.conftest import write_config
 
 pytestmark = pytest.mark.timeout(180)

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from orchestrator.client import Client
-from orchestrator.config import Config, parse_config
-from orchestrator.errors import ShuttingDownError
-from orchestrator.monitor import http
-from orchestrator.supervisor import Supervisor
+from orchestrator.common.config import Config, parse_config
+from orchestrator.common.errors import ShuttingDownError
+from orchestrator.supervisor.core import Supervisor
+from orchestrator.supervisor.monitor import http
 from tests.conftest import wait_until, write_config
 from workers.engines.synthetic_math import reference
 

@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from orchestrator.config import parse_config
+from orchestrator.common.config import parse_config
 from workers import inject
 
 

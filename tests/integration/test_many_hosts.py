@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from orchestrator.client import Client
-from orchestrator.security import ClientKeys, keygen
+from orchestrator.common.security import ClientKeys, keygen
 from tests.conftest import cli, wait_until, write_config
 from tests.integration.load import ITEM, Load
 from workers.engines.synthetic_math import reference

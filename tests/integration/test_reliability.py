@@ -20,15 +20,15 @@ import psutil
 import pytest
 import zmq
 
-from orchestrator import protocol
-from orchestrator.client import DEFAULT_TIMEOUT_S, Client
-from orchestrator.errors import (
+from orchestrator.client.core import DEFAULT_TIMEOUT_S, Client
+from orchestrator.common import protocol
+from orchestrator.common.errors import (
     DeadlineExceededError,
     OrchestratorError,
     UnavailableError,
     WorkerDeadError,
 )
-from orchestrator.rundir import RunDir
+from orchestrator.common.rundir import RunDir
 from tests.conftest import ROOT, cli, wait_until, write_config
 from tests.integration.load import ITEM, Load, rows
 from workers.engines.synthetic_math import reference

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from orchestrator.client import Client
-from orchestrator.config import ConfigError, parse_config
-from orchestrator.control import ControlClient
-from orchestrator.errors import ControlError, UnavailableError
-from orchestrator.security import ClientKeys, keygen
+from orchestrator.client.control import ControlClient
+from orchestrator.common.config import ConfigError, parse_config
+from orchestrator.common.errors import ControlError, UnavailableError
+from orchestrator.common.security import ClientKeys, keygen
 from tests.conftest import write_config
 
 pytestmark = pytest.mark.timeout(120)

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from orchestrator.client import AsyncClient, Client
-from orchestrator.errors import (
+from orchestrator.common.errors import (
     BatchTooLargeError,
     DeadlineExceededError,
     InvalidInputError,

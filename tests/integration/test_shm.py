@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import zmq
 
-from orchestrator import protocol
 from orchestrator.client import AsyncClient, Client
-from orchestrator.errors import BatchTooLargeError, ErrorCode, OverloadedError, UnavailableError
+from orchestrator.common import protocol
+from orchestrator.common.errors import BatchTooLargeError, ErrorCode, OverloadedError, UnavailableError
 from tests.conftest import DEMO_MODEL, write_config
 from workers.engines.synthetic_math import reference
 

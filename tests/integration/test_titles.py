@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.procstat import set_title
+from orchestrator.common.procstat import set_title
 from tests.conftest import write_config
 
 

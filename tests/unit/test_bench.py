@@ -15,12 +15,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from orchestrator import cli
-from orchestrator.bench import check, inputs, report, telemetry
-from orchestrator.bench.load import PointLoad, PoolSpec, _Point
-from orchestrator.bench.sweep import Settings, make_point
-from orchestrator.errors import OverloadedError
-from orchestrator.monitor.histogram import Histogram
+from orchestrator.cli import commands
+from orchestrator.cli.bench import check, inputs, report, telemetry
+from orchestrator.cli.bench.load import PointLoad, PoolSpec, _Point
+from orchestrator.cli.bench.sweep import Settings, make_point
+from orchestrator.common.errors import OverloadedError
+from orchestrator.common.histogram import Histogram
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = str(ROOT / "configs" / "cpu.toml")
@@ -324,7 +324,7 @@ def test_csv_and_table(tmp_path: Path) -> None:
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from orchestrator.bench.plot import plot
+    from orchestrator.cli.bench.plot import plot
 
     for results, name in (([_result("a")], "one.png"), ([_result("a", gpu=True), _result("b")], "two.png")):
         plot(results, tmp_path / name, title="test")
@@ -336,7 +336,7 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
 
 def _bench(capsys, *args: str) -> tuple[int, str]:
     with pytest.raises(SystemExit) as ei:
-        cli.main(["bench", *args])
+        commands.main(["bench", *args])
     return int(ei.value.code or 0), capsys.readouterr().err
 
 
@@ -396,11 +396,11 @@ def test_the_readme_examples_use_real_flags_and_every_flag_is_documented() -> No
         if ln.startswith("orchestrator bench")
     ]
     assert len(lines) >= 3
-    parser = cli.build_parser()
+    parser = commands.build_parser()
     for line in lines:
         args = parser.parse_args(shlex.split(line)[1:])  # exits 2 on an unknown flag
-        assert args.func is cli.cmd_bench
-        cli._bench_settings(args)  # every value acceptable
+        assert args.func is commands.cmd_bench
+        commands._bench_settings(args)  # every value acceptable
     sub = next(a for a in parser._actions if a.dest == "cmd").choices["bench"]  # type: ignore[union-attr]
     flags = [
         opt

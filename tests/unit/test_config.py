@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import Config, ConfigError, from_dict, load_config, parse_config, reference, to_dict
+from orchestrator.common.config import (
+    Config,
+    ConfigError,
+    from_dict,
+    load_config,
+    parse_config,
+    reference,
+    to_dict,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 

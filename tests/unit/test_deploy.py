@@ -21,8 +21,8 @@ import kubernetes.client
 import pytest
 import yaml
 
-from orchestrator.config import load_config, parse_config
-from orchestrator.errors import ConfigError
+from orchestrator.common.config import load_config, parse_config
+from orchestrator.common.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"

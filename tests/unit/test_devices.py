@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.config import ConfigError, parse_config
-from orchestrator.devices import plan_workers
-from orchestrator.rundir import RunDir
+from orchestrator.common.config import ConfigError, parse_config
+from orchestrator.common.rundir import RunDir
+from orchestrator.supervisor.devices import plan_workers
 
 
 def gpus(affinities: list[list[int]]) -> list[dict]:
@@ -62,7 +62,7 @@ def test_explicit_affinity_overrides_nvml_and_is_checked() -> None:
 
 
 def test_smt_siblings_stay_together_so_no_two_workers_share_a_physical_core() -> None:
-    from orchestrator.devices import _split
+    from orchestrator.supervisor.devices import _split
 
     # 16 physical cores with two threads each, numbered as Linux does: core k is CPUs k and k + 16.
     def core_of(cpu: int) -> tuple[int, int]:
@@ -84,7 +84,7 @@ def _by_pairs(cpu: int) -> tuple[int, int]:
 
 
 def test_auto_keeps_one_physical_core_for_the_supervisor(monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator import devices
+    from orchestrator.supervisor import devices
 
     monkeypatch.setattr(devices, "physical_core_of", _by_pairs)
     plans = plan(gpus([list(range(32))] * 4), supervisor="auto")
@@ -97,7 +97,7 @@ def test_auto_keeps_one_physical_core_for_the_supervisor(monkeypatch: pytest.Mon
 
 
 def test_no_core_is_set_aside_when_workers_need_every_physical_core(monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator import devices
+    from orchestrator.supervisor import devices
 
     monkeypatch.setattr(devices, "physical_core_of", _by_pairs)
     plans = plan(gpus([list(range(32))] * 4), supervisor="auto", per_gpu=4)  # 16 workers, 16 physical cores
@@ -110,7 +110,7 @@ def test_no_core_is_set_aside_when_workers_need_every_physical_core(monkeypatch:
 def test_configured_supervisor_cores_are_kept_off_the_workers_and_checked(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from orchestrator import devices
+    from orchestrator.supervisor import devices
 
     monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: set(range(8)))
     plans = plan(gpus([list(range(8))]), supervisor=[7], per_gpu=2)

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.config import parse_config
-from orchestrator.errors import EngineError
+from orchestrator.common.config import parse_config
+from orchestrator.common.errors import EngineError
 from tests.unit.fake_cuda import FakeRuntime
 from workers.arena import Arena
 from workers.engines.base import TensorSpec
@@ -156,7 +156,7 @@ def test_every_batch_and_size_bucket_has_both_graphs(setup) -> None:
 
 
 def test_remembered_checks_give_each_shape_its_own_sizes_and_never_skip_a_refusal(setup) -> None:
-    from orchestrator.errors import InvalidInputError
+    from orchestrator.common.errors import InvalidInputError
 
     _, pipe, _ = setup
     ids = np.dtype(np.int64)

@@ -22,9 +22,9 @@ import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.config import Config
-from orchestrator.monitor.metrics import make_registry
-from orchestrator.monitor.monitor import Monitor
+from orchestrator.common.config import Config
+from orchestrator.supervisor.monitor.metrics import make_registry
+from orchestrator.supervisor.monitor.monitor import Monitor
 from tests.unit.monitor_data import batch, driver_lock_stall
 from workers.driver_journal import DriverJournal
 from workers.telemetry import WorkerTelemetry

@@ -7,7 +7,7 @@ import random
 import msgpack
 import pytest
 
-from orchestrator.monitor.histogram import BOUNDS_US, PROM_BOUNDS_US, Histogram
+from orchestrator.common.histogram import BOUNDS_US, PROM_BOUNDS_US, Histogram
 
 
 def _lognormal(n: int, seed: int = 1) -> list[float]:

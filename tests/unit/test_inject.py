@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from orchestrator.config import parse_config
-from orchestrator.errors import ConfigError
+from orchestrator.common.config import parse_config
+from orchestrator.common.errors import ConfigError
 from workers import inject
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from orchestrator.logs import RepeatFilter
+from orchestrator.common.logs import RepeatFilter
 
 
 def test_repeats_are_limited_per_template_and_counted() -> None:
@@ -31,7 +31,7 @@ def test_log_file_is_rotated_in_place_past_its_bound(tmp_path: Path) -> None:
     code = f"""
 import logging, sys
 from pathlib import Path
-from orchestrator import logs
+from orchestrator.common import logs
 logs.configure("info", "%(message)s", Path({str(log)!r}), max_bytes=4000, burst=10**6)
 for i in range(400):
     logging.getLogger("t").info("line %04d %s", i, "x" * 40)

@@ -1,6 +1,6 @@
-"""The typed internal messages (orchestrator/messages.py): each channel's one decoder returns the right Struct,
-refuses another version, an unknown kind or a bad field with a reason (never an exception of another type),
-and the receivers log or answer a refusal instead of crashing."""
+"""The typed internal messages (orchestrator/common/messages.py): each channel's one decoder returns the
+right Struct, refuses another version, an unknown kind or a bad field with a reason (never an exception of
+another type), and the receivers log or answer a refusal instead of crashing."""
 
 from __future__ import annotations
 
@@ -16,11 +16,10 @@ import msgspec
 import pytest
 import zmq
 
-from orchestrator import control, messages
-from orchestrator.config import Config
-from orchestrator.control import ControlClient
-from orchestrator.devices import WorkerPlan
-from orchestrator.errors import (
+from orchestrator.client.control import ControlClient
+from orchestrator.common import messages
+from orchestrator.common.config import Config
+from orchestrator.common.errors import (
     ControlError,
     EngineError,
     ErrorCode,
@@ -29,10 +28,12 @@ from orchestrator.errors import (
     ProtocolError,
     error_from_code,
 )
-from orchestrator.messages import Kind, WorkerState
-from orchestrator.rundir import RunDir
-from orchestrator.supervisor import Supervisor
-from orchestrator.worker_handle import State, WorkerHandle
+from orchestrator.common.messages import Kind, WorkerState
+from orchestrator.common.rundir import RunDir
+from orchestrator.supervisor import control
+from orchestrator.supervisor.core import Supervisor
+from orchestrator.supervisor.devices import WorkerPlan
+from orchestrator.supervisor.worker_handle import State, WorkerHandle
 from workers.worker import run_worker, title
 
 PID = 4321

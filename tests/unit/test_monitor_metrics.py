@@ -15,12 +15,12 @@ import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.config import Config
-from orchestrator.monitor.histogram import Histogram
-from orchestrator.monitor.http import start_http_server
-from orchestrator.monitor.metrics import make_registry
-from orchestrator.monitor.monitor import Monitor
-from orchestrator.monitor.stalls import CAUSES
+from orchestrator.common.config import Config
+from orchestrator.common.histogram import Histogram
+from orchestrator.supervisor.monitor.http import start_http_server
+from orchestrator.supervisor.monitor.metrics import make_registry
+from orchestrator.supervisor.monitor.monitor import Monitor
+from orchestrator.supervisor.monitor.stalls import CAUSES
 from tests.unit.monitor_data import batch, driver_lock_stall
 from workers.driver_journal import DriverJournal
 from workers.telemetry import WorkerTelemetry

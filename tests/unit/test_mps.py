@@ -17,8 +17,8 @@ from typing import Any
 import psutil
 import pytest
 
-from orchestrator import mps
-from orchestrator.config import parse_config
+from orchestrator.common.config import parse_config
+from orchestrator.supervisor import mps
 
 UUIDS = ["GPU-11111111-2222-3333-4444-555555555555", "GPU-66666666-7777-8888-9999-000000000000"]
 
@@ -369,7 +369,7 @@ def test_stop_escalates_when_the_daemon_ignores_quit_and_sigterm(
     d.start()
     pid = d.pid
     t0 = time.monotonic()
-    with caplog.at_level("INFO", logger="orchestrator.mps"):
+    with caplog.at_level("INFO", logger="orchestrator.supervisor.mps"):
         d.stop()
     assert not mps._alive(pid)
     assert time.monotonic() - t0 < 2.0 + 3.0 + 2.0 + 2.0
@@ -457,7 +457,7 @@ def test_supervisor_starts_mps_before_workers_and_stops_it(
     fake: FakeMps, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The supervisor's side (issue 6 integration): plan -> daemon -> worker env -> status -> teardown."""
-    from orchestrator import supervisor
+    from orchestrator.supervisor import core as supervisor
 
     c = parse_config(
         {

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from orchestrator.config import Config
-from orchestrator.errors import UnavailableError
-from orchestrator.monitor import nvml_sampler
-from orchestrator.monitor.monitor import Monitor
-from orchestrator.monitor.nvml_sampler import (
+from orchestrator.common.config import Config
+from orchestrator.common.errors import UnavailableError
+from orchestrator.supervisor.monitor import nvml_sampler
+from orchestrator.supervisor.monitor.monitor import Monitor
+from orchestrator.supervisor.monitor.nvml_sampler import (
     NvmlSampler,
     decode_reasons,
     discover_gpus,

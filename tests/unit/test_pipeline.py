@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orchestrator.errors import BatchTooLargeError, InvalidInputError
+from orchestrator.common.errors import BatchTooLargeError, InvalidInputError
 from workers.engines.base import Engine, Slot, TensorSpec
 from workers.pipeline import Pipeline, Request
 

@@ -6,8 +6,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from orchestrator import protocol
-from orchestrator.errors import ErrorCode
+from orchestrator.common import protocol
+from orchestrator.common.errors import ErrorCode
 
 
 def test_request_round_trip_zero_copy() -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from orchestrator.config import reference
+from orchestrator.common.config import reference
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,3 +21,15 @@ def test_ci_runs_the_readme_test_command() -> None:
     test_cmd = next(line for line in ci.splitlines() if "pytest" in line)
     assert test_cmd.strip() in readme
     assert "orchestrator start configs/cpu.toml" in readme
+
+
+def test_paths_named_in_the_docs_exist() -> None:
+    """Every repository path the README and docs/ name in backticks is there (e.g. after a module moved)."""
+    pattern = r"`((?:orchestrator|workers|scripts|tests|configs|deploy|docs|models|benchmarks)/[^`\s*<>]*)`"
+    missing = [
+        f"{doc.name}: {path}"
+        for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+        for path in re.findall(pattern, doc.read_text())
+        if not (ROOT / path.rstrip(":,.")).exists()
+    ]
+    assert not missing, missing

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from orchestrator.config import RestartSection
-from orchestrator.restart_policy import Action, RestartTracker
+from orchestrator.common.config import RestartSection
+from orchestrator.supervisor.restart_policy import Action, RestartTracker
 
 POLICY = RestartSection(
     backoff_initial_s=0.5, backoff_max_s=3.0, flap_window_s=10.0, flap_max_crashes=4, quarantine_s=60.0

@@ -16,14 +16,15 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from orchestrator import messages, status_view
-from orchestrator.config import Config
-from orchestrator.devices import WorkerPlan
-from orchestrator.monitor.metrics import make_registry
-from orchestrator.monitor.monitor import Monitor
-from orchestrator.rundir import RunDir
-from orchestrator.supervisor import Supervisor
-from orchestrator.worker_handle import WorkerHandle, shm_status
+from orchestrator.cli import status_view
+from orchestrator.common import messages
+from orchestrator.common.config import Config
+from orchestrator.common.rundir import RunDir
+from orchestrator.supervisor.core import Supervisor
+from orchestrator.supervisor.devices import WorkerPlan
+from orchestrator.supervisor.monitor.metrics import make_registry
+from orchestrator.supervisor.monitor.monitor import Monitor
+from orchestrator.supervisor.worker_handle import WorkerHandle, shm_status
 
 OFF = {"enabled": False, "arena_bytes": 0, "free_bytes": 0, "leases": 0, "requests": 0, "bytes": 0}
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.config import Config
-from orchestrator.monitor.monitor import Monitor
+from orchestrator.common.config import Config
+from orchestrator.supervisor.monitor.monitor import Monitor
 from workers.driver_journal import DriverJournal
 from workers.engines.base import Engine, Slot, TensorSpec
 from workers.pipeline import Pipeline, Request

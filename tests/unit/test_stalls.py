@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.monitor.stalls import StallLog, attribute, build_record
+from orchestrator.supervisor.monitor.stalls import StallLog, attribute, build_record
 
 MS = 1_000_000  # ns
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from orchestrator import status_view
-from orchestrator.config import Config
-from orchestrator.monitor.monitor import Monitor
+from orchestrator.cli import status_view
+from orchestrator.common.config import Config
+from orchestrator.supervisor.monitor.monitor import Monitor
 from workers.driver_journal import DriverJournal
 from workers.pipeline import Batch, Request
 from workers.telemetry import WorkerTelemetry

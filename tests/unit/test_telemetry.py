@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import msgpack
 import pytest
 
-from orchestrator.config import MonitorSection
+from orchestrator.common.config import MonitorSection
 from workers import telemetry
 from workers.driver_journal import DriverJournal
 from workers.pipeline import Batch, Request

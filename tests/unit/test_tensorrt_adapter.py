@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from orchestrator.config import parse_config
-from orchestrator.errors import EngineError
+from orchestrator.common.config import parse_config
+from orchestrator.common.errors import EngineError
 from tests.unit.fake_cuda import FakeRuntime
 from workers.driver_journal import JOURNAL
 from workers.engines import tensorrt_engine

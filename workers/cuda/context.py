@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from cuda.bindings import driver
 
-from orchestrator.errors import EngineError
+from orchestrator.common.errors import EngineError
 from workers.cuda.errors import CudaError, check
 from workers.driver_journal import JOURNAL
 

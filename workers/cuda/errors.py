@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.errors import EngineError
+from orchestrator.common.errors import EngineError
 
 
 class CudaError(EngineError):

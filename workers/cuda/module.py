@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from cuda.bindings import driver, nvrtc
 
-from orchestrator.errors import EngineError
+from orchestrator.common.errors import EngineError
 from workers.cuda.errors import CudaError, check
 from workers.cuda.stream import Stream
 from workers.driver_journal import JOURNAL

@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.shapes import resolve
+from orchestrator.common.shapes import resolve
 
 
 @dataclass(frozen=True)
 class TensorSpec:
     """One input or output tensor. `item_shape` excludes the leading batch dimension; its entries are
-    sizes, or the names of dynamic dimensions (orchestrator/shapes.py)."""
+    sizes, or the names of dynamic dimensions (orchestrator/common/shapes.py)."""
 
     name: str
     dtype: np.dtype

@@ -1,7 +1,7 @@
 """A model's dynamic non-batch dimensions, as the engine and the config together define them.
 
 Runs in the worker process: engines call `model_dims` once at load (their tensor specs name dynamic
-dimensions, orchestrator/shapes.py), and the pipeline uses the result to check, batch and pad requests.
+dimensions, orchestrator/common/shapes.py), and the pipeline uses the result to check, batch and pad requests.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from orchestrator.config import DimSection
-from orchestrator.errors import EngineError
+from orchestrator.common.config import DimSection
+from orchestrator.common.errors import EngineError
 from workers.engines.base import TensorSpec
 
 

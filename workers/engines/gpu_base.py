@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.config import Config
-from orchestrator.errors import EngineError
+from orchestrator.common.config import Config
+from orchestrator.common.errors import EngineError
 from workers.driver_journal import JOURNAL
 from workers.engines.base import Engine, Slot, TensorSpec
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.config import Config
-from orchestrator.errors import EngineError
+from orchestrator.common.config import Config
+from orchestrator.common.errors import EngineError
 from workers.engines.base import Engine, Slot, TensorSpec
 from workers.engines.dims import batch_view, model_dims
 

@@ -5,8 +5,8 @@ Imports are lazy so that a CPU worker never imports CUDA, TensorRT or NVML.
 
 from __future__ import annotations
 
-from orchestrator.config import Config
-from orchestrator.errors import EngineError
+from orchestrator.common.config import Config
+from orchestrator.common.errors import EngineError
 from workers.engines.base import Engine
 
 

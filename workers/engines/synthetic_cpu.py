@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.config import Config
+from orchestrator.common.config import Config
 from workers.engines import synthetic_math
 from workers.engines.base import Engine, Slot, TensorSpec
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.config import Config
-from orchestrator.errors import EngineError
+from orchestrator.common.config import Config
+from orchestrator.common.errors import EngineError
 from workers.cuda.context import device_attribute
 from workers.cuda.module import (
     KernelArgs,

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import EngineError
+from orchestrator.common.errors import EngineError
 
 AOTI = "aoti"
 EXPORTED = "exported_program"
