@@ -7,6 +7,7 @@ and an exit status (2 for config or usage errors, 1 for runtime failures), never
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -27,9 +28,24 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
+#: The packages of the server extra, by import name: a client-only install (`pip install orchestrator`) has
+#: none of them, and a command that needs one says what to install instead of a traceback.
+SERVER_PACKAGES = ("psutil", "onnxruntime", "rich", "prometheus_client", "setproctitle", "tomli_w")
+SERVER_INSTALL = "pip install 'orchestrator[server]' (in a checkout: pip install -e '.[server]')"
+
+
+class MissingPackage(Exception):
+    """A package of the server extra is not installed here: one line, exit 2."""
+
 
 def _err(msg: str) -> None:
     print(f"orchestrator: {msg}", file=sys.stderr)
+
+
+def _require(module: str, what: str) -> None:
+    """Raise MissingPackage unless `module` can be imported (checked before the command does anything)."""
+    if importlib.util.find_spec(module) is None:
+        raise MissingPackage(f"{what} needs the {module} package, not installed here: {SERVER_INSTALL}")
 
 
 def _load(path: str) -> Config:
@@ -79,12 +95,11 @@ def _check_model(cfg: Config) -> None:
     m = cfg.model
     try:
         if m.kind == "onnx":
+            _require("onnxruntime", 'model.kind = "onnx"')
             from workers.engines.onnx_cpu import OnnxCpuEngine
 
             OnnxCpuEngine(cfg)
         elif m.kind == "torch":
-            import importlib.util
-
             from workers.engines.torch_engine import TORCH_MISSING
             from workers.engines.torch_program import program_kind
 
@@ -143,7 +158,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _preflight(cfg: Config, warn: bool = True) -> None:
-    """What start refuses before anything starts (ConfigError or MpsError: one line, exit 2); validate runs it."""
+    """What start refuses before anything starts (ConfigError, MpsError or MissingPackage: one line, exit 2);
+    validate runs it."""
+    _require("psutil", "running an orchestrator")
     _check_run_dir(cfg)
     _check_model(cfg)
     if cfg.workers.device == "gpu":
@@ -285,6 +302,8 @@ def _fetch_status(rd: RunDir) -> dict:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if not args.json:
+        _require("rich", "status (without --json)")
     rd = _rundir_for(args.config)
     if not _running_or_explain(rd):
         return EXIT_FAIL
@@ -411,6 +430,7 @@ def _bench_settings(args: argparse.Namespace) -> Settings:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """A throughput/latency sweep against a running orchestrator, with its workers' telemetry."""
+    _require("rich", "bench")
     from rich.console import Console
     from rich.markup import escape
 
@@ -596,6 +616,15 @@ def main(argv: list[str] | None = None) -> None:
     except OrchestratorError as exc:
         _err(str(exc))
         code = EXIT_FAIL
+    except MissingPackage as exc:
+        _err(str(exc))
+        code = EXIT_USAGE
+    except ModuleNotFoundError as exc:  # a path the checks above do not cover: still one line
+        name = (exc.name or "").partition(".")[0]
+        if name not in SERVER_PACKAGES:
+            raise
+        _err(f"{args.cmd} needs the {name} package, not installed here: {SERVER_INSTALL}")
+        code = EXIT_USAGE
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)

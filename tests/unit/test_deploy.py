@@ -573,3 +573,16 @@ def test_dockerfile_agrees_with_the_daemonset(name):
         if op == "COPY" and not arg.startswith("--from"):
             for source in arg.split()[:-1]:
                 assert (ROOT / source).exists(), f"{name}: COPY {source}: not in the repository"
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.gpu", "Dockerfile.cpu"])
+def test_dockerfile_installs_the_server_extra(name):
+    """The images run `orchestrator start`: the core install alone is a client (pyproject.toml)."""
+    steps = _instructions(DOCKER / name)
+    args = dict(arg.split("=", 1) for op, arg in steps if op == "ARG" and "=" in arg)
+    installs = [arg for op, arg in steps if op == "RUN" and "pip install" in arg]
+    assert len(installs) == 1, installs
+    extras = re.search(
+        r'pip install "\.\[([^\]]+)\]"', installs[0].replace("${EXTRAS}", args.get("EXTRAS", ""))
+    )
+    assert extras and "server" in extras.group(1).split(","), installs[0]

@@ -23,6 +23,12 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "orchestrator start configs/cpu.toml" in readme
 
 
+def test_the_quick_start_installs_the_server_extra() -> None:
+    """The first command sets up a fresh machine to run the main job: the core install alone is a client."""
+    readme = (ROOT / "README.md").read_text()
+    assert "pip install -e '.[server]' && orchestrator start configs/cpu.toml" in readme
+
+
 def test_paths_named_in_the_docs_exist() -> None:
     """Every repository path the README and docs/ name in backticks is there (e.g. after a module moved)."""
     pattern = r"`((?:orchestrator|workers|scripts|tests|configs|deploy|docs|models|benchmarks)/[^`\s*<>]*)`"

@@ -57,7 +57,12 @@ class OnnxCpuEngine(Engine):
     computes_views = True
 
     def __init__(self, cfg: Config) -> None:
-        import onnxruntime as ort  # heavy import: only in workers that serve ONNX
+        try:
+            import onnxruntime as ort  # heavy import: only in workers that serve ONNX
+        except ModuleNotFoundError:
+            raise EngineError(
+                "ONNX models need onnxruntime, not installed here: pip install 'orchestrator[server]'"
+            ) from None
 
         opts = ort.SessionOptions()
         if cfg.model.intra_op_threads:
