@@ -44,6 +44,8 @@ def compare(got: Outputs, want: Outputs, rtol: float | None = None, atol: float 
             return f"{name}: shape {list(g.shape)}, expected {list(w.shape)}"
         if g.dtype != w.dtype:
             return f"{name}: dtype {g.dtype}, expected {w.dtype}"
+        if np.array_equal(g, w):  # the usual case, at a twentieth of isclose's cost on a 512 KiB output
+            continue
         tol = tolerance(w.dtype)
         if tol is None:
             bad = g != w
