@@ -224,15 +224,7 @@ def one_run(args: argparse.Namespace, tmp: Path, target: str, work: int, use_mps
         load = run_load(config, (ROWS, ITEM), args.procs, args.in_flight, args.seconds)
         sampler.join(30)
         during_mps.join(5)
-        r.update(
-            batches_per_s=load.throughput,
-            items_per_s=load.rows / load.wall_s if load.wall_s else 0.0,
-            latency_us_p50=load.pct(50),
-            latency_us_p99=load.pct(99),
-            requests=load.requests,
-            errors=load.errors,
-            seconds=round(load.wall_s, 2),
-        )
+        r.update(load.figures())
         r["status"] = summarize_status(sampler.snaps)
         r["status_errors"] = sampler.errors
         last = sampler.snaps[-1] if sampler.snaps else first

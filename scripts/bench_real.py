@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import queue
 import subprocess
 import sys
 import tempfile
@@ -29,7 +27,7 @@ import tomli_w
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scripts.bench_gpu_orch import closed_loop, totals  # noqa: E402
-from scripts.benchlib import ROOT, copy_logs, machine_info, start_or_record, status_json  # noqa: E402
+from scripts.benchlib import ROOT, ClientPool, copy_logs, machine_info, start_or_record, status_json  # noqa: E402
 from scripts.profile_serving import pyspy, summarise  # noqa: E402
 
 MODELS = {
@@ -92,56 +90,8 @@ def _client_proc(
         res_q.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
-class Pool:
-    def __init__(self, config: Path, model: str, n: int, ref: dict[str, np.ndarray]) -> None:
-        ctx = mp.get_context("spawn")
-        self.res_q = ctx.Queue()
-        self.cmd_qs = [ctx.Queue() for _ in range(n)]
-        # Every process sends the same input (seed 0): the reference is computed once.
-        self.procs = [
-            ctx.Process(
-                target=_client_proc,
-                args=(str(config), model, 0, ref, self.cmd_qs[i], self.res_q),
-                daemon=True,
-            )
-            for i in range(n)
-        ]
-        for p in self.procs:
-            p.start()
-        got = self.collect(n, 180)
-        self.checks_ok = all(r["check"] for r in got)
-
-    def collect(self, n: int, timeout: float) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        deadline = time.monotonic() + timeout
-        while len(out) < n:
-            try:
-                out.append(self.res_q.get(timeout=1.0))
-            except queue.Empty:
-                if time.monotonic() > deadline or any(p.exitcode is not None for p in self.procs):
-                    raise RuntimeError(f"client processes: {len(out)} of {n} answered") from None
-        errors = [r["error"] for r in out if "error" in r]
-        if errors:
-            raise RuntimeError(f"client process failed: {errors[0]}")
-        return out
-
-    def run(self, clients: int, in_flight: int, seconds: float) -> list[dict[str, Any]]:
-        cmd = {"in_flight": in_flight, "seconds": seconds, "start_at": time.monotonic() + 0.3}
-        for q in self.cmd_qs[:clients]:
-            q.put(cmd)
-        return self.collect(clients, seconds + 120)
-
-    def close(self) -> None:
-        for q in self.cmd_qs:
-            q.put(None)
-        for p in self.procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-
-
 def point(
-    pool: Pool,
+    pool: ClientPool,
     config: Path,
     concurrency: int,
     processes: int,
@@ -163,7 +113,7 @@ def point(
                     [*cmd, "-f", "raw", "-o", str(into), "--nonblocking"], stdout=subprocess.DEVNULL
                 )
             )
-    results = pool.run(clients, per, seconds)
+    results = pool.run({"clients": clients, "in_flight": per, "seconds": seconds})
     for spy in spies:
         spy.wait(timeout=60)
     time.sleep(0.5)  # the workers' last heartbeat of the window
@@ -281,8 +231,10 @@ def main() -> int:
     try:
         st = status_json(config)
         out["engine"] = st["workers"][0].get("engine")
-        pool = Pool(config, args.model, min(args.processes, max(levels)), ref)
-        out["first_replies_match_reference"] = pool.checks_ok
+        # Every process sends the same input (seed 0): the reference is computed once.
+        n = min(args.processes, max(levels))
+        pool = ClientPool(_client_proc, [(str(config), args.model, 0, ref)] * n)
+        out["first_replies_match_reference"] = all(r["check"] for r in pool.ready)
         for c in levels:
             r = point(pool, config, c, args.processes, args.seconds, spec["items"], args.profile)
             out["points"].append(r)

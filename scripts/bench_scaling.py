@@ -248,15 +248,7 @@ def one_run(
         load = run_load(config, (ROWS, ITEM), procs, args.in_flight, seconds, cpus=client_cores)
         sampler.join(30)
         grab.join(30)
-        r.update(
-            batches_per_s=load.throughput,
-            items_per_s=load.rows / load.wall_s if load.wall_s else 0.0,
-            latency_us_p50=load.pct(50),
-            latency_us_p99=load.pct(99),
-            requests=load.requests,
-            errors=load.errors,
-            seconds=round(load.wall_s, 2),
-        )
+        r.update(load.figures())
         r["status"] = summarize_status(sampler.snaps)
         r["status_errors"] = sampler.errors
         cap = r.get("capture") or {}

@@ -52,7 +52,7 @@ from scripts.bench_gpu_bare import Shape  # noqa: E402
 from scripts.bench_gpu_orch import NvmlUtil, closed_loop, totals  # noqa: E402
 from scripts.bench_mps import cell, fmt, mps_evidence, mps_leftovers, same_bits, stop  # noqa: E402
 from scripts.bench_scaling import pinning  # noqa: E402
-from scripts.benchlib import copy_logs, machine_info, start_or_record, status_json  # noqa: E402
+from scripts.benchlib import ClientPool, copy_logs, machine_info, start_or_record, status_json  # noqa: E402
 
 log = logging.getLogger("bench_shm")
 
@@ -268,73 +268,6 @@ def _churn(
     return total
 
 
-class ClientPool:
-    """Client processes that stay up across measurements: each command runs in all of them (or the first
-    `clients`) from a common start time; each sends back its window, latencies, wrong results and errors."""
-
-    def __init__(
-        self,
-        config: Path,
-        n: int,
-        work: int,
-        item: int,
-        lease_mb: int,
-        cpus: list[int] | None,
-        steady: bool = False,
-    ) -> None:
-        ctx = mp.get_context("spawn")
-        self.res_q = ctx.Queue()
-        self.cmd_qs = [ctx.Queue() for _ in range(n)]
-        self.procs = [
-            ctx.Process(
-                target=_pool_proc,
-                args=(str(config), i, work, item, lease_mb, steady, cpus, self.cmd_qs[i], self.res_q),
-                daemon=True,
-            )
-            for i in range(n)
-        ]
-        for p in self.procs:
-            p.start()
-        try:
-            self.checks = [r["checks"] for r in self._collect(n, 180)]
-        except BaseException:
-            self.close()
-            raise
-
-    def _collect(self, n: int, timeout: float) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        deadline = time.monotonic() + timeout
-        while len(out) < n:
-            try:
-                out.append(self.res_q.get(timeout=1.0))
-            except queue.Empty:
-                dead = [p.exitcode for p in self.procs if p.exitcode is not None]
-                if dead or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"client processes: {len(out)} of {n} answered; exit codes of dead ones {dead}"
-                    ) from None
-        errors = [r["error"] for r in out if "error" in r]
-        if errors:
-            raise RuntimeError(f"client process failed: {errors[0]}")
-        return out
-
-    def run(self, cmd: dict[str, Any]) -> list[dict[str, Any]]:
-        n = cmd.get("clients") or len(self.procs)
-        cmd = {**cmd, "start_at": time.monotonic() + 0.3}  # every process starts at the same moment
-        for q in self.cmd_qs[:n]:
-            q.put(cmd)
-        return self._collect(n, cmd["seconds"] + 120)
-
-    def close(self) -> None:
-        for q, p in zip(self.cmd_qs, self.procs, strict=True):
-            if p.is_alive():
-                q.put(None)
-        for p in self.procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-
-
 # --- measurements --------------------------------------------------------------------------------------
 
 
@@ -379,6 +312,19 @@ def load_stats(results: list[dict[str, Any]], d: dict[str, int], workers: int) -
     }
 
 
+def shm_pool(
+    config: Path,
+    n: int,
+    work: int,
+    item: int,
+    lease_mb: int,
+    cpus: list[int] | None,
+    steady: bool = False,
+) -> ClientPool:
+    """`n` client processes of _pool_proc; each first reports its check of the first replies ("checks")."""
+    return ClientPool(_pool_proc, [(str(config), i, work, item, lease_mb, steady, cpus) for i in range(n)])
+
+
 def run_phases(args: argparse.Namespace, config: Path, pool: ClientPool, session: dict[str, Any]) -> None:
     before = settled_status(config)
     for ph in phases(args, session["parts"]):
@@ -401,9 +347,7 @@ def run_phases(args: argparse.Namespace, config: Path, pool: ClientPool, session
 def steady(args: argparse.Namespace, config: Path, session: dict[str, Any], cpus: list[int] | None) -> dict:
     """--steady-clients processes attaching, sending checked requests and detaching every --attach-s for
     --steady-seconds on the shared-memory path; the workers' faults and launches over 1 ms over the window."""
-    pool = ClientPool(
-        config, args.steady_clients, session["work"], args.item, args.lease_mb, cpus, steady=True
-    )
+    pool = shm_pool(config, args.steady_clients, session["work"], args.item, args.lease_mb, cpus, steady=True)
     try:
         before = settled_status(config)
         results = pool.run(
@@ -483,9 +427,9 @@ def run_session(args: argparse.Namespace, tmp: Path, s: dict[str, Any]) -> None:
         if s["mps"]:
             s["mps_during"] = mps_leftovers(run_dir)
         if {"table", "small", "latency"} & set(s["parts"]):
-            pool = ClientPool(config, args.clients, s["work"], args.item, args.lease_mb, client_cores)
+            pool = shm_pool(config, args.clients, s["work"], args.item, args.lease_mb, client_cores)
             try:
-                s["checks"] = pool.checks
+                s["checks"] = [r["checks"] for r in pool.ready]
                 run_phases(args, config, pool, s)
             finally:
                 pool.close()

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import datetime
 import json
+import multiprocessing as mp
 import os
 import platform
+import queue
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +111,58 @@ def machine_info() -> dict[str, Any]:
     except Exception as exc:  # no CUDA packages or no NVRTC library: recorded, not fatal
         info["cuda_bindings"] = f"unavailable: {exc}"
     return info
+
+
+class ClientPool:
+    """Client processes that stay up across measurements. Each runs `target(*args, cmd_q, res_q)` with its
+    own `args`; its first message (kept in `ready`) says it is up. Each command runs in all of them (or the
+    first `clients`) from a common start time, and each answers with its window's results."""
+
+    def __init__(self, target: Callable[..., None], args: list[tuple]) -> None:
+        ctx = mp.get_context("spawn")
+        self.res_q = ctx.Queue()
+        self.cmd_qs = [ctx.Queue() for _ in args]
+        self.procs = [
+            ctx.Process(target=target, args=(*a, q, self.res_q), daemon=True)
+            for a, q in zip(args, self.cmd_qs, strict=True)
+        ]
+        for p in self.procs:
+            p.start()
+        try:
+            self.ready = self._collect(len(args), 180)
+        except BaseException:
+            self.close()
+            raise
+
+    def _collect(self, n: int, timeout: float) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while len(out) < n:
+            try:
+                out.append(self.res_q.get(timeout=1.0))
+            except queue.Empty:
+                dead = [p.exitcode for p in self.procs if p.exitcode is not None]
+                if dead or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"client processes: {len(out)} of {n} answered; exit codes of dead ones {dead}"
+                    ) from None
+        errors = [r["error"] for r in out if "error" in r]
+        if errors:
+            raise RuntimeError(f"client process failed: {errors[0]}")
+        return out
+
+    def run(self, cmd: dict[str, Any]) -> list[dict[str, Any]]:
+        n = cmd.get("clients") or len(self.procs)
+        cmd = {**cmd, "start_at": time.monotonic() + 0.3}  # every process starts at the same moment
+        for q in self.cmd_qs[:n]:
+            q.put(cmd)
+        return self._collect(n, cmd["seconds"] + 120)
+
+    def close(self) -> None:
+        for q, p in zip(self.cmd_qs, self.procs, strict=True):
+            if p.is_alive():
+                q.put(None)
+        for p in self.procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()

@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from scripts.benchlib import cli  # noqa: E402
+
 ITEM = 16  # row width of the synthetic model used here
 
 
@@ -256,16 +258,6 @@ class EventLog(threading.Thread):
         return None
 
 
-def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
-
-
 def write_config(tmp: Path, o: ChaosOptions) -> Path:
     cfg = tmp / "chaos.toml"
     cfg.write_text(f"""[orchestrator]
@@ -390,7 +382,7 @@ def run_chaos(o: ChaosOptions, keep: bool = False) -> dict:
     procs: list[subprocess.Popen] = []
     readers: list[threading.Thread] = []
     lines: queue.Queue = queue.Queue()
-    started = _cli("start", str(cfg), "--detach")
+    started = cli("start", str(cfg), "--detach", timeout=120)
     if started.returncode != 0:
         raise RuntimeError(f"orchestrator did not start:\n{started.stderr}")
     events: EventLog | None = None
@@ -455,7 +447,7 @@ def run_chaos(o: ChaosOptions, keep: bool = False) -> dict:
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-        stopped = _cli("stop", str(cfg))
+        stopped = cli("stop", str(cfg), timeout=120)
         if events is not None:
             events.closing = True
             events.join(5)

@@ -31,6 +31,18 @@ class LoadResult:
     def pct(self, p: float) -> float | None:
         return float(np.percentile(self.latencies_us, p)) if self.latencies_us.size else None
 
+    def figures(self) -> dict[str, object]:
+        """What the benchmark tables report of a run: batches/s, items/s, p50/p99 (us), requests, errors."""
+        return {
+            "batches_per_s": self.throughput,
+            "items_per_s": self.rows / self.wall_s if self.wall_s else 0.0,
+            "latency_us_p50": self.pct(50),
+            "latency_us_p99": self.pct(99),
+            "requests": self.requests,
+            "errors": self.errors,
+            "seconds": round(self.wall_s, 2),
+        }
+
 
 def run_load(
     config: str | Path,

@@ -102,12 +102,12 @@ def journal_entry(op: DriverOp) -> dict:
 class _Counters:
     """Counters for one reporting interval (also used for the cumulative totals)."""
 
-    __slots__ = (
+    # The plain sums (add() adds them up), then the per-code failures and the histograms.
+    SUMS = (
         "requests",
         "batches",
         "rows",
         "padded_rows",
-        "gpu_time_us",
         "gpu_batches",
         "vcsw",
         "ivcsw",
@@ -117,12 +117,9 @@ class _Counters:
         "suppressed",
         "enqueue_over_1ms",
         "gpu_busy_ns",
-        "failures",
-        "latency",
-        "queue",
-        "enqueue",
-        "gpu",
+        "gpu_time_us",
     )
+    __slots__ = (*SUMS, "failures", "latency", "queue", "enqueue", "gpu")
 
     def __init__(self) -> None:
         self.requests = self.batches = self.rows = self.padded_rows = self.gpu_batches = 0
@@ -137,22 +134,7 @@ class _Counters:
         self.gpu = Histogram()  # per batch: device time from events
 
     def add(self, o: _Counters) -> None:
-        for name in (
-            "requests",
-            "batches",
-            "rows",
-            "padded_rows",
-            "gpu_batches",
-            "vcsw",
-            "ivcsw",
-            "runq_ns",
-            "stalls",
-            "knock_on",
-            "suppressed",
-            "enqueue_over_1ms",
-            "gpu_busy_ns",
-            "gpu_time_us",
-        ):
+        for name in self.SUMS:
             setattr(self, name, getattr(self, name) + getattr(o, name))
         for code, n in o.failures.items():
             self.failures[code] = self.failures.get(code, 0) + n

@@ -41,6 +41,19 @@ def physical_core_of(cpu: int) -> tuple[int, int] | None:
         return None
 
 
+def _physical_cores(
+    cores: Collection[int], core_of: Callable[[int], object] | None = None
+) -> list[list[int]]:
+    """Logical CPUs grouped by physical core (SMT siblings together), in order of each core's first CPU; a CPU
+    whose topology is unreadable is a core of its own."""
+    core_of = core_of or physical_core_of
+    physical: dict[object, list[int]] = {}
+    for cpu in sorted(cores):
+        key = core_of(cpu)
+        physical.setdefault(key if key is not None else ("cpu", cpu), []).append(cpu)
+    return list(physical.values())
+
+
 def _split(
     cores: list[int], parts: int, core_of: Callable[[int], object] | None = None
 ) -> list[tuple[int, ...] | None]:
@@ -52,12 +65,8 @@ def _split(
         return [None] * parts
     if len(cores) < parts:
         return [tuple(cores)] * parts
-    core_of = core_of or physical_core_of
-    physical: dict[object, list[int]] = {}
-    for cpu in sorted(cores):
-        key = core_of(cpu)
-        physical.setdefault(key if key is not None else ("cpu", cpu), []).append(cpu)
-    units = list(physical.values()) if len(physical) >= parts else [[c] for c in sorted(cores)]
+    physical = _physical_cores(cores, core_of)
+    units = physical if len(physical) >= parts else [[c] for c in sorted(cores)]
     size, extra = divmod(len(units), parts)
     out: list[tuple[int, ...] | None] = []
     start = 0
@@ -77,13 +86,10 @@ def _supervisor_reserve(cfg: Config, cores: set[int], workers: int) -> set[int]:
         return set()
     if isinstance(want, tuple):
         return set(want)
-    physical: dict[object, list[int]] = {}
-    for cpu in sorted(cores):
-        key = physical_core_of(cpu)
-        physical.setdefault(key if key is not None else ("cpu", cpu), []).append(cpu)
+    physical = _physical_cores(cores)
     if len(physical) <= workers:
         return set()  # every physical core serves a worker: the supervisor shares (status says so)
-    return set(physical[max(physical, key=lambda k: max(physical[k]))])
+    return set(max(physical, key=max))
 
 
 def supervisor_cores(cfg: Config, plans: list[WorkerPlan]) -> tuple[int, ...] | None:
