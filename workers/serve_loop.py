@@ -97,6 +97,7 @@ class ServeLoop:
         self, spec: messages.WorkerSpec, cfg: Config, engine: Engine, ctx: zmq.Context, sup: zmq.Socket
     ) -> None:
         self.id = spec.id
+        self.pid = os.getpid()  # in every message to the supervisor (which ignores an earlier process's)
         self.spec = spec
         self.cfg = cfg
         self.engine = engine
@@ -175,7 +176,7 @@ class ServeLoop:
         eng = self.engine
         msg = messages.Ready(
             id=self.id,
-            pid=os.getpid(),
+            pid=self.pid,
             endpoint=self.endpoint,
             engine=eng.describe(),
             inputs=[(s.name, s.dtype.str, list(s.item_shape)) for s in eng.inputs],
@@ -470,7 +471,7 @@ class ServeLoop:
         candidate = self.telemetry.on_batch(batch, gpu_us, span)
         if candidate is not None:
             try:
-                stall = messages.Stall(id=self.id, pid=os.getpid(), candidate=candidate)
+                stall = messages.Stall(id=self.id, pid=self.pid, candidate=candidate)
                 self.sup.send(messages.encode(stall), zmq.NOBLOCK)
             except zmq.Again:
                 pass
@@ -588,7 +589,7 @@ class ServeLoop:
 
     def _send_state(self, state: str) -> None:
         try:
-            msg = messages.StateChange(id=self.id, pid=os.getpid(), state=messages.WorkerState(state))
+            msg = messages.StateChange(id=self.id, pid=self.pid, state=messages.WorkerState(state))
             self.sup.send(messages.encode(msg), zmq.NOBLOCK)
         except zmq.Again:
             pass
@@ -604,7 +605,7 @@ class ServeLoop:
         self.telemetry.note_queue(len(p.queue), len(p.inflight))
         msg = messages.Heartbeat(
             id=self.id,
-            pid=os.getpid(),
+            pid=self.pid,
             t_ns=time.monotonic_ns(),
             progress=p.completed_batches,
             requests=p.completed_requests,

@@ -19,6 +19,7 @@ import numpy as np
 
 from orchestrator.common.config import Config
 from orchestrator.common.errors import EngineError
+from orchestrator.common.protocol import shm_layout
 from workers.driver_journal import JOURNAL
 from workers.engines.base import Engine, Slot, TensorSpec
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 # Batch spans are read relative to an anchor event, re-recorded this often: cuEventElapsedTime returns
 # float milliseconds, whose resolution decays with distance from the reference (12 ns at 200 ms).
 _REANCHOR_NS = 200_000_000
+_BYTE = np.dtype(np.uint8)
 
 
 @dataclass(eq=False)
@@ -327,21 +329,16 @@ class GpuEngineBase(Engine):
         over an input (as it once was, at offset 0) feeds the next warm-up batch garbage, e.g. token ids out
         of an embedding's range (a device-side assert that ends the worker)."""
         h2d, _, _, out_dev = slot.copies[slot.dims]
-        ins, off = [], 0
-        for _, src, row_bytes in h2d:
-            ctypes.memmove(self.arena_addr + off, src, row_bytes)
-            ins.append(off)
-            off += -(-row_bytes // 256) * 256
-        outs = []
-        for _, row_bytes in out_dev:
-            outs.append(off)
-            off += -(-row_bytes // 256) * 256
-        if off > self.arena_size:
+        rows = [rb for _, _, rb in h2d] + [rb for _, rb in out_dev]
+        offs, total = shm_layout([(None, _BYTE, (rb,)) for rb in rows])  # a client's span layout
+        if total > self.arena_size:
             raise EngineError(
-                f"one row of the model's tensors ({off} bytes) does not fit the {self.arena_size} byte "
+                f"one row of the model's tensors ({total} bytes) does not fit the {self.arena_size} byte "
                 "shared-memory arena: raise transport.shm_mb"
             )
-        return (0, 1, ins, outs)
+        for (_, src, row_bytes), off in zip(h2d, offs, strict=False):
+            ctypes.memmove(self.arena_addr + off, src, row_bytes)
+        return (0, 1, offs[: len(h2d)], offs[len(h2d) :])
 
     def _capture(self, slot: GpuSlot, rows: int, compute_only: bool = False) -> None:
         """One graph per (slot, bucket): H2D + compute + D2H for staged batches, or the compute step alone
