@@ -96,6 +96,8 @@ def journal_entry(op: DriverOp) -> dict:
         "detail": op.detail,
         "thread": op.thread,
         "fault": op.fault,
+        "api": op.api,
+        "source": op.source,
     }
 
 
@@ -344,6 +346,7 @@ class WorkerTelemetry:
         p0, p1 = batch.probe0, batch.probe1
         probe = self.probe
         p_end = probe.snap() if (probe is not None and p0 is not None) else None
+        self.journal.sync()  # CUPTI's records of what other threads did during the stall
         ops = self.journal.overlapping(t0, now, self._slack_ns)
         cand = {
             "v": REPORT_VERSION,
@@ -431,6 +434,7 @@ class WorkerTelemetry:
         interval_s = max(1e-9, (now - self._iv_t0) / 1e9)
         self._total.add(iv)
         self._seq += 1
+        self.journal.sync()
         entries = self.journal.since(self._journal_seq)
         if entries:
             self._journal_seq = entries[-1].seq

@@ -20,7 +20,7 @@ import zmq
 
 from orchestrator.common import messages
 from orchestrator.common.config import Config, from_dict
-from orchestrator.common.errors import ErrorCode, OrchestratorError
+from orchestrator.common.errors import ConfigError, ErrorCode, OrchestratorError
 from orchestrator.common.procstat import pin_process, set_title
 from workers import inject
 from workers.serve_loop import ServeLoop
@@ -66,6 +66,13 @@ def _startup(spec: messages.WorkerSpec, cfg: Config, ctx: zmq.Context, sup: zmq.
     if cfg.debug.inject == "crash_on_start" and inject.injected_here(cfg, spec.id):
         raise RuntimeError("injected start-up crash (debug.inject = crash_on_start)")
     t0 = time.monotonic()
+    if cfg.workers.device == "gpu":  # before the engine: CUPTI's own threads are the only new ones then
+        from workers import cupti_journal
+
+        try:
+            cupti_journal.start(cfg.monitor.driver_journal)
+        except cupti_journal.CuptiUnavailable as exc:
+            raise ConfigError(f'monitor.driver_journal = "cupti": {exc}') from None
     from workers.engines.registry import create_engine  # imports CUDA only for GPU engines
 
     engine = create_engine(cfg)
@@ -132,6 +139,10 @@ def run_worker(spec_path: str) -> int:
     finally:
         inject.stop(injector)
         loop.close()
+        if cfg.workers.device == "gpu":
+            from workers import cupti_journal
+
+            cupti_journal.stop()
         sup.close(linger=1000)
         ctx.term()
     return 0

@@ -232,7 +232,8 @@ def _worker_table(status: dict) -> Table:
 
 def _engine_lines(status: dict) -> list[Text]:
     """One line per GPU engine setup (workers that share it are listed together): what runs, CUDA graphs
-    on or off (and why), the module loading mode; problems in red."""
+    on or off (and why), the module loading mode, the driver journal (cupti, or own and why); problems in
+    red."""
     groups: dict[tuple, list[str]] = {}
     for w in status.get("workers") or ():
         eng = w.get("engine") or {}
@@ -246,10 +247,12 @@ def _engine_lines(status: dict) -> list[Text]:
             eng.get("graphs_captured"),
             eng.get("capture_error"),
             w.get("module_loading") or eng.get("module_loading"),
+            (eng.get("driver_journal") or {}).get("mode"),
+            (eng.get("driver_journal") or {}).get("note"),
         )
         groups.setdefault(key, []).append(str(w.get("id")))
     lines = []
-    for (kind, program, graphs, captured, error, loading), ids in groups.items():
+    for (kind, program, graphs, captured, error, loading, journal, note), ids in groups.items():
         line = Text(
             f"engine {kind}" + (f" ({program})" if program else "") + f" on {', '.join(ids)}: ", style="dim"
         )
@@ -261,6 +264,11 @@ def _engine_lines(status: dict) -> list[Text]:
             line.append(f": {error}", style="yellow")
         line.append("  module loading ")
         line.append(str(loading or "?"), style="green" if loading == "EAGER" else "bold red")
+        if journal:  # which driver operations stall attribution can see
+            line.append("  driver journal ")
+            line.append(journal, style="green" if journal == "cupti" else "yellow")
+            if note and journal != "cupti":
+                line.append(f" ({note})", style="yellow")
         lines.append(line)
     return lines
 
@@ -337,6 +345,14 @@ def render(status: dict) -> RenderableType:
     if counts:
         parts.append(
             Text("stalls by cause: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), style="bold")
+        )
+    ops = mon.get("stall_driver_ops") or {}
+    if ops:
+        parts.append(
+            Text(
+                "driver_lock by operation: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(ops.items(), key=lambda x: -x[1]))
+            )
         )
     if mon.get("stalls"):
         parts.append(_stall_table(mon["stalls"]))

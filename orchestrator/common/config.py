@@ -311,6 +311,14 @@ class MonitorSection:
     stall_min_us: int = field(
         default=1000, metadata=_int_range(0, None, "stall: never below this many microseconds")
     )
+    driver_journal: Literal["auto", "cupti", "own"] = field(
+        default="auto",
+        metadata={
+            "doc": "GPU workers' driver-operation journal: CUPTI sees every thread and library in the process "
+            '("cupti": required, start fails without it; "auto": CUPTI when installed, else "own"), '
+            '"own" sees only the orchestrator\'s own CUDA calls'
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -331,12 +339,33 @@ class RestartSection:
     )
 
 
+#: debug.inject kinds done on a GPU worker's side thread. The first three go through workers/cuda (our own
+#: journal sees them); the others are done the way another library would (only CUPTI sees them).
+GPU_INJECTIONS = (
+    "pinned_alloc",
+    "device_alloc",
+    "module_load",
+    "host_register",
+    "library_alloc",
+    "lazy_module",
+)
+
+
 @dataclass(frozen=True)
 class DebugSection:
     """Fault and stall injection for verification (never enable in production)."""
 
     inject: Literal[
-        "none", "pinned_alloc", "device_alloc", "module_load", "cpu_hog", "crash_on_start", "hang_after"
+        "none",
+        "pinned_alloc",
+        "device_alloc",
+        "module_load",
+        "host_register",
+        "library_alloc",
+        "lazy_module",
+        "cpu_hog",
+        "crash_on_start",
+        "hang_after",
     ] = field(
         default="none",
         metadata={
@@ -528,7 +557,7 @@ def _cross_checks(cfg: Config, base: Path, check_files: bool, errors: list[str])
             errors.append(f"pipeline.buckets: the last bucket must equal model.max_batch ({m.max_batch})")
     if w.device == "cpu" and (p.cuda_graphs or cfg.mps.enabled):
         errors.append('workers.device: CUDA graphs and MPS need device = "gpu"')
-    if w.device == "cpu" and cfg.debug.inject in ("pinned_alloc", "device_alloc", "module_load"):
+    if w.device == "cpu" and cfg.debug.inject in GPU_INJECTIONS:
         errors.append(
             f'debug.inject: "{cfg.debug.inject}" needs workers.device = "gpu"; CPU workers can use "cpu_hog"'
         )

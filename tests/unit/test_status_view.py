@@ -230,3 +230,21 @@ def test_live_shows_unreachable_supervisor_and_stops_on_ctrl_c() -> None:
     assert calls["n"] == 3
     assert "supervisor not answering" in out and "control socket gone" in out
     assert "last known state" in out
+
+
+def test_engine_line_says_which_driver_journal_runs_and_why_not_cupti() -> None:
+    def worker(wid: str, journal: dict) -> dict:
+        eng = {"kind": "synthetic", "device": "H200", "cuda_graphs": True, "module_loading": "EAGER"}
+        return {"id": wid, "engine": {**eng, "driver_journal": journal}}
+
+    status = {
+        "workers": [
+            worker("w0", {"mode": "cupti", "note": None, "records": 19}),
+            worker("w1", {"mode": "own", "note": "CUPTI not used: cupti-python is not installed"}),
+        ],
+        "monitor": {"stall_counts": {"driver_lock": 3}, "stall_driver_ops": {"cuMemHostRegister_v2": 3}},
+    }
+    out = text_of(status_view.render(status))
+    assert "on w0: graphs on  module loading EAGER  driver journal cupti" in out
+    assert "on w1: graphs on  module loading EAGER  driver journal own (CUPTI not used: cupti-python" in out
+    assert "driver_lock by operation: cuMemHostRegister_v2 3" in out

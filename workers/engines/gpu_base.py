@@ -20,6 +20,7 @@ import numpy as np
 from orchestrator.common.config import Config
 from orchestrator.common.errors import EngineError
 from orchestrator.common.protocol import shm_layout
+from workers import cupti_journal
 from workers.driver_journal import JOURNAL
 from workers.engines.base import Engine, Slot, TensorSpec
 
@@ -358,10 +359,21 @@ class GpuEngineBase(Engine):
         # The journal is process-wide and may already hold faults (an engine before this one in the same
         # process, as in the GPU tests): this engine's faults are those recorded after its own READY.
         self._faults_base = JOURNAL.faults
+        try:
+            cupti_journal.before_ready(
+                self.cfg.monitor.driver_journal, lambda: self.rt.PinnedBuffer(4096, "journal check").free()
+            )
+        except cupti_journal.CuptiUnavailable as exc:
+            raise EngineError(f'monitor.driver_journal = "cupti": {exc}') from None
         JOURNAL.mark_ready()
 
     def faults(self) -> int:
         return JOURNAL.faults - self._faults_base
+
+    @staticmethod
+    def _journal_facts() -> dict[str, Any]:
+        cj = cupti_journal.active()
+        return {"mode": JOURNAL.mode, "note": JOURNAL.note, **(cj.stats() if cj is not None else {})}
 
     def describe(self) -> dict[str, Any]:
         info = self.ctx.info
@@ -372,6 +384,7 @@ class GpuEngineBase(Engine):
             "compute_capability": f"{info.compute_capability[0]}.{info.compute_capability[1]}",
             "driver": info.driver_version,
             "module_loading": self.ctx.loading_mode,
+            "driver_journal": self._journal_facts(),
             "cuda_graphs": bool(self.want_graphs and self.graphs_captured and not self.graph_failures),
             "graphs_captured": self.graphs_captured,
             "sync": self.sync,

@@ -111,6 +111,14 @@ class MonitorCollector:
         for cause, n in sorted((d.get("stall_counts") or {}).items()):
             stalls.add_metric([cause], n)
         yield stalls
+        ops = CounterMetricFamily(
+            "orchestrator_stall_driver_ops",
+            "Stalls ranked driver_lock first, by the driver operation blamed (CUDA function or our own op)",
+            labels=["operation"],
+        )
+        for name, n in sorted((d.get("stall_driver_ops") or {}).items()):
+            ops.add_metric([name], n)
+        yield ops
         yield GaugeMetricFamily(
             "orchestrator_nvml_available",
             "1 when GPU telemetry from NVML is on",

@@ -323,6 +323,7 @@ class Monitor:
             "workers": workers,
             "stalls": [_brief(r) for r in self.stall_log.latest(SNAPSHOT_STALLS)],
             "stall_counts": self.stall_log.snapshot_counts(),
+            "stall_driver_ops": self.stall_log.snapshot_op_counts(),
             "host": self.host.latest(),
             "metrics_port": self.cfg.monitor.metrics_port or None,
             "http_host": self.cfg.monitor.http_host,
@@ -361,5 +362,6 @@ class Monitor:
             "gpus": self._gpu_views(),
             "workers": workers,
             "stall_counts": self.stall_log.snapshot_counts(),
+            "stall_driver_ops": self.stall_log.snapshot_op_counts(),
             "causes": CAUSES,
         }

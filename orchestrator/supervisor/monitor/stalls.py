@@ -77,6 +77,8 @@ def _driver_lock(c: dict) -> Cause | None:
             rows.append(
                 {
                     "op": op["op"],
+                    "name": op.get("api") or op["op"],
+                    "source": op.get("source", "own"),
                     "detail": op.get("detail", ""),
                     "thread": op.get("thread", ""),
                     "fault": op.get("fault", False),
@@ -279,7 +281,8 @@ def evidence_text(cause: str, ev: dict) -> str:
     if cause == "driver_lock":
         ops = ev.get("ops") or []
         parts = [
-            f"{o['op']}{' ' + o['detail'] if o.get('detail') else ''} {_fmt_us(o.get('dur_us'))}"
+            f"{o.get('name') or o['op']}{' ' + o['detail'] if o.get('detail') else ''}"
+            f"{' on ' + o['thread'] if o.get('thread') else ''} {_fmt_us(o.get('dur_us'))}"
             for o in ops[:2]
         ]
         more = f" +{ev.get('n_ops', len(ops)) - 2}" if ev.get("n_ops", len(ops)) > 2 else ""
@@ -326,9 +329,29 @@ def build_record(candidate: dict, causes: list[Cause], gpu: dict | None) -> dict
         "baseline_us": candidate.get("baseline_us"),
         "dominant_phase": dominant_phase(candidate),
         "cause": causes[0][0] if causes else "unknown",
+        "driver_op": driver_op(causes),
         "summary": summarize(candidate, causes),
         "causes": [{"cause": n, "score": s, "evidence": e} for n, s, e in causes],
         "candidate": candidate,
+    }
+
+
+def driver_op(causes: list[Cause]) -> dict | None:
+    """The operation a stall ranked `driver_lock` first is blamed on (the one overlapping it most): its
+    name (the CUDA function where CUPTI named it, else the orchestrator's operation), operation, duration,
+    thread and source; None for other causes."""
+    if not causes or causes[0][0] != "driver_lock":
+        return None
+    ops = causes[0][2].get("ops") or []
+    if not ops:
+        return None
+    o = ops[0]
+    return {
+        "name": o.get("name") or o["op"],
+        "op": o["op"],
+        "dur_us": o.get("dur_us"),
+        "thread": o.get("thread", ""),
+        "source": o.get("source", "own"),
     }
 
 
@@ -358,6 +381,7 @@ class StallLog:
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.counts: dict[str, int] = {c: 0 for c in CAUSES}
+        self.op_counts: dict[str, int] = {}  # driver_lock stalls by the operation's name
         self.total = 0
         self._latest: deque[dict] = deque(maxlen=keep)
         self._lock = threading.Lock()
@@ -370,6 +394,9 @@ class StallLog:
             self.total += 1
             cause = record.get("cause", "unknown")
             self.counts[cause] = self.counts.get(cause, 0) + 1
+            op = record.get("driver_op")
+            if op:
+                self.op_counts[op["name"]] = self.op_counts.get(op["name"], 0) + 1
             self._latest.append(record)
             if self._broken:
                 return
@@ -401,6 +428,10 @@ class StallLog:
     def snapshot_counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self.counts)
+
+    def snapshot_op_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.op_counts)
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,317 @@
+"""The CUPTI driver journal without a GPU: which functions it records, how its records become journal
+entries, how they merge with the orchestrator's own entries, and the fallback when CUPTI cannot run."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from orchestrator.supervisor.monitor import stalls
+from workers import cupti_journal
+from workers.cupti_journal import Clock, CuptiUnavailable, ThreadNames, classify, entries_from
+from workers.driver_journal import MERGE_SLACK_NS, DriverJournal, DriverOp
+
+
+@pytest.mark.parametrize(
+    ("name", "op"),
+    [
+        ("cuMemHostRegister_v2", "host_register"),
+        ("cuMemHostUnregister", "host_unregister"),
+        ("cudaHostRegister_v4000", "host_register"),
+        ("cuMemAllocHost_v2", "pinned_alloc"),
+        ("cuMemHostAlloc", "pinned_alloc"),
+        ("cudaMallocHost_v3020", "pinned_alloc"),
+        ("cuMemFreeHost", "pinned_free"),
+        ("cudaFreeHost_v3020", "pinned_free"),
+        ("cuMemAlloc_v2", "device_alloc"),
+        ("cuMemAllocManaged", "device_alloc"),
+        ("cuMemCreate", "device_alloc"),
+        ("cudaMalloc_v3020", "device_alloc"),
+        ("cuMemFree_v2", "device_free"),
+        ("cudaFree_v3020", "device_free"),
+        ("cuMemRelease", "device_free"),
+        ("cuModuleLoadData", "module_load"),
+        ("cuLibraryLoadData", "module_load"),
+        ("cuModuleUnload", "module_unload"),
+        ("cuGraphInstantiateWithFlags", "graph_instantiate"),
+        ("cuGraphExecDestroy", "graph_destroy"),
+        ("cuDevicePrimaryCtxRetain", "context_create"),
+        ("cuStreamCreateWithPriority", "stream_create"),
+        ("cuStreamDestroy_v2", "stream_destroy"),
+    ],
+)
+def test_lock_taking_functions_are_recorded_under_their_operation(name: str, op: str) -> None:
+    assert classify(name) == op
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "cuLaunchKernel",
+        "cuLaunchKernelEx_ptsz",
+        "cuGraphLaunch",
+        "cuMemcpyHtoDAsync_v2",
+        "cuMemcpyBatchAsync",
+        "cuEventRecord",
+        "cuEventSynchronize",
+        "cuStreamSynchronize",
+        "cuMemAllocAsync",
+        "cuMemFreeAsync_ptsz",
+        "cuMemAllocFromPoolAsync",
+        "cudaLaunchKernel_v7000",
+        "cudaGraphLaunch_v10000",
+        "cuCtxSetCurrent",
+        "cuMemGetInfo_v2",
+    ],
+)
+def test_launches_copies_and_stream_ordered_allocation_are_left_out(name: str) -> None:
+    assert classify(name) is None
+
+
+def test_every_driver_function_cupti_knows_is_either_recorded_or_not_a_launch() -> None:
+    cupti = pytest.importorskip("cupti.cupti", reason="cupti-python not installed")
+    recorded = {m.name for m in cupti.Driver_api_trace_cbid if classify(m.name)}
+    assert {"cuMemHostRegister_v2", "cuMemAlloc_v2", "cuModuleLoadData", "cuGraphInstantiate"} <= recorded
+    hot = ("Launch", "Memcpy", "Memset", "Synchronize", "EventRecord", "Query", "StreamWait")
+    assert not [n for n in recorded if any(h in n for h in hot)]
+
+
+# --- CUPTI records -> journal entries ------------------------------------------------------------------
+
+
+class _Kind(enum.IntEnum):
+    DRIVER = 6
+    RUNTIME = 5
+    OVERHEAD = 13
+
+
+class _Overhead(enum.IntEnum):
+    CUPTI_BUFFER_FLUSH = 1
+    LAZY_FUNCTION_LOADING = 1 << 5
+    RUNTIME_TRIGGERED_MODULE_LOADING = 1 << 6
+
+
+FAKE_CUPTI = SimpleNamespace(ActivityKind=_Kind, ActivityOverheadKind=_Overhead)
+NAMES = {10: "cuMemHostRegister_v2", 11: "cuLaunchKernel", 12: "cuMemAlloc_v2", -20: "cudaMalloc_v3020"}
+
+
+def _api(kind: int, cbid: int, start: int, end: int, tid: int) -> SimpleNamespace:
+    return SimpleNamespace(kind=kind, cbid=cbid, start=start, end=end, thread_id=tid)
+
+
+def test_records_become_entries_on_the_monotonic_clock_with_thread_names() -> None:
+    clock = Clock(lambda: 0)
+    clock.offset_ns = 1_000
+    me = threading.get_native_id()
+    lazy = SimpleNamespace(
+        kind=_Kind.OVERHEAD,
+        overhead_kind=_Overhead.LAZY_FUNCTION_LOADING,
+        start=500,
+        end=900,
+        object_id=SimpleNamespace(pt=SimpleNamespace(thread_id=me)),
+    )
+    flush = SimpleNamespace(kind=_Kind.OVERHEAD, overhead_kind=_Overhead.CUPTI_BUFFER_FLUSH, start=1, end=2)
+    acts = [
+        _api(_Kind.DRIVER, 10, 100, 200, me),
+        _api(_Kind.DRIVER, 11, 300, 310, me),  # a launch: never in the journal
+        _api(_Kind.RUNTIME, 20, 400, 450, me),
+        lazy,
+        flush,
+    ]
+    out = entries_from(acts, FAKE_CUPTI, NAMES, clock, ThreadNames())
+    assert [(e.op, e.api, e.t0_ns, e.t1_ns, e.source) for e in out] == [
+        ("host_register", "cuMemHostRegister_v2", 1_100, 1_200, "cupti"),
+        ("device_alloc", "cudaMalloc_v3020", 1_400, 1_450, "cupti"),
+        ("lazy_load", "lazy_function_loading", 1_500, 1_900, "cupti"),
+    ]
+    assert {e.thread for e in out} == {threading.current_thread().name}
+    assert {e.tid for e in out} == {me}
+
+
+def test_a_thread_python_does_not_know_is_named_from_proc() -> None:
+    names = ThreadNames()
+    assert names(threading.get_native_id()) == threading.current_thread().name
+    assert names(2**31 - 7) == f"tid {2**31 - 7}"
+
+
+def test_clock_lines_cupti_up_with_monotonic() -> None:
+    import time
+
+    clock = Clock(lambda: time.monotonic_ns() - 5_000_000)
+    assert abs(clock.offset_ns - 5_000_000) < 100_000
+    assert clock.uncertainty_ns >= 0
+
+
+# --- the journal: merging, faults ------------------------------------------------------------------
+
+
+def _cupti_op(op: str, api: str, t0: int, t1: int, tid: int) -> DriverOp:
+    return DriverOp(0, op, t0, t1, "", "inject", False, api, tid, "cupti")
+
+
+def test_a_call_seen_by_both_journals_is_one_entry_with_the_api_name() -> None:
+    j = DriverJournal()
+    j.mark_ready()
+    own = j.record("pinned_alloc", j.ready_ns + 1_000_000, j.ready_ns + 3_000_000, "staging")
+    assert j.faults == 1
+    new = j.add_foreign(
+        [_cupti_op("pinned_alloc", "cuMemHostAlloc", own.t0_ns + 5_000, own.t1_ns - 5_000, own.tid)]
+    )
+    assert new == 0 and j.faults == 1 and j.total == 1
+    (e,) = j.since(0)
+    assert (e.api, e.op, e.detail, e.source, e.name) == (
+        "cuMemHostAlloc",
+        "pinned_alloc",
+        "staging",
+        "own+cupti",
+        "cuMemHostAlloc",
+    )
+
+
+def test_another_threads_call_is_a_new_fault_and_a_runtime_call_folds_into_its_driver_call() -> None:
+    j = DriverJournal()
+    j.mark_ready()
+    t = j.ready_ns + 1_000_000
+    new = j.add_foreign(
+        [
+            _cupti_op("device_alloc", "cuMemAlloc_v2", t + 10_000, t + 90_000, 4242),
+            _cupti_op("device_alloc", "cudaMalloc_v3020", t, t + 100_000, 4242),
+            _cupti_op("host_register", "cuMemHostRegister_v2", t, t + 100_000, 4343),
+        ]
+    )
+    assert new == 2 and j.faults == 2
+    by_tid = {e.tid: e for e in j.since(0)}
+    assert by_tid[4242].api == "cuMemAlloc_v2" and by_tid[4242].detail == "cudaMalloc_v3020"
+    assert (by_tid[4242].t0_ns, by_tid[4242].t1_ns) == (t, t + 100_000)
+    assert by_tid[4343].api == "cuMemHostRegister_v2"
+
+
+def test_calls_before_ready_are_not_faults_and_neighbours_do_not_merge(caplog) -> None:
+    j = DriverJournal()
+    before = _cupti_op("module_load", "cuModuleLoadData", 100, 200, 7)
+    assert j.add_foreign([before]) == 0 and j.faults == 0
+    j.mark_ready()
+    t = j.ready_ns
+    a = _cupti_op("host_register", "cuMemHostRegister_v2", t + 1_000_000, t + 5_000_000, 7)
+    # starts right after `a` ends: a separate call even within the merge slack
+    b = _cupti_op(
+        "host_unregister", "cuMemHostUnregister", t + 5_000_000 + MERGE_SLACK_NS // 2, t + 9_000_000, 7
+    )
+    with caplog.at_level(logging.WARNING, logger="workers.driver_journal"):
+        assert j.add_foreign([a, b]) == 2
+    assert j.faults == 2 and j.total == 3
+    assert "cuMemHostRegister_v2 after READY (host_register" in caplog.text
+    assert "thread inject" in caplog.text
+
+
+def test_sync_delivers_cupti_records_before_a_stall_is_read() -> None:
+    j = DriverJournal()
+    pending = [_cupti_op("host_register", "cuMemHostRegister_v2", 10, 20, 9)]
+    j.attach("cupti", lambda: j.add_foreign(pending.copy()) and pending.clear())
+    assert j.overlapping(0, 100) == []
+    j.sync()
+    assert [e.api for e in j.overlapping(0, 100)] == ["cuMemHostRegister_v2"]
+
+
+# --- start and the fallback ---------------------------------------------------------------------------
+
+
+def test_own_mode_never_touches_cupti() -> None:
+    j = DriverJournal()
+    assert cupti_journal.start("own", j) is None
+    assert j.mode == "own" and "own" in (j.note or "")
+
+
+def test_without_a_driver_auto_falls_back_and_says_why_and_cupti_mode_refuses(monkeypatch) -> None:
+    monkeypatch.delenv("CUDA_INJECTION64_PATH", raising=False)
+    monkeypatch.delenv("NSYS_PROFILING_SESSION_ID", raising=False)
+    try:
+        from cuda.bindings import driver
+
+        if driver.cuInit(0)[0] == 0:
+            pytest.skip("a CUDA driver is present: the GPU tests cover the journal")
+    except Exception:
+        pass
+    j = DriverJournal()
+    assert cupti_journal.start("auto", j) is None
+    assert j.mode == "own" and j.note and j.note.startswith("CUPTI not used: ")
+    with pytest.raises(CuptiUnavailable):
+        cupti_journal.start("cupti", DriverJournal())
+
+
+def test_a_profiler_owning_cupti_keeps_the_own_journal(monkeypatch) -> None:
+    monkeypatch.setenv("CUDA_INJECTION64_PATH", "/opt/nsight/libToolsInjection64.so")
+    j = DriverJournal()
+    assert cupti_journal.start("auto", j) is None
+    assert "profiler" in (j.note or "")
+    with pytest.raises(CuptiUnavailable, match="profiler"):
+        cupti_journal.start("cupti", DriverJournal())
+
+
+# --- attribution carries the operation ------------------------------------------------------------------
+
+
+def test_a_stall_blamed_on_the_driver_lock_names_the_operation_and_thread() -> None:
+    t0 = 1_000_000_000
+    cand = {
+        "kind": ["enqueue"],
+        "t0_ns": t0,
+        "t1_ns": t0 + 20_000_000,
+        "launch_t0_ns": t0 + 1_000_000,
+        "launch_t1_ns": t0 + 15_000_000,
+        "timings_us": {"enqueue": 14_000.0},
+        "baseline_us": {"enqueue": 20.0},
+        "probe_launch": {
+            "wall_us": 14_000.0,
+            "oncpu_us": 50.0,
+            "runq_us": 0.0,
+            "blocked_us": 13_950.0,
+            "vcsw": 2,
+            "ivcsw": 0,
+        },
+        "journal": [
+            {
+                "op": "host_register",
+                "api": "cuMemHostRegister_v2",
+                "source": "cupti",
+                "t0_ns": t0,
+                "t1_ns": t0 + 14_500_000,
+                "thread": "inject",
+                "detail": "",
+            }
+        ],
+    }
+    causes = stalls.attribute(cand, [], {}, [])
+    rec = stalls.build_record(cand, causes, None)
+    assert rec["cause"] == "driver_lock"
+    assert rec["driver_op"]["name"] == "cuMemHostRegister_v2"
+    assert rec["driver_op"]["op"] == "host_register"
+    assert rec["driver_op"]["thread"] == "inject" and rec["driver_op"]["source"] == "cupti"
+    assert "cuMemHostRegister_v2 on inject" in rec["summary"]
+    log = stalls.StallLog(path=__import__("pathlib").Path("/dev/null"))
+    log.write(rec)
+    assert log.snapshot_op_counts() == {"cuMemHostRegister_v2": 1}
+
+
+def test_cuptis_own_threads_go_to_the_supervisors_cores(monkeypatch) -> None:
+    calls: list[tuple[int, set[int]]] = []
+    parent = __import__("os").getppid()
+
+    def getaff(pid: int) -> set[int]:
+        return {0, 1} if pid == 0 else {7} if pid == parent else set()
+
+    monkeypatch.setattr(cupti_journal.os, "sched_getaffinity", getaff)
+    monkeypatch.setattr(
+        cupti_journal.os, "sched_setaffinity", lambda tid, cores: calls.append((tid, set(cores)))
+    )
+    cj = cupti_journal.CuptiJournal(DriverJournal())
+    cj.own_tids = {4101, 4102}
+    cj.isolate()
+    assert calls == [(4101, {7}), (4102, {7})]
+    assert cj.stats()["cupti_threads_cores"] == [7]
+    cj.isolate()  # threads already moved are left alone
+    assert len(calls) == 2
