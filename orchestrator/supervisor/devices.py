@@ -7,6 +7,7 @@ through NVML, and CUDA packages are only looked up, not imported.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from orchestrator.common.config import Config
 from orchestrator.common.errors import ConfigError
 from orchestrator.common.rundir import RunDir
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,15 @@ def _select_gpus(cfg: Config, gpus: list[dict]) -> list[dict]:
     return chosen
 
 
+def _module_loading(cfg: Config, worker_id: str) -> str:
+    """CUDA_MODULE_LOADING for a GPU worker: EAGER (a lazily loaded kernel stalls launches at its first use),
+    except LAZY for a worker that [debug] inject = "lazy_module" applies to, whose stalls that kind needs.
+    The rule is workers.inject.injected_here's, inline here: the supervisor never imports workers/."""
+    d = cfg.debug
+    injected = not d.inject_workers or worker_id in d.inject_workers
+    return "LAZY" if d.inject == "lazy_module" and injected else "EAGER"
+
+
 def plan_workers(cfg: Config, rundir: RunDir, gpus: list[dict] | None = None) -> list[WorkerPlan]:
     """One plan per worker process; GPU configs need `gpus` from discover_or_explain()."""
     host = os.sched_getaffinity(0)
@@ -214,7 +226,7 @@ def plan_workers(cfg: Config, rundir: RunDir, gpus: list[dict] | None = None) ->
             i = len(plans)
             env = {
                 "CUDA_VISIBLE_DEVICES": g["uuid"],
-                "CUDA_MODULE_LOADING": "EAGER",
+                "CUDA_MODULE_LOADING": _module_loading(cfg, wid),
                 "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
             }
             plans.append(
@@ -230,6 +242,12 @@ def plan_workers(cfg: Config, rundir: RunDir, gpus: list[dict] | None = None) ->
                     tuple(x for x in ids if x != wid),
                 )
             )
+    lazy = [p.id for p in plans if p.env["CUDA_MODULE_LOADING"] == "LAZY"]
+    if lazy:
+        log.warning(
+            '[spawn] %s forced to CUDA_MODULE_LOADING=LAZY for debug.inject = "lazy_module" (not EAGER)',
+            ", ".join(lazy),
+        )
     return plans
 
 
