@@ -1,5 +1,11 @@
-"""Stall detection on a GPU (issue 4): clean, pinned_alloc, device_alloc, module_load runs, 60 s each.
-python3 scripts/bench_stalls.py --out benchmarks/results/stalls   (CPU plumbing: --cpu-smoke --seconds 5)
+"""Stall detection and driver-lock attribution on a GPU (issues 4, 16): clean, clean-own and injected runs.
+python3 scripts/bench_stalls.py --out benchmarks/results/stalls [--scenarios clean,clean-own,host_register,...] [--journal auto|cupti|own] [--seconds 60]   (CPU plumbing: --cpu-smoke --seconds 5)
+
+Each scenario starts one worker (synthetic engine, about 110 us per batch on an H200) under closed-loop load and
+reports the launches over 1 ms (the worker's exact counter), the stall records flagged for them, the share whose
+top cause is driver_lock with the injected operation named (the record's `driver_op`), and the serving
+thread's host time per batch (heartbeat `host_ns` / `batches`). "clean-own" is the clean run with
+`[monitor] driver_journal = "own"` (no CUPTI) whatever --journal says: clean vs clean-own is the journal's cost.
 """
 
 from __future__ import annotations
@@ -28,9 +34,24 @@ from scripts import benchlib  # noqa: E402
 from scripts.benchlib import machine_info as machine  # noqa: E402
 from scripts.loadgen import run_load  # noqa: E402
 
-GPU_SCENARIOS = ("clean", "pinned_alloc", "device_alloc", "module_load")
-CPU_SCENARIOS = ("clean", "cpu_hog")
+#: debug.inject kind -> the driver_op categories (the stall record's `driver_op.op`) that are the right answer.
+EXPECTED_OPS: dict[str, frozenset[str]] = {
+    "pinned_alloc": frozenset({"pinned_alloc", "pinned_free"}),
+    "device_alloc": frozenset({"device_alloc", "device_free"}),
+    "module_load": frozenset({"module_load", "module_unload"}),
+    "host_register": frozenset({"host_register", "host_unregister"}),
+    "library_alloc": frozenset({"device_alloc", "device_free"}),
+    "lazy_module": frozenset({"lazy_load", "module_load", "module_unload"}),
+}
+INJECTED = tuple(EXPECTED_OPS)
+CLEAN = ("clean", "clean-own")
+GPU_SCENARIOS = (*CLEAN, *INJECTED)
+CPU_SCENARIOS = (*CLEAN, "cpu_hog")
 ALL_SCENARIOS = (*GPU_SCENARIOS, "cpu_hog")
+RECALL_TARGET = 0.95  # of the launches over 1 ms, flagged as stalls
+RIGHT_OP_TARGET = 0.90  # of those flagged, top cause driver_lock with the injected operation named
+HOST_DIFF_TARGET_US = 1.0  # host time per batch, clean (journal on) minus clean-own (own journal only)
+NO_STALL = "no launch over 1 ms: the injection did not stall this run"
 SETTLE_S = 1.0  # idle time around the measured run: worker reports (every 200 ms) and stall records land
 CAUSES = ("driver_lock", "lock_wait", "cpu_preemption", "throttling", "foreign_process", "unknown")
 
@@ -61,14 +82,23 @@ def scenario_sections(args: argparse.Namespace, scenario: str, run_dir: Path) ->
             "max_queue": 4096,
             "max_queue_delay_us": 0,
         },
-        "monitor": {"interval_ms": 100, "stall_factor": args.stall_factor, "stall_min_us": args.stall_min_us},
+        "monitor": {
+            "interval_ms": 100,
+            "stall_factor": args.stall_factor,
+            "stall_min_us": args.stall_min_us,
+            "driver_journal": "own" if scenario == "clean-own" else args.journal,
+        },
     }
-    if scenario != "clean":
+    if scenario not in CLEAN:
         debug: dict[str, Any] = {"inject": scenario, "inject_period_ms": args.period_ms}
-        if scenario == "pinned_alloc":
-            debug["inject_bytes"] = args.pinned_mib << 20
-        elif scenario == "device_alloc":
-            debug["inject_bytes"] = args.device_mib << 20
+        mib = {
+            "pinned_alloc": args.pinned_mib,
+            "device_alloc": args.device_mib,
+            "host_register": args.register_mib,
+            "library_alloc": args.library_mib,
+        }.get(scenario)
+        if mib is not None:
+            debug["inject_bytes"] = mib << 20
         sections["debug"] = debug
     return sections
 
@@ -98,6 +128,30 @@ def the_worker(st: dict[str, Any]) -> dict[str, Any]:
     if len(workers) != 1:
         raise RuntimeError(f"expected one worker in status, found {sorted(workers)}")
     return next(iter(workers.values()))
+
+
+def the_heartbeat(st: dict[str, Any]) -> dict[str, Any]:
+    """The worker's own entry in status (the supervisor's worker handle: pid, heartbeat counters, engine facts)."""
+    workers = st.get("workers") or []
+    if len(workers) != 1:
+        raise RuntimeError(f"expected one worker in status, found {[w.get('id') for w in workers]}")
+    return workers[0]
+
+
+def host_per_batch(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The serving thread's host time per batch between two status entries of one worker (heartbeat `host_ns`
+    and `batches`, both counted from the worker process's start): None when the worker restarted in between
+    or served nothing."""
+    out: dict[str, Any] = {"batches": None, "host_ns": None, "host_us_per_batch": None, "restarted": False}
+    if before.get("pid") is None or before.get("pid") != after.get("pid"):
+        out["restarted"] = True
+        return out
+    nb = int(after.get("batches") or 0) - int(before.get("batches") or 0)
+    ns = int(after.get("host_ns") or 0) - int(before.get("host_ns") or 0)
+    out.update(batches=nb, host_ns=ns)
+    if nb > 0 and ns >= 0:
+        out["host_us_per_batch"] = ns / nb / 1e3
+    return out
 
 
 def stop(config: Path, run_dir: Path) -> str | None:
@@ -158,13 +212,28 @@ def compact(rec: dict[str, Any], scenario: str, in_window: bool) -> dict[str, An
         "cause": rec.get("cause"),
         "causes": [{"cause": c["cause"], "score": c["score"]} for c in rec.get("causes", [])],
         "summary": rec.get("summary"),
+        "driver_op": rec.get("driver_op"),
     }
 
 
-def analyse(records: list[dict[str, Any]], enq_over_1ms: int) -> dict[str, Any]:
+def _count(keys: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for k in keys:
+        out[k] = out.get(k, 0) + 1
+    return dict(sorted(out.items(), key=lambda x: (-x[1], x[0])))
+
+
+def right_op(rec: dict[str, Any], scenario: str) -> bool:
+    """Top cause driver_lock, and the driver operation named is one the scenario injects."""
+    op = rec.get("driver_op") or {}
+    return rec.get("cause") == "driver_lock" and op.get("op") in EXPECTED_OPS.get(scenario, ())
+
+
+def analyse(records: list[dict[str, Any]], enq_over_1ms: int, scenario: str = "") -> dict[str, Any]:
     """Recall of the >1 ms launches and how the flagged ones were attributed (records of the measured window)."""
     flagged = [r for r in records if "enqueue" in (r.get("kind") or ()) and (r.get("enqueue_us") or 0) > 1000]
     driver = sum(1 for r in flagged if r.get("cause") == "driver_lock")
+    right = sum(1 for r in flagged if right_op(r, scenario))
     by_cause: dict[str, int] = {}
     for r in records:
         by_cause[r.get("cause", "unknown")] = by_cause.get(r.get("cause", "unknown"), 0) + 1
@@ -184,6 +253,12 @@ def analyse(records: list[dict[str, Any]], enq_over_1ms: int) -> dict[str, Any]:
         "recall": len(flagged) / enq_over_1ms if enq_over_1ms else None,
         "driver_lock_first": driver,
         "driver_lock_share": driver / len(flagged) if flagged else None,
+        "expected_ops": sorted(EXPECTED_OPS.get(scenario, ())),
+        "driver_lock_right_op": right,
+        "right_op_share": right / len(flagged) if flagged else None,
+        "ops_by_name": _count([(r.get("driver_op") or {}).get("name") or "(none)" for r in flagged]),
+        "ops_by_category": _count([(r.get("driver_op") or {}).get("op") or "(none)" for r in flagged]),
+        "ops_by_source": _count([(r.get("driver_op") or {}).get("source") or "(none)" for r in flagged]),
         "max_enqueue_us_flagged": max((r["enqueue_us"] for r in flagged), default=None),
     }
 
@@ -227,7 +302,8 @@ def run_scenario(args: argparse.Namespace, scenario: str, tmp: Path) -> dict[str
         run_load(config, shape, args.procs, args.in_flight, args.warmup)
         time.sleep(SETTLE_S)
         t_w0 = time.time()
-        before = the_worker(status_json(config))
+        before_st = status_json(config)
+        before, hb_before = the_worker(before_st), the_heartbeat(before_st)
 
         mid: dict[str, Any] = {}
 
@@ -249,8 +325,18 @@ def run_scenario(args: argparse.Namespace, scenario: str, tmp: Path) -> dict[str
         time.sleep(SETTLE_S)
         t_w1 = time.time()
         after_st = status_json(config)
-        after = the_worker(after_st)
+        after, hb_after = the_worker(after_st), the_heartbeat(after_st)
         res.update(mid)
+        engine = hb_after.get("engine") or {}
+        res["driver_journal"] = engine.get("driver_journal")  # {"mode", "note"}: what the worker runs
+        res["journal_configured"] = sections["monitor"]["driver_journal"]
+        res["module_loading"] = hb_after.get("module_loading")
+        res["engine"] = engine
+        hb_keys = ("pid", "batches", "host_ns", "requests", "faults")
+        res["heartbeat_before"] = {k: hb_before.get(k) for k in hb_keys}
+        res["heartbeat_after"] = {k: hb_after.get(k) for k in hb_keys}
+        res["host"] = host_per_batch(hb_before, hb_after)
+        res["host_us_per_batch"] = res["host"]["host_us_per_batch"]
         res["final_stall_counts"] = (after_st.get("monitor") or {}).get("stall_counts")
         res["window"] = {"t0": t_w0, "t1": t_w1}
         res["worker_before"] = {
@@ -309,7 +395,7 @@ def run_scenario(args: argparse.Namespace, scenario: str, tmp: Path) -> dict[str
             compact(r, scenario, window["t0"] <= (r.get("time") or 0) <= window["t1"]) for r in records
         ]
         res["stalls_outside_window"] = len(records) - len(inside)
-        res.update(analyse(inside, res["enqueue_over_1ms"]))
+        res.update(analyse(inside, res["enqueue_over_1ms"], scenario))
     res["elapsed_s"] = round(time.monotonic() - t_start, 1)
     return res
 
@@ -327,31 +413,51 @@ def _us(v: float | None) -> str:
     return f"{v / 1e3:.2f} ms" if v >= 1000 else f"{v:.0f} us"
 
 
+def journal_mode(r: dict[str, Any]) -> str | None:
+    """The journal the worker reported running ("cupti" or "own"); None when it did not say (CPU, old code)."""
+    dj = r.get("driver_journal")
+    return dj.get("mode") if isinstance(dj, dict) else None
+
+
+def _journal(r: dict[str, Any]) -> str:
+    asked, mode = r.get("journal_configured") or "?", journal_mode(r)
+    if mode is None:
+        return f"{asked} (not reported)"
+    return mode if mode == asked else f"{mode} (asked {asked})"
+
+
+def _ratio(n: int, of: int, share: float | None) -> str:
+    return f"{n}/{of} ({_pct(share)})" if of else "n/a"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| scenario | batches | enqueue>1ms | flagged (of those) | recall | top cause driver_lock | "
-        "stalls by cause | throughput | p50/p99 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| scenario | journal | batches | enqueue>1ms | flagged (of those) | recall | top cause driver_lock | "
+        "right op | stalls by cause | host us/batch | throughput | p50/p99 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         if not r["ok"]:
             lines.append(
-                f"| {r['scenario']} | FAILED: {r.get('error', '?')[:160].replace('|', '/')} | | | | | | | |"
+                f"| {r['scenario']} | FAILED: {r.get('error', '?')[:160].replace('|', '/')} | | | | | | | | | | |"
             )
             continue
         causes = (
             ", ".join(f"{c} {n}" for c, n in sorted(r["stalls_by_cause"].items(), key=lambda x: -x[1]))
             or "none"
         )
-        dl = (
-            f"{r['driver_lock_first']}/{r['flagged_over_1ms']} ({_pct(r['driver_lock_share'])})"
-            if r["flagged_over_1ms"]
+        dl = _ratio(r["driver_lock_first"], r["flagged_over_1ms"], r["driver_lock_share"])
+        ro = (
+            _ratio(r["driver_lock_right_op"], r["flagged_over_1ms"], r["right_op_share"])
+            if r["scenario"] in EXPECTED_OPS
             else "n/a"
         )
+        host = r.get("host_us_per_batch")
         ld = r["load"]
         lines.append(
-            f"| {r['scenario']} | {r['batches']:,} | {r['enqueue_over_1ms']:,} | {r['flagged_over_1ms']:,} "
-            f"| {_pct(r['recall'])} | {dl} | {causes} | {ld['throughput_rps']:,.0f} req/s "
+            f"| {r['scenario']} | {_journal(r)} | {r['batches']:,} | {r['enqueue_over_1ms']:,} "
+            f"| {r['flagged_over_1ms']:,} | {_pct(r['recall'])} | {dl} | {ro} | {causes} "
+            f"| {'-' if host is None else f'{host:.2f}'} | {ld['throughput_rps']:,.0f} req/s "
             f"({ld['items_per_s']:,.0f} items/s) | {_us(ld['latency_us_p50'])} / {_us(ld['latency_us_p99'])} |"
         )
     return "\n".join(lines)
@@ -377,34 +483,48 @@ def gpu_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) if len(lines) > 2 else "(no GPU in status: CPU run or NVML unavailable)"
 
 
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
 def checks(results: list[dict[str, Any]], cpu: bool) -> list[str]:
     out = []
+    by = {r["scenario"]: r for r in results}
     for r in results:
         s = r["scenario"]
         if not r["ok"]:
             out.append(f"{s}: FAILED ({r.get('error')})")
             continue
-        if s == "clean":
+        if s in CLEAN:
             out.append(
-                f"clean: {r['stalls']} stall(s) flagged -> {'PASS' if r['stalls'] == 0 else 'FAIL'} (target: none)"
+                f"{s}: {r['stalls']} stall(s) flagged, journal {_journal(r)} -> {_verdict(r['stalls'] == 0)} "
+                "(target: none)"
             )
         elif s == "cpu_hog":
             top = max(r["stalls_by_cause"], key=r["stalls_by_cause"].get) if r["stalls_by_cause"] else None
             out.append(
                 f"cpu_hog: {r['stalls']} stall(s), most often {top} "
-                f"-> {'PASS' if top == 'cpu_preemption' else 'FAIL'} (target: cpu_preemption)"
+                f"-> {_verdict(top == 'cpu_preemption')} (target: cpu_preemption)"
+            )
+        elif not r["enqueue_over_1ms"]:
+            out.append(
+                f"{s}: {NO_STALL} (0 of {r['batches']:,} batches; {r['flagged_over_1ms']} enqueue stall(s) "
+                f"flagged, {r['stalls']} stall(s) in all; journal {_journal(r)}) -> no verdict"
             )
         else:
             ok = (
                 r["recall"] is not None
-                and r["recall"] >= 0.9
-                and r["driver_lock_share"] is not None
-                and r["driver_lock_share"] >= 0.9
+                and r["recall"] >= RECALL_TARGET
+                and r["right_op_share"] is not None
+                and r["right_op_share"] >= RIGHT_OP_TARGET
             )
-            verdict = ("PASS" if ok else "FAIL") if s == "pinned_alloc" else ("meets" if ok else "below")
+            ops = ", ".join(f"{k} {n}" for k, n in r["ops_by_name"].items()) or "none"
             out.append(
-                f"{s}: recall {_pct(r['recall'])} of {r['enqueue_over_1ms']} launches >1 ms, driver_lock first "
-                f"{_pct(r['driver_lock_share'])} -> {verdict} (90% / 90%{'' if s == 'pinned_alloc' else ', report only'})"
+                f"{s}: recall {_pct(r['recall'])} of {r['enqueue_over_1ms']} launches >1 ms "
+                f"(target {RECALL_TARGET:.0%}); driver_lock with the right operation "
+                f"({'/'.join(r['expected_ops'])}) {_ratio(r['driver_lock_right_op'], r['flagged_over_1ms'], r['right_op_share'])} "
+                f"(target {RIGHT_OP_TARGET:.0%}; driver_lock first {_pct(r['driver_lock_share'])}); "
+                f"operations named: {ops}; journal {_journal(r)} -> {_verdict(ok)}"
             )
         if not cpu and r.get("gpus_mid_run"):
             g = r["gpus_mid_run"][0]
@@ -412,7 +532,28 @@ def checks(results: list[dict[str, Any]], cpu: bool) -> list[str]:
             out.append(
                 f"  {s}: clocks and throttle reasons in status while loaded: {'yes' if seen else 'NO'}"
             )
+    out.extend(host_check(by.get("clean"), by.get("clean-own")))
     return out
+
+
+def host_check(clean: dict[str, Any] | None, own: dict[str, Any] | None) -> list[str]:
+    """Host time per batch, journal on (clean) vs own journal only (clean-own): the journal's cost."""
+    if clean is None or own is None:
+        return []
+    if not (clean["ok"] and own["ok"]):
+        return ["host time per batch: not compared (clean or clean-own failed)"]
+    hc, ho = clean.get("host_us_per_batch"), own.get("host_us_per_batch")
+    if hc is None or ho is None:
+        return [f"host time per batch: not measured (clean {hc}, clean-own {ho}; restarted or no batches)"]
+    diff = hc - ho
+    note = ""
+    if journal_mode(clean) != "cupti":
+        note = f" (the clean run's journal is {_journal(clean)}, not CUPTI: this is not a CUPTI on/off comparison)"
+    return [
+        f"host time per batch: clean ({_journal(clean)}) {hc:.2f} us vs clean-own ({_journal(own)}) {ho:.2f} us, "
+        f"difference {diff:+.2f} us -> {_verdict(abs(diff) <= HOST_DIFF_TARGET_US)} "
+        f"(target: within {HOST_DIFF_TARGET_US:g} us){note}"
+    ]
 
 
 def write_outputs(
@@ -430,10 +571,12 @@ def write_outputs(
         f"{mode}; one worker; synthetic engine, request = batch = {args.rows} x {args.item} float32, "
         f"work {args.work}; depth 2, graphs {'off' if args.cpu_smoke else 'on'}, sync "
         f"{'blocking' if args.cpu_smoke else 'spin'}, buckets [{args.rows}]; stall_factor {args.stall_factor:g}, "
-        f"stall_min_us {args.stall_min_us}; injection every {args.period_ms} ms on a side thread "
-        f"(pinned_alloc {args.pinned_mib} MiB, device_alloc {args.device_mib} MiB, module_load a 50-kernel "
-        f"cubin; cpu_hog one busy process per worker core); load {args.procs} client processes x "
-        f"{args.in_flight} in flight, warm-up {args.warmup:g} s, measured {args.seconds:g} s."
+        f"stall_min_us {args.stall_min_us}; driver journal {args.journal} (clean-own: own); injection every "
+        f"{args.period_ms} ms on a side thread (through our CUDA layer: pinned_alloc {args.pinned_mib} MiB, "
+        f"device_alloc {args.device_mib} MiB, module_load a 50-kernel cubin; as another library would, seen "
+        f"only by CUPTI: host_register {args.register_mib} MiB, library_alloc {args.library_mib} MiB, "
+        f"lazy_module a lazily loaded module; cpu_hog one busy process per worker core); load {args.procs} "
+        f"client processes x {args.in_flight} in flight, warm-up {args.warmup:g} s, measured {args.seconds:g} s."
     )
     md = [
         f"# Stall detection: {info.get('device', '?')}, driver {info.get('driver', '?')}, {info.get('date')}",
@@ -445,8 +588,14 @@ def write_outputs(
         "Columns: batches and enqueue>1ms are the worker's counters over the measured window "
         "(`enqueue_over_1ms_total`, exact); flagged = stall records of that window with kind `enqueue` and "
         "enqueue_us > 1000; recall = flagged / enqueue>1ms; top cause driver_lock = flagged ranked "
-        "`driver_lock` first; stalls by cause = every stall record of the window (enqueue or latency); "
-        "throughput and p50/p99 are client-side (closed loop).",
+        "`driver_lock` first; right op = flagged ranked `driver_lock` first whose `driver_op.op` is one the "
+        "scenario injects (pinned_alloc: pinned_alloc/pinned_free; device_alloc and library_alloc: "
+        "device_alloc/device_free; module_load: module_load/module_unload; host_register: "
+        "host_register/host_unregister; lazy_module: lazy_load/module_load/module_unload); stalls by cause = "
+        "every stall record of the window (enqueue or latency); journal = the driver journal the worker "
+        "reported running (engine fact `driver_journal.mode`); host us/batch = the serving thread's working "
+        "time per batch over the window (heartbeat `host_ns` / `batches`); throughput and p50/p99 are "
+        "client-side (closed loop).",
         "",
         tbl,
         "",
@@ -468,6 +617,12 @@ def write_outputs(
             f"{r['stalls_outside_window']}; flagged >1 ms by cause: {r['flagged_over_1ms_by_cause'] or 'none'}; "
             f"longest flagged enqueue: {_us(r['max_enqueue_us_flagged'])}; client errors: "
             f"{r['load']['errors'] or 'none'}.",
+            "",
+            f"Journal: {_journal(r)} (worker's fact: {r.get('driver_journal')}); module loading: "
+            f"{r.get('module_loading')}; flagged >1 ms by driver operation: {r['ops_by_name'] or 'none'} "
+            f"(categories {r['ops_by_category'] or 'none'}, sources {r['ops_by_source'] or 'none'}); host time: "
+            f"{r['host']['host_ns']} ns over {r['host']['batches']} batches"
+            f"{' (worker restarted in the window)' if r['host']['restarted'] else ''}.",
             "",
         ]
         if "status_text" in r:
@@ -525,13 +680,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--period-ms", type=int, default=200, help="injection period")
     ap.add_argument("--pinned-mib", type=int, default=64, help="pinned_alloc size")
     ap.add_argument("--device-mib", type=int, default=256, help="device_alloc size")
+    ap.add_argument("--register-mib", type=int, default=64, help="host_register size")
+    ap.add_argument("--library-mib", type=int, default=64, help="library_alloc size")
+    ap.add_argument(
+        "--journal",
+        choices=("auto", "cupti", "own"),
+        default="auto",
+        help="[monitor] driver_journal of every scenario (clean-own always runs own)",
+    )
     ap.add_argument("--gpu", type=int, default=0, help="GPU index for the worker")
     ap.add_argument("--stall-factor", type=float, default=8.0)
     ap.add_argument("--stall-min-us", type=int, default=1000)
     ap.add_argument(
         "--cpu-smoke",
         action="store_true",
-        help="CPU worker (no GPU): clean and cpu_hog, to test the plumbing",
+        help=f"CPU worker (no GPU): {', '.join(CPU_SCENARIOS)}, to test the plumbing",
     )
     ap.add_argument("--keep", action="store_true", help="keep the temporary configs and run directories")
     args = ap.parse_args(argv)
@@ -542,10 +705,12 @@ def main(argv: list[str] | None = None) -> int:
         args.rows, args.item = 64, 1024
         args.work = 4597 if args.work is None else args.work
     scenarios = (
-        args.scenarios.split(",")
+        [x.strip() for x in args.scenarios.split(",") if x.strip()]
         if args.scenarios
         else list(CPU_SCENARIOS if args.cpu_smoke else GPU_SCENARIOS)
     )
+    if len(set(scenarios)) != len(scenarios):
+        ap.error(f"a scenario is named twice in {scenarios}")
     bad = [s for s in scenarios if s not in ALL_SCENARIOS]
     if bad:
         ap.error(f"unknown scenario(s) {bad}; choose from {', '.join(ALL_SCENARIOS)}")

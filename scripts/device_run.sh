@@ -15,6 +15,11 @@
 #   bash scripts/device_run.sh prof     # issue 10: both models with py-spy profiles (worker, client), GPU tests
 #   bash scripts/device_run.sh final    # issues 10 and 14: torch tests, both models (bert also 2 workers
 #                                       # under MPS), `orchestrator bench` sweeps (scripts/device_bench.sh)
+#   bash scripts/device_run.sh cupti    # issue 16: CUPTI journal probe and cost, injection smoke, GPU tests
+#   bash scripts/device_run.sh stalls16 # issue 16: launch cost per journal variant, bench_stalls 60 s a scenario
+#   bash scripts/device_run.sh stalls16b # issue 16: journal on/off alternated, lazy diagnosis, lazy_module and
+#                                       # pinned_alloc; issue 10: bert-tiny with the 60 s steady run
+#   bash scripts/device_run.sh rest10   # issue 10: LitServe with 2 and 4 workers, bert-tiny + 60 s steady
 #   bash scripts/device_run.sh real     # issue 10 in one call, most important first, ExportedPrograms only
 #                                       # (models/bert-tiny.* carried; AOTInductor packages do not load there)
 # Every step runs even when an earlier one failed; its log and exit status go under $OUT; a summary ends it.
@@ -81,6 +86,14 @@ step env 60 bash -c 'date -u; uname -a; nproc; python3 -VV
     grep -m1 "model name" /proc/cpuinfo; df -h /dev/shm /tmp
     python3 -c "import zmq, numpy, psutil, pynvml, msgpack; print(zmq.__version__, numpy.__version__, psutil.__version__)"'
 echo "MPS before:"; mps_processes | tee "$RES/mps-before.txt"
+
+# The CUPTI library: the image's (torch brings nvidia-cuda-cupti), else the carried 13.0 wheel.
+libcupti() {
+    python3 -c "from cuda.pathfinder import load_nvidia_dynamic_lib as l; print(l('cupti'))" 2>&1 \
+        | tee "$RES/libcupti.txt" | grep -q abs_path \
+        || { step install-cupti 60 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl-cupti/*.whl
+             export LD_LIBRARY_PATH=/tmp/site/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}; }
+}
 
 run_mode() {
     case "$1" in
@@ -192,6 +205,56 @@ run_mode() {
         # -v: each test's outcome is in the log as it ends, even when the step runs out of time
         step gpu-tests 240 python3 -m pytest tests/gpu -v -p no:cacheprovider -rfEs --tb=short --timeout 100 \
             ${TEST_ARGS:-}
+        ;;
+    cupti)
+        # Issue 16: CUPTI here, the journal's checks and cost (probe_cupti.py), a short smoke of the new
+        # injections, the GPU tests.
+        libcupti
+        step probe-cupti 150 python3 scripts/probe_cupti.py --out "$OUT/cupti"
+        # what `pip install orchestrator[gpu]` takes today (cupti-python 13.4, libcupti 13.5) on this driver
+        step probe-cupti-latest 90 bash -c 'python3 -m pip install -q --no-index --no-deps --target /tmp/cupti-latest \
+            .whl-cupti/latest/*.whl && PYTHONPATH=/tmp/cupti-latest:$PYTHONPATH \
+            LD_LIBRARY_PATH=/tmp/cupti-latest/nvidia/cu13/lib python3 scripts/probe_cupti.py --child basic'
+        # shellcheck disable=SC2086
+        step stalls-smoke 200 python3 scripts/bench_stalls.py --scenarios ${STALL_SCENARIOS:-clean,host_register,lazy_module} \
+            --seconds ${STALL_S:-8} --out "$OUT/stalls-smoke"
+        step gpu-tests 240 python3 -m pytest tests/gpu -v -p no:cacheprovider -rfEs --tb=short --timeout 100 \
+            -k "not aoti" ${TEST_ARGS:-}
+        ;;
+    stalls16)
+        # Issue 16's device run: the journal's launch cost per variant and the lazy-loading diagnosis, then
+        # bench_stalls.py at 60 s a scenario (clean with CUPTI and without, and the injections).
+        libcupti
+        step probe-cost 150 python3 scripts/probe_cupti.py --part cost --out "$OUT/cupti"
+        # shellcheck disable=SC2086
+        step bench-stalls 480 python3 scripts/bench_stalls.py \
+            --scenarios ${STALL_SCENARIOS:-clean,clean-own,host_register,library_alloc,lazy_module} \
+            --seconds ${STALL_S:-60} --out "$OUT/stalls"
+        ;;
+    stalls16b)
+        # Issue 16, second run: the journal on and off alternated (30 s each, twice, opposite orders), the
+        # lazy-loading diagnosis, lazy_module and pinned_alloc at 60 s, then issue 10's 60 s steady run.
+        libcupti
+        mkdir -p "$RES/real"
+        step probe-lazy 60 python3 scripts/probe_cupti.py --part lazy --out "$OUT/cupti"
+        step stalls-pair1 120 python3 scripts/bench_stalls.py --scenarios clean,clean-own --seconds 30 --out "$OUT/pair1"
+        step stalls-inject 190 python3 scripts/bench_stalls.py --scenarios lazy_module,pinned_alloc --seconds 60 \
+            --out "$OUT/stalls2"
+        step stalls-pair2 120 python3 scripts/bench_stalls.py --scenarios clean-own,clean --seconds 30 --out "$OUT/pair2"
+        step orch-bert 200 python3 scripts/bench_real.py --model bert --concurrency 1,64 --seconds 8 --steady-s 60 \
+            --json "$RES/real/orch-bert.json" --logs "$RES/logs-orch-bert"
+        ;;
+    rest10)
+        # Issue 10's remaining measurements: LitServe tuned (2 and 4 inference workers on the GPU; 1 was
+        # measured before), then bert-tiny through the orchestrator with the 60 s steady run.
+        mkdir -p "$RES/real"
+        for w in ${LS_WORKERS:-2 4}; do
+            step "litserve-bert-w$w" 150 python3 scripts/bench_litserve.py --model bert --models "$PWD/models" \
+                --program ep --workers-per-device "$w" --concurrency 1,64 --warmup 2 --duration 8 \
+                --json "$RES/real/litserve-bert-w$w.json"
+        done
+        step orch-bert 230 python3 scripts/bench_real.py --model bert --concurrency 1,64 --seconds 8 --steady-s 60 \
+            --json "$RES/real/orch-bert.json" --logs "$RES/logs-orch-bert"
         ;;
     final)
         # Issue 10 after the batch-growth change (1 worker, and 2 under MPS), the torch tests, and issue 14's

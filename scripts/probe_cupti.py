@@ -1,0 +1,484 @@
+"""Does the CUPTI driver journal (workers/cupti_journal.py) work on this GPU, and what does it cost?
+
+    python3 scripts/probe_cupti.py --out DIR        # every check below, each in a fresh process; DIR/cupti.json
+
+- basic: CUPTI started before the context, verified with a pinned allocation; a side thread registers a
+  64 MiB numpy buffer with cuMemHostRegister (cuda-bindings, not workers/cuda) and torch allocates and
+  frees 64 MiB on another: each must appear in the journal with its API name and thread, and its CUPTI
+  start/end must match the caller's own monotonic clock readings around the call. Also the cost of an
+  empty flush.
+- lazy: CUDA_MODULE_LOADING=LAZY, a 50-kernel module loaded with cuModuleLoadData and each kernel launched
+  once: the lazy function loads must appear as `lazy_load`.
+- launch: host cost of cuLaunchKernel and cuGraphLaunch with the journal off and on (separate processes,
+  alternated, three each): the journal must not touch launches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+_SOURCE = "\n".join(f'extern "C" __global__ void k{i}(float* p) {{ p[{i}] += 1.0f; }}' for i in range(50))
+
+
+def _ok(res: Any, what: str) -> Any:
+    err = res[0]
+    if int(err) != 0:
+        raise RuntimeError(f"{what}: {err}")
+    return None if len(res) == 1 else res[1] if len(res) == 2 else res[1:]
+
+
+def _entries() -> list[dict[str, Any]]:
+    from workers.driver_journal import JOURNAL
+
+    JOURNAL.sync()
+    return [
+        {
+            "op": e.op,
+            "api": e.api,
+            "thread": e.thread,
+            "source": e.source,
+            "t0_ns": e.t0_ns,
+            "t1_ns": e.t1_ns,
+            "dur_us": (e.t1_ns - e.t0_ns) / 1e3,
+            "fault": e.fault,
+        }
+        for e in JOURNAL.since(0)
+    ]
+
+
+def basic() -> dict[str, Any]:
+    import numpy as np
+    from cuda.bindings import driver
+
+    from workers import cupti_journal
+    from workers.cuda import memory
+    from workers.cuda.context import get_context
+    from workers.driver_journal import JOURNAL
+
+    out: dict[str, Any] = {}
+    cj = cupti_journal.start("cupti")
+    ctx = get_context("spin")
+    cupti_journal.verify(lambda: memory.PinnedBuffer(4096, "journal check").free())
+    out["mode"], out["note"] = JOURNAL.mode, JOURNAL.note
+    try:
+        from importlib.metadata import version
+
+        from cuda.pathfinder import load_nvidia_dynamic_lib
+
+        out["libcupti"] = str(load_nvidia_dynamic_lib("cupti"))
+        out["cupti_python"] = version("cupti-python")
+    except Exception as exc:
+        out["libcupti"] = f"{type(exc).__name__}: {exc}"
+    out["stats_after_verify"] = cj.stats() if cj else None
+    JOURNAL.mark_ready()
+    calls: dict[str, tuple[int, int]] = {}
+    buf = np.ones(64 << 20, dtype=np.uint8)
+
+    def register() -> None:
+        ctx.make_current()
+        ptr = buf.ctypes.data
+        a = time.monotonic_ns()
+        _ok(driver.cuMemHostRegister(ptr, buf.nbytes, 0), "cuMemHostRegister")
+        b = time.monotonic_ns()
+        _ok(driver.cuMemHostUnregister(ptr), "cuMemHostUnregister")
+        c = time.monotonic_ns()
+        calls["register"] = (a, b)
+        calls["unregister"] = (b, c)
+
+    t = threading.Thread(target=register, name="library-register")
+    t.start()
+    t.join()
+    try:
+        import torch
+
+        def torch_alloc() -> None:
+            x = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+            del x
+            torch.cuda.synchronize()
+            a = time.monotonic_ns()
+            torch.cuda.empty_cache()
+            y = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+            b = time.monotonic_ns()
+            del y
+            torch.cuda.empty_cache()
+            calls["torch_alloc"] = (a, b)
+
+        t = threading.Thread(target=torch_alloc, name="library-torch")
+        t.start()
+        t.join()
+    except ImportError as exc:
+        out["torch"] = f"not installed: {exc}"
+    entries = _entries()
+    out["entries_after_ready"] = [e for e in entries if e["fault"]]
+    out["faults"] = JOURNAL.faults
+    # clock alignment: the CUPTI (or merged) entry of each call vs the caller's own readings
+    align = {}
+    for name, (a, b) in calls.items():
+        want = "host_register" if name == "register" else "host_unregister" if name == "unregister" else None
+        cands = [
+            e
+            for e in entries
+            if e["fault"]
+            and (e["op"] == want if want else e["op"] == "device_alloc")
+            and e["t0_ns"] >= a - 5_000_000
+        ]
+        if cands:
+            e = min(cands, key=lambda e: abs(e["t0_ns"] - a))
+            align[name] = {
+                "api": e["api"],
+                "thread": e["thread"],
+                "cupti_start_minus_caller_us": (e["t0_ns"] - a) / 1e3,
+                "caller_end_minus_cupti_end_us": (b - e["t1_ns"]) / 1e3,
+                "dur_us": e["dur_us"],
+            }
+        else:
+            align[name] = None
+    out["alignment"] = align
+    # empty flush cost
+    n = 2000
+    a = time.perf_counter_ns()
+    for _ in range(n):
+        JOURNAL.sync()
+    out["empty_flush_us"] = (time.perf_counter_ns() - a) / n / 1e3
+    out["stats"] = cj.stats() if cj else None
+    return out
+
+
+def lazy() -> dict[str, Any]:
+    from cuda.bindings import driver
+
+    from workers import cupti_journal
+    from workers.cuda import memory
+    from workers.cuda.context import get_context
+    from workers.cuda.module import compile_cubin
+    from workers.driver_journal import JOURNAL
+
+    cupti_journal.start("cupti")
+    ctx = get_context("spin")
+    cupti_journal.verify(lambda: memory.PinnedBuffer(4096, "journal check").free())
+    cubin = compile_cubin(_SOURCE, "probe.cu", ctx.info.arch)
+    dev = _ok(driver.cuMemAlloc(256), "cuMemAlloc")
+    stream = _ok(driver.cuStreamCreate(0), "cuStreamCreate")
+    JOURNAL.mark_ready()
+    t0 = time.monotonic_ns()
+    mod = _ok(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
+    t1 = time.monotonic_ns()
+    arg = ctypes.c_void_p(int(dev))
+    params = (ctypes.c_void_p * 1)(ctypes.addressof(arg))
+    for i in range(50):
+        fn = _ok(driver.cuModuleGetFunction(mod, f"k{i}".encode()), "cuModuleGetFunction")
+        _ok(
+            (driver.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, stream, ctypes.addressof(params), 0)[0], None),
+            "launch",
+        )
+    t2 = time.monotonic_ns()
+    _ok(driver.cuStreamSynchronize(stream), "sync")
+    _ok(driver.cuModuleUnload(mod), "unload")
+    entries = [e for e in _entries() if e["fault"]]
+    return {
+        "loading_mode": ctx.loading_mode,
+        "module_load_us": (t1 - t0) / 1e3,
+        "first_launches_us": (t2 - t1) / 1e3,
+        "by_op": {op: sum(1 for e in entries if e["op"] == op) for op in {e["op"] for e in entries}},
+        "lazy_entries": [e for e in entries if e["op"] == "lazy_load"][:5],
+        "lazy_total_us": sum(e["dur_us"] for e in entries if e["op"] == "lazy_load"),
+        "all": entries[:12],
+    }
+
+
+def _variant(name: str) -> None:
+    """Switch parts of the started journal off again, to find what (if anything) costs launch time."""
+    from workers import cupti_journal
+
+    cj = cupti_journal.active()
+    if cj is None or name == "full":
+        return
+    cupti = cj.cupti
+    if name in ("no-overhead", "bare"):
+        cupti.activity_disable(cupti.ActivityKind.OVERHEAD)
+    if name in ("no-runtime", "bare"):
+        for cbid, api in cj.names.items():
+            if cbid < 0 and cupti_journal.classify(api):
+                cupti.activity_enable_runtime_api(-cbid, 0)
+    if name == "bare":
+        for cbid, api in cj.names.items():
+            if cbid > 0 and cupti_journal.classify(api):
+                cupti.activity_enable_driver_api(cbid, 0)
+
+
+def lazy_serve() -> dict[str, Any]:
+    """A serving-like loop (graph launches on the main thread) beside the lazy_module injection, CUPTI on
+    and recording the injecting thread's launches too: which records overlap each slow launch."""
+    from cuda.bindings import driver
+
+    from workers import cupti_journal
+    from workers.cuda import memory
+    from workers.cuda.context import get_context
+    from workers.cuda.module import compile_cubin
+    from workers.driver_journal import JOURNAL
+
+    cj = cupti_journal.start("cupti")
+    assert cj is not None
+    ctx = get_context("spin")
+    cupti_journal.verify(lambda: memory.PinnedBuffer(4096, "journal check").free())
+    cupti = cj.cupti
+    launch_ids = {
+        int(m): m.name
+        for m in cupti.Driver_api_trace_cbid
+        if m.name.startswith(("cuLaunchKernel", "cuGraphLaunch"))
+    }
+    seen: list[tuple[str, int, int, int]] = []  # launches CUPTI recorded: (api, tid, t0, t1)
+    original = cj._completed
+
+    def completed(acts: list[Any]) -> None:
+        assert cj.clock is not None
+        for a in acts:
+            if int(a.kind) == int(cupti.ActivityKind.DRIVER) and int(a.cbid) in launch_ids:
+                seen.append(
+                    (launch_ids[int(a.cbid)], int(a.thread_id), cj.clock(int(a.start)), cj.clock(int(a.end)))
+                )
+        original(acts)
+
+    cupti.activity_register_callbacks(cj._requested, completed)
+    for cbid in list(launch_ids):
+        try:
+            cupti.activity_enable_driver_api(cbid, 1)
+        except Exception:  # ids this driver does not trace
+            launch_ids.pop(cbid)
+    cubin = compile_cubin(_SOURCE, "probe.cu", ctx.info.arch)
+    mod = _ok(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
+    fn = _ok(driver.cuModuleGetFunction(mod, b"k0"), "cuModuleGetFunction")
+    dev = _ok(driver.cuMemAlloc(256), "cuMemAlloc")
+    stream = _ok(driver.cuStreamCreate(0), "cuStreamCreate")
+    arg = ctypes.c_void_p(int(dev))
+    params = (ctypes.c_void_p * 1)(ctypes.addressof(arg))
+    pp = ctypes.addressof(params)
+    _ok(driver.cuStreamBeginCapture(stream, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL), "cap")
+    for _ in range(8):
+        driver.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, stream, pp, 0)
+    gexec = _ok(driver.cuGraphInstantiate(_ok(driver.cuStreamEndCapture(stream), "endcap"), 0), "inst")
+    driver.cuGraphLaunch(gexec, stream)
+    driver.cuStreamSynchronize(stream)
+    JOURNAL.mark_ready()
+    stop = threading.Event()
+    periods: list[tuple[int, int]] = []
+
+    def inject() -> None:
+        ctx.make_current()
+        s2 = _ok(driver.cuStreamCreate(0), "cuStreamCreate")
+        while not stop.wait(0.2):
+            a = time.monotonic_ns()
+            m = _ok(driver.cuModuleLoadData(cubin), "load")
+            for i in range(50):
+                f = _ok(driver.cuModuleGetFunction(m, f"k{i}".encode()), "get")
+                driver.cuLaunchKernel(f, 1, 1, 1, 1, 1, 1, 0, s2, pp, 0)
+            driver.cuStreamSynchronize(s2)
+            driver.cuModuleUnload(m)
+            periods.append((a, time.monotonic_ns()))
+
+    t = threading.Thread(target=inject, name="inject")
+    t.start()
+    spans: list[tuple[int, int]] = []
+    end = time.monotonic() + 3.0
+    while time.monotonic() < end:
+        for _ in range(4):
+            a = time.monotonic_ns()
+            driver.cuGraphLaunch(gexec, stream)
+            spans.append((a, time.monotonic_ns()))
+        driver.cuStreamSynchronize(stream)
+    stop.set()
+    t.join()
+    JOURNAL.sync()
+    entries = JOURNAL.since(0)
+    me = threading.get_native_id()
+    slow = sorted((b - a, a, b) for a, b in spans if b - a > 300_000)[-12:]
+    out: dict[str, Any] = {
+        "launches": len(spans),
+        "over_300us": sum(1 for a, b in spans if b - a > 300_000),
+        "over_1ms": sum(1 for a, b in spans if b - a > 1_000_000),
+        "inject_periods_ms": [round((b - a) / 1e6, 2) for a, b in periods][:10],
+        "slow": [],
+    }
+    for d, a, b in slow:
+        near: list[dict[str, Any]] = [
+            {
+                "op": e.name,
+                "thread": e.thread,
+                "from_launch_us": round((e.t0_ns - a) / 1e3),
+                "dur_us": round((e.t1_ns - e.t0_ns) / 1e3),
+            }
+            for e in entries
+            if e.t0_ns <= b + 200_000 and e.t1_ns >= a - 200_000
+        ]
+        near += [
+            {
+                "op": api,
+                "thread": f"tid {tid}",
+                "from_launch_us": round((x0 - a) / 1e3),
+                "dur_us": round((x1 - x0) / 1e3),
+            }
+            for api, tid, x0, x1 in seen
+            if tid != me and x0 <= b + 200_000 and x1 >= a - 200_000
+        ][:8]
+        out["slow"].append({"launch_us": round(d / 1e3), "overlapping": near[:16]})
+    return out
+
+
+def launch(journal: bool) -> dict[str, Any]:
+    from cuda.bindings import driver
+
+    from workers import cupti_journal
+    from workers.cuda import memory
+    from workers.cuda.context import get_context
+    from workers.cuda.module import compile_cubin
+
+    if journal:
+        cupti_journal.start("cupti")
+    ctx = get_context("spin")
+    if journal:
+        cupti_journal.verify(lambda: memory.PinnedBuffer(4096, "journal check").free())
+        _variant(os.environ.get("PROBE_VARIANT", "full"))
+    cubin = compile_cubin(_SOURCE, "probe.cu", ctx.info.arch)
+    mod = _ok(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
+    fn = _ok(driver.cuModuleGetFunction(mod, b"k0"), "cuModuleGetFunction")
+    dev = _ok(driver.cuMemAlloc(256), "cuMemAlloc")
+    stream = _ok(driver.cuStreamCreate(0), "cuStreamCreate")
+    arg = ctypes.c_void_p(int(dev))
+    params = (ctypes.c_void_p * 1)(ctypes.addressof(arg))
+    pp = ctypes.addressof(params)
+    # a graph of 8 kernels, as a small model's
+    _ok(driver.cuStreamBeginCapture(stream, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL), "cap")
+    for _ in range(8):
+        driver.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, stream, pp, 0)
+    graph = _ok(driver.cuStreamEndCapture(stream), "endcap")
+    gexec = _ok(driver.cuGraphInstantiate(graph, 0), "instantiate")
+    res: dict[str, Any] = {
+        "journal": journal,
+        "variant": os.environ.get("PROBE_VARIANT", "full") if journal else "off",
+    }
+    for name, call in (
+        ("launch_kernel_ns", lambda: driver.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, stream, pp, 0)),
+        ("graph_launch_ns", lambda: driver.cuGraphLaunch(gexec, stream)),
+    ):
+        rounds = []
+        for _ in range(5):
+            n = 4000
+            a = time.perf_counter_ns()
+            for _ in range(n):
+                call()
+            rounds.append((time.perf_counter_ns() - a) / n)
+            driver.cuStreamSynchronize(stream)
+        res[name] = statistics.median(rounds)
+    return res
+
+
+def _child(what: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", what]
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}, cwd=ROOT
+        )
+    except subprocess.TimeoutExpired as exc:  # a flush that never returns would end here
+        return {"error": "timed out after 60 s", "stderr": str(exc.stderr)[-3000:]}
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}", "stderr": proc.stderr[-3000:]}
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"error": "no JSON", "stdout": proc.stdout[-2000:], "stderr": proc.stderr[-2000:]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--part",
+        choices=("all", "cost", "lazy"),
+        default="all",
+        help="cost: launch cost per journal variant; lazy: the lazy-loading diagnosis alone",
+    )
+    args = ap.parse_args()
+    if args.child:
+        fn = {
+            "basic": basic,
+            "lazy": lazy,
+            "lazy-serve": lazy_serve,
+            "launch-on": lambda: launch(True),
+            "launch-off": lambda: launch(False),
+        }
+        print(json.dumps(fn[args.child](), default=str))
+        return
+    eager = {"CUDA_MODULE_LOADING": "EAGER"}
+    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)}
+    try:
+        from cuda.pathfinder import load_nvidia_dynamic_lib
+
+        result["libcupti"] = str(load_nvidia_dynamic_lib("cupti"))
+    except Exception as exc:
+        result["libcupti"] = f"{type(exc).__name__}: {exc}"
+    if args.part == "lazy":
+        result["lazy_serve"] = _child("lazy-serve", {"CUDA_MODULE_LOADING": "LAZY"})
+        print(json.dumps(result, indent=1, default=str)[:12000])
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "cupti-lazy.json").write_text(json.dumps(result, indent=1, default=str))
+        return
+    if args.part == "cost":  # launch cost: off and each journal variant, alternated
+        variants = ("full", "no-overhead", "no-runtime", "bare")
+        runs = []
+        for _ in range(3):
+            runs.append(_child("launch-off", eager))
+            for v in variants:
+                runs.append(_child("launch-on", {**eager, "PROBE_VARIANT": v}))
+        result["launch_runs"] = runs
+        for key in ("launch_kernel_ns", "graph_launch_ns"):
+            result[key] = {
+                v: statistics.median(
+                    [r[key] for r in runs if r.get("variant") == v and key in r] or [float("nan")]
+                )
+                for v in ("off", *variants)
+            }
+        result["lazy_serve"] = _child("lazy-serve", {"CUDA_MODULE_LOADING": "LAZY"})
+        print(json.dumps(result, indent=1, default=str)[:12000])
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "cupti-cost.json").write_text(json.dumps(result, indent=1, default=str))
+        return
+    result["basic"] = _child("basic", eager)
+    print(json.dumps(result["basic"], indent=1, default=str)[:4000], flush=True)
+    result["lazy"] = _child("lazy", {"CUDA_MODULE_LOADING": "LAZY"})
+    print(json.dumps(result["lazy"], indent=1, default=str)[:3000], flush=True)
+    runs = []
+    for _ in range(3):
+        runs.append(_child("launch-off", eager))
+        runs.append(_child("launch-on", eager))
+    result["launch_runs"] = runs
+    for key in ("launch_kernel_ns", "graph_launch_ns"):
+        off = [r[key] for r in runs if not r.get("journal") and key in r]
+        on = [r[key] for r in runs if r.get("journal") and key in r]
+        if off and on:
+            result[key] = {"off": statistics.median(off), "on": statistics.median(on)}
+    print(
+        json.dumps({k: result.get(k) for k in ("libcupti", "launch_kernel_ns", "graph_launch_ns")}, indent=1)
+    )
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "cupti.json").write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
