@@ -125,7 +125,7 @@ def basic() -> dict[str, Any]:
     out["entries_after_ready"] = [e for e in entries if e["fault"]]
     out["faults"] = JOURNAL.faults
     # clock alignment: the CUPTI (or merged) entry of each call vs the caller's own readings
-    align = {}
+    align: dict[str, Any] = {}
     for name, (a, b) in calls.items():
         want = "host_register" if name == "register" else "host_unregister" if name == "unregister" else None
         cands = [
@@ -199,6 +199,30 @@ def lazy() -> dict[str, Any]:
     }
 
 
+class _Graph:
+    """The 50-kernel module, a stream, kernel k0's parameters and a graph of 8 launches of it (a small
+    model's), made once before the measured loops."""
+
+    def __init__(self, ctx: Any) -> None:
+        from cuda.bindings import driver
+
+        from workers.cuda.module import compile_cubin
+
+        self.cubin = compile_cubin(_SOURCE, "probe.cu", ctx.info.arch)
+        mod = _ok(driver.cuModuleLoadData(self.cubin), "cuModuleLoadData")
+        self.fn = _ok(driver.cuModuleGetFunction(mod, b"k0"), "cuModuleGetFunction")
+        self.stream = _ok(driver.cuStreamCreate(0), "cuStreamCreate")
+        self.arg = ctypes.c_void_p(int(_ok(driver.cuMemAlloc(256), "cuMemAlloc")))
+        self.params = (ctypes.c_void_p * 1)(ctypes.addressof(self.arg))
+        self.pp = ctypes.addressof(self.params)
+        mode = driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL
+        _ok(driver.cuStreamBeginCapture(self.stream, mode), "cuStreamBeginCapture")
+        for _ in range(8):
+            driver.cuLaunchKernel(self.fn, 1, 1, 1, 1, 1, 1, 0, self.stream, self.pp, 0)
+        graph = _ok(driver.cuStreamEndCapture(self.stream), "cuStreamEndCapture")
+        self.gexec = _ok(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+
+
 def _variant(name: str) -> None:
     """Switch parts of the started journal off again, to find what (if anything) costs launch time."""
     from workers import cupti_journal
@@ -227,7 +251,6 @@ def lazy_serve() -> dict[str, Any]:
     from workers import cupti_journal
     from workers.cuda import memory
     from workers.cuda.context import get_context
-    from workers.cuda.module import compile_cubin
     from workers.driver_journal import JOURNAL
 
     cj = cupti_journal.start("cupti")
@@ -258,18 +281,8 @@ def lazy_serve() -> dict[str, Any]:
             cupti.activity_enable_driver_api(cbid, 1)
         except Exception:  # ids this driver does not trace
             launch_ids.pop(cbid)
-    cubin = compile_cubin(_SOURCE, "probe.cu", ctx.info.arch)
-    mod = _ok(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
-    fn = _ok(driver.cuModuleGetFunction(mod, b"k0"), "cuModuleGetFunction")
-    dev = _ok(driver.cuMemAlloc(256), "cuMemAlloc")
-    stream = _ok(driver.cuStreamCreate(0), "cuStreamCreate")
-    arg = ctypes.c_void_p(int(dev))
-    params = (ctypes.c_void_p * 1)(ctypes.addressof(arg))
-    pp = ctypes.addressof(params)
-    _ok(driver.cuStreamBeginCapture(stream, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL), "cap")
-    for _ in range(8):
-        driver.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, stream, pp, 0)
-    gexec = _ok(driver.cuGraphInstantiate(_ok(driver.cuStreamEndCapture(stream), "endcap"), 0), "inst")
+    g = _Graph(ctx)
+    cubin, stream, pp, gexec = g.cubin, g.stream, g.pp, g.gexec
     driver.cuGraphLaunch(gexec, stream)
     driver.cuStreamSynchronize(stream)
     JOURNAL.mark_ready()
@@ -343,7 +356,6 @@ def launch(journal: bool) -> dict[str, Any]:
     from workers import cupti_journal
     from workers.cuda import memory
     from workers.cuda.context import get_context
-    from workers.cuda.module import compile_cubin
 
     if journal:
         cupti_journal.start("cupti")
@@ -351,20 +363,8 @@ def launch(journal: bool) -> dict[str, Any]:
     if journal:
         cupti_journal.verify(lambda: memory.PinnedBuffer(4096, "journal check").free())
         _variant(os.environ.get("PROBE_VARIANT", "full"))
-    cubin = compile_cubin(_SOURCE, "probe.cu", ctx.info.arch)
-    mod = _ok(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
-    fn = _ok(driver.cuModuleGetFunction(mod, b"k0"), "cuModuleGetFunction")
-    dev = _ok(driver.cuMemAlloc(256), "cuMemAlloc")
-    stream = _ok(driver.cuStreamCreate(0), "cuStreamCreate")
-    arg = ctypes.c_void_p(int(dev))
-    params = (ctypes.c_void_p * 1)(ctypes.addressof(arg))
-    pp = ctypes.addressof(params)
-    # a graph of 8 kernels, as a small model's
-    _ok(driver.cuStreamBeginCapture(stream, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL), "cap")
-    for _ in range(8):
-        driver.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, stream, pp, 0)
-    graph = _ok(driver.cuStreamEndCapture(stream), "endcap")
-    gexec = _ok(driver.cuGraphInstantiate(graph, 0), "instantiate")
+    g = _Graph(ctx)
+    fn, stream, pp, gexec = g.fn, g.stream, g.pp, g.gexec
     res: dict[str, Any] = {
         "journal": journal,
         "variant": os.environ.get("PROBE_VARIANT", "full") if journal else "off",
@@ -401,6 +401,34 @@ def _child(what: str, env: dict[str, str] | None = None) -> dict[str, Any]:
         return {"error": "no JSON", "stdout": proc.stdout[-2000:], "stderr": proc.stderr[-2000:]}
 
 
+def _launch_costs(env: dict[str, str], variants: tuple[str, ...]) -> dict[str, Any]:
+    """Launch cost with the journal off and in each variant, three processes each, alternated: the runs
+    and the median per variant."""
+    runs = []
+    for _ in range(3):
+        runs.append(_child("launch-off", env))
+        for v in variants:
+            runs.append(_child("launch-on", {**env, "PROBE_VARIANT": v}))
+    out: dict[str, Any] = {"launch_runs": runs}
+    for key in ("launch_kernel_ns", "graph_launch_ns"):
+        out[key] = {
+            v: statistics.median(
+                [r[key] for r in runs if r.get("variant") == v and key in r] or [float("nan")]
+            )
+            for v in ("off", *variants)
+        }
+    return out
+
+
+def _emit(result: dict[str, Any], out: Path | None, name: str) -> None:
+    """Print the result (its first 12,000 characters) and write it whole to OUT/name."""
+    text = json.dumps(result, indent=1, default=str)
+    print(text[:12000])
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path)
@@ -432,52 +460,19 @@ def main() -> None:
         result["libcupti"] = f"{type(exc).__name__}: {exc}"
     if args.part == "lazy":
         result["lazy_serve"] = _child("lazy-serve", {"CUDA_MODULE_LOADING": "LAZY"})
-        print(json.dumps(result, indent=1, default=str)[:12000])
-        if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "cupti-lazy.json").write_text(json.dumps(result, indent=1, default=str))
+        _emit(result, args.out, "cupti-lazy.json")
         return
     if args.part == "cost":  # launch cost: off and each journal variant, alternated
-        variants = ("full", "no-overhead", "no-runtime", "bare")
-        runs = []
-        for _ in range(3):
-            runs.append(_child("launch-off", eager))
-            for v in variants:
-                runs.append(_child("launch-on", {**eager, "PROBE_VARIANT": v}))
-        result["launch_runs"] = runs
-        for key in ("launch_kernel_ns", "graph_launch_ns"):
-            result[key] = {
-                v: statistics.median(
-                    [r[key] for r in runs if r.get("variant") == v and key in r] or [float("nan")]
-                )
-                for v in ("off", *variants)
-            }
+        result.update(_launch_costs(eager, ("full", "no-overhead", "no-runtime", "bare")))
         result["lazy_serve"] = _child("lazy-serve", {"CUDA_MODULE_LOADING": "LAZY"})
-        print(json.dumps(result, indent=1, default=str)[:12000])
-        if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "cupti-cost.json").write_text(json.dumps(result, indent=1, default=str))
+        _emit(result, args.out, "cupti-cost.json")
         return
     result["basic"] = _child("basic", eager)
     print(json.dumps(result["basic"], indent=1, default=str)[:4000], flush=True)
     result["lazy"] = _child("lazy", {"CUDA_MODULE_LOADING": "LAZY"})
     print(json.dumps(result["lazy"], indent=1, default=str)[:3000], flush=True)
-    runs = []
-    for _ in range(3):
-        runs.append(_child("launch-off", eager))
-        runs.append(_child("launch-on", eager))
-    result["launch_runs"] = runs
-    for key in ("launch_kernel_ns", "graph_launch_ns"):
-        off = [r[key] for r in runs if not r.get("journal") and key in r]
-        on = [r[key] for r in runs if r.get("journal") and key in r]
-        if off and on:
-            result[key] = {"off": statistics.median(off), "on": statistics.median(on)}
-    print(
-        json.dumps({k: result.get(k) for k in ("libcupti", "launch_kernel_ns", "graph_launch_ns")}, indent=1)
-    )
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "cupti.json").write_text(json.dumps(result, indent=1, default=str))
+    result.update(_launch_costs(eager, ("full",)))
+    _emit(result, args.out, "cupti.json")
 
 
 if __name__ == "__main__":

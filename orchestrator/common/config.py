@@ -339,15 +339,22 @@ class RestartSection:
     )
 
 
-#: debug.inject kinds done on a GPU worker's side thread. The first three go through workers/cuda (our own
-#: journal sees them); the others are done the way another library would (only CUPTI sees them).
-GPU_INJECTIONS = (
+InjectKind = Literal[
+    "none",
     "pinned_alloc",
     "device_alloc",
     "module_load",
     "host_register",
     "library_alloc",
     "lazy_module",
+    "cpu_hog",
+    "crash_on_start",
+    "hang_after",
+]
+#: debug.inject kinds done on a GPU worker's side thread. The first three go through workers/cuda (our own
+#: journal sees them); the others are done the way another library would (only CUPTI sees them).
+GPU_INJECTIONS = tuple(
+    k for k in get_args(InjectKind) if k not in ("none", "cpu_hog", "crash_on_start", "hang_after")
 )
 
 
@@ -355,18 +362,7 @@ GPU_INJECTIONS = (
 class DebugSection:
     """Fault and stall injection for verification (never enable in production)."""
 
-    inject: Literal[
-        "none",
-        "pinned_alloc",
-        "device_alloc",
-        "module_load",
-        "host_register",
-        "library_alloc",
-        "lazy_module",
-        "cpu_hog",
-        "crash_on_start",
-        "hang_after",
-    ] = field(
+    inject: InjectKind = field(
         default="none",
         metadata={
             "doc": "inject a driver-lock operation, a CPU hog, a start-up crash or a hang (verification only)"
