@@ -110,6 +110,19 @@ def _check_model(cfg: Config) -> None:
         raise ConfigError([f"model: {exc}"], cfg.source or None) from None
 
 
+def _check_journal(cfg: Config) -> None:
+    """monitor.driver_journal = "cupti" on GPU workers needs cupti-python here (workers would refuse to start)."""
+    if cfg.workers.device == "gpu" and cfg.monitor.driver_journal == "cupti":
+        if importlib.util.find_spec("cupti") is None:
+            raise ConfigError(
+                [
+                    'monitor.driver_journal = "cupti" needs cupti-python, not installed here: '
+                    "pip install 'orchestrator[gpu]' (or \"auto\" to use CUPTI only where it is)"
+                ],
+                cfg.source or None,
+            )
+
+
 def _check_run_dir(cfg: Config) -> None:
     """The run directory exists and is a directory, or can be created: tried for real, in its nearest existing
     ancestor (a scratch directory made and removed), since access() says yes to root on read-only or
@@ -163,6 +176,7 @@ def _preflight(cfg: Config, warn: bool = True) -> None:
     _require("psutil", "running an orchestrator")
     _check_run_dir(cfg)
     _check_model(cfg)
+    _check_journal(cfg)
     if cfg.workers.device == "gpu":
         from orchestrator.supervisor.devices import discover_or_explain
 

@@ -553,6 +553,10 @@ def _cross_checks(cfg: Config, base: Path, check_files: bool, errors: list[str])
             errors.append(f"pipeline.buckets: the last bucket must equal model.max_batch ({m.max_batch})")
     if w.device == "cpu" and (p.cuda_graphs or cfg.mps.enabled):
         errors.append('workers.device: CUDA graphs and MPS need device = "gpu"')
+    if w.device == "cpu" and cfg.monitor.driver_journal == "cupti":
+        errors.append(
+            'monitor.driver_journal: "cupti" needs workers.device = "gpu" (a CPU worker has no driver to journal)'
+        )
     if w.device == "cpu" and cfg.debug.inject in GPU_INJECTIONS:
         errors.append(
             f'debug.inject: "{cfg.debug.inject}" needs workers.device = "gpu"; CPU workers can use "cpu_hog"'

@@ -315,3 +315,24 @@ def test_cuptis_own_threads_go_to_the_supervisors_cores(monkeypatch) -> None:
     assert cj.stats()["cupti_threads_cores"] == [7]
     cj.isolate()  # threads already moved are left alone
     assert len(calls) == 2
+
+
+def test_cupti_journal_on_cpu_workers_or_without_cupti_python_is_a_config_error(monkeypatch) -> None:
+    from orchestrator.cli import commands
+    from orchestrator.common.config import parse_config
+    from orchestrator.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match='"cupti" needs workers.device = "gpu"'):
+        parse_config({"monitor": {"driver_journal": "cupti"}}, check_files=False)
+    gpu = parse_config(
+        {"workers": {"device": "gpu"}, "monitor": {"driver_journal": "cupti"}}, check_files=False
+    )
+    real = commands.importlib.util.find_spec
+    monkeypatch.setattr(
+        commands.importlib.util, "find_spec", lambda name, *a: None if name == "cupti" else real(name, *a)
+    )
+    with pytest.raises(
+        ConfigError, match=r"needs cupti-python, not installed here: pip install 'orchestrator\[gpu\]'"
+    ):
+        commands._check_journal(gpu)
+    commands._check_journal(parse_config({"workers": {"device": "gpu"}}, check_files=False))  # auto: fine
