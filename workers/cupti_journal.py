@@ -16,7 +16,9 @@ What is recorded, and what is not:
   time.monotonic_ns() at every flush), and the calling thread's kernel id, named from Python's threads or
   /proc. CUPTI does not say which library made the call: the thread name is the clue.
 - Records reach the journal when the serving thread flushes (DriverJournal.sync(): at every report and
-  before a stall candidate is built); CUPTI's own thread never calls into Python.
+  before a stall candidate is built). Otherwise CUPTI calls into Python only to ask for an empty buffer
+  (_requested, which returns a constant): a 1 MiB buffer holds over 20,000 records, far more than the
+  few lock-taking calls a worker makes between two reports.
 
 start() attaches it to the journal before the engine loads (the threads CUPTI starts then are told apart
 and, at READY, moved off the worker's cores: isolate()); before_ready() checks that it records. When CUPTI
@@ -208,7 +210,9 @@ class CuptiJournal:
             self._enable()
             cupti.activity_enable(cupti.ActivityKind.OVERHEAD)
             self.clock = Clock(cupti.get_timestamp)
-            cupti.activity_flush_all(0)  # CUPTI's threads are running by now
+            cupti.activity_flush_all(
+                0
+            )  # a first flush, so threads CUPTI makes for it exist before the engine's
         except Exception as exc:
             self._disable_quietly()
             raise CuptiUnavailable(f"CUPTI refused the activity API: {type(exc).__name__}: {exc}") from None
@@ -230,7 +234,7 @@ class CuptiJournal:
                 cupti.activity_enable_runtime_api(-cbid, 1)
         log.info("[journal] CUPTI records %d driver functions that take the write lock", wanted)
 
-    # --- CUPTI callbacks (the flushing thread: the serving thread) ----------------------------------
+    # --- CUPTI callbacks (records are delivered on the flushing thread: the serving thread) -----------
 
     @staticmethod
     def _requested() -> tuple[int, int]:
