@@ -28,6 +28,7 @@ import tomli_w
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from orchestrator.cli.bench.telemetry import host_delta  # noqa: E402
 from orchestrator.common.config import load_config  # noqa: E402
 from orchestrator.common.rundir import RunDir  # noqa: E402
 from scripts import benchlib  # noqa: E402
@@ -143,11 +144,11 @@ def host_per_batch(before: dict[str, Any], after: dict[str, Any]) -> dict[str, A
     and `batches`, both counted from the worker process's start): None when the worker restarted in between
     or served nothing."""
     out: dict[str, Any] = {"batches": None, "host_ns": None, "host_us_per_batch": None, "restarted": False}
-    if before.get("pid") is None or before.get("pid") != after.get("pid"):
+    served = host_delta(before, after)
+    if served is None:
         out["restarted"] = True
         return out
-    nb = int(after.get("batches") or 0) - int(before.get("batches") or 0)
-    ns = int(after.get("host_ns") or 0) - int(before.get("host_ns") or 0)
+    nb, ns = served
     out.update(batches=nb, host_ns=ns)
     if nb > 0 and ns >= 0:
         out["host_us_per_batch"] = ns / nb / 1e3

@@ -337,7 +337,7 @@ class CuptiJournal:
 
 
 _ACTIVE: CuptiJournal | None = None
-_MODE = "auto"
+_MODE: str | None = None  # what start() was asked for; None until it ran
 
 
 def start(mode: str, journal: DriverJournal = JOURNAL) -> CuptiJournal | None:
@@ -345,7 +345,7 @@ def start(mode: str, journal: DriverJournal = JOURNAL) -> CuptiJournal | None:
     CuptiUnavailable when it cannot; "auto" falls back and says why once. Idempotent: CUPTI's callbacks are
     process-wide, so a second engine in the process (the GPU tests) shares the first one's journal."""
     global _ACTIVE, _MODE
-    if _ACTIVE is not None:
+    if _MODE is not None:  # once per process: CUPTI's callbacks are process-wide
         return _ACTIVE
     _MODE = mode
     if mode == "own":
@@ -395,8 +395,7 @@ def verify(probe: Callable[[], None], journal: DriverJournal = JOURNAL) -> None:
 def before_ready(mode: str, probe: Callable[[], None], journal: DriverJournal = JOURNAL) -> None:
     """What a GPU engine does just before READY: check CUPTI with `probe` (starting it first where the
     worker did not, as in the in-process GPU tests) and move its threads off the worker's cores."""
-    if _ACTIVE is None:
-        start(mode, journal)
+    start(mode, journal)  # nothing to do where the worker started it already (or chose the own journal)
     verify(probe, journal)
 
 
@@ -405,7 +404,8 @@ def active() -> CuptiJournal | None:
 
 
 def stop() -> None:
-    global _ACTIVE
+    global _ACTIVE, _MODE
     if _ACTIVE is not None:
         _ACTIVE.stop()
         _ACTIVE = None
+    _MODE = None

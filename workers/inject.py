@@ -268,13 +268,6 @@ class Injector:
         return [p.pid for p in self._hogs]
 
 
-def injected_here(cfg: Config, worker_id: str) -> bool:
-    """Whether [debug] inject applies to this worker."""
-    return cfg.debug.inject != "none" and (
-        not cfg.debug.inject_workers or worker_id in cfg.debug.inject_workers
-    )
-
-
 def start(cfg: Config) -> Injector | None:
     """Start the injection `cfg.debug.inject` asks for, or return None when there is none to run here.
 

@@ -29,7 +29,6 @@ from orchestrator.common.errors import (
 from orchestrator.common.protocol import Kind
 from orchestrator.common.security import secure_server, stop_authenticator
 from orchestrator.common.shapes import is_dynamic
-from workers import inject
 from workers.arena import Arena
 from workers.driver_journal import JOURNAL
 from workers.engines.base import Engine, Slot
@@ -145,7 +144,7 @@ class ServeLoop:
         self.errors_by_code: dict[int, int] = {}
         self.draining = False
         self.hang = False  # debug.inject = hang_after reached: stop making progress, keep heartbeats
-        self.hang_armed = cfg.debug.inject == "hang_after" and inject.injected_here(cfg, self.id)
+        self.hang_armed = cfg.debug.inject == "hang_after" and cfg.debug.applies_to(self.id)
         engine.mark_ready()
         self._send_ready()
 

@@ -63,7 +63,7 @@ def _startup(spec: messages.WorkerSpec, cfg: Config, ctx: zmq.Context, sup: zmq.
         spec.cpu_affinity
     ):  # every thread: ZeroMQ's I/O threads started with the context, on our parent's cores
         pin_process(tuple(spec.cpu_affinity))
-    if cfg.debug.inject == "crash_on_start" and inject.injected_here(cfg, spec.id):
+    if cfg.debug.inject == "crash_on_start" and cfg.debug.applies_to(spec.id):
         raise RuntimeError("injected start-up crash (debug.inject = crash_on_start)")
     t0 = time.monotonic()
     if cfg.workers.device == "gpu":  # before the engine: CUPTI's own threads are the only new ones then
@@ -133,7 +133,7 @@ def run_worker(spec_path: str) -> int:
         ctx.term()
         return 3
     # Stall injection ([debug] inject) starts after READY, so its driver operations count as faults.
-    injector = inject.start(cfg) if inject.injected_here(cfg, spec.id) else None
+    injector = inject.start(cfg) if cfg.debug.applies_to(spec.id) else None
     try:
         loop.run(rfd, stop_flag)
     finally:

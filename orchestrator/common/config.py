@@ -379,6 +379,11 @@ class DebugSection:
         default=(), metadata={"doc": "worker ids the injection applies to (empty = all)"}
     )
 
+    def applies_to(self, worker_id: str) -> bool:
+        """Whether an injection is configured and applies to this worker (the workers use it, and the
+        supervisor, which starts a lazy_module worker with lazy loading)."""
+        return self.inject != "none" and (not self.inject_workers or worker_id in self.inject_workers)
+
 
 @dataclass(frozen=True)
 class Config:

@@ -200,11 +200,8 @@ def _select_gpus(cfg: Config, gpus: list[dict]) -> list[dict]:
 
 def _module_loading(cfg: Config, worker_id: str) -> str:
     """CUDA_MODULE_LOADING for a GPU worker: EAGER (a lazily loaded kernel stalls launches at its first use),
-    except LAZY for a worker that [debug] inject = "lazy_module" applies to, whose stalls that kind needs.
-    The rule is workers.inject.injected_here's, inline here: the supervisor never imports workers/."""
-    d = cfg.debug
-    injected = not d.inject_workers or worker_id in d.inject_workers
-    return "LAZY" if d.inject == "lazy_module" and injected else "EAGER"
+    except LAZY for a worker that [debug] inject = "lazy_module" applies to, whose stalls that kind needs."""
+    return "LAZY" if cfg.debug.inject == "lazy_module" and cfg.debug.applies_to(worker_id) else "EAGER"
 
 
 def plan_workers(cfg: Config, rundir: RunDir, gpus: list[dict] | None = None) -> list[WorkerPlan]:

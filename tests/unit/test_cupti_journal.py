@@ -220,10 +220,33 @@ def test_sync_delivers_cupti_records_before_a_stall_is_read() -> None:
 # --- start and the fallback ---------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _fresh_process_state():
+    """start() runs once per process (CUPTI's callbacks are process-wide); each test starts from scratch."""
+    cupti_journal.stop()
+    yield
+    cupti_journal.stop()
+
+
 def test_own_mode_never_touches_cupti() -> None:
     j = DriverJournal()
     assert cupti_journal.start("own", j) is None
     assert j.mode == "own" and "own" in (j.note or "")
+
+
+def test_start_runs_once_per_process() -> None:
+    j = DriverJournal()
+    cupti_journal.start("own", j)
+    j.attach("own", None, "untouched")
+    assert cupti_journal.start("auto", j) is None  # the engine's before_ready after the worker's start
+    assert j.note == "untouched"
+
+
+def test_every_operation_cupti_records_is_one_the_journal_knows() -> None:
+    from workers.cupti_journal import LOCKING
+    from workers.driver_journal import OPS
+
+    assert {op for _, op in LOCKING} | {"lazy_load"} <= set(OPS)
 
 
 def test_without_a_driver_auto_falls_back_and_says_why_and_cupti_mode_refuses(monkeypatch) -> None:
@@ -239,6 +262,7 @@ def test_without_a_driver_auto_falls_back_and_says_why_and_cupti_mode_refuses(mo
     j = DriverJournal()
     assert cupti_journal.start("auto", j) is None
     assert j.mode == "own" and j.note and j.note.startswith("CUPTI not used: ")
+    cupti_journal.stop()  # a new process
     with pytest.raises(CuptiUnavailable):
         cupti_journal.start("cupti", DriverJournal())
 
@@ -248,6 +272,7 @@ def test_a_profiler_owning_cupti_keeps_the_own_journal(monkeypatch) -> None:
     j = DriverJournal()
     assert cupti_journal.start("auto", j) is None
     assert "profiler" in (j.note or "")
+    cupti_journal.stop()  # a new process
     with pytest.raises(CuptiUnavailable, match="profiler"):
         cupti_journal.start("cupti", DriverJournal())
 

@@ -132,6 +132,17 @@ def _pcts(h: Histogram, mean: bool = False) -> dict[str, float | None] | None:
     return out
 
 
+def host_delta(h0: dict[str, Any], h1: dict[str, Any]) -> tuple[int, int] | None:
+    """(batches, serving-thread host ns) between two heartbeats of one worker (`batches`, `host_ns`: both
+    counted from the worker process's start), or None when the process changed in between."""
+    if h0.get("pid") is None or h0.get("pid") != h1.get("pid"):
+        return None
+    return (
+        int(h1.get("batches") or 0) - int(h0.get("batches") or 0),
+        int(h1.get("host_ns") or 0) - int(h0.get("host_ns") or 0),
+    )
+
+
 def window(before: Snapshot, after: Snapshot, complete: bool = True) -> dict[str, Any]:
     """The telemetry figures of a point (see the module docstring); None where not measured."""
     hb0, hb1 = before.workers, after.workers
@@ -175,10 +186,9 @@ def window(before: Snapshot, after: Snapshot, complete: bool = True) -> dict[str
         for code, n in _counts_delta(b.get("failures_by_code"), a.get("failures_by_code")).items():
             failures[_code_name(code)] = failures.get(_code_name(code), 0) + n
         w_host = None
-        h0, h1 = hb0.get(wid) or {}, hb1.get(wid) or {}
-        if h0.get("pid") is not None and h0.get("pid") == h1.get("pid"):
-            nb = int(h1.get("batches") or 0) - int(h0.get("batches") or 0)
-            ns = int(h1.get("host_ns") or 0) - int(h0.get("host_ns") or 0)
+        served = host_delta(hb0.get(wid) or {}, hb1.get(wid) or {})
+        if served is not None:
+            nb, ns = served
             if nb > 0 and ns >= 0:
                 host_ns += ns
                 host_batches += nb
