@@ -180,6 +180,8 @@ def session_config(args: argparse.Namespace, tmp: Path) -> Path:
     if args.per_gpu > 1:  # several workers on the GPU: under MPS, each with its own serving thread
         raw["workers"]["per_gpu"] = args.per_gpu
         raw["mps"] = {"enabled": True}
+    if args.journal:  # the driver journal each way (issue 16): CUPTI's cost on a real model
+        raw.setdefault("monitor", {})["driver_journal"] = args.journal
     path = tmp / "config.toml"
     path.write_text(tomli_w.dumps(raw))
     return path
@@ -196,6 +198,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per point")
     ap.add_argument(
         "--steady-s", type=float, default=0.0, help="then a steady run this long at the last concurrency"
+    )
+    ap.add_argument(
+        "--journal", choices=["auto", "cupti", "own"], help="monitor.driver_journal (default: the config's)"
     )
     ap.add_argument("--json", type=Path)
     ap.add_argument("--profile", type=Path, help="py-spy the worker during each point; raw samples go here")

@@ -20,6 +20,10 @@
 #   bash scripts/device_run.sh stalls16b # issue 16: journal on/off alternated, lazy diagnosis, lazy_module and
 #                                       # pinned_alloc; issue 10: bert-tiny with the 60 s steady run
 #   bash scripts/device_run.sh rest10   # issue 10: LitServe with 2 and 4 workers, bert-tiny + 60 s steady
+#   bash scripts/device_run.sh verify16 # issue 16 on the committed journal: bench_stalls 60 s (clean, clean-own,
+#                                       # host_register, lazy_module), then a clean-own/clean pair at 30 s
+#   bash scripts/device_run.sh close10  # issue 10 (+16): LitServe 2 and 4 workers, bert-tiny + 60 s steady,
+#                                       # bert-tiny on the own journal, the GPU tests
 #   bash scripts/device_run.sh real     # issue 10 in one call, most important first, ExportedPrograms only
 #                                       # (models/bert-tiny.* carried; AOTInductor packages do not load there)
 # Every step runs even when an earlier one failed; its log and exit status go under $OUT; a summary ends it.
@@ -256,6 +260,31 @@ run_mode() {
         step orch-bert 230 python3 scripts/bench_real.py --model bert --concurrency 1,64 --seconds 8 --steady-s 60 \
             --json "$RES/real/orch-bert.json" --logs "$RES/logs-orch-bert"
         ;;
+    verify16)
+        # Issue 16 on the committed journal (CUPTI before the engine, three-try verification, threads moved):
+        # the 60 s scenarios, then a pair in the opposite order for the host time a batch.
+        libcupti
+        step bench-stalls 360 python3 scripts/bench_stalls.py --scenarios clean,clean-own,host_register,lazy_module \
+            --seconds 60 --out "$OUT/stalls"
+        step stalls-pair 110 python3 scripts/bench_stalls.py --scenarios clean-own,clean --seconds 30 --out "$OUT/pair"
+        ;;
+    close10)
+        # Issue 10's remaining measurements (LitServe tuned, the 60 s steady run on the default journal) and
+        # bert-tiny on the own journal for issue 16's cost on a real model; then the GPU tests.
+        libcupti
+        mkdir -p "$RES/real"
+        for w in ${LS_WORKERS:-2 4}; do
+            step "litserve-bert-w$w" 110 python3 scripts/bench_litserve.py --model bert --models "$PWD/models" \
+                --program ep --workers-per-device "$w" --concurrency 1,64 --warmup 2 --duration 8 \
+                --json "$RES/real/litserve-bert-w$w.json"
+        done
+        step orch-bert 150 python3 scripts/bench_real.py --model bert --concurrency 1,64 --seconds 8 --steady-s 60 \
+            --json "$RES/real/orch-bert.json" --logs "$RES/logs-orch-bert"
+        step orch-bert-own 70 python3 scripts/bench_real.py --model bert --journal own --concurrency 64 --seconds 10 \
+            --json "$RES/real/orch-bert-own.json" --logs "$RES/logs-orch-bert-own"
+        step gpu-tests 150 python3 -m pytest tests/gpu -v -p no:cacheprovider -rfEs --tb=short --timeout 100 \
+            -k "not aoti" ${TEST_ARGS:-}
+        ;;
     final)
         # Issue 10 after the batch-growth change (1 worker, and 2 under MPS), the torch tests, and issue 14's
         # `orchestrator bench` sweeps (bert-tiny; synthetic 110 us, pipelined vs depth 1). Most important first.
@@ -274,7 +303,7 @@ run_mode() {
         step bench-synthetic 100 bash scripts/device_bench.sh synthetic "$RES/bench" "$RES/logs-bench-synthetic"
         ;;
     *)
-        echo "unknown mode '$1' (gpu, stalls, single, quad, shm, profile, shm2, export, torch, gputests, limit, orch, litserve, real, prof, final)"
+        echo "unknown mode '$1' (gpu, stalls, single, quad, shm, profile, shm2, export, torch, gputests, limit, orch, litserve, real, prof, final, cupti, stalls16, stalls16b, rest10, verify16, close10)"
         SUMMARY+=("FAIL  mode: unknown '$1'")
         FAILED=1
         ;;
