@@ -22,6 +22,8 @@
 #   bash scripts/device_run.sh rest10   # issue 10: LitServe with 2 and 4 workers, bert-tiny + 60 s steady
 #   bash scripts/device_run.sh verify16 # issue 16 on the committed journal: bench_stalls 60 s (clean, clean-own,
 #                                       # host_register, lazy_module), then a clean-own/clean pair at 30 s
+#   bash scripts/device_run.sh diag16   # issue 16: what CUPTI costs a torch worker: bert-tiny with py-spy on the own
+#                                       # journal and CUPTI, CUPTI variants, per-call cost with torch loaded
 #   bash scripts/device_run.sh close10  # issue 10 (+16): LitServe 2 and 4 workers, bert-tiny + 60 s steady,
 #                                       # bert-tiny on the own journal, the GPU tests
 #   bash scripts/device_run.sh real     # issue 10 in one call, most important first, ExportedPrograms only
@@ -268,6 +270,24 @@ run_mode() {
             --seconds 60 --out "$OUT/stalls"
         step stalls-pair 110 python3 scripts/bench_stalls.py --scenarios clean-own,clean --seconds 30 --out "$OUT/pair"
         ;;
+    diag16)
+        # Issue 16: bert-tiny's serving thread with CUPTI costs about 110-150 us more a batch than with the own
+        # journal (close10). Where it goes (py-spy, both journals), which CUPTI variant (workers/cupti_journal.py
+        # VARIANTS) avoids it, per call with torch loaded, and attribution without runtime records.
+        libcupti
+        mkdir -p "$RES/real"
+        for j in own cupti; do
+            step "orch-bert-$j" 100 python3 scripts/bench_real.py --model bert --journal "$j" --concurrency 1,64 \
+                --seconds 6 --profile "$RES/prof-$j" --json "$RES/real/orch-bert-$j.json" --logs "$RES/logs-bert-$j"
+        done
+        for v in ${CUPTI_VARIANTS:-no-runtime driver-only}; do
+            step "orch-bert-$v" 80 env ORCHESTRATOR_CUPTI_VARIANT="$v" python3 scripts/bench_real.py --model bert \
+                --journal cupti --concurrency 1,64 --seconds 6 --json "$RES/real/orch-bert-$v.json"
+        done
+        step probe-torchcost 130 python3 scripts/probe_cupti.py --part torchcost --out "$RES/probe"
+        step stalls-lib 60 env ORCHESTRATOR_CUPTI_VARIANT=driver-only python3 scripts/bench_stalls.py \
+            --scenarios library_alloc --seconds 20 --out "$RES/stalls-lib"
+        ;;
     close10)
         # Issue 10's remaining measurements (LitServe tuned, the 60 s steady run on the default journal) and
         # bert-tiny on the own journal for issue 16's cost on a real model; then the GPU tests.
@@ -303,7 +323,7 @@ run_mode() {
         step bench-synthetic 100 bash scripts/device_bench.sh synthetic "$RES/bench" "$RES/logs-bench-synthetic"
         ;;
     *)
-        echo "unknown mode '$1' (gpu, stalls, single, quad, shm, profile, shm2, export, torch, gputests, limit, orch, litserve, real, prof, final, cupti, stalls16, stalls16b, rest10, verify16, close10)"
+        echo "unknown mode '$1' (gpu, stalls, single, quad, shm, profile, shm2, export, torch, gputests, limit, orch, litserve, real, prof, final, cupti, stalls16, stalls16b, rest10, verify16, close10, diag16)"
         SUMMARY+=("FAIL  mode: unknown '$1'")
         FAILED=1
         ;;

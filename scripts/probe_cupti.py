@@ -9,8 +9,9 @@
   empty flush.
 - lazy: CUDA_MODULE_LOADING=LAZY, a 50-kernel module loaded with cuModuleLoadData and each kernel launched
   once: the lazy function loads must appear as `lazy_load`.
-- launch: host cost of cuLaunchKernel and cuGraphLaunch with the journal off and on (separate processes,
-  alternated, three each): the journal must not touch launches.
+- launch: host cost of cuLaunchKernel, cuGraphLaunch, an 8 KiB cuMemcpyHtoDAsync and cuEventRecord with the
+  journal off and on (separate processes, alternated, three each): the journal must not touch launches.
+  `--part torchcost` measures the same in processes with torch and bert-tiny loaded first.
 """
 
 from __future__ import annotations
@@ -223,24 +224,41 @@ class _Graph:
         self.gexec = _ok(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
 
 
-def _variant(name: str) -> None:
-    """Switch parts of the started journal off again, to find what (if anything) costs launch time."""
+def _bare() -> None:
+    """Switch every record off again after start: CUPTI subscribed with nothing to record."""
     from workers import cupti_journal
 
     cj = cupti_journal.active()
-    if cj is None or name == "full":
+    if cj is None:
         return
     cupti = cj.cupti
-    if name in ("no-overhead", "bare"):
-        cupti.activity_disable(cupti.ActivityKind.OVERHEAD)
-    if name in ("no-runtime", "bare"):
-        for cbid, api in cj.names.items():
-            if cbid < 0 and cupti_journal.classify(api):
+    cupti.activity_disable(cupti.ActivityKind.OVERHEAD)
+    for cbid, api in cj.names.items():
+        if cupti_journal.classify(api):
+            if cbid < 0:
                 cupti.activity_enable_runtime_api(-cbid, 0)
-    if name == "bare":
-        for cbid, api in cj.names.items():
-            if cbid > 0 and cupti_journal.classify(api):
+            else:
                 cupti.activity_enable_driver_api(cbid, 0)
+
+
+def _load_torch_model() -> str:
+    """Import torch and run the bert-tiny ExportedProgram once (models/bert-tiny.ep.pt2), as a torch worker
+    does before READY: thousands of kernels loaded in the process. Returns what was loaded."""
+    import torch
+
+    path = ROOT / "models" / "bert-tiny.ep.pt2"
+    torch.cuda.init()
+    ids = torch.zeros((16, 128), dtype=torch.int64, device="cuda")
+    if path.is_file():
+        mod = torch.export.load(str(path)).module()
+        with torch.no_grad():
+            mod(ids, torch.ones_like(ids))
+        what = f"torch {torch.__version__} + {path.name}"
+    else:
+        (ids.float() @ torch.ones((128, 128), device="cuda")).sum().item()
+        what = f"torch {torch.__version__} (no {path.name}: one matmul)"
+    torch.cuda.synchronize()
+    return what
 
 
 def lazy_serve() -> dict[str, Any]:
@@ -351,27 +369,37 @@ def lazy_serve() -> dict[str, Any]:
 
 
 def launch(journal: bool) -> dict[str, Any]:
+    """Host cost of the serving thread's driver calls (from Python, as the worker makes them), with the
+    journal off or in one variant (PROBE_VARIANT: a journal variant, or "bare"), optionally with torch and
+    the bert-tiny program loaded first (PROBE_TORCH=1)."""
     from cuda.bindings import driver
 
     from workers import cupti_journal
     from workers.cuda import memory
     from workers.cuda.context import get_context
 
+    variant = os.environ.get("PROBE_VARIANT", "full") if journal else "off"
     if journal:
+        os.environ[cupti_journal.VARIANT_ENV] = "full" if variant == "bare" else variant
         cupti_journal.start("cupti")
     ctx = get_context("spin")
+    res: dict[str, Any] = {"journal": journal, "variant": variant}
+    if os.environ.get("PROBE_TORCH") == "1":
+        res["torch"] = _load_torch_model()
     if journal:
         cupti_journal.verify(lambda: memory.PinnedBuffer(4096, "journal check").free())
-        _variant(os.environ.get("PROBE_VARIANT", "full"))
+        if variant == "bare":
+            _bare()
     g = _Graph(ctx)
     fn, stream, pp, gexec = g.fn, g.stream, g.pp, g.gexec
-    res: dict[str, Any] = {
-        "journal": journal,
-        "variant": os.environ.get("PROBE_VARIANT", "full") if journal else "off",
-    }
+    host = memory.PinnedBuffer(1 << 16, "probe copies")
+    dev = memory.DeviceBuffer(1 << 16, "probe copies")
+    event = _ok(driver.cuEventCreate(0), "cuEventCreate")
     for name, call in (
         ("launch_kernel_ns", lambda: driver.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, stream, pp, 0)),
         ("graph_launch_ns", lambda: driver.cuGraphLaunch(gexec, stream)),
+        ("memcpy_htod_ns", lambda: memory.copy_htod_async(dev.ptr, host.ptr, 8192, stream)),
+        ("event_record_ns", lambda: driver.cuEventRecord(event, stream)),
     ):
         rounds = []
         for _ in range(5):
@@ -405,12 +433,12 @@ def _launch_costs(env: dict[str, str], variants: tuple[str, ...]) -> dict[str, A
     """Launch cost with the journal off and in each variant, three processes each, alternated: the runs
     and the median per variant."""
     runs = []
-    for _ in range(3):
+    for _ in range(int(os.environ.get("PROBE_ROUNDS", "3"))):
         runs.append(_child("launch-off", env))
         for v in variants:
             runs.append(_child("launch-on", {**env, "PROBE_VARIANT": v}))
     out: dict[str, Any] = {"launch_runs": runs}
-    for key in ("launch_kernel_ns", "graph_launch_ns"):
+    for key in ("launch_kernel_ns", "graph_launch_ns", "memcpy_htod_ns", "event_record_ns"):
         out[key] = {
             v: statistics.median(
                 [r[key] for r in runs if r.get("variant") == v and key in r] or [float("nan")]
@@ -435,9 +463,10 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument(
         "--part",
-        choices=("all", "cost", "lazy"),
+        choices=("all", "cost", "torchcost", "lazy"),
         default="all",
-        help="cost: launch cost per journal variant; lazy: the lazy-loading diagnosis alone",
+        help="cost: launch cost per journal variant; torchcost: the same with torch and bert-tiny loaded "
+        "first (two processes each); lazy: the lazy-loading diagnosis alone",
     )
     args = ap.parse_args()
     if args.child:
@@ -461,6 +490,11 @@ def main() -> None:
     if args.part == "lazy":
         result["lazy_serve"] = _child("lazy-serve", {"CUDA_MODULE_LOADING": "LAZY"})
         _emit(result, args.out, "cupti-lazy.json")
+        return
+    if args.part == "torchcost":  # does a process with torch's kernels loaded pay more per call?
+        variants = ("full", "no-runtime", "driver-only", "bare")
+        result.update(_launch_costs({**eager, "PROBE_ROUNDS": "2", "PROBE_TORCH": "1"}, variants))
+        _emit(result, args.out, "cupti-torchcost.json")
         return
     if args.part == "cost":  # launch cost: off and each journal variant, alternated
         result.update(_launch_costs(eager, ("full", "no-overhead", "no-runtime", "bare")))

@@ -40,6 +40,12 @@ from workers.driver_journal import JOURNAL, DriverJournal, DriverOp
 
 log = logging.getLogger(__name__)
 
+#: What CUPTI records (a diagnostic switch, read once at start; status shows it): "full" (the driver
+#: functions, their runtime twins, lazy-load overhead records), "no-runtime" (no runtime twins: a runtime
+#: call's driver call inside it is still recorded), "no-overhead" (no lazy-load records), "driver-only".
+VARIANT_ENV = "ORCHESTRATOR_CUPTI_VARIANT"
+VARIANTS = ("full", "no-runtime", "no-overhead", "driver-only")
+
 #: Driver and runtime functions that take the driver's write lock, by name, and the journal's operation.
 #: Stream-ordered allocation (cuMemAllocAsync, pools) is left out: it does not take the lock per call.
 LOCKING: tuple[tuple[str, str], ...] = (
@@ -188,6 +194,7 @@ class CuptiJournal:
         self.records = 0  # journal entries delivered
         self.flushes = 0
         self.flush_ns = 0
+        self.variant = os.environ.get(VARIANT_ENV) or "full"
         self.own_tids: set[int] = set()  # the threads CUPTI started (seen new right after start)
         self.moved: dict[int, list[int]] = {}  # ... and where isolate() moved them
 
@@ -202,13 +209,16 @@ class CuptiJournal:
             ) from None
         except Exception as exc:  # the bindings load libcupti at import: a missing or broken library
             raise CuptiUnavailable(f"CUPTI could not be loaded: {type(exc).__name__}: {exc}") from None
+        if self.variant not in VARIANTS:
+            raise CuptiUnavailable(f"{VARIANT_ENV}={self.variant!r}: expected one of {', '.join(VARIANTS)}")
         self.cupti = cupti
         before = _tids()
         try:
             cupti.set_thread_id_type(cupti.ActivityThreadIdType.SYSTEM)  # gettid(), as /proc and Python
             cupti.activity_register_callbacks(self._requested, self._completed)
-            self._enable()
-            cupti.activity_enable(cupti.ActivityKind.OVERHEAD)
+            self._enable(runtime=self.variant in ("full", "no-overhead"))
+            if self.variant in ("full", "no-runtime"):
+                cupti.activity_enable(cupti.ActivityKind.OVERHEAD)
             self.clock = Clock(cupti.get_timestamp)
             cupti.activity_flush_all(
                 0
@@ -219,7 +229,7 @@ class CuptiJournal:
         # Started before the engine, so nothing else in the process makes threads meanwhile.
         self.own_tids = _tids() - before - {t.native_id for t in threading.enumerate()}
 
-    def _enable(self) -> None:
+    def _enable(self, runtime: bool) -> None:
         cupti = self.cupti
         wanted = 0
         for member in cupti.Driver_api_trace_cbid:
@@ -230,7 +240,7 @@ class CuptiJournal:
             if cbid > 0 and classify(name):
                 cupti.activity_enable_driver_api(cbid, 1)
                 wanted += 1
-            elif cbid < 0 and classify(name):
+            elif cbid < 0 and runtime and classify(name):
                 cupti.activity_enable_runtime_api(-cbid, 1)
         log.info("[journal] CUPTI records %d driver functions that take the write lock", wanted)
 
@@ -326,6 +336,7 @@ class CuptiJournal:
 
     def stats(self) -> dict[str, Any]:
         return {
+            "variant": self.variant,
             "records": self.records,
             "flushes": self.flushes,
             "flush_us_mean": round(self.flush_ns / self.flushes / 1e3, 2) if self.flushes else None,
