@@ -24,6 +24,7 @@
 #                                       # host_register, lazy_module), then a clean-own/clean pair at 30 s
 #   bash scripts/device_run.sh diag16   # issue 16: what CUPTI costs a torch worker: bert-tiny with py-spy on the own
 #                                       # journal and CUPTI, CUPTI variants, per-call cost with torch loaded
+#   bash scripts/device_run.sh steady10 # issue 10: bert-tiny on the default (own) journal + the 60 s steady run
 #   bash scripts/device_run.sh close10  # issue 10 (+16): LitServe 2 and 4 workers, bert-tiny + 60 s steady,
 #                                       # bert-tiny on the own journal, the GPU tests
 #   bash scripts/device_run.sh real     # issue 10 in one call, most important first, ExportedPrograms only
@@ -270,6 +271,11 @@ run_mode() {
             --seconds 60 --out "$OUT/stalls"
         step stalls-pair 110 python3 scripts/bench_stalls.py --scenarios clean-own,clean --seconds 30 --out "$OUT/pair"
         ;;
+    steady10)
+        mkdir -p "$OUT/real"
+        step orch-bert 170 python3 scripts/bench_real.py --model bert --concurrency 1,64 --seconds 5 --steady-s 60 \
+            --json "$OUT/real/orch-bert-steady.json" --logs "$RES/logs-orch-bert"
+        ;;
     diag16)
         # Issue 16: bert-tiny's serving thread with CUPTI costs about 110-150 us more a batch than with the own
         # journal (close10). Where it goes (py-spy, both journals), which CUPTI variant (workers/cupti_journal.py
@@ -323,7 +329,7 @@ run_mode() {
         step bench-synthetic 100 bash scripts/device_bench.sh synthetic "$RES/bench" "$RES/logs-bench-synthetic"
         ;;
     *)
-        echo "unknown mode '$1' (gpu, stalls, single, quad, shm, profile, shm2, export, torch, gputests, limit, orch, litserve, real, prof, final, cupti, stalls16, stalls16b, rest10, verify16, close10, diag16)"
+        echo "unknown mode '$1' (gpu, stalls, single, quad, shm, profile, shm2, export, torch, gputests, limit, orch, litserve, real, prof, final, cupti, stalls16, stalls16b, rest10, verify16, close10, diag16, steady10)"
         SUMMARY+=("FAIL  mode: unknown '$1'")
         FAILED=1
         ;;

@@ -360,7 +360,12 @@ def start(mode: str, journal: DriverJournal = JOURNAL) -> CuptiJournal | None:
         return _ACTIVE
     _MODE = mode
     if mode == "own":
-        journal.attach("own", None, 'monitor.driver_journal = "own": only the orchestrator\'s own calls')
+        journal.attach(
+            "own",
+            None,
+            'monitor.driver_journal = "own": only the orchestrator\'s own calls ("auto" adds every library\'s, '
+            "through CUPTI)",
+        )
         return None
     if os.environ.get("CUDA_INJECTION64_PATH") or os.environ.get("NSYS_PROFILING_SESSION_ID"):
         why = "a profiler (Nsight) owns CUPTI in this process"

@@ -373,7 +373,16 @@ class GpuEngineBase(Engine):
     @staticmethod
     def _journal_facts() -> dict[str, Any]:
         cj = cupti_journal.active()
-        return {"mode": JOURNAL.mode, "note": JOURNAL.note, **(cj.stats() if cj is not None else {})}
+        # Engine facts are sent once, at READY: CUPTI's counters say so in their names.
+        stats = (
+            {}
+            if cj is None
+            else {
+                (f"{k}_at_ready" if k in ("records", "flushes", "flush_us_mean") else k): v
+                for k, v in cj.stats().items()
+            }
+        )
+        return {"mode": JOURNAL.mode, "note": JOURNAL.note, **stats}
 
     def describe(self) -> dict[str, Any]:
         info = self.ctx.info
