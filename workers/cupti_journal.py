@@ -201,6 +201,8 @@ class CuptiJournal:
     # --- set-up ------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.variant not in VARIANTS:
+            raise CuptiUnavailable(f"{VARIANT_ENV}={self.variant!r}: expected one of {', '.join(VARIANTS)}")
         try:
             from cupti import cupti  # type: ignore[import-not-found,unused-ignore]
         except ImportError as exc:
@@ -209,8 +211,6 @@ class CuptiJournal:
             ) from None
         except Exception as exc:  # the bindings load libcupti at import: a missing or broken library
             raise CuptiUnavailable(f"CUPTI could not be loaded: {type(exc).__name__}: {exc}") from None
-        if self.variant not in VARIANTS:
-            raise CuptiUnavailable(f"{VARIANT_ENV}={self.variant!r}: expected one of {', '.join(VARIANTS)}")
         self.cupti = cupti
         before = _tids()
         try:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import sys
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -361,3 +363,89 @@ def test_cupti_journal_on_cpu_workers_or_without_cupti_python_is_a_config_error(
     ):
         commands._check_journal(gpu)
     commands._check_journal(parse_config({"workers": {"device": "gpu"}}, check_files=False))  # auto: fine
+
+
+# --- what CUPTI is asked to record (ORCHESTRATOR_CUPTI_VARIANT) ------------------------------------------
+
+
+def _fake_cupti(monkeypatch) -> SimpleNamespace:
+    """A stand-in for cupti-python's `cupti.cupti` that remembers what the journal switched on."""
+    import types
+
+    drv = enum.IntEnum(
+        "Driver_api_trace_cbid", {"cuMemAlloc_v2": 1, "cuLaunchKernel": 2, "cuMemHostRegister_v2": 3}
+    )
+    rt = enum.IntEnum("Runtime_api_trace_cbid", {"cudaMalloc_v3020": 1, "cudaLaunchKernel_v7000": 2})
+    on = SimpleNamespace(driver=set(), runtime=set(), kinds=set())
+    api = SimpleNamespace(
+        Driver_api_trace_cbid=drv,
+        Runtime_api_trace_cbid=rt,
+        ActivityThreadIdType=SimpleNamespace(SYSTEM=1),
+        ActivityKind=SimpleNamespace(DRIVER=1, RUNTIME=2, OVERHEAD=3),
+        set_thread_id_type=lambda t: None,
+        activity_register_callbacks=lambda req, done: None,
+        activity_enable_driver_api=lambda cbid, en: on.driver.add(drv(cbid).name),
+        activity_enable_runtime_api=lambda cbid, en: on.runtime.add(rt(cbid).name),
+        activity_enable=lambda kind: on.kinds.add(kind),
+        activity_disable=lambda kind: on.kinds.discard(kind),
+        activity_flush_all=lambda flag: None,
+        get_timestamp=time.monotonic_ns,
+    )
+    pkg = types.ModuleType("cupti")
+    pkg.cupti = api  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cupti", pkg)
+    return on
+
+
+@pytest.mark.parametrize(
+    ("variant", "runtime", "overhead"),
+    [
+        ("", True, True),
+        ("full", True, True),
+        ("no-runtime", False, True),
+        ("no-overhead", True, False),
+        ("driver-only", False, False),
+    ],
+)
+def test_each_variant_records_the_lock_taking_functions_and_what_it_names(
+    monkeypatch, variant: str, runtime: bool, overhead: bool
+) -> None:
+    on = _fake_cupti(monkeypatch)
+    monkeypatch.setenv(cupti_journal.VARIANT_ENV, variant)
+    cj = cupti_journal.CuptiJournal(DriverJournal())
+    cj.start()
+    assert on.driver == {"cuMemAlloc_v2", "cuMemHostRegister_v2"}  # never a launch
+    assert on.runtime == ({"cudaMalloc_v3020"} if runtime else set())
+    assert (3 in on.kinds) is overhead
+    assert cj.stats()["variant"] == (variant or "full")
+
+
+def test_an_unknown_variant_is_refused_before_cupti_is_touched(monkeypatch) -> None:
+    monkeypatch.setenv(cupti_journal.VARIANT_ENV, "everything")
+    monkeypatch.setitem(sys.modules, "cupti", None)  # importing it would fail differently
+    with pytest.raises(
+        CuptiUnavailable, match="ORCHESTRATOR_CUPTI_VARIANT='everything': expected one of full"
+    ):
+        cupti_journal.CuptiJournal(DriverJournal()).start()
+
+
+def test_the_driver_journal_is_own_unless_asked() -> None:
+    from orchestrator.common.config import parse_config
+
+    assert parse_config({"workers": {"device": "gpu"}}, check_files=False).monitor.driver_journal == "own"
+
+
+def test_engine_facts_name_cuptis_counters_as_taken_at_ready(monkeypatch) -> None:
+    """Engine facts go to the supervisor once, at READY: a counter there must not pass for a live one."""
+    from workers.engines.gpu_base import GpuEngineBase
+
+    cj = SimpleNamespace(stats=lambda: {"variant": "full", "records": 19, "flushes": 2, "flush_us_mean": 3.5})
+    monkeypatch.setattr(cupti_journal, "_ACTIVE", cj)
+    facts = GpuEngineBase._journal_facts()
+    assert facts["variant"] == "full"
+    assert (facts["records_at_ready"], facts["flushes_at_ready"], facts["flush_us_mean_at_ready"]) == (
+        19,
+        2,
+        3.5,
+    )
+    assert "records" not in facts
