@@ -102,6 +102,19 @@ libcupti() {
              export LD_LIBRARY_PATH=/tmp/site/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}; }
 }
 
+# litserve_and_steady LS_CAP ORCH_CAP: LitServe with 2 and 4 workers per device (LS_WORKERS), then bert-tiny
+# through the orchestrator with the 60 s steady run (issue 10)
+litserve_and_steady() {
+    mkdir -p "$RES/real"
+    for w in ${LS_WORKERS:-2 4}; do
+        step "litserve-bert-w$w" "$1" python3 scripts/bench_litserve.py --model bert --models "$PWD/models" \
+            --program ep --workers-per-device "$w" --concurrency 1,64 --warmup 2 --duration 8 \
+            --json "$RES/real/litserve-bert-w$w.json"
+    done
+    step orch-bert "$2" python3 scripts/bench_real.py --model bert --concurrency 1,64 --seconds 8 --steady-s 60 \
+        --json "$RES/real/orch-bert.json" --logs "$RES/logs-orch-bert"
+}
+
 run_mode() {
     case "$1" in
     gpu)
@@ -254,14 +267,7 @@ run_mode() {
     rest10)
         # Issue 10's remaining measurements: LitServe tuned (2 and 4 inference workers on the GPU; 1 was
         # measured before), then bert-tiny through the orchestrator with the 60 s steady run.
-        mkdir -p "$RES/real"
-        for w in ${LS_WORKERS:-2 4}; do
-            step "litserve-bert-w$w" 150 python3 scripts/bench_litserve.py --model bert --models "$PWD/models" \
-                --program ep --workers-per-device "$w" --concurrency 1,64 --warmup 2 --duration 8 \
-                --json "$RES/real/litserve-bert-w$w.json"
-        done
-        step orch-bert 230 python3 scripts/bench_real.py --model bert --concurrency 1,64 --seconds 8 --steady-s 60 \
-            --json "$RES/real/orch-bert.json" --logs "$RES/logs-orch-bert"
+        litserve_and_steady 150 230
         ;;
     verify16)
         # Issue 16 on the committed journal (CUPTI before the engine, three-try verification, threads moved):
@@ -298,14 +304,7 @@ run_mode() {
         # Issue 10's remaining measurements (LitServe tuned, the 60 s steady run on the default journal) and
         # bert-tiny on the own journal for issue 16's cost on a real model; then the GPU tests.
         libcupti
-        mkdir -p "$RES/real"
-        for w in ${LS_WORKERS:-2 4}; do
-            step "litserve-bert-w$w" 110 python3 scripts/bench_litserve.py --model bert --models "$PWD/models" \
-                --program ep --workers-per-device "$w" --concurrency 1,64 --warmup 2 --duration 8 \
-                --json "$RES/real/litserve-bert-w$w.json"
-        done
-        step orch-bert 150 python3 scripts/bench_real.py --model bert --concurrency 1,64 --seconds 8 --steady-s 60 \
-            --json "$RES/real/orch-bert.json" --logs "$RES/logs-orch-bert"
+        litserve_and_steady 110 150
         step orch-bert-own 70 python3 scripts/bench_real.py --model bert --journal own --concurrency 64 --seconds 10 \
             --json "$RES/real/orch-bert-own.json" --logs "$RES/logs-orch-bert-own"
         step gpu-tests 150 python3 -m pytest tests/gpu -v -p no:cacheprovider -rfEs --tb=short --timeout 100 \
