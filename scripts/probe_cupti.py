@@ -231,14 +231,8 @@ def _bare() -> None:
     cj = cupti_journal.active()
     if cj is None:
         return
-    cupti = cj.cupti
-    cupti.activity_disable(cupti.ActivityKind.OVERHEAD)
-    for cbid, api in cj.names.items():
-        if cupti_journal.classify(api):
-            if cbid < 0:
-                cupti.activity_enable_runtime_api(-cbid, 0)
-            else:
-                cupti.activity_enable_driver_api(cbid, 0)
+    cj.cupti.activity_disable(cj.cupti.ActivityKind.OVERHEAD)
+    cj.enable_functions(runtime=True, on=False)
 
 
 def _load_torch_model() -> str:

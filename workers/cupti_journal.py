@@ -40,11 +40,17 @@ from workers.driver_journal import JOURNAL, DriverJournal, DriverOp
 
 log = logging.getLogger(__name__)
 
-#: What CUPTI records (a diagnostic switch, read once at start; status shows it): "full" (the driver
+#: What CUPTI records (a diagnostic switch, read once at start; `status --json` shows it): "full" (the driver
 #: functions, their runtime twins, lazy-load overhead records), "no-runtime" (no runtime twins: a runtime
 #: call's driver call inside it is still recorded), "no-overhead" (no lazy-load records), "driver-only".
 VARIANT_ENV = "ORCHESTRATOR_CUPTI_VARIANT"
-VARIANTS = ("full", "no-runtime", "no-overhead", "driver-only")
+#: variant -> (runtime twins recorded, lazy-load overhead records recorded)
+VARIANTS: dict[str, tuple[bool, bool]] = {
+    "full": (True, True),
+    "no-runtime": (False, True),
+    "no-overhead": (True, False),
+    "driver-only": (False, False),
+}
 
 #: Driver and runtime functions that take the driver's write lock, by name, and the journal's operation.
 #: Stream-ordered allocation (cuMemAllocAsync, pools) is left out: it does not take the lock per call.
@@ -216,8 +222,10 @@ class CuptiJournal:
         try:
             cupti.set_thread_id_type(cupti.ActivityThreadIdType.SYSTEM)  # gettid(), as /proc and Python
             cupti.activity_register_callbacks(self._requested, self._completed)
-            self._enable(runtime=self.variant in ("full", "no-overhead"))
-            if self.variant in ("full", "no-runtime"):
+            runtime, overhead = VARIANTS[self.variant]
+            wanted = self.enable_functions(runtime)
+            log.info("[journal] CUPTI records %d driver functions that take the write lock", wanted)
+            if overhead:
                 cupti.activity_enable(cupti.ActivityKind.OVERHEAD)
             self.clock = Clock(cupti.get_timestamp)
             cupti.activity_flush_all(
@@ -229,20 +237,23 @@ class CuptiJournal:
         # Started before the engine, so nothing else in the process makes threads meanwhile.
         self.own_tids = _tids() - before - {t.native_id for t in threading.enumerate()}
 
-    def _enable(self, runtime: bool) -> None:
+    def enable_functions(self, runtime: bool, on: bool = True) -> int:
+        """Switch records of the lock-taking driver functions (and, with `runtime`, their runtime twins) on
+        or off; returns how many driver functions that is."""
         cupti = self.cupti
-        wanted = 0
-        for member in cupti.Driver_api_trace_cbid:
-            self.names[int(member)] = member.name
-        for member in cupti.Runtime_api_trace_cbid:
-            self.names[-int(member)] = member.name
+        if not self.names:
+            for member in cupti.Driver_api_trace_cbid:
+                self.names[int(member)] = member.name
+            for member in cupti.Runtime_api_trace_cbid:
+                self.names[-int(member)] = member.name
+        n = 0
         for cbid, name in self.names.items():
             if cbid > 0 and classify(name):
-                cupti.activity_enable_driver_api(cbid, 1)
-                wanted += 1
+                cupti.activity_enable_driver_api(cbid, int(on))
+                n += 1
             elif cbid < 0 and runtime and classify(name):
-                cupti.activity_enable_runtime_api(-cbid, 1)
-        log.info("[journal] CUPTI records %d driver functions that take the write lock", wanted)
+                cupti.activity_enable_runtime_api(-cbid, int(on))
+        return n
 
     # --- CUPTI callbacks (records are delivered on the flushing thread: the serving thread) -----------
 
