@@ -260,6 +260,7 @@ def analyse(records: list[dict[str, Any]], enq_over_1ms: int, scenario: str = ""
         "ops_by_name": _count([(r.get("driver_op") or {}).get("name") or "(none)" for r in flagged]),
         "ops_by_category": _count([(r.get("driver_op") or {}).get("op") or "(none)" for r in flagged]),
         "ops_by_source": _count([(r.get("driver_op") or {}).get("source") or "(none)" for r in flagged]),
+        "ops_by_library": _count([(r.get("driver_op") or {}).get("library") or "(none)" for r in flagged]),
         "max_enqueue_us_flagged": max((r["enqueue_us"] for r in flagged), default=None),
     }
 
@@ -520,12 +521,13 @@ def checks(results: list[dict[str, Any]], cpu: bool) -> list[str]:
                 and r["right_op_share"] >= RIGHT_OP_TARGET
             )
             ops = ", ".join(f"{k} {n}" for k, n in r["ops_by_name"].items()) or "none"
+            libs = ", ".join(f"{k} {n}" for k, n in (r.get("ops_by_library") or {}).items()) or "none"
             out.append(
                 f"{s}: recall {_pct(r['recall'])} of {r['enqueue_over_1ms']} launches >1 ms "
                 f"(target {RECALL_TARGET:.0%}); driver_lock with the right operation "
                 f"({'/'.join(r['expected_ops'])}) {_ratio(r['driver_lock_right_op'], r['flagged_over_1ms'], r['right_op_share'])} "
                 f"(target {RIGHT_OP_TARGET:.0%}; driver_lock first {_pct(r['driver_lock_share'])}); "
-                f"operations named: {ops}; journal {_journal(r)} -> {_verdict(ok)}"
+                f"operations named: {ops}; calling library: {libs}; journal {_journal(r)} -> {_verdict(ok)}"
             )
         if not cpu and r.get("gpus_mid_run"):
             g = r["gpus_mid_run"][0]

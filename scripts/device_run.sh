@@ -25,6 +25,9 @@
 #   bash scripts/device_run.sh diag16   # issue 16: what CUPTI costs a torch worker: bert-tiny with py-spy on the own
 #                                       # journal and CUPTI, CUPTI variants, per-call cost with torch loaded
 #   bash scripts/device_run.sh steady10 # issue 10: bert-tiny on the default (own) journal + the 60 s steady run
+#   bash scripts/device_run.sh cb16     # issue 16 on the callback journal: probe, bert-tiny own/callback/activity,
+#                                       # the CUPTI GPU tests
+#   bash scripts/device_run.sh stalls16c # issue 16 on the callback journal: bench_stalls 60 s a scenario, GPU tests
 #   bash scripts/device_run.sh close10  # issue 10 (+16): LitServe 2 and 4 workers, bert-tiny + 60 s steady,
 #                                       # bert-tiny on the own journal, the GPU tests
 #   bash scripts/device_run.sh real     # issue 10 in one call, most important first, ExportedPrograms only
@@ -300,6 +303,42 @@ run_mode() {
         step stalls-lib 60 env ORCHESTRATOR_CUPTI_VARIANT=driver-only python3 scripts/bench_stalls.py \
             --scenarios library_alloc --seconds 20 --out "$RES/stalls-lib"
         ;;
+    cb16)
+        # Issue 16, the journal on CUPTI's callback API (workers/cupti_callback.c): that it builds here, the
+        # probe (another library's calls and their library, lazy loads, per-call cost off / callback /
+        # activity / bare), bert-tiny on the own, callback and activity journals, the CUPTI GPU tests, then
+        # an own/callback pair at c = 64 in the opposite order.
+        libcupti
+        command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim   # no compiler: the carried build
+        step build-callback 60 python3 -c "from workers import cupti_native as n; print(n.compiler(), n.load().path)"
+        step probe-cupti 170 python3 scripts/probe_cupti.py --out "$OUT/cupti"
+        mkdir -p "$RES/real"
+        for j in own callback activity; do
+            case $j in own) flag=own ;; *) flag=cupti ;; esac
+            step "orch-bert-$j" 90 env ORCHESTRATOR_CUPTI_VARIANT="${j/own/callback}" python3 scripts/bench_real.py \
+                --model bert --journal "$flag" --concurrency 1,64 --seconds 6 --json "$RES/real/orch-bert-$j.json" \
+                --logs "$RES/logs-bert-$j"
+        done
+        step gpu-tests-cupti 90 python3 -m pytest tests/gpu/test_cupti_gpu.py -v -p no:cacheprovider -rfEs --tb=short \
+            --timeout 80
+        for j in callback own; do
+            case $j in own) flag=own ;; *) flag=cupti ;; esac
+            step "orch-bert-$j-2" 50 python3 scripts/bench_real.py --model bert --journal "$flag" --concurrency 64 \
+                --seconds 6 --json "$RES/real/orch-bert-$j-2.json"
+        done
+        ;;
+    stalls16c)
+        # Issue 16's device run on the callback journal: bench_stalls.py at 60 s a scenario (the clean run on
+        # the own journal first this time), then the GPU tests.
+        libcupti
+        command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
+        # shellcheck disable=SC2086
+        step bench-stalls 400 python3 scripts/bench_stalls.py \
+            --scenarios ${STALL_SCENARIOS:-clean-own,clean,host_register,library_alloc,lazy_module} \
+            --seconds ${STALL_S:-60} --out "$OUT/stalls"
+        step gpu-tests 150 python3 -m pytest tests/gpu -v -p no:cacheprovider -rfEs --tb=short --timeout 100 \
+            -k "not aoti" ${TEST_ARGS:-}
+        ;;
     close10)
         # Issue 10's remaining measurements (LitServe tuned, the 60 s steady run on the default journal) and
         # bert-tiny on the own journal for issue 16's cost on a real model; then the GPU tests.
@@ -328,7 +367,7 @@ run_mode() {
         step bench-synthetic 100 bash scripts/device_bench.sh synthetic "$RES/bench" "$RES/logs-bench-synthetic"
         ;;
     *)
-        echo "unknown mode '$1' (gpu, stalls, single, quad, shm, profile, shm2, export, torch, gputests, limit, orch, litserve, real, prof, final, cupti, stalls16, stalls16b, rest10, verify16, close10, diag16, steady10)"
+        echo "unknown mode '$1' (gpu, stalls, single, quad, shm, profile, shm2, export, torch, gputests, limit, orch, litserve, real, prof, final, cupti, stalls16, stalls16b, rest10, verify16, close10, diag16, steady10, cb16, stalls16c)"
         SUMMARY+=("FAIL  mode: unknown '$1'")
         FAILED=1
         ;;

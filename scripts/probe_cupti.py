@@ -50,6 +50,7 @@ def _entries() -> list[dict[str, Any]]:
             "op": e.op,
             "api": e.api,
             "thread": e.thread,
+            "library": e.library,
             "source": e.source,
             "t0_ns": e.t0_ns,
             "t1_ns": e.t1_ns,
@@ -141,6 +142,7 @@ def basic() -> dict[str, Any]:
             align[name] = {
                 "api": e["api"],
                 "thread": e["thread"],
+                "library": e["library"],
                 "cupti_start_minus_caller_us": (e["t0_ns"] - a) / 1e3,
                 "caller_end_minus_cupti_end_us": (b - e["t1_ns"]) / 1e3,
                 "dur_us": e["dur_us"],
@@ -225,13 +227,14 @@ class _Graph:
 
 
 def _bare() -> None:
-    """Switch every record off again after start: CUPTI subscribed with nothing to record."""
+    """Switch every callback and record off again after start: CUPTI subscribed with nothing enabled."""
     from workers import cupti_journal
 
     cj = cupti_journal.active()
     if cj is None:
         return
-    cj.cupti.activity_disable(cj.cupti.ActivityKind.OVERHEAD)
+    if cj.activity:
+        cj.cupti.activity_disable(cj.cupti.ActivityKind.OVERHEAD)
     cj.enable_functions(runtime=True, on=False)
 
 
@@ -372,9 +375,9 @@ def launch(journal: bool) -> dict[str, Any]:
     from workers.cuda import memory
     from workers.cuda.context import get_context
 
-    variant = os.environ.get("PROBE_VARIANT", "full") if journal else "off"
+    variant = os.environ.get("PROBE_VARIANT", "callback") if journal else "off"
     if journal:
-        os.environ[cupti_journal.VARIANT_ENV] = "full" if variant == "bare" else variant
+        os.environ[cupti_journal.VARIANT_ENV] = "callback" if variant == "bare" else variant
         cupti_journal.start("cupti")
     ctx = get_context("spin")
     res: dict[str, Any] = {"journal": journal, "variant": variant}
@@ -486,12 +489,12 @@ def main() -> None:
         _emit(result, args.out, "cupti-lazy.json")
         return
     if args.part == "torchcost":  # does a process with torch's kernels loaded pay more per call?
-        variants = ("full", "no-runtime", "driver-only", "bare")
+        variants = ("callback", "activity")
         result.update(_launch_costs({**eager, "PROBE_ROUNDS": "2", "PROBE_TORCH": "1"}, variants))
         _emit(result, args.out, "cupti-torchcost.json")
         return
     if args.part == "cost":  # launch cost: off and each journal variant, alternated
-        result.update(_launch_costs(eager, ("full", "no-overhead", "no-runtime", "bare")))
+        result.update(_launch_costs(eager, ("callback", "activity", "bare")))
         result["lazy_serve"] = _child("lazy-serve", {"CUDA_MODULE_LOADING": "LAZY"})
         _emit(result, args.out, "cupti-cost.json")
         return
@@ -499,7 +502,7 @@ def main() -> None:
     print(json.dumps(result["basic"], indent=1, default=str)[:4000], flush=True)
     result["lazy"] = _child("lazy", {"CUDA_MODULE_LOADING": "LAZY"})
     print(json.dumps(result["lazy"], indent=1, default=str)[:3000], flush=True)
-    result.update(_launch_costs(eager, ("full",)))
+    result.update(_launch_costs(eager, ("callback",)))
     _emit(result, args.out, "cupti.json")
 
 

@@ -1,33 +1,37 @@
-"""The process-wide driver-operation journal: CUPTI activity records of every lock-taking CUDA call.
+"""The process-wide driver-operation journal: every lock-taking CUDA call in the worker, seen through CUPTI.
 
 Runs in a GPU worker process. workers/cuda/ journals only the orchestrator's own calls; in a real
 deployment the driver's write lock is mostly taken elsewhere: a library thread registering host memory,
 torch's caching allocator growing, a lazy module load inside a library. CUPTI (NVIDIA's profiling
-interface, through the official `cupti-python` bindings) records those from any thread and any library.
+interface; the official `cupti-python` bindings name its functions) sees those from any thread and any
+library.
 
-What is recorded, and what is not:
-- Activity records of exactly the driver and runtime functions that take the write lock (LOCKING, by
-  function name: memory allocation and free, host allocation and registration, module and library load
-  and unload, graph instantiation and destruction, context and stream creation and destruction), plus
-  CUPTI's overhead records of lazy function loading (a kernel's code loaded at its first launch).
-  Launches, copies and synchronisation are left out: CUPTI keeps no record of them, so the serving
-  thread's calls cost what they cost without the journal (measured: see docs/design.md).
-- Each record carries the API function, start and end on CUPTI's clock (lined up with
-  time.monotonic_ns() at every flush), and the calling thread's kernel id, named from Python's threads or
-  /proc. CUPTI does not say which library made the call: the thread name is the clue.
-- Records reach the journal when the serving thread flushes (DriverJournal.sync(): at every report and
-  before a stall candidate is built). Otherwise CUPTI calls into Python only to ask for an empty buffer
-  (_requested, which returns a constant): a 1 MiB buffer holds over 20,000 records, far more than the
-  few lock-taking calls a worker makes between two reports.
+How (VARIANTS; "callback" unless ORCHESTRATOR_CUPTI_VARIANT says otherwise):
+- "callback": CUPTI's callback API, enabled for exactly the driver functions that take the write lock and
+  their runtime twins (LOCKING, by name: memory allocation and free, host allocation and registration,
+  module and library load and unload, graph instantiation and destruction, context and stream creation
+  and destruction). The callback is compiled C (workers/cupti_callback.c, built once per host by
+  workers/cupti_native.py): inside the caller's driver call it takes the time at entry and exit, the
+  thread's kernel id and the return addresses, and writes a lock-free ring; it never enters Python.
+  Launches, copies and synchronisation are never enabled, so they reach no callback. The return addresses
+  name the calling library (libc10_cuda.so (torch), cuda.bindings...). Where kernels can load lazily
+  (CUDA_MODULE_LOADING is not EAGER), CUPTI's OVERHEAD activity records add the lazy function loads,
+  which no API call shows.
+- "activity": the journal before the callback, kept to compare against: activity records of the same
+  functions (cuptiActivityEnableDriverApi) plus the lazy-load overhead records, delivered in buffers.
+  It cost bert-tiny 60-170 us of host time a batch (docs/design.md, "Driver journal").
+Records reach the journal when the serving thread flushes (DriverJournal.sync(): at every report and
+before a stall candidate is built).
 
-start() attaches it to the journal before the engine loads (the threads CUPTI starts then are told apart
-and, at READY, moved off the worker's cores: isolate()); before_ready() checks that it records. When CUPTI
-cannot be used (not installed, no driver, another subscriber such as a profiler) the worker keeps the own
-journal and status says why.
+start() attaches it to the journal before the engine loads (threads CUPTI starts then are told apart and,
+at READY, moved off the worker's cores: isolate()); before_ready() checks that it records. When CUPTI
+cannot be used (not installed, no driver, no C compiler for the callback, another subscriber such as a
+profiler) the worker keeps the own journal and status says why.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -40,17 +44,14 @@ from workers.driver_journal import JOURNAL, DriverJournal, DriverOp
 
 log = logging.getLogger(__name__)
 
-#: What CUPTI records (a diagnostic switch, read once at start; `status --json` shows it): "full" (the driver
-#: functions, their runtime twins, lazy-load overhead records), "no-runtime" (no runtime twins: a runtime
-#: call's driver call inside it is still recorded), "no-overhead" (no lazy-load records), "driver-only".
+#: How CUPTI feeds the journal (a diagnostic switch, read once at start; `status --json` shows it).
 VARIANT_ENV = "ORCHESTRATOR_CUPTI_VARIANT"
-#: variant -> (runtime twins recorded, lazy-load overhead records recorded)
-VARIANTS: dict[str, tuple[bool, bool]] = {
-    "full": (True, True),
-    "no-runtime": (False, True),
-    "no-overhead": (True, False),
-    "driver-only": (False, False),
+VARIANTS: dict[str, str] = {
+    "callback": "CUPTI's callback API for the lock-taking functions, a compiled callback (the default)",
+    "activity": "CUPTI's activity records of the lock-taking functions (the journal before; to compare)",
 }
+#: CUPTI's callback domains (CUpti_CallbackDomain)
+DOMAIN_DRIVER, DOMAIN_RUNTIME = 1, 2
 
 #: Driver and runtime functions that take the driver's write lock, by name, and the journal's operation.
 #: Stream-ordered allocation (cuMemAllocAsync, pools) is left out: it does not take the lock per call.
@@ -108,12 +109,13 @@ class CuptiUnavailable(Exception):
 
 
 class ThreadNames:
-    """Kernel thread id -> name: Python's thread names first, else /proc's comm (a C++ library's thread)."""
+    """Kernel thread id -> name: Python's thread names first, else the kernel's (the `comm` the callback
+    recorded, or /proc's): a C++ library's thread, or one that ended before the journal was flushed."""
 
     def __init__(self) -> None:
         self._names: dict[int, str] = {}
 
-    def __call__(self, tid: int) -> str:
+    def __call__(self, tid: int, comm: str = "") -> str:
         name = self._names.get(tid)
         if name is None:
             for t in threading.enumerate():
@@ -121,11 +123,13 @@ class ThreadNames:
                     name = t.name
                     break
             else:
-                try:
-                    with open(f"/proc/self/task/{tid}/comm") as fh:
-                        name = f"{fh.read().strip()} (tid {tid})"
-                except OSError:
-                    name = f"tid {tid}"
+                if not comm:
+                    try:
+                        with open(f"/proc/self/task/{tid}/comm") as fh:
+                            comm = fh.read().strip()
+                    except OSError:
+                        pass
+                name = f"{comm} (tid {tid})" if comm else f"tid {tid}"
             self._names[tid] = name
         return name
 
@@ -188,21 +192,56 @@ def entries_from(
     return out
 
 
+def entries_from_callbacks(
+    records: list[Any], names: dict[int, str], thread_name: ThreadNames, caller: Callable[[Any], str]
+) -> list[DriverOp]:
+    """The journal entries of the compiled callback's records (workers/cupti_native.OpRecord): already on
+    the monotonic clock; `caller` names the library that made the call."""
+    out: list[DriverOp] = []
+    for r in records:
+        cbid = int(r.cbid)
+        api = names.get(cbid if r.domain == DOMAIN_DRIVER else -cbid, "")
+        op = classify(api) if api else None
+        if op is None:
+            continue
+        tid = int(r.tid)
+        out.append(
+            DriverOp(
+                0,
+                op,
+                int(r.start_ns),
+                int(r.end_ns),
+                "",
+                thread_name(tid, r.comm.decode(errors="replace")),
+                False,
+                api,
+                tid,
+                "cupti",
+                caller(r),
+            )
+        )
+    return out
+
+
 class CuptiJournal:
-    """Feeds a DriverJournal from CUPTI's activity records. One per process (CUPTI's callbacks are global)."""
+    """Feeds a DriverJournal from CUPTI. One per process (CUPTI's callbacks are global)."""
 
     def __init__(self, journal: DriverJournal) -> None:
         self.journal = journal
         self.cupti: Any = None
         self.names: dict[int, str] = {}  # cbid -> function name (runtime cbids negated)
-        self.clock: Clock | None = None
+        self.clock: Clock | None = None  # CUPTI's activity clock, where activity records are used
         self.thread_name = ThreadNames()
         self.records = 0  # journal entries delivered
         self.flushes = 0
         self.flush_ns = 0
-        self.variant = os.environ.get(VARIANT_ENV) or "full"
+        self.variant = os.environ.get(VARIANT_ENV) or "callback"
+        self.native: Any = None  # workers.cupti_native.Native, in the callback variant
+        self.subscriber: int | None = None  # the callback's CUPTI subscription
+        self.activity = False  # activity records in use (the activity variant, or lazy-load records)
         self.own_tids: set[int] = set()  # the threads CUPTI started (seen new right after start)
         self.moved: dict[int, list[int]] = {}  # ... and where isolate() moved them
+        self._drain_lock = threading.Lock()
 
     # --- set-up ------------------------------------------------------------------------------------
 
@@ -218,28 +257,70 @@ class CuptiJournal:
         except Exception as exc:  # the bindings load libcupti at import: a missing or broken library
             raise CuptiUnavailable(f"CUPTI could not be loaded: {type(exc).__name__}: {exc}") from None
         self.cupti = cupti
+        native = None
+        if self.variant == "callback":  # built (or found in the cache) before CUPTI is touched
+            from workers import cupti_native
+
+            try:
+                native = cupti_native.load()
+            except cupti_native.NativeUnavailable as exc:
+                raise CuptiUnavailable(str(exc)) from None
         before = _tids()
         try:
-            cupti.set_thread_id_type(cupti.ActivityThreadIdType.SYSTEM)  # gettid(), as /proc and Python
-            cupti.activity_register_callbacks(self._requested, self._completed)
-            runtime, overhead = VARIANTS[self.variant]
-            wanted = self.enable_functions(runtime)
-            log.info("[journal] CUPTI records %d driver functions that take the write lock", wanted)
-            if overhead:
-                cupti.activity_enable(cupti.ActivityKind.OVERHEAD)
-            self.clock = Clock(cupti.get_timestamp)
-            cupti.activity_flush_all(
-                0
-            )  # a first flush, so threads CUPTI makes for it exist before the engine's
+            cupti.get_timestamp()  # loads libcupti and finds the driver: a clear error here if either is missing
+            if native is not None:
+                self.subscriber = self._subscribe(native.callback_ptr)
+                self.native = native
+            if native is None or lazy_loading_possible():
+                self._start_activity()
+            wanted = self.enable_functions(runtime=True)
+            log.info(
+                "[journal] CUPTI (%s) journals %d driver functions that take the write lock%s",
+                self.variant,
+                wanted,
+                ", and lazy function loads" if self.activity else "",
+            )
+        except CuptiUnavailable:
+            self._disable_quietly()
+            raise
         except Exception as exc:
             self._disable_quietly()
-            raise CuptiUnavailable(f"CUPTI refused the activity API: {type(exc).__name__}: {exc}") from None
+            raise CuptiUnavailable(f"CUPTI refused the journal: {type(exc).__name__}: {exc}") from None
         # Started before the engine, so nothing else in the process makes threads meanwhile.
         self.own_tids = _tids() - before - {t.native_id for t in threading.enumerate()}
 
+    def _subscribe(self, callback_ptr: int) -> int:
+        """cuptiSubscribe with the compiled callback, through ctypes (cupti-python's subscribe takes a
+        Python callable). Returns the subscriber handle cupti-python's enable_callback takes."""
+        lib = ctypes.CDLL(_libcupti_path())
+        lib.cuptiSubscribe.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_void_p]
+        lib.cuptiSubscribe.restype = ctypes.c_int
+        handle = ctypes.c_void_p()
+        rc = lib.cuptiSubscribe(ctypes.byref(handle), callback_ptr, None)
+        if rc != 0:
+            try:
+                name = self.cupti.Result(rc).name
+            except Exception:
+                name = str(rc)
+            why = " (another tool, such as a profiler, subscribed first)" if "MULTIPLE" in name else ""
+            raise CuptiUnavailable(f"cuptiSubscribe refused the journal's callback: {name}{why}")
+        assert handle.value is not None
+        return int(handle.value)
+
+    def _start_activity(self) -> None:
+        """Activity records: the lock-taking functions' (activity variant) and lazy function loads."""
+        cupti = self.cupti
+        cupti.set_thread_id_type(cupti.ActivityThreadIdType.SYSTEM)  # gettid(), as /proc and Python
+        cupti.activity_register_callbacks(self._requested, self._completed)
+        cupti.activity_enable(cupti.ActivityKind.OVERHEAD)
+        self.activity = True
+        self.clock = Clock(cupti.get_timestamp)
+        cupti.activity_flush_all(0)  # a first flush, so threads CUPTI makes for it exist before the engine's
+
     def enable_functions(self, runtime: bool, on: bool = True) -> int:
-        """Switch records of the lock-taking driver functions (and, with `runtime`, their runtime twins) on
-        or off; returns how many driver functions that is."""
+        """Switch the journal on or off for the lock-taking driver functions (and, with `runtime`, their
+        runtime twins): callbacks in the callback variant, activity records in the other. Returns how many
+        driver functions that is."""
         cupti = self.cupti
         if not self.names:
             for member in cupti.Driver_api_trace_cbid:
@@ -248,11 +329,16 @@ class CuptiJournal:
                 self.names[-int(member)] = member.name
         n = 0
         for cbid, name in self.names.items():
-            if cbid > 0 and classify(name):
+            if not classify(name) or (cbid < 0 and not runtime):
+                continue
+            if self.subscriber is not None:
+                domain = DOMAIN_DRIVER if cbid > 0 else DOMAIN_RUNTIME
+                cupti.enable_callback(int(on), self.subscriber, domain, abs(cbid))
+            elif cbid > 0:
                 cupti.activity_enable_driver_api(cbid, int(on))
-                n += 1
-            elif cbid < 0 and runtime and classify(name):
+            else:
                 cupti.activity_enable_runtime_api(-cbid, int(on))
+            n += cbid > 0
         return n
 
     # --- CUPTI callbacks (records are delivered on the flushing thread: the serving thread) -----------
@@ -274,12 +360,25 @@ class CuptiJournal:
     # --- flushing ------------------------------------------------------------------------------------
 
     def flush(self, forced: bool = False) -> None:
-        """Deliver every completed record now (the serving thread, a few times a second and on stalls);
-        `forced` also hands over buffers CUPTI still fills (CUPTI_ACTIVITY_FLAG_FLUSH_FORCED)."""
+        """Deliver every record made so far (the serving thread, a few times a second and on stalls): the
+        callback's ring, then any activity buffers; `forced` also hands over activity buffers CUPTI still
+        fills (CUPTI_ACTIVITY_FLAG_FLUSH_FORCED)."""
         t0 = time.monotonic_ns()
-        assert self.clock is not None
-        self.clock.sync()
-        self.cupti.activity_flush_all(1 if forced else 0)
+        if self.native is not None:
+            with self._drain_lock:
+                recs = self.native.drain()
+                ops = (
+                    entries_from_callbacks(recs, self.names, self.thread_name, self.native.caller)
+                    if recs
+                    else []
+                )
+            if ops:
+                self.records += len(ops)
+                self.journal.add_foreign(ops)
+        if self.activity:
+            assert self.clock is not None
+            self.clock.sync()
+            self.cupti.activity_flush_all(1 if forced else 0)
         self.flushes += 1
         self.flush_ns += time.monotonic_ns() - t0
 
@@ -332,30 +431,69 @@ class CuptiJournal:
         if self.cupti is None:
             return
         try:
-            self.cupti.activity_flush_all(1)
+            self.flush(forced=True)
         except Exception:
             pass
         self._disable_quietly()
 
     def _disable_quietly(self) -> None:
         cupti = self.cupti
+        if self.subscriber is not None:
+            try:
+                cupti.unsubscribe(self.subscriber)
+            except Exception:
+                pass
+            self.subscriber = None
         for kind in ("DRIVER", "RUNTIME", "OVERHEAD"):
             try:
                 cupti.activity_disable(getattr(cupti.ActivityKind, kind))
             except Exception:
                 pass
+        self.activity = False
 
     def stats(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "variant": self.variant,
             "records": self.records,
             "flushes": self.flushes,
             "flush_us_mean": round(self.flush_ns / self.flushes / 1e3, 2) if self.flushes else None,
-            "clock_offset_ns": self.clock.offset_ns if self.clock else None,
-            "clock_uncertainty_ns": self.clock.uncertainty_ns if self.clock else None,
-            "cupti_threads": {str(t): self.thread_name(t) for t in self.moved},
-            "cupti_threads_cores": sorted({c for cs in self.moved.values() for c in cs}),
+            "lazy_load_records": self.activity,
         }
+        if self.native is not None:
+            ring = self.native.stats()
+            out["callback_dropped"] = ring["dropped"]
+            out["callback_library"] = str(self.native.path)
+        if self.clock is not None:
+            out["clock_offset_ns"] = self.clock.offset_ns
+            out["clock_uncertainty_ns"] = self.clock.uncertainty_ns
+        out["cupti_threads"] = {str(t): self.thread_name(t) for t in self.moved}
+        out["cupti_threads_cores"] = sorted({c for cs in self.moved.values() for c in cs})
+        return out
+
+
+def lazy_loading_possible() -> bool:
+    """Kernels may load at their first launch: CUDA_MODULE_LOADING is not EAGER (the driver's default
+    is LAZY; the supervisor starts workers EAGER)."""
+    return os.environ.get("CUDA_MODULE_LOADING", "").upper() != "EAGER"
+
+
+def _libcupti_path() -> str:
+    """The libcupti cupti-python loaded (the callback must subscribe to the same CUPTI), from the process's
+    mappings; else the one cuda-pathfinder finds."""
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                path = line.rsplit(None, 1)[-1]
+                if "/libcupti.so" in path:
+                    return path
+    except OSError:
+        pass
+    from cuda.pathfinder import load_nvidia_dynamic_lib
+
+    found = load_nvidia_dynamic_lib("cupti")
+    if not found.abs_path:
+        raise CuptiUnavailable("libcupti is loaded but its path is not known")
+    return str(found.abs_path)
 
 
 _ACTIVE: CuptiJournal | None = None

@@ -61,6 +61,7 @@ class DriverOp:
     api: str = ""  # the driver or runtime function, where CUPTI named it (cuMemHostRegister_v2...)
     tid: int = 0  # the calling thread's kernel id (gettid)
     source: str = "own"  # "own" (workers/cuda), "cupti", or "own+cupti" (both saw the call)
+    library: str = ""  # the library that made the call, where CUPTI's callback could tell
 
     @property
     def name(self) -> str:
@@ -94,7 +95,15 @@ def _merge(e: DriverOp, n: DriverOp) -> DriverOp:
         api=api,
         tid=e.tid or n.tid,
         source=source,
+        library=_caller(e, n),
     )
+
+
+def _caller(e: DriverOp, n: DriverOp) -> str:
+    """The calling library of one call seen twice: the outer call's (a runtime call's caller, not the
+    runtime that made the driver call inside it)."""
+    outer, inner = (e, n) if (e.t0_ns, -e.t1_ns) <= (n.t0_ns, -n.t1_ns) else (n, e)
+    return outer.library or inner.library
 
 
 class DriverJournal:
@@ -187,12 +196,13 @@ class DriverJournal:
     @staticmethod
     def _warn(entry: DriverOp) -> None:
         log.warning(
-            "[fault] %s after READY (%s%s, %.1f us, thread %s)",
+            "[fault] %s after READY (%s%s, %.1f us, thread %s%s)",
             entry.name,
             entry.op if entry.api else "",
             f" {entry.detail}" if entry.detail else "",
             (entry.t1_ns - entry.t0_ns) / 1e3,
             entry.thread,
+            f", from {entry.library}" if entry.library else "",
         )
 
     @contextmanager

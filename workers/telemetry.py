@@ -98,6 +98,7 @@ def journal_entry(op: DriverOp) -> dict:
         "fault": op.fault,
         "api": op.api,
         "source": op.source,
+        "library": op.library,
     }
 
 

@@ -8,6 +8,7 @@ import logging
 import sys
 import threading
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -180,8 +181,14 @@ def test_another_threads_call_is_a_new_fault_and_a_runtime_call_folds_into_its_d
     t = j.ready_ns + 1_000_000
     new = j.add_foreign(
         [
-            _cupti_op("device_alloc", "cuMemAlloc_v2", t + 10_000, t + 90_000, 4242),
-            _cupti_op("device_alloc", "cudaMalloc_v3020", t, t + 100_000, 4242),
+            replace(
+                _cupti_op("device_alloc", "cuMemAlloc_v2", t + 10_000, t + 90_000, 4242),
+                library="libcudart.so.13",
+            ),
+            replace(
+                _cupti_op("device_alloc", "cudaMalloc_v3020", t, t + 100_000, 4242),
+                library="libc10_cuda.so (torch)",
+            ),
             _cupti_op("host_register", "cuMemHostRegister_v2", t, t + 100_000, 4343),
         ]
     )
@@ -189,6 +196,7 @@ def test_another_threads_call_is_a_new_fault_and_a_runtime_call_folds_into_its_d
     by_tid = {e.tid: e for e in j.since(0)}
     assert by_tid[4242].api == "cuMemAlloc_v2" and by_tid[4242].detail == "cudaMalloc_v3020"
     assert (by_tid[4242].t0_ns, by_tid[4242].t1_ns) == (t, t + 100_000)
+    assert by_tid[4242].library == "libc10_cuda.so (torch)"  # the runtime call's caller, not the runtime
     assert by_tid[4343].api == "cuMemHostRegister_v2"
 
 
@@ -282,7 +290,7 @@ def test_a_profiler_owning_cupti_keeps_the_own_journal(monkeypatch) -> None:
 # --- attribution carries the operation ------------------------------------------------------------------
 
 
-def test_a_stall_blamed_on_the_driver_lock_names_the_operation_and_thread() -> None:
+def test_a_stall_blamed_on_the_driver_lock_names_the_operation_thread_and_library() -> None:
     t0 = 1_000_000_000
     cand = {
         "kind": ["enqueue"],
@@ -308,6 +316,7 @@ def test_a_stall_blamed_on_the_driver_lock_names_the_operation_and_thread() -> N
                 "t0_ns": t0,
                 "t1_ns": t0 + 14_500_000,
                 "thread": "inject",
+                "library": "cuda.bindings._bindings.cydriver",
                 "detail": "",
             }
         ],
@@ -318,7 +327,8 @@ def test_a_stall_blamed_on_the_driver_lock_names_the_operation_and_thread() -> N
     assert rec["driver_op"]["name"] == "cuMemHostRegister_v2"
     assert rec["driver_op"]["op"] == "host_register"
     assert rec["driver_op"]["thread"] == "inject" and rec["driver_op"]["source"] == "cupti"
-    assert "cuMemHostRegister_v2 on inject" in rec["summary"]
+    assert rec["driver_op"]["library"] == "cuda.bindings._bindings.cydriver"
+    assert "cuMemHostRegister_v2 on inject from cuda.bindings._bindings.cydriver 14.5 ms" in rec["summary"]
     log = stalls.StallLog(path=__import__("pathlib").Path("/dev/null"))
     log.write(rec)
     assert log.snapshot_op_counts() == {"cuMemHostRegister_v2": 1}
@@ -369,14 +379,22 @@ def test_cupti_journal_on_cpu_workers_or_without_cupti_python_is_a_config_error(
 
 
 def _fake_cupti(monkeypatch) -> SimpleNamespace:
-    """A stand-in for cupti-python's `cupti.cupti` that remembers what the journal switched on."""
+    """A stand-in for cupti-python's `cupti.cupti` that remembers what the journal switched on; the
+    callback variant subscribes a stand-in for the compiled callback (tests/unit/test_cupti_native.py
+    covers the real one)."""
     import types
 
     drv = enum.IntEnum(
         "Driver_api_trace_cbid", {"cuMemAlloc_v2": 1, "cuLaunchKernel": 2, "cuMemHostRegister_v2": 3}
     )
     rt = enum.IntEnum("Runtime_api_trace_cbid", {"cudaMalloc_v3020": 1, "cudaLaunchKernel_v7000": 2})
-    on = SimpleNamespace(driver=set(), runtime=set(), kinds=set())
+    on = SimpleNamespace(driver=set(), runtime=set(), kinds=set(), callbacks=set(), unsubscribed=[])
+
+    def enable_callback(enable: int, subscriber: int, domain: int, cbid: int) -> None:
+        assert subscriber == 77
+        name = (drv if domain == cupti_journal.DOMAIN_DRIVER else rt)(cbid).name
+        (on.callbacks.add if enable else on.callbacks.discard)(name)
+
     api = SimpleNamespace(
         Driver_api_trace_cbid=drv,
         Runtime_api_trace_cbid=rt,
@@ -389,42 +407,68 @@ def _fake_cupti(monkeypatch) -> SimpleNamespace:
         activity_enable=lambda kind: on.kinds.add(kind),
         activity_disable=lambda kind: on.kinds.discard(kind),
         activity_flush_all=lambda flag: None,
+        enable_callback=enable_callback,
+        unsubscribe=on.unsubscribed.append,
         get_timestamp=time.monotonic_ns,
     )
     pkg = types.ModuleType("cupti")
     pkg.cupti = api  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "cupti", pkg)
+    from workers import cupti_native
+
+    fake_native = SimpleNamespace(
+        callback_ptr=1234, path="/cache/cupti_callback-x.so", drain=list, stats=lambda: {"dropped": 0}
+    )
+    monkeypatch.setattr(cupti_native, "load", lambda out_dir=None: fake_native)
+    monkeypatch.setattr(cupti_journal.CuptiJournal, "_subscribe", lambda self, ptr: 77 if ptr == 1234 else 0)
     return on
 
 
-@pytest.mark.parametrize(
-    ("variant", "runtime", "overhead"),
-    [
-        ("", True, True),
-        ("full", True, True),
-        ("no-runtime", False, True),
-        ("no-overhead", True, False),
-        ("driver-only", False, False),
-    ],
-)
-def test_each_variant_records_the_lock_taking_functions_and_what_it_names(
-    monkeypatch, variant: str, runtime: bool, overhead: bool
+@pytest.mark.parametrize(("variant", "loading"), [("", "EAGER"), ("callback", "EAGER"), ("callback", "LAZY")])
+def test_the_callback_variant_calls_back_on_the_lock_taking_functions_only(
+    monkeypatch, variant: str, loading: str
 ) -> None:
     on = _fake_cupti(monkeypatch)
     monkeypatch.setenv(cupti_journal.VARIANT_ENV, variant)
+    monkeypatch.setenv("CUDA_MODULE_LOADING", loading)
+    cj = cupti_journal.CuptiJournal(DriverJournal())
+    cj.start()
+    assert on.callbacks == {"cuMemAlloc_v2", "cuMemHostRegister_v2", "cudaMalloc_v3020"}  # never a launch
+    assert on.driver == on.runtime == set()  # no activity records of API calls
+    assert (3 in on.kinds) is (loading == "LAZY")  # lazy function loads only where they can happen
+    assert cj.stats()["variant"] == "callback" and cj.stats()["lazy_load_records"] is (loading == "LAZY")
+    cj.stop()
+    assert on.unsubscribed == [77] and not on.kinds
+
+
+def test_the_activity_variant_records_the_lock_taking_functions_and_lazy_loads(monkeypatch) -> None:
+    on = _fake_cupti(monkeypatch)
+    monkeypatch.setenv(cupti_journal.VARIANT_ENV, "activity")
+    monkeypatch.setenv("CUDA_MODULE_LOADING", "EAGER")
     cj = cupti_journal.CuptiJournal(DriverJournal())
     cj.start()
     assert on.driver == {"cuMemAlloc_v2", "cuMemHostRegister_v2"}  # never a launch
-    assert on.runtime == ({"cudaMalloc_v3020"} if runtime else set())
-    assert (3 in on.kinds) is overhead
-    assert cj.stats()["variant"] == (variant or "full")
+    assert on.runtime == {"cudaMalloc_v3020"}
+    assert 3 in on.kinds and not on.callbacks
+    assert cj.stats()["variant"] == "activity"
+
+
+def test_without_a_c_compiler_the_callback_variant_says_so(monkeypatch, tmp_path) -> None:
+    from workers import cupti_native
+
+    monkeypatch.setitem(sys.modules, "cupti", SimpleNamespace(cupti=SimpleNamespace()))
+    monkeypatch.setenv("ORCHESTRATOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(cupti_journal.VARIANT_ENV, raising=False)
+    monkeypatch.setattr(cupti_native, "compiler", lambda: None)
+    with pytest.raises(CuptiUnavailable, match=r"^no C compiler \(set CC, or install cc, gcc or clang\)"):
+        cupti_journal.CuptiJournal(DriverJournal()).start()
 
 
 def test_an_unknown_variant_is_refused_before_cupti_is_touched(monkeypatch) -> None:
     monkeypatch.setenv(cupti_journal.VARIANT_ENV, "everything")
     monkeypatch.setitem(sys.modules, "cupti", None)  # importing it would fail differently
     with pytest.raises(
-        CuptiUnavailable, match="ORCHESTRATOR_CUPTI_VARIANT='everything': expected one of full"
+        CuptiUnavailable, match="ORCHESTRATOR_CUPTI_VARIANT='everything': expected one of callback, activity"
     ):
         cupti_journal.CuptiJournal(DriverJournal()).start()
 
@@ -439,10 +483,12 @@ def test_engine_facts_name_cuptis_counters_as_taken_at_ready(monkeypatch) -> Non
     """Engine facts go to the supervisor once, at READY: a counter there must not pass for a live one."""
     from workers.engines.gpu_base import GpuEngineBase
 
-    cj = SimpleNamespace(stats=lambda: {"variant": "full", "records": 19, "flushes": 2, "flush_us_mean": 3.5})
+    cj = SimpleNamespace(
+        stats=lambda: {"variant": "callback", "records": 19, "flushes": 2, "flush_us_mean": 3.5}
+    )
     monkeypatch.setattr(cupti_journal, "_ACTIVE", cj)
     facts = GpuEngineBase._journal_facts()
-    assert facts["variant"] == "full"
+    assert facts["variant"] == "callback"
     assert (facts["records_at_ready"], facts["flushes_at_ready"], facts["flush_us_mean_at_ready"]) == (
         19,
         2,

@@ -81,6 +81,7 @@ def _driver_lock(c: dict) -> Cause | None:
                     "source": op.get("source", "own"),
                     "detail": op.get("detail", ""),
                     "thread": op.get("thread", ""),
+                    "library": op.get("library", ""),
                     "fault": op.get("fault", False),
                     "dur_us": (op["t1_ns"] - op["t0_ns"]) / 1e3,
                     "overlap_us": max(ov_l, ov_w) / 1e3,
@@ -282,7 +283,8 @@ def evidence_text(cause: str, ev: dict) -> str:
         ops = ev.get("ops") or []
         parts = [
             f"{o.get('name') or o['op']}{' ' + o['detail'] if o.get('detail') else ''}"
-            f"{' on ' + o['thread'] if o.get('thread') else ''} {_fmt_us(o.get('dur_us'))}"
+            f"{' on ' + o['thread'] if o.get('thread') else ''}"
+            f"{' from ' + o['library'] if o.get('library') else ''} {_fmt_us(o.get('dur_us'))}"
             for o in ops[:2]
         ]
         more = f" +{ev.get('n_ops', len(ops)) - 2}" if ev.get("n_ops", len(ops)) > 2 else ""
@@ -339,7 +341,7 @@ def build_record(candidate: dict, causes: list[Cause], gpu: dict | None) -> dict
 def driver_op(causes: list[Cause]) -> dict | None:
     """The operation a stall ranked `driver_lock` first is blamed on (the one overlapping it most): its
     name (the CUDA function where CUPTI named it, else the orchestrator's operation), operation, duration,
-    thread and source; None for other causes."""
+    thread, calling library (where CUPTI's callback could tell) and source; None for other causes."""
     if not causes or causes[0][0] != "driver_lock":
         return None
     ops = causes[0][2].get("ops") or []
@@ -351,6 +353,7 @@ def driver_op(causes: list[Cause]) -> dict | None:
         "op": o["op"],
         "dur_us": o.get("dur_us"),
         "thread": o.get("thread", ""),
+        "library": o.get("library", ""),
         "source": o.get("source", "own"),
     }
 
