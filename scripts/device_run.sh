@@ -27,6 +27,8 @@
 #   bash scripts/device_run.sh steady10 # issue 10: bert-tiny on the default (own) journal + the 60 s steady run
 #   bash scripts/device_run.sh cb16     # issue 16 on the callback journal: probe, bert-tiny own/callback/activity,
 #                                       # the CUPTI GPU tests
+#   bash scripts/device_run.sh cb16b    # issue 16: the callback journal's cost per call by variant, bert-tiny on
+#                                       # callback-driver, its attribution of torch allocations
 #   bash scripts/device_run.sh stalls16c # issue 16 on the callback journal: bench_stalls 60 s a scenario, GPU tests
 #   bash scripts/device_run.sh close10  # issue 10 (+16): LitServe 2 and 4 workers, bert-tiny + 60 s steady,
 #                                       # bert-tiny on the own journal, the GPU tests
@@ -327,6 +329,25 @@ run_mode() {
                 --seconds 6 --json "$RES/real/orch-bert-$j-2.json"
         done
         ;;
+    cb16b)
+        # Issue 16: where the callback journal's cost comes from. Per call: off, callback, callback on the
+        # driver functions only, activity, subscribed with nothing enabled (bare); bert-tiny on the own journal
+        # and callback-driver; whether callback-driver still names torch's allocations (library_alloc) and
+        # host registration, 20 s each; the CUPTI GPU tests.
+        libcupti
+        command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
+        step probe-cost 120 python3 scripts/probe_cupti.py --part cost --out "$OUT/cupti"
+        mkdir -p "$RES/real"
+        for j in callback-driver own; do
+            case $j in own) flag=own ;; *) flag=cupti ;; esac
+            step "orch-bert-$j" 70 env ORCHESTRATOR_CUPTI_VARIANT="${j/own/callback}" python3 scripts/bench_real.py \
+                --model bert --journal "$flag" --concurrency 1,64 --seconds 6 --json "$RES/real/orch-bert-$j.json"
+        done
+        step stalls-driver-only 110 env ORCHESTRATOR_CUPTI_VARIANT=callback-driver python3 scripts/bench_stalls.py \
+            --scenarios library_alloc,host_register --seconds 20 --journal cupti --out "$OUT/stalls-driver-only"
+        step gpu-tests-cupti 60 python3 -m pytest tests/gpu/test_cupti_gpu.py -v -p no:cacheprovider -rfEs --tb=short \
+            --timeout 50
+        ;;
     stalls16c)
         # Issue 16's device run on the callback journal: bench_stalls.py at 60 s a scenario (the clean run on
         # the own journal first this time), then the GPU tests.
@@ -367,7 +388,7 @@ run_mode() {
         step bench-synthetic 100 bash scripts/device_bench.sh synthetic "$RES/bench" "$RES/logs-bench-synthetic"
         ;;
     *)
-        echo "unknown mode '$1' (gpu, stalls, single, quad, shm, profile, shm2, export, torch, gputests, limit, orch, litserve, real, prof, final, cupti, stalls16, stalls16b, rest10, verify16, close10, diag16, steady10, cb16, stalls16c)"
+        echo "unknown mode '$1' (gpu, stalls, single, quad, shm, profile, shm2, export, torch, gputests, limit, orch, litserve, real, prof, final, cupti, stalls16, stalls16b, rest10, verify16, close10, diag16, steady10, cb16, cb16b, stalls16c)"
         SUMMARY+=("FAIL  mode: unknown '$1'")
         FAILED=1
         ;;

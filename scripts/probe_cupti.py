@@ -100,9 +100,31 @@ def basic() -> dict[str, Any]:
         calls["register"] = (a, b)
         calls["unregister"] = (b, c)
 
-    t = threading.Thread(target=register, name="library-register")
-    t.start()
-    t.join()
+    # Each library thread lives until the journal was flushed, as a library's thread does: a thread gone by
+    # then is named by the kernel's name for it (python3 here), not Python's.
+    called, flushed = threading.Event(), threading.Event()
+
+    def lives_until_flushed(fn: Any) -> Any:
+        def run() -> None:
+            try:
+                fn()
+            finally:
+                called.set()
+                flushed.wait(30)
+
+        return run
+
+    def in_library_thread(fn: Any, name: str) -> None:
+        called.clear()
+        flushed.clear()
+        t = threading.Thread(target=lives_until_flushed(fn), name=name)
+        t.start()
+        called.wait(60)
+        JOURNAL.sync()
+        flushed.set()
+        t.join()
+
+    in_library_thread(register, "library-register")
     try:
         import torch
 
@@ -118,9 +140,7 @@ def basic() -> dict[str, Any]:
             torch.cuda.empty_cache()
             calls["torch_alloc"] = (a, b)
 
-        t = threading.Thread(target=torch_alloc, name="library-torch")
-        t.start()
-        t.join()
+        in_library_thread(torch_alloc, "library-torch")
     except ImportError as exc:
         out["torch"] = f"not installed: {exc}"
     entries = _entries()
@@ -494,7 +514,7 @@ def main() -> None:
         _emit(result, args.out, "cupti-torchcost.json")
         return
     if args.part == "cost":  # launch cost: off and each journal variant, alternated
-        result.update(_launch_costs(eager, ("callback", "activity", "bare")))
+        result.update(_launch_costs(eager, ("callback", "callback-driver", "activity", "bare")))
         result["lazy_serve"] = _child("lazy-serve", {"CUDA_MODULE_LOADING": "LAZY"})
         _emit(result, args.out, "cupti-cost.json")
         return

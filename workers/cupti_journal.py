@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 VARIANT_ENV = "ORCHESTRATOR_CUPTI_VARIANT"
 VARIANTS: dict[str, str] = {
     "callback": "CUPTI's callback API for the lock-taking functions, a compiled callback (the default)",
+    "callback-driver": "the callback for the driver functions only, not their runtime twins (to compare)",
     "activity": "CUPTI's activity records of the lock-taking functions (the journal before; to compare)",
 }
 #: CUPTI's callback domains (CUpti_CallbackDomain)
@@ -258,7 +259,7 @@ class CuptiJournal:
             raise CuptiUnavailable(f"CUPTI could not be loaded: {type(exc).__name__}: {exc}") from None
         self.cupti = cupti
         native = None
-        if self.variant == "callback":  # built (or found in the cache) before CUPTI is touched
+        if self.variant.startswith("callback"):  # built (or found in the cache) before CUPTI is touched
             from workers import cupti_native
 
             try:
@@ -273,7 +274,7 @@ class CuptiJournal:
                 self.native = native
             if native is None or lazy_loading_possible():
                 self._start_activity()
-            wanted = self.enable_functions(runtime=True)
+            wanted = self.enable_functions(runtime=self.variant != "callback-driver")
             log.info(
                 "[journal] CUPTI (%s) journals %d driver functions that take the write lock%s",
                 self.variant,
