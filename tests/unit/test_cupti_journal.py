@@ -468,7 +468,7 @@ def test_an_unknown_variant_is_refused_before_cupti_is_touched(monkeypatch) -> N
     monkeypatch.setenv(cupti_journal.VARIANT_ENV, "everything")
     monkeypatch.setitem(sys.modules, "cupti", None)  # importing it would fail differently
     with pytest.raises(
-        CuptiUnavailable, match="ORCHESTRATOR_CUPTI_VARIANT='everything': expected one of callback, activity"
+        CuptiUnavailable, match="ORCHESTRATOR_CUPTI_VARIANT='everything': expected one of callback, callback-driver, activity"
     ):
         cupti_journal.CuptiJournal(DriverJournal()).start()
 
