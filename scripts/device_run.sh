@@ -349,10 +349,12 @@ run_mode() {
             --timeout 50
         ;;
     stalls16c)
-        # Issue 16's device run on the callback journal: bench_stalls.py at 60 s a scenario (the clean run on
-        # the own journal first this time), then the GPU tests.
+        # Issue 16's device run on the callback journal, on demand (monitor.driver_journal = "auto"): per-call
+        # cost armed and disarmed, bench_stalls.py at 60 s a scenario (the clean run on the own journal first
+        # this time), then the GPU tests.
         libcupti
         command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
+        step probe-cost 60 python3 scripts/probe_cupti.py --part cost --out "$OUT/cupti"
         # shellcheck disable=SC2086
         step bench-stalls 400 python3 scripts/bench_stalls.py \
             --scenarios ${STALL_SCENARIOS:-clean-own,clean,host_register,library_alloc,lazy_module} \

@@ -31,6 +31,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+#: The core every launch-cost process runs on.
+PROBE_CORE = 2
 _SOURCE = "\n".join(f'extern "C" __global__ void k{i}(float* p) {{ p[{i}] += 1.0f; }}' for i in range(50))
 
 
@@ -387,7 +389,8 @@ def lazy_serve() -> dict[str, Any]:
 
 def launch(journal: bool) -> dict[str, Any]:
     """Host cost of the serving thread's driver calls (from Python, as the worker makes them), with the
-    journal off or in one variant (PROBE_VARIANT: a journal variant, or "bare"), optionally with torch and
+    journal off or in one variant (PROBE_VARIANT: a journal variant, "bare": subscribed with nothing enabled, or
+    "disarmed": "auto" after READY), all on one core (PROBE_CORE), optionally with torch and
     the bert-tiny program loaded first (PROBE_TORCH=1)."""
     from cuda.bindings import driver
 
@@ -396,9 +399,11 @@ def launch(journal: bool) -> dict[str, Any]:
     from workers.cuda.context import get_context
 
     variant = os.environ.get("PROBE_VARIANT", "callback") if journal else "off"
+    os.sched_setaffinity(0, {PROBE_CORE})  # every process on one core: per-call costs vary with the core
     if journal:
-        os.environ[cupti_journal.VARIANT_ENV] = "callback" if variant == "bare" else variant
-        cupti_journal.start("cupti")
+        os.environ[cupti_journal.VARIANT_ENV] = "callback" if variant in ("bare", "disarmed") else variant
+        # "disarmed": monitor.driver_journal = "auto" after READY, before any stall
+        cupti_journal.start("auto" if variant == "disarmed" else "cupti")
     ctx = get_context("spin")
     res: dict[str, Any] = {"journal": journal, "variant": variant}
     if os.environ.get("PROBE_TORCH") == "1":
@@ -514,7 +519,7 @@ def main() -> None:
         _emit(result, args.out, "cupti-torchcost.json")
         return
     if args.part == "cost":  # launch cost: off and each journal variant, alternated
-        result.update(_launch_costs(eager, ("callback", "callback-driver", "activity", "bare")))
+        result.update(_launch_costs(eager, ("callback", "callback-driver", "disarmed")))
         result["lazy_serve"] = _child("lazy-serve", {"CUDA_MODULE_LOADING": "LAZY"})
         _emit(result, args.out, "cupti-cost.json")
         return

@@ -51,6 +51,9 @@ VARIANTS: dict[str, str] = {
     "callback-driver": "the callback for the driver functions only, not their runtime twins (to compare)",
     "activity": "CUPTI's activity records of the lock-taking functions (the journal before; to compare)",
 }
+#: Under monitor.driver_journal = "auto" the journal is armed by a stall and disarmed after this many seconds
+#: without one: CUPTI costs every driver call while subscribed (docs/design.md, "Driver journal").
+QUIET_S = 30.0
 #: CUPTI's callback domains (CUpti_CallbackDomain)
 DOMAIN_DRIVER, DOMAIN_RUNTIME = 1, 2
 
@@ -240,6 +243,13 @@ class CuptiJournal:
         self.native: Any = None  # workers.cupti_native.Native, in the callback variant
         self.subscriber: int | None = None  # the callback's CUPTI subscription
         self.activity = False  # activity records in use (the activity variant, or lazy-load records)
+        self.on_demand = False  # "auto": armed by stalls, disarmed when quiet (arm(), disarm(), tick())
+        self.armed = False  # the lock-taking functions are journaled now
+        self.arms = 0  # times armed after READY
+        self.armed_since_ns = 0
+        self.armed_ns = 0  # time armed after READY, before the current arming
+        self.last_stall_ns = 0
+        self.arm_us = 0.0  # what the last arming took
         self.own_tids: set[int] = set()  # the threads CUPTI started (seen new right after start)
         self.moved: dict[int, list[int]] = {}  # ... and where isolate() moved them
         self._drain_lock = threading.Lock()
@@ -275,6 +285,7 @@ class CuptiJournal:
             if native is None or lazy_loading_possible():
                 self._start_activity()
             wanted = self.enable_functions(runtime=self.variant != "callback-driver")
+            self.armed = True
             log.info(
                 "[journal] CUPTI (%s) journals %d driver functions that take the write lock%s",
                 self.variant,
@@ -341,6 +352,38 @@ class CuptiJournal:
                 cupti.activity_enable_runtime_api(-cbid, int(on))
             n += cbid > 0
         return n
+
+    # --- on demand ("auto"): armed by a stall, disarmed when quiet ------------------------------------
+
+    def arm(self, now_ns: int) -> None:
+        """Journal the lock-taking functions again (the serving thread, right after a stall)."""
+        self.last_stall_ns = now_ns
+        if self.armed:
+            return
+        t0 = time.monotonic_ns()
+        if self.native is not None and self.subscriber is None:
+            self.subscriber = self._subscribe(self.native.callback_ptr)
+        self.enable_functions(runtime=self.variant != "callback-driver")
+        self.armed, self.arms, self.armed_since_ns = True, self.arms + 1, now_ns
+        self.arm_us = (time.monotonic_ns() - t0) / 1e3
+
+    def disarm(self, now_ns: int) -> None:
+        """Stop journaling: switch the functions off and, for the callback, unsubscribe (CUPTI then costs
+        the driver calls nothing)."""
+        if not self.armed:
+            return
+        self.flush()  # what was recorded while armed reaches the journal first
+        self.enable_functions(runtime=self.variant != "callback-driver", on=False)
+        if self.subscriber is not None:
+            self.cupti.unsubscribe(self.subscriber)
+            self.subscriber = None
+        if self.armed_since_ns:
+            self.armed_ns += now_ns - self.armed_since_ns
+        self.armed, self.armed_since_ns = False, 0
+
+    def armed_s(self, now_ns: int) -> float:
+        """Seconds armed after READY, the current arming included."""
+        return (self.armed_ns + (now_ns - self.armed_since_ns if self.armed_since_ns else 0)) / 1e9
 
     # --- CUPTI callbacks (records are delivered on the flushing thread: the serving thread) -----------
 
@@ -459,6 +502,11 @@ class CuptiJournal:
             "flushes": self.flushes,
             "flush_us_mean": round(self.flush_ns / self.flushes / 1e3, 2) if self.flushes else None,
             "lazy_load_records": self.activity,
+            "on_demand": self.on_demand,
+            "armed": self.armed,
+            "arms": self.arms,
+            "armed_s": round(self.armed_s(time.monotonic_ns()), 1),
+            "arm_us": round(self.arm_us, 1),
         }
         if self.native is not None:
             ring = self.native.stats()
@@ -548,7 +596,14 @@ def verify(probe: Callable[[], None], journal: DriverJournal = JOURNAL) -> None:
     why = cj.verify(probe)
     if why is None:
         cj.isolate()  # CUPTI's threads exist by now (the first record and flush are done)
-        log.info("[journal] CUPTI journal active: %s", cj.stats())
+        if _MODE == "auto":  # start-up journaled; from READY on, only when a stall asks for it
+            cj.on_demand = True
+            cj.disarm(time.monotonic_ns())
+            journal.note = (
+                "CUPTI on demand: armed by a stall, disarmed after "
+                f'{QUIET_S:.0f} s without one ("cupti": always armed)'
+            )
+        log.info("[journal] CUPTI journal ready: %s", cj.stats())
         return
     cj.stop()
     _ACTIVE = None
@@ -563,6 +618,51 @@ def before_ready(mode: str, probe: Callable[[], None], journal: DriverJournal = 
     worker did not, as in the in-process GPU tests) and move its threads off the worker's cores."""
     start(mode, journal)  # nothing to do where the worker started it already (or chose the own journal)
     verify(probe, journal)
+
+
+def on_stall(now_ns: int) -> bool:
+    """The serving thread built a stall candidate: under "auto", arm the journal (or keep it armed) so the
+    next stalls name the operation. Returns True when this call armed it."""
+    cj = _ACTIVE
+    if cj is None or not cj.on_demand:
+        return False
+    was = cj.armed
+    try:
+        cj.arm(now_ns)
+    except Exception as exc:  # CUPTI refused now: keep serving on the own journal, say so once
+        _give_up(cj, f"CUPTI could not be armed: {type(exc).__name__}: {exc}")
+        return False
+    if not was:
+        log.info(
+            "[journal] CUPTI armed by a stall (took %.0f us): the next stalls name the driver operation",
+            cj.arm_us,
+        )
+    return not was
+
+
+def tick(now_ns: int) -> None:
+    """At every heartbeat: under "auto", disarm the journal once QUIET_S passed without a stall."""
+    cj = _ACTIVE
+    if cj is None or not cj.on_demand or not cj.armed or now_ns - cj.last_stall_ns < QUIET_S * 1e9:
+        return
+    try:
+        cj.disarm(now_ns)
+    except Exception as exc:
+        _give_up(cj, f"CUPTI could not be disarmed: {type(exc).__name__}: {exc}")
+        return
+    log.info(
+        "[journal] CUPTI disarmed: no stall for %.0f s (armed %.1f s in all, %d time(s))",
+        QUIET_S,
+        cj.armed_s(now_ns),
+        cj.arms,
+    )
+
+
+def _give_up(cj: CuptiJournal, why: str) -> None:
+    """CUPTI failed mid-run: stop arming it and say so (status shows the journal's note)."""
+    cj.on_demand = False
+    cj.journal.note = why
+    log.warning("[journal] %s; arming stopped", why)
 
 
 def active() -> CuptiJournal | None:

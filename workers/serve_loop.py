@@ -29,6 +29,7 @@ from orchestrator.common.errors import (
 from orchestrator.common.protocol import Kind
 from orchestrator.common.security import secure_server, stop_authenticator
 from orchestrator.common.shapes import is_dynamic
+from workers import cupti_journal
 from workers.arena import Arena
 from workers.driver_journal import JOURNAL
 from workers.engines.base import Engine, Slot
@@ -469,6 +470,8 @@ class ServeLoop:
         gpu_us = (span[1] - span[0]) / 1e3 if span is not None else self.engine.gpu_time_us(slot)
         candidate = self.telemetry.on_batch(batch, gpu_us, span)
         if candidate is not None:
+            if cupti_journal.on_stall(time.monotonic_ns()):
+                candidate["journal_armed_now"] = True  # this stall's journal predates CUPTI: say so
             try:
                 stall = messages.Stall(id=self.id, pid=self.pid, candidate=candidate)
                 self.sup.send(messages.encode(stall), zmq.NOBLOCK)
@@ -602,6 +605,7 @@ class ServeLoop:
             if reaped:
                 log.info("[shm] %d lease(s) ended: their client process exited", reaped)
         self.telemetry.note_queue(len(p.queue), len(p.inflight))
+        cupti_journal.tick(time.monotonic_ns())
         msg = messages.Heartbeat(
             id=self.id,
             pid=self.pid,

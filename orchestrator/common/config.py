@@ -312,12 +312,13 @@ class MonitorSection:
         default=1000, metadata=_int_range(0, None, "stall: never below this many microseconds")
     )
     driver_journal: Literal["auto", "cupti", "own"] = field(
-        default="own",
+        default="auto",
         metadata={
             "doc": "GPU workers' driver-operation journal: \"own\" sees only the orchestrator's own CUDA calls; "
-            "CUPTI sees every thread and library in the process but costs a torch worker about 60-170 us of "
-            'host time a batch ("cupti": required, start fails without it; "auto": CUPTI when installed, '
-            'else "own")'
+            "CUPTI sees every thread and library in the process (a compiled callback, built once per host "
+            'with the C compiler) but costs every driver call while armed. "auto": CUPTI armed by the first '
+            'stall and disarmed after 30 s without one, else "own" where CUPTI cannot run; "cupti": always '
+            "armed, start fails without it"
         },
     )
 

@@ -468,15 +468,122 @@ def test_an_unknown_variant_is_refused_before_cupti_is_touched(monkeypatch) -> N
     monkeypatch.setenv(cupti_journal.VARIANT_ENV, "everything")
     monkeypatch.setitem(sys.modules, "cupti", None)  # importing it would fail differently
     with pytest.raises(
-        CuptiUnavailable, match="ORCHESTRATOR_CUPTI_VARIANT='everything': expected one of callback, callback-driver, activity"
+        CuptiUnavailable,
+        match="ORCHESTRATOR_CUPTI_VARIANT='everything': expected one of callback, callback-driver, activity",
     ):
         cupti_journal.CuptiJournal(DriverJournal()).start()
 
 
-def test_the_driver_journal_is_own_unless_asked() -> None:
+def test_the_driver_journal_is_cupti_on_demand_unless_asked() -> None:
     from orchestrator.common.config import parse_config
 
-    assert parse_config({"workers": {"device": "gpu"}}, check_files=False).monitor.driver_journal == "own"
+    assert parse_config({"workers": {"device": "gpu"}}, check_files=False).monitor.driver_journal == "auto"
+
+
+# --- on demand (monitor.driver_journal = "auto"): armed by a stall, disarmed when quiet ------------------
+
+
+def _started_auto(monkeypatch, mode: str = "auto") -> tuple[SimpleNamespace, DriverJournal, list[int]]:
+    """The journal as a worker has it after READY under `mode`: started and verified."""
+    on = _fake_cupti(monkeypatch)
+    monkeypatch.setenv("CUDA_MODULE_LOADING", "EAGER")
+    monkeypatch.delenv(cupti_journal.VARIANT_ENV, raising=False)
+    monkeypatch.delenv("CUDA_INJECTION64_PATH", raising=False)
+    monkeypatch.delenv("NSYS_PROFILING_SESSION_ID", raising=False)
+    from workers import cupti_native
+
+    subscribed: list[int] = []
+
+    def subscribe(self, ptr: int) -> int:
+        subscribed.append(ptr)
+        return 77
+
+    monkeypatch.setattr(cupti_journal.CuptiJournal, "_subscribe", subscribe)
+    probe_made: list[SimpleNamespace] = []
+    native = cupti_native.load()  # replaced by _fake_cupti: drain what the probe "called"
+    native.drain = lambda: [probe_made.pop()] if probe_made else []
+    native.caller = lambda rec: "libtest.so"
+    j = DriverJournal()
+    cupti_journal.start(mode, j)
+
+    def probe() -> None:  # a pinned allocation, as CUPTI would report it
+        t = time.monotonic_ns()
+        probe_made.append(
+            SimpleNamespace(
+                cbid=1, domain=1, tid=threading.get_native_id(), start_ns=t, end_ns=t + 1, comm=b""
+            )
+        )
+
+    cupti_journal.verify(probe, j)
+    return on, j, subscribed
+
+
+def test_auto_journals_start_up_then_disarms_at_ready(monkeypatch) -> None:
+    on, j, subscribed = _started_auto(monkeypatch)
+    cj = cupti_journal.active()
+    assert cj is not None and cj.on_demand and not cj.armed
+    assert subscribed == [1234] and on.unsubscribed == [77]  # unsubscribed: CUPTI costs no call now
+    assert on.callbacks == set()
+    assert [e.api for e in j.since(0)] == ["cuMemAlloc_v2"]  # the probe's, journaled before READY
+    assert j.mode == "cupti" and "armed by a stall" in (j.note or "")
+
+
+def test_a_stall_arms_the_journal_and_quiet_disarms_it(monkeypatch) -> None:
+    on, j, subscribed = _started_auto(monkeypatch)
+    cj = cupti_journal.active()
+    assert cj is not None
+    t = time.monotonic_ns()
+    assert cupti_journal.on_stall(t) is True  # armed now
+    assert on.callbacks == {"cuMemAlloc_v2", "cuMemHostRegister_v2", "cudaMalloc_v3020"}
+    assert subscribed == [1234, 1234] and cj.armed and cj.arms == 1
+    assert cupti_journal.on_stall(t + 10 * 10**9) is False  # already armed: stays, quiet period restarts
+    cupti_journal.tick(t + int((10 + cupti_journal.QUIET_S - 1) * 1e9))
+    assert cj.armed
+    cupti_journal.tick(t + int((10 + cupti_journal.QUIET_S + 1) * 1e9))
+    assert not cj.armed and on.callbacks == set() and on.unsubscribed == [77, 77]
+    assert cj.armed_s(t + 100 * 10**9) == pytest.approx(10 + cupti_journal.QUIET_S + 1)
+    assert cj.stats()["arms"] == 1 and cj.stats()["armed"] is False
+
+
+def test_cupti_refusing_to_arm_leaves_the_own_journal_and_says_why(monkeypatch, caplog) -> None:
+    _, j, _ = _started_auto(monkeypatch)
+
+    def refuse(self, ptr: int) -> int:
+        raise cupti_journal.CuptiUnavailable("cuptiSubscribe refused the journal's callback: ERROR_UNKNOWN")
+
+    monkeypatch.setattr(cupti_journal.CuptiJournal, "_subscribe", refuse)
+    with caplog.at_level(logging.WARNING):
+        assert cupti_journal.on_stall(time.monotonic_ns()) is False
+        assert cupti_journal.on_stall(time.monotonic_ns()) is False  # no second try, no second warning
+    assert (j.note or "").startswith("CUPTI could not be armed: CuptiUnavailable: cuptiSubscribe refused")
+    assert sum("arming stopped" in r.message for r in caplog.records) == 1
+
+
+def test_cupti_mode_stays_armed_and_own_mode_has_nothing_to_arm(monkeypatch) -> None:
+    on, _, _ = _started_auto(monkeypatch, mode="cupti")
+    cj = cupti_journal.active()
+    assert cj is not None and cj.armed and not cj.on_demand and on.unsubscribed == []
+    t = time.monotonic_ns()
+    assert cupti_journal.on_stall(t) is False
+    cupti_journal.tick(t + int(10 * cupti_journal.QUIET_S * 1e9))
+    assert cj.armed
+    cupti_journal.stop()
+    cupti_journal.start("own", DriverJournal())
+    assert cupti_journal.on_stall(time.monotonic_ns()) is False
+
+
+def test_a_stall_that_armed_the_journal_says_so() -> None:
+    t0 = 1_000_000_000
+    cand = {
+        "kind": ["enqueue"],
+        "t0_ns": t0,
+        "t1_ns": t0 + 5_000_000,
+        "timings_us": {"enqueue": 5_000.0},
+        "baseline_us": {"enqueue": 20.0},
+        "journal_armed_now": True,
+    }
+    rec = stalls.build_record(cand, stalls.attribute(cand, [], {}, []), None)
+    assert rec["summary"].endswith("; CUPTI journal armed now: the next stalls name the driver operation")
 
 
 def test_engine_facts_name_cuptis_counters_as_taken_at_ready(monkeypatch) -> None:

@@ -367,10 +367,13 @@ def summarize(candidate: dict, causes: list[Cause]) -> str:
         v, b = t.get(kind), base.get(kind)
         ratio = f", x{v / b:.0f} baseline" if v and b else ""
         what.append(f"{kind} {_fmt_us(v)}{ratio}")
-    if not causes:
-        return "; ".join(what)
-    name, score, ev = causes[0]
-    return f"{'; '.join(what)} -> {name} ({score:.2f}): {evidence_text(name, ev)}"
+    text = "; ".join(what)
+    if causes:
+        name, score, ev = causes[0]
+        text += f" -> {name} ({score:.2f}): {evidence_text(name, ev)}"
+    if candidate.get("journal_armed_now"):  # monitor.driver_journal = "auto" was off until this stall
+        text += "; CUPTI journal armed now: the next stalls name the driver operation"
+    return text
 
 
 class StallLog:
