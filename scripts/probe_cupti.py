@@ -389,8 +389,8 @@ def lazy_serve() -> dict[str, Any]:
 
 def launch(journal: bool) -> dict[str, Any]:
     """Host cost of the serving thread's driver calls (from Python, as the worker makes them), with the
-    journal off or in one variant (PROBE_VARIANT: a journal variant, "bare": subscribed with nothing enabled, or
-    "disarmed": "auto" after READY), all on one core (PROBE_CORE), optionally with torch and
+    journal off or in one variant (PROBE_VARIANT: a journal variant; "bare": subscribed with nothing enabled;
+    "auto": on demand, never armed; "disarmed": on demand, armed once and disarmed), all on one core (PROBE_CORE), optionally with torch and
     the bert-tiny program loaded first (PROBE_TORCH=1)."""
     from cuda.bindings import driver
 
@@ -401,9 +401,12 @@ def launch(journal: bool) -> dict[str, Any]:
     variant = os.environ.get("PROBE_VARIANT", "callback") if journal else "off"
     os.sched_setaffinity(0, {PROBE_CORE})  # every process on one core: per-call costs vary with the core
     if journal:
-        os.environ[cupti_journal.VARIANT_ENV] = "callback" if variant in ("bare", "disarmed") else variant
-        # "disarmed": monitor.driver_journal = "auto" after READY, before any stall
-        cupti_journal.start("auto" if variant == "disarmed" else "cupti")
+        os.environ[cupti_journal.VARIANT_ENV] = (
+            "callback" if variant in ("bare", "auto", "disarmed") else variant
+        )
+        # "auto": monitor.driver_journal = "auto" before any stall (CUPTI untouched); "disarmed": the same
+        # after one arming and disarming (CUPTI attached, then unsubscribed)
+        cupti_journal.start("auto" if variant in ("auto", "disarmed") else "cupti")
     ctx = get_context("spin")
     res: dict[str, Any] = {"journal": journal, "variant": variant}
     if os.environ.get("PROBE_TORCH") == "1":
@@ -412,6 +415,12 @@ def launch(journal: bool) -> dict[str, Any]:
         cupti_journal.verify(lambda: memory.PinnedBuffer(4096, "journal check").free())
         if variant == "bare":
             _bare()
+        if variant == "disarmed":
+            cj = cupti_journal.active()
+            assert cj is not None
+            cj.arm(time.monotonic_ns())
+            cj.disarm(time.monotonic_ns())
+            res["stats"] = cj.stats()
     g = _Graph(ctx)
     fn, stream, pp, gexec = g.fn, g.stream, g.pp, g.gexec
     host = memory.PinnedBuffer(1 << 16, "probe copies")
@@ -519,7 +528,7 @@ def main() -> None:
         _emit(result, args.out, "cupti-torchcost.json")
         return
     if args.part == "cost":  # launch cost: off and each journal variant, alternated
-        result.update(_launch_costs(eager, ("callback", "callback-driver", "disarmed")))
+        result.update(_launch_costs(eager, ("callback", "auto", "disarmed")))
         result["lazy_serve"] = _child("lazy-serve", {"CUDA_MODULE_LOADING": "LAZY"})
         _emit(result, args.out, "cupti-cost.json")
         return

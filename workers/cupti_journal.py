@@ -51,8 +51,9 @@ VARIANTS: dict[str, str] = {
     "callback-driver": "the callback for the driver functions only, not their runtime twins (to compare)",
     "activity": "CUPTI's activity records of the lock-taking functions (the journal before; to compare)",
 }
-#: Under monitor.driver_journal = "auto" the journal is armed by a stall and disarmed after this many seconds
-#: without one: CUPTI costs every driver call while subscribed (docs/design.md, "Driver journal").
+#: Under monitor.driver_journal = "auto" the journal is armed by a stall that looks like a lock wait and
+#: disarmed after this many seconds without one: CUPTI costs every driver call while subscribed
+#: (docs/design.md, "Driver journal").
 QUIET_S = 30.0
 #: CUPTI's callback domains (CUpti_CallbackDomain)
 DOMAIN_DRIVER, DOMAIN_RUNTIME = 1, 2
@@ -244,6 +245,7 @@ class CuptiJournal:
         self.subscriber: int | None = None  # the callback's CUPTI subscription
         self.activity = False  # activity records in use (the activity variant, or lazy-load records)
         self.on_demand = False  # "auto": armed by stalls, disarmed when quiet (arm(), disarm(), tick())
+        self.attached = False  # CUPTI attached to the driver (it stays so: see start())
         self.armed = False  # the lock-taking functions are journaled now
         self.arms = 0  # times armed after READY
         self.armed_since_ns = 0
@@ -256,7 +258,10 @@ class CuptiJournal:
 
     # --- set-up ------------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, attach: bool = True) -> None:
+        """Load CUPTI's bindings and build the callback; with `attach`, also attach to the driver now (the
+        journal armed). Without it ("auto") CUPTI is left untouched until a stall arms it: once attached,
+        CUPTI leaves the driver slower (cuGraphLaunch 0.5-1.8 us a call on the H200, unsubscribed or not)."""
         if self.variant not in VARIANTS:
             raise CuptiUnavailable(f"{VARIANT_ENV}={self.variant!r}: expected one of {', '.join(VARIANTS)}")
         try:
@@ -268,24 +273,29 @@ class CuptiJournal:
         except Exception as exc:  # the bindings load libcupti at import: a missing or broken library
             raise CuptiUnavailable(f"CUPTI could not be loaded: {type(exc).__name__}: {exc}") from None
         self.cupti = cupti
-        native = None
         if self.variant.startswith("callback"):  # built (or found in the cache) before CUPTI is touched
             from workers import cupti_native
 
             try:
-                native = cupti_native.load()
+                self.native = cupti_native.load()
             except cupti_native.NativeUnavailable as exc:
                 raise CuptiUnavailable(str(exc)) from None
+        if attach:
+            self._attach()
+
+    def _attach(self) -> None:
+        """Attach to the driver: subscribe the callback (or start activity records), lazy-load records where
+        kernels can load lazily, and switch the lock-taking functions on. CUPTI's new threads are noted."""
+        cupti, native = self.cupti, self.native
         before = _tids()
         try:
             cupti.get_timestamp()  # loads libcupti and finds the driver: a clear error here if either is missing
             if native is not None:
                 self.subscriber = self._subscribe(native.callback_ptr)
-                self.native = native
             if native is None or lazy_loading_possible():
                 self._start_activity()
             wanted = self.enable_functions(runtime=self.variant != "callback-driver")
-            self.armed = True
+            self.armed = self.attached = True
             log.info(
                 "[journal] CUPTI (%s) journals %d driver functions that take the write lock%s",
                 self.variant,
@@ -298,8 +308,8 @@ class CuptiJournal:
         except Exception as exc:
             self._disable_quietly()
             raise CuptiUnavailable(f"CUPTI refused the journal: {type(exc).__name__}: {exc}") from None
-        # Started before the engine, so nothing else in the process makes threads meanwhile.
-        self.own_tids = _tids() - before - {t.native_id for t in threading.enumerate()}
+        # Nothing else in the process makes threads meanwhile (before the engine, or on the serving thread)
+        self.own_tids |= _tids() - before - {t.native_id for t in threading.enumerate()}
 
     def _subscribe(self, callback_ptr: int) -> int:
         """cuptiSubscribe with the compiled callback, through ctypes (cupti-python's subscribe takes a
@@ -361,9 +371,13 @@ class CuptiJournal:
         if self.armed:
             return
         t0 = time.monotonic_ns()
-        if self.native is not None and self.subscriber is None:
-            self.subscriber = self._subscribe(self.native.callback_ptr)
-        self.enable_functions(runtime=self.variant != "callback-driver")
+        if not self.attached:  # the first stall: CUPTI attaches now
+            self._attach()
+            self.isolate()
+        else:
+            if self.native is not None and self.subscriber is None:
+                self.subscriber = self._subscribe(self.native.callback_ptr)
+            self.enable_functions(runtime=self.variant != "callback-driver")
         self.armed, self.arms, self.armed_since_ns = True, self.arms + 1, now_ns
         self.arm_us = (time.monotonic_ns() - t0) / 1e3
 
@@ -503,6 +517,7 @@ class CuptiJournal:
             "flush_us_mean": round(self.flush_ns / self.flushes / 1e3, 2) if self.flushes else None,
             "lazy_load_records": self.activity,
             "on_demand": self.on_demand,
+            "attached": self.attached,
             "armed": self.armed,
             "arms": self.arms,
             "armed_s": round(self.armed_s(time.monotonic_ns()), 1),
@@ -574,7 +589,7 @@ def start(mode: str, journal: DriverJournal = JOURNAL) -> CuptiJournal | None:
         return None
     cj = CuptiJournal(journal)
     try:
-        cj.start()
+        cj.start(attach=mode == "cupti")
     except CuptiUnavailable as exc:
         if mode == "cupti":
             raise
@@ -593,16 +608,17 @@ def verify(probe: Callable[[], None], journal: DriverJournal = JOURNAL) -> None:
     cj = _ACTIVE
     if cj is None:
         return
+    if not cj.attached:  # "auto": CUPTI stays untouched until a stall that looks like a lock wait
+        cj.on_demand = True
+        journal.note = (
+            "CUPTI on demand: attached and armed by the first launch blocked like a lock wait, disarmed "
+            f'after {QUIET_S:.0f} s without one ("cupti": always armed)'
+        )
+        log.info("[journal] CUPTI ready on demand (callback %s)", getattr(cj.native, "path", "-"))
+        return
     why = cj.verify(probe)
     if why is None:
         cj.isolate()  # CUPTI's threads exist by now (the first record and flush are done)
-        if _MODE == "auto":  # start-up journaled; from READY on, only when a stall asks for it
-            cj.on_demand = True
-            cj.disarm(time.monotonic_ns())
-            journal.note = (
-                "CUPTI on demand: armed by a stall, disarmed after "
-                f'{QUIET_S:.0f} s without one ("cupti": always armed)'
-            )
         log.info("[journal] CUPTI journal ready: %s", cj.stats())
         return
     cj.stop()
@@ -620,11 +636,28 @@ def before_ready(mode: str, probe: Callable[[], None], journal: DriverJournal = 
     verify(probe, journal)
 
 
-def on_stall(now_ns: int) -> bool:
-    """The serving thread built a stall candidate: under "auto", arm the journal (or keep it armed) so the
-    next stalls name the operation. Returns True when this call armed it."""
+#: A launch blocked at least this long (off the CPU, not waiting to run) arms the on-demand journal.
+ARM_BLOCKED_US = 500.0
+
+
+def looks_like_a_lock(candidate: dict[str, Any]) -> bool:
+    """A stall the driver's lock could explain: the launch itself was slow (an enqueue stall) and its thread
+    spent the time blocked, not waiting for a core. Run-queue waits (the host's noise; cpu_preemption) and
+    slow GPU work leave the journal disarmed: measured, a clean 60 s run had seven 4-6 ms run-queue stalls,
+    and arming on them cost the serving thread 5.5 us a batch for nothing."""
+    if "enqueue" not in (candidate.get("kind") or ()):
+        return False
+    probe = candidate.get("probe_launch") or {}
+    blocked = float(probe.get("blocked_us") or 0.0)
+    return blocked >= ARM_BLOCKED_US and blocked > float(probe.get("runq_us") or 0.0)
+
+
+def on_stall(candidate: dict[str, Any], now_ns: int) -> bool:
+    """The serving thread built a stall candidate: under "auto", when it looks like a lock wait, arm the
+    journal (or keep it armed) so the next such stalls name the operation. Returns True when this call
+    armed it."""
     cj = _ACTIVE
-    if cj is None or not cj.on_demand:
+    if cj is None or not cj.on_demand or not looks_like_a_lock(candidate):
         return False
     was = cj.armed
     try:
@@ -641,7 +674,8 @@ def on_stall(now_ns: int) -> bool:
 
 
 def tick(now_ns: int) -> None:
-    """At every heartbeat: under "auto", disarm the journal once QUIET_S passed without a stall."""
+    """At every heartbeat: under "auto", disarm the journal once QUIET_S passed without a stall that
+    looked like a lock wait."""
     cj = _ACTIVE
     if cj is None or not cj.on_demand or not cj.armed or now_ns - cj.last_stall_ns < QUIET_S * 1e9:
         return

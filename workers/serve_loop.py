@@ -470,7 +470,7 @@ class ServeLoop:
         gpu_us = (span[1] - span[0]) / 1e3 if span is not None else self.engine.gpu_time_us(slot)
         candidate = self.telemetry.on_batch(batch, gpu_us, span)
         if candidate is not None:
-            if cupti_journal.on_stall(time.monotonic_ns()):
+            if cupti_journal.on_stall(candidate, time.monotonic_ns()):
                 candidate["journal_armed_now"] = True  # this stall's journal predates CUPTI: say so
             try:
                 stall = messages.Stall(id=self.id, pid=self.pid, candidate=candidate)

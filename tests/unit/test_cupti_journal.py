@@ -259,9 +259,10 @@ def test_every_operation_cupti_records_is_one_the_journal_knows() -> None:
     assert {op for _, op in LOCKING} | {"lazy_load"} <= set(OPS)
 
 
-def test_without_a_driver_auto_falls_back_and_says_why_and_cupti_mode_refuses(monkeypatch) -> None:
+def test_without_a_driver_cupti_mode_refuses_and_auto_gives_up_at_the_first_stall(monkeypatch) -> None:
     monkeypatch.delenv("CUDA_INJECTION64_PATH", raising=False)
     monkeypatch.delenv("NSYS_PROFILING_SESSION_ID", raising=False)
+    monkeypatch.delenv(cupti_journal.VARIANT_ENV, raising=False)
     try:
         from cuda.bindings import driver
 
@@ -269,12 +270,17 @@ def test_without_a_driver_auto_falls_back_and_says_why_and_cupti_mode_refuses(mo
             pytest.skip("a CUDA driver is present: the GPU tests cover the journal")
     except Exception:
         pass
-    j = DriverJournal()
-    assert cupti_journal.start("auto", j) is None
-    assert j.mode == "own" and j.note and j.note.startswith("CUPTI not used: ")
-    cupti_journal.stop()  # a new process
     with pytest.raises(CuptiUnavailable):
         cupti_journal.start("cupti", DriverJournal())
+    cupti_journal.stop()  # a new process
+    j = DriverJournal()
+    if cupti_journal.start("auto", j) is None:  # no cupti-python or no compiler here: own, and why
+        assert j.mode == "own" and (j.note or "").startswith("CUPTI not used: ")
+        return
+    cupti_journal.verify(lambda: None, j)  # CUPTI untouched until a stall
+    assert j.mode == "cupti" and "on demand" in (j.note or "")
+    assert cupti_journal.on_stall(LOCK_WAIT, time.monotonic_ns()) is False
+    assert (j.note or "").startswith("CUPTI could not be armed: CuptiUnavailable: CUPTI refused the journal")
 
 
 def test_a_profiler_owning_cupti_keeps_the_own_journal(monkeypatch) -> None:
@@ -483,6 +489,13 @@ def test_the_driver_journal_is_cupti_on_demand_unless_asked() -> None:
 # --- on demand (monitor.driver_journal = "auto"): armed by a stall, disarmed when quiet ------------------
 
 
+#: A stall candidate as the serving thread builds it when a launch waited on a lock.
+LOCK_WAIT = {
+    "kind": ["enqueue"],
+    "probe_launch": {"wall_us": 4_000.0, "oncpu_us": 20.0, "runq_us": 10.0, "blocked_us": 3_970.0, "vcsw": 2},
+}
+
+
 def _started_auto(monkeypatch, mode: str = "auto") -> tuple[SimpleNamespace, DriverJournal, list[int]]:
     """The journal as a worker has it after READY under `mode`: started and verified."""
     on = _fake_cupti(monkeypatch)
@@ -518,14 +531,13 @@ def _started_auto(monkeypatch, mode: str = "auto") -> tuple[SimpleNamespace, Dri
     return on, j, subscribed
 
 
-def test_auto_journals_start_up_then_disarms_at_ready(monkeypatch) -> None:
+def test_auto_leaves_cupti_untouched_until_a_stall(monkeypatch) -> None:
     on, j, subscribed = _started_auto(monkeypatch)
     cj = cupti_journal.active()
-    assert cj is not None and cj.on_demand and not cj.armed
-    assert subscribed == [1234] and on.unsubscribed == [77]  # unsubscribed: CUPTI costs no call now
-    assert on.callbacks == set()
-    assert [e.api for e in j.since(0)] == ["cuMemAlloc_v2"]  # the probe's, journaled before READY
-    assert j.mode == "cupti" and "armed by a stall" in (j.note or "")
+    assert cj is not None and cj.on_demand and not cj.armed and not cj.attached
+    assert subscribed == [] and on.callbacks == set() and not on.kinds  # CUPTI never attached
+    assert j.since(0) == []
+    assert j.mode == "cupti" and "on demand" in (j.note or "")
 
 
 def test_a_stall_arms_the_journal_and_quiet_disarms_it(monkeypatch) -> None:
@@ -533,16 +545,35 @@ def test_a_stall_arms_the_journal_and_quiet_disarms_it(monkeypatch) -> None:
     cj = cupti_journal.active()
     assert cj is not None
     t = time.monotonic_ns()
-    assert cupti_journal.on_stall(t) is True  # armed now
+    assert cupti_journal.on_stall(LOCK_WAIT, t) is True  # armed now
     assert on.callbacks == {"cuMemAlloc_v2", "cuMemHostRegister_v2", "cudaMalloc_v3020"}
-    assert subscribed == [1234, 1234] and cj.armed and cj.arms == 1
-    assert cupti_journal.on_stall(t + 10 * 10**9) is False  # already armed: stays, quiet period restarts
+    assert subscribed == [1234] and cj.armed and cj.attached and cj.arms == 1
+    # already armed: it stays, and the quiet period starts again
+    assert cupti_journal.on_stall(LOCK_WAIT, t + 10 * 10**9) is False
     cupti_journal.tick(t + int((10 + cupti_journal.QUIET_S - 1) * 1e9))
     assert cj.armed
     cupti_journal.tick(t + int((10 + cupti_journal.QUIET_S + 1) * 1e9))
-    assert not cj.armed and on.callbacks == set() and on.unsubscribed == [77, 77]
-    assert cj.armed_s(t + 100 * 10**9) == pytest.approx(10 + cupti_journal.QUIET_S + 1)
-    assert cj.stats()["arms"] == 1 and cj.stats()["armed"] is False
+    assert not cj.armed and on.callbacks == set() and on.unsubscribed == [77]
+    assert cupti_journal.on_stall(LOCK_WAIT, t + 100 * 10**9) is True  # armed again: subscribed again
+    assert subscribed == [1234, 1234] and cj.arms == 2
+    assert cj.armed_s(t + 110 * 10**9) == pytest.approx(10 + cupti_journal.QUIET_S + 1 + 10)  # both armings
+    assert cj.stats()["arms"] == 2 and cj.stats()["armed"] is True
+
+
+@pytest.mark.parametrize(
+    "candidate",
+    [
+        {"kind": ["latency"], "probe_batch": {"blocked_us": 9_000.0, "runq_us": 0.0}},  # slow GPU work
+        {"kind": ["enqueue"], "probe_launch": {"blocked_us": 300.0, "runq_us": 4_000.0}},  # run-queue wait
+        {"kind": ["enqueue"], "probe_launch": {"blocked_us": 400.0, "runq_us": 0.0}},  # too short
+        {"kind": ["enqueue"]},  # no probe
+    ],
+)
+def test_stalls_no_lock_explains_leave_the_journal_disarmed(monkeypatch, candidate: dict) -> None:
+    on, _, _ = _started_auto(monkeypatch)
+    assert cupti_journal.on_stall(candidate, time.monotonic_ns()) is False
+    cj = cupti_journal.active()
+    assert cj is not None and not cj.armed and on.callbacks == set()
 
 
 def test_cupti_refusing_to_arm_leaves_the_own_journal_and_says_why(monkeypatch, caplog) -> None:
@@ -553,8 +584,10 @@ def test_cupti_refusing_to_arm_leaves_the_own_journal_and_says_why(monkeypatch, 
 
     monkeypatch.setattr(cupti_journal.CuptiJournal, "_subscribe", refuse)
     with caplog.at_level(logging.WARNING):
-        assert cupti_journal.on_stall(time.monotonic_ns()) is False
-        assert cupti_journal.on_stall(time.monotonic_ns()) is False  # no second try, no second warning
+        assert cupti_journal.on_stall(LOCK_WAIT, time.monotonic_ns()) is False
+        assert (
+            cupti_journal.on_stall(LOCK_WAIT, time.monotonic_ns()) is False
+        )  # no second try, no second warning
     assert (j.note or "").startswith("CUPTI could not be armed: CuptiUnavailable: cuptiSubscribe refused")
     assert sum("arming stopped" in r.message for r in caplog.records) == 1
 
@@ -564,12 +597,12 @@ def test_cupti_mode_stays_armed_and_own_mode_has_nothing_to_arm(monkeypatch) -> 
     cj = cupti_journal.active()
     assert cj is not None and cj.armed and not cj.on_demand and on.unsubscribed == []
     t = time.monotonic_ns()
-    assert cupti_journal.on_stall(t) is False
+    assert cupti_journal.on_stall(LOCK_WAIT, t) is False
     cupti_journal.tick(t + int(10 * cupti_journal.QUIET_S * 1e9))
     assert cj.armed
     cupti_journal.stop()
     cupti_journal.start("own", DriverJournal())
-    assert cupti_journal.on_stall(time.monotonic_ns()) is False
+    assert cupti_journal.on_stall(LOCK_WAIT, time.monotonic_ns()) is False
 
 
 def test_a_stall_that_armed_the_journal_says_so() -> None:
