@@ -32,9 +32,11 @@ profiler) the worker keeps the own journal and status says why.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import logging
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -260,19 +262,14 @@ class CuptiJournal:
 
     def start(self, attach: bool = True) -> None:
         """Load CUPTI's bindings and build the callback; with `attach`, also attach to the driver now (the
-        journal armed). Without it ("auto") CUPTI is left untouched until a stall arms it: once attached,
-        CUPTI leaves the driver slower (cuGraphLaunch 0.5-1.8 us a call on the H200, unsubscribed or not)."""
+        journal armed). Without it ("auto") CUPTI is not even loaded until a stall arms it: once attached,
+        CUPTI leaves the driver slower (cuGraphLaunch 1.0-1.6 us a call on the H200 after unsubscribing)."""
         if self.variant not in VARIANTS:
             raise CuptiUnavailable(f"{VARIANT_ENV}={self.variant!r}: expected one of {', '.join(VARIANTS)}")
-        try:
-            from cupti import cupti  # type: ignore[import-not-found,unused-ignore]
-        except ImportError as exc:
-            raise CuptiUnavailable(
-                f"cupti-python is not installed (pip install 'orchestrator[gpu]'): {exc}"
-            ) from None
-        except Exception as exc:  # the bindings load libcupti at import: a missing or broken library
-            raise CuptiUnavailable(f"CUPTI could not be loaded: {type(exc).__name__}: {exc}") from None
-        self.cupti = cupti
+        if attach:
+            self._import_cupti()
+        elif not _cupti_installed():  # "auto": not even loaded until a stall asks for it
+            raise CuptiUnavailable("cupti-python is not installed (pip install 'orchestrator[gpu]')")
         if self.variant.startswith("callback"):  # built (or found in the cache) before CUPTI is touched
             from workers import cupti_native
 
@@ -283,9 +280,24 @@ class CuptiJournal:
         if attach:
             self._attach()
 
+    def _import_cupti(self) -> None:
+        """cupti-python's bindings (they load libcupti)."""
+        if self.cupti is not None:
+            return
+        try:
+            from cupti import cupti  # type: ignore[import-not-found,unused-ignore]
+        except ImportError as exc:
+            raise CuptiUnavailable(
+                f"cupti-python is not installed (pip install 'orchestrator[gpu]'): {exc}"
+            ) from None
+        except Exception as exc:  # the bindings load libcupti at import: a missing or broken library
+            raise CuptiUnavailable(f"CUPTI could not be loaded: {type(exc).__name__}: {exc}") from None
+        self.cupti = cupti
+
     def _attach(self) -> None:
         """Attach to the driver: subscribe the callback (or start activity records), lazy-load records where
         kernels can load lazily, and switch the lock-taking functions on. CUPTI's new threads are noted."""
+        self._import_cupti()
         cupti, native = self.cupti, self.native
         before = _tids()
         try:
@@ -496,6 +508,8 @@ class CuptiJournal:
 
     def _disable_quietly(self) -> None:
         cupti = self.cupti
+        if cupti is None:
+            return
         if self.subscriber is not None:
             try:
                 cupti.unsubscribe(self.subscriber)
@@ -533,6 +547,16 @@ class CuptiJournal:
         out["cupti_threads"] = {str(t): self.thread_name(t) for t in self.moved}
         out["cupti_threads_cores"] = sorted({c for cs in self.moved.values() for c in cs})
         return out
+
+
+def _cupti_installed() -> bool:
+    """cupti-python can be imported (without importing it: that loads libcupti)."""
+    if sys.modules.get("cupti") is not None:
+        return True
+    try:
+        return importlib.util.find_spec("cupti") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def lazy_loading_possible() -> bool:
