@@ -375,7 +375,7 @@ run_mode() {
             --seconds 60 --out "$OUT/stalls"
         mkdir -p "$RES/real"
         for j in own auto; do
-            step "orch-bert-$j" 60 python3 scripts/bench_real.py --model bert --journal "$j" --concurrency 1,64 \
+            step "orch-bert-$j" 80 python3 scripts/bench_real.py --model bert --journal "$j" --concurrency 1,64 \
                 --seconds 6 --json "$RES/real/orch-bert-$j.json"
         done
         step gpu-tests-cupti 40 python3 -m pytest tests/gpu/test_cupti_gpu.py -v -p no:cacheprovider -rfEs --tb=short \
