@@ -390,7 +390,8 @@ def lazy_serve() -> dict[str, Any]:
 def launch(journal: bool) -> dict[str, Any]:
     """Host cost of the serving thread's driver calls (from Python, as the worker makes them), with the
     journal off or in one variant (PROBE_VARIANT: a journal variant; "bare": subscribed with nothing enabled;
-    "auto": on demand, never armed; "disarmed": on demand, armed once and disarmed), all on one core (PROBE_CORE), optionally with torch and
+    "auto": on demand, never armed; "armed-late": armed after the context exists, as a stall arms it;
+    "disarmed": armed late, then unsubscribed), all on one core (PROBE_CORE), optionally with torch and
     the bert-tiny program loaded first (PROBE_TORCH=1)."""
     from cuda.bindings import driver
 
@@ -402,11 +403,11 @@ def launch(journal: bool) -> dict[str, Any]:
     os.sched_setaffinity(0, {PROBE_CORE})  # every process on one core: per-call costs vary with the core
     if journal:
         os.environ[cupti_journal.VARIANT_ENV] = (
-            "callback" if variant in ("bare", "auto", "disarmed") else variant
+            "callback" if variant in ("bare", "auto", "armed-late", "disarmed") else variant
         )
-        # "auto": monitor.driver_journal = "auto" before any stall (CUPTI untouched); "disarmed": the same
-        # after one arming and disarming (CUPTI attached, then unsubscribed)
-        cupti_journal.start("auto" if variant in ("auto", "disarmed") else "cupti")
+        # "auto": monitor.driver_journal = "auto" before any stall (CUPTI untouched); "armed-late": the same
+        # once a stall armed it; "disarmed": armed late, then unsubscribed again
+        cupti_journal.start("auto" if variant in ("auto", "armed-late", "disarmed") else "cupti")
     ctx = get_context("spin")
     res: dict[str, Any] = {"journal": journal, "variant": variant}
     if os.environ.get("PROBE_TORCH") == "1":
@@ -415,11 +416,13 @@ def launch(journal: bool) -> dict[str, Any]:
         cupti_journal.verify(lambda: memory.PinnedBuffer(4096, "journal check").free())
         if variant == "bare":
             _bare()
-        if variant == "disarmed":
+        if variant in ("armed-late", "disarmed"):  # as a stall arms it, after the context exists
             cj = cupti_journal.active()
             assert cj is not None
-            cj.arm(time.monotonic_ns())
-            cj.disarm(time.monotonic_ns())
+            cj.arm()
+            if variant == "disarmed":  # what unsubscribing again gives back
+                cj.enable_functions(runtime=True, on=False)
+                cj.cupti.unsubscribe(cj.subscriber)
             res["stats"] = cj.stats()
     g = _Graph(ctx)
     fn, stream, pp, gexec = g.fn, g.stream, g.pp, g.gexec
@@ -528,7 +531,7 @@ def main() -> None:
         _emit(result, args.out, "cupti-torchcost.json")
         return
     if args.part == "cost":  # launch cost: off and each journal variant, alternated
-        result.update(_launch_costs(eager, ("callback", "auto", "disarmed")))
+        result.update(_launch_costs(eager, ("callback", "auto", "armed-late", "disarmed")))
         result["lazy_serve"] = _child("lazy-serve", {"CUDA_MODULE_LOADING": "LAZY"})
         _emit(result, args.out, "cupti-cost.json")
         return

@@ -53,10 +53,6 @@ VARIANTS: dict[str, str] = {
     "callback-driver": "the callback for the driver functions only, not their runtime twins (to compare)",
     "activity": "CUPTI's activity records of the lock-taking functions (the journal before; to compare)",
 }
-#: Under monitor.driver_journal = "auto" the journal is armed by a stall that looks like a lock wait and
-#: disarmed after this many seconds without one: CUPTI costs every driver call while subscribed
-#: (docs/design.md, "Driver journal").
-QUIET_S = 30.0
 #: CUPTI's callback domains (CUpti_CallbackDomain)
 DOMAIN_DRIVER, DOMAIN_RUNTIME = 1, 2
 
@@ -246,14 +242,9 @@ class CuptiJournal:
         self.native: Any = None  # workers.cupti_native.Native, in the callback variant
         self.subscriber: int | None = None  # the callback's CUPTI subscription
         self.activity = False  # activity records in use (the activity variant, or lazy-load records)
-        self.on_demand = False  # "auto": armed by stalls, disarmed when quiet (arm(), disarm(), tick())
-        self.attached = False  # CUPTI attached to the driver (it stays so: see start())
-        self.armed = False  # the lock-taking functions are journaled now
-        self.arms = 0  # times armed after READY
-        self.armed_since_ns = 0
-        self.armed_ns = 0  # time armed after READY, before the current arming
-        self.last_stall_ns = 0
-        self.arm_us = 0.0  # what the last arming took
+        self.on_demand = False  # "auto": attached and armed by the first lock-like stall (arm())
+        self.armed = False  # attached to the driver, the lock-taking functions journaled (for good)
+        self.arm_us = 0.0  # what arming took
         self.own_tids: set[int] = set()  # the threads CUPTI started (seen new right after start)
         self.moved: dict[int, list[int]] = {}  # ... and where isolate() moved them
         self._drain_lock = threading.Lock()
@@ -307,7 +298,7 @@ class CuptiJournal:
             if native is None or lazy_loading_possible():
                 self._start_activity()
             wanted = self.enable_functions(runtime=self.variant != "callback-driver")
-            self.armed = self.attached = True
+            self.armed = True
             log.info(
                 "[journal] CUPTI (%s) journals %d driver functions that take the write lock%s",
                 self.variant,
@@ -375,41 +366,18 @@ class CuptiJournal:
             n += cbid > 0
         return n
 
-    # --- on demand ("auto"): armed by a stall, disarmed when quiet ------------------------------------
+    # --- on demand ("auto"): attached and armed by the first lock-like stall ---------------------------
 
-    def arm(self, now_ns: int) -> None:
-        """Journal the lock-taking functions again (the serving thread, right after a stall)."""
-        self.last_stall_ns = now_ns
+    def arm(self) -> None:
+        """Attach CUPTI and journal the lock-taking functions from now on (the serving thread, right after
+        a stall). It stays armed: measured, unsubscribing again left the driver calls as slow as armed or
+        slower (docs/design.md, "Driver journal"), and later stalls are then named."""
         if self.armed:
             return
         t0 = time.monotonic_ns()
-        if not self.attached:  # the first stall: CUPTI attaches now
-            self._attach()
-            self.isolate()
-        else:
-            if self.native is not None and self.subscriber is None:
-                self.subscriber = self._subscribe(self.native.callback_ptr)
-            self.enable_functions(runtime=self.variant != "callback-driver")
-        self.armed, self.arms, self.armed_since_ns = True, self.arms + 1, now_ns
+        self._attach()
+        self.isolate()
         self.arm_us = (time.monotonic_ns() - t0) / 1e3
-
-    def disarm(self, now_ns: int) -> None:
-        """Stop journaling: switch the functions off and, for the callback, unsubscribe (CUPTI then costs
-        the driver calls nothing)."""
-        if not self.armed:
-            return
-        self.flush()  # what was recorded while armed reaches the journal first
-        self.enable_functions(runtime=self.variant != "callback-driver", on=False)
-        if self.subscriber is not None:
-            self.cupti.unsubscribe(self.subscriber)
-            self.subscriber = None
-        if self.armed_since_ns:
-            self.armed_ns += now_ns - self.armed_since_ns
-        self.armed, self.armed_since_ns = False, 0
-
-    def armed_s(self, now_ns: int) -> float:
-        """Seconds armed after READY, the current arming included."""
-        return (self.armed_ns + (now_ns - self.armed_since_ns if self.armed_since_ns else 0)) / 1e9
 
     # --- CUPTI callbacks (records are delivered on the flushing thread: the serving thread) -----------
 
@@ -531,10 +499,7 @@ class CuptiJournal:
             "flush_us_mean": round(self.flush_ns / self.flushes / 1e3, 2) if self.flushes else None,
             "lazy_load_records": self.activity,
             "on_demand": self.on_demand,
-            "attached": self.attached,
             "armed": self.armed,
-            "arms": self.arms,
-            "armed_s": round(self.armed_s(time.monotonic_ns()), 1),
             "arm_us": round(self.arm_us, 1),
         }
         if self.native is not None:
@@ -632,11 +597,11 @@ def verify(probe: Callable[[], None], journal: DriverJournal = JOURNAL) -> None:
     cj = _ACTIVE
     if cj is None:
         return
-    if not cj.attached:  # "auto": CUPTI stays untouched until a stall that looks like a lock wait
+    if not cj.armed:  # "auto": CUPTI stays untouched until a stall that looks like a lock wait
         cj.on_demand = True
         journal.note = (
-            "CUPTI on demand: attached and armed by the first launch blocked like a lock wait, disarmed "
-            f'after {QUIET_S:.0f} s without one ("cupti": always armed)'
+            "CUPTI on demand: attached at the first launch blocked like a lock wait, then armed for good "
+            '("cupti": armed from start-up)'
         )
         log.info("[journal] CUPTI ready on demand (callback %s)", getattr(cj.native, "path", "-"))
         return
@@ -667,7 +632,7 @@ ARM_BLOCKED_US = 500.0
 def looks_like_a_lock(candidate: dict[str, Any]) -> bool:
     """A stall the driver's lock could explain: the launch itself was slow (an enqueue stall) and its thread
     spent the time blocked, not waiting for a core. Run-queue waits (the host's noise; cpu_preemption) and
-    slow GPU work leave the journal disarmed: measured, a clean 60 s run had seven 4-6 ms run-queue stalls,
+    slow GPU work leave CUPTI unattached: measured, a clean 60 s run had seven 4-6 ms run-queue stalls,
     and arming on them cost the serving thread 5.5 us a batch for nothing."""
     if "enqueue" not in (candidate.get("kind") or ()):
         return False
@@ -676,44 +641,23 @@ def looks_like_a_lock(candidate: dict[str, Any]) -> bool:
     return blocked >= ARM_BLOCKED_US and blocked > float(probe.get("runq_us") or 0.0)
 
 
-def on_stall(candidate: dict[str, Any], now_ns: int) -> bool:
-    """The serving thread built a stall candidate: under "auto", when it looks like a lock wait, arm the
-    journal (or keep it armed) so the next such stalls name the operation. Returns True when this call
-    armed it."""
+def on_stall(candidate: dict[str, Any]) -> bool:
+    """The serving thread built a stall candidate: under "auto", when it looks like a lock wait and the
+    journal is not armed yet, arm it so the next such stalls name the operation. Returns True when this
+    call armed it."""
     cj = _ACTIVE
-    if cj is None or not cj.on_demand or not looks_like_a_lock(candidate):
+    if cj is None or not cj.on_demand or cj.armed or not looks_like_a_lock(candidate):
         return False
-    was = cj.armed
     try:
-        cj.arm(now_ns)
+        cj.arm()
     except Exception as exc:  # CUPTI refused now: keep serving on the own journal, say so once
         _give_up(cj, f"CUPTI could not be armed: {type(exc).__name__}: {exc}")
         return False
-    if not was:
-        log.info(
-            "[journal] CUPTI armed by a stall (took %.0f us): the next stalls name the driver operation",
-            cj.arm_us,
-        )
-    return not was
-
-
-def tick(now_ns: int) -> None:
-    """At every heartbeat: under "auto", disarm the journal once QUIET_S passed without a stall that
-    looked like a lock wait."""
-    cj = _ACTIVE
-    if cj is None or not cj.on_demand or not cj.armed or now_ns - cj.last_stall_ns < QUIET_S * 1e9:
-        return
-    try:
-        cj.disarm(now_ns)
-    except Exception as exc:
-        _give_up(cj, f"CUPTI could not be disarmed: {type(exc).__name__}: {exc}")
-        return
     log.info(
-        "[journal] CUPTI disarmed: no stall for %.0f s (armed %.1f s in all, %d time(s))",
-        QUIET_S,
-        cj.armed_s(now_ns),
-        cj.arms,
+        "[journal] CUPTI armed by a stall (took %.0f us): the next stalls name the driver operation",
+        cj.arm_us,
     )
+    return True
 
 
 def _give_up(cj: CuptiJournal, why: str) -> None:

@@ -470,7 +470,7 @@ class ServeLoop:
         gpu_us = (span[1] - span[0]) / 1e3 if span is not None else self.engine.gpu_time_us(slot)
         candidate = self.telemetry.on_batch(batch, gpu_us, span)
         if candidate is not None:
-            if cupti_journal.on_stall(candidate, time.monotonic_ns()):
+            if cupti_journal.on_stall(candidate):
                 candidate["journal_armed_now"] = True  # this stall's journal predates CUPTI: say so
             try:
                 stall = messages.Stall(id=self.id, pid=self.pid, candidate=candidate)
@@ -605,7 +605,6 @@ class ServeLoop:
             if reaped:
                 log.info("[shm] %d lease(s) ended: their client process exited", reaped)
         self.telemetry.note_queue(len(p.queue), len(p.inflight))
-        cupti_journal.tick(time.monotonic_ns())
         msg = messages.Heartbeat(
             id=self.id,
             pid=self.pid,

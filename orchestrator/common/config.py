@@ -316,9 +316,9 @@ class MonitorSection:
         metadata={
             "doc": "GPU workers' driver-operation journal: \"own\" sees only the orchestrator's own CUDA calls; "
             "CUPTI sees every thread and library in the process (a compiled callback, built once per host "
-            'with the C compiler) but costs every driver call while armed. "auto": CUPTI armed by the first '
-            'stall and disarmed after 30 s without one, else "own" where CUPTI cannot run; "cupti": always '
-            "armed, start fails without it"
+            'with the C compiler) but costs every driver call once attached. "auto": CUPTI attached at the '
+            'first launch blocked like a lock wait, else "own" where CUPTI cannot run; "cupti": attached from '
+            "start-up, start fails without it"
         },
     )
 

@@ -279,7 +279,7 @@ def test_without_a_driver_cupti_mode_refuses_and_auto_gives_up_at_the_first_stal
         return
     cupti_journal.verify(lambda: None, j)  # CUPTI untouched until a stall
     assert j.mode == "cupti" and "on demand" in (j.note or "")
-    assert cupti_journal.on_stall(LOCK_WAIT, time.monotonic_ns()) is False
+    assert cupti_journal.on_stall(LOCK_WAIT) is False
     assert (j.note or "").startswith("CUPTI could not be armed: CuptiUnavailable: CUPTI refused the journal")
 
 
@@ -486,7 +486,7 @@ def test_the_driver_journal_is_cupti_on_demand_unless_asked() -> None:
     assert parse_config({"workers": {"device": "gpu"}}, check_files=False).monitor.driver_journal == "auto"
 
 
-# --- on demand (monitor.driver_journal = "auto"): armed by a stall, disarmed when quiet ------------------
+# --- on demand (monitor.driver_journal = "auto"): attached and armed by the first lock-like stall --------
 
 
 #: A stall candidate as the serving thread builds it when a launch waited on a lock.
@@ -534,30 +534,21 @@ def _started_auto(monkeypatch, mode: str = "auto") -> tuple[SimpleNamespace, Dri
 def test_auto_leaves_cupti_untouched_until_a_stall(monkeypatch) -> None:
     on, j, subscribed = _started_auto(monkeypatch)
     cj = cupti_journal.active()
-    assert cj is not None and cj.on_demand and not cj.armed and not cj.attached
+    assert cj is not None and cj.on_demand and not cj.armed
     assert subscribed == [] and on.callbacks == set() and not on.kinds  # CUPTI never attached
     assert j.since(0) == []
     assert j.mode == "cupti" and "on demand" in (j.note or "")
 
 
-def test_a_stall_arms_the_journal_and_quiet_disarms_it(monkeypatch) -> None:
+def test_a_lock_like_stall_arms_the_journal_for_good(monkeypatch) -> None:
     on, j, subscribed = _started_auto(monkeypatch)
     cj = cupti_journal.active()
     assert cj is not None
-    t = time.monotonic_ns()
-    assert cupti_journal.on_stall(LOCK_WAIT, t) is True  # armed now
+    assert cupti_journal.on_stall(LOCK_WAIT) is True  # attached and armed now
     assert on.callbacks == {"cuMemAlloc_v2", "cuMemHostRegister_v2", "cudaMalloc_v3020"}
-    assert subscribed == [1234] and cj.armed and cj.attached and cj.arms == 1
-    # already armed: it stays, and the quiet period starts again
-    assert cupti_journal.on_stall(LOCK_WAIT, t + 10 * 10**9) is False
-    cupti_journal.tick(t + int((10 + cupti_journal.QUIET_S - 1) * 1e9))
-    assert cj.armed
-    cupti_journal.tick(t + int((10 + cupti_journal.QUIET_S + 1) * 1e9))
-    assert not cj.armed and on.callbacks == set() and on.unsubscribed == [77]
-    assert cupti_journal.on_stall(LOCK_WAIT, t + 100 * 10**9) is True  # armed again: subscribed again
-    assert subscribed == [1234, 1234] and cj.arms == 2
-    assert cj.armed_s(t + 110 * 10**9) == pytest.approx(10 + cupti_journal.QUIET_S + 1 + 10)  # both armings
-    assert cj.stats()["arms"] == 2 and cj.stats()["armed"] is True
+    assert subscribed == [1234] and cj.armed and cj.stats()["armed"] is True
+    assert cupti_journal.on_stall(LOCK_WAIT) is False  # already armed: nothing to do
+    assert subscribed == [1234] and on.unsubscribed == []  # it stays armed
 
 
 @pytest.mark.parametrize(
@@ -571,7 +562,7 @@ def test_a_stall_arms_the_journal_and_quiet_disarms_it(monkeypatch) -> None:
 )
 def test_stalls_no_lock_explains_leave_the_journal_disarmed(monkeypatch, candidate: dict) -> None:
     on, _, _ = _started_auto(monkeypatch)
-    assert cupti_journal.on_stall(candidate, time.monotonic_ns()) is False
+    assert cupti_journal.on_stall(candidate) is False
     cj = cupti_journal.active()
     assert cj is not None and not cj.armed and on.callbacks == set()
 
@@ -584,10 +575,8 @@ def test_cupti_refusing_to_arm_leaves_the_own_journal_and_says_why(monkeypatch, 
 
     monkeypatch.setattr(cupti_journal.CuptiJournal, "_subscribe", refuse)
     with caplog.at_level(logging.WARNING):
-        assert cupti_journal.on_stall(LOCK_WAIT, time.monotonic_ns()) is False
-        assert (
-            cupti_journal.on_stall(LOCK_WAIT, time.monotonic_ns()) is False
-        )  # no second try, no second warning
+        assert cupti_journal.on_stall(LOCK_WAIT) is False
+        assert cupti_journal.on_stall(LOCK_WAIT) is False  # no second try, no second warning
     assert (j.note or "").startswith("CUPTI could not be armed: CuptiUnavailable: cuptiSubscribe refused")
     assert sum("arming stopped" in r.message for r in caplog.records) == 1
 
@@ -596,13 +585,10 @@ def test_cupti_mode_stays_armed_and_own_mode_has_nothing_to_arm(monkeypatch) -> 
     on, _, _ = _started_auto(monkeypatch, mode="cupti")
     cj = cupti_journal.active()
     assert cj is not None and cj.armed and not cj.on_demand and on.unsubscribed == []
-    t = time.monotonic_ns()
-    assert cupti_journal.on_stall(LOCK_WAIT, t) is False
-    cupti_journal.tick(t + int(10 * cupti_journal.QUIET_S * 1e9))
-    assert cj.armed
+    assert cupti_journal.on_stall(LOCK_WAIT) is False  # armed from start-up
     cupti_journal.stop()
     cupti_journal.start("own", DriverJournal())
-    assert cupti_journal.on_stall(LOCK_WAIT, time.monotonic_ns()) is False
+    assert cupti_journal.on_stall(LOCK_WAIT) is False
 
 
 def test_a_stall_that_armed_the_journal_says_so() -> None:
