@@ -299,12 +299,12 @@ run_mode() {
             step "orch-bert-$j" 100 python3 scripts/bench_real.py --model bert --journal "$j" --concurrency 1,64 \
                 --seconds 6 --profile "$RES/prof-$j" --json "$RES/real/orch-bert-$j.json" --logs "$RES/logs-bert-$j"
         done
-        for v in ${CUPTI_VARIANTS:-no-runtime driver-only}; do
+        for v in ${CUPTI_VARIANTS:-activity callback-driver}; do
             step "orch-bert-$v" 80 env ORCHESTRATOR_CUPTI_VARIANT="$v" python3 scripts/bench_real.py --model bert \
                 --journal cupti --concurrency 1,64 --seconds 6 --json "$RES/real/orch-bert-$v.json"
         done
         step probe-torchcost 130 python3 scripts/probe_cupti.py --part torchcost --out "$RES/probe"
-        step stalls-lib 60 env ORCHESTRATOR_CUPTI_VARIANT=driver-only python3 scripts/bench_stalls.py \
+        step stalls-lib 60 env ORCHESTRATOR_CUPTI_VARIANT=callback-driver python3 scripts/bench_stalls.py \
             --scenarios library_alloc --seconds 20 --out "$RES/stalls-lib"
         ;;
     cb16)
