@@ -653,6 +653,11 @@ def on_stall(candidate: dict[str, Any]) -> bool:
     except Exception as exc:  # CUPTI refused now: keep serving on the own journal, say so once
         _give_up(cj, f"CUPTI could not be armed: {type(exc).__name__}: {exc}")
         return False
+    probe = candidate.get("probe_launch") or {}
+    cj.journal.note = (
+        f"CUPTI armed at {time.strftime('%H:%M:%S')} by a launch blocked "
+        f"{float(probe.get('blocked_us') or 0) / 1e3:.1f} ms; it stays armed"
+    )
     log.info(
         "[journal] CUPTI armed by a stall (took %.0f us): the next stalls name the driver operation",
         cj.arm_us,
@@ -661,10 +666,10 @@ def on_stall(candidate: dict[str, Any]) -> bool:
 
 
 def _give_up(cj: CuptiJournal, why: str) -> None:
-    """CUPTI failed mid-run: stop arming it and say so (status shows the journal's note)."""
+    """CUPTI failed mid-run: back to the own journal, and say so (status shows the journal's note)."""
     cj.on_demand = False
-    cj.journal.note = why
-    log.warning("[journal] %s; arming stopped", why)
+    cj.journal.attach("own", None, why)
+    log.warning("[journal] %s; own calls only", why)
 
 
 def active() -> CuptiJournal | None:

@@ -469,6 +469,8 @@ class WorkerTelemetry:
                 "gpu": self._gpu_base.median,
             },
             "journal": {
+                "mode": self.journal.mode,  # live: "auto" arms CUPTI mid-run and says so in the note
+                "note": self.journal.note,
                 "faults": self.journal.faults,
                 "total": self.journal.total,
                 "entries": [journal_entry(e) for e in shipped],

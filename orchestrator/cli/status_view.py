@@ -235,10 +235,13 @@ def _engine_lines(status: dict) -> list[Text]:
     on or off (and why), the module loading mode, the driver journal (cupti, or own and why); problems in
     red."""
     groups: dict[tuple, list[str]] = {}
+    live = (status.get("monitor") or {}).get("workers") or {}
     for w in status.get("workers") or ():
         eng = w.get("engine") or {}
         if not eng or eng.get("device") in (None, "cpu"):
             continue
+        facts = eng.get("driver_journal") or {}  # as at READY; the worker's reports say what it is now
+        m = live.get(w.get("id")) or {}
         graphs = eng.get("graphs") or ("on" if eng.get("cuda_graphs") else "off")
         key = (
             eng.get("kind"),
@@ -247,8 +250,8 @@ def _engine_lines(status: dict) -> list[Text]:
             eng.get("graphs_captured"),
             eng.get("capture_error"),
             w.get("module_loading") or eng.get("module_loading"),
-            (eng.get("driver_journal") or {}).get("mode"),
-            (eng.get("driver_journal") or {}).get("note"),
+            m.get("journal_mode") or facts.get("mode"),
+            m.get("journal_note") or facts.get("note"),
         )
         groups.setdefault(key, []).append(str(w.get("id")))
     lines = []
@@ -267,8 +270,8 @@ def _engine_lines(status: dict) -> list[Text]:
         if journal:  # which driver operations stall attribution can see
             line.append("  driver journal ")
             line.append(journal, style="green" if journal == "cupti" else "yellow")
-            if note and journal != "cupti":
-                line.append(f" ({note})", style="yellow")
+            if note:  # own: why not CUPTI; cupti: on demand, or armed when and by what
+                line.append(f" ({note})", style="dim" if journal == "cupti" else "yellow")
         lines.append(line)
     return lines
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 import sys
 import threading
 import time
@@ -547,6 +548,9 @@ def test_a_lock_like_stall_arms_the_journal_for_good(monkeypatch) -> None:
     assert cupti_journal.on_stall(LOCK_WAIT) is True  # attached and armed now
     assert on.callbacks == {"cuMemAlloc_v2", "cuMemHostRegister_v2", "cudaMalloc_v3020"}
     assert subscribed == [1234] and cj.armed and cj.stats()["armed"] is True
+    assert re.fullmatch(
+        r"CUPTI armed at \d\d:\d\d:\d\d by a launch blocked 4\.0 ms; it stays armed", j.note or ""
+    )
     assert cupti_journal.on_stall(LOCK_WAIT) is False  # already armed: nothing to do
     assert subscribed == [1234] and on.unsubscribed == []  # it stays armed
 
@@ -578,7 +582,8 @@ def test_cupti_refusing_to_arm_leaves_the_own_journal_and_says_why(monkeypatch, 
         assert cupti_journal.on_stall(LOCK_WAIT) is False
         assert cupti_journal.on_stall(LOCK_WAIT) is False  # no second try, no second warning
     assert (j.note or "").startswith("CUPTI could not be armed: CuptiUnavailable: cuptiSubscribe refused")
-    assert sum("arming stopped" in r.message for r in caplog.records) == 1
+    assert j.mode == "own"
+    assert sum("own calls only" in r.message for r in caplog.records) == 1
 
 
 def test_cupti_mode_stays_armed_and_own_mode_has_nothing_to_arm(monkeypatch) -> None:

@@ -50,6 +50,7 @@ def test_snapshot_after_reports(tmp_path: Path) -> None:
         assert 0.45 <= w["latency_p50_ms"] <= 0.6 and 4.8 <= w["latency_p99_ms"] <= 5.8  # bucket resolution
         assert (w["queued"], w["inflight"], w["pid"]) == (3, 1, 4321)
         assert w["gpu_busy_pct"] is not None and w["stalls"] == 0
+        assert w["journal_mode"] == "own"  # what the worker's last report said
         assert set(snap["host"]) >= {"cpu_pct", "mem_pct", "load1"}
         assert set(snap["stall_counts"]) == set(CAUSES)
         # counters survive a worker restart: a new pid starts its own counts from zero

@@ -248,3 +248,8 @@ def test_engine_line_says_which_driver_journal_runs_and_why_not_cupti() -> None:
     assert "on w0: graphs on  module loading EAGER  driver journal cupti" in out
     assert "on w1: graphs on  module loading EAGER  driver journal own (CUPTI not used: cupti-python" in out
     assert "driver_lock by operation: cuMemHostRegister_v2 3" in out
+    # The worker's reports say what the journal is now (on demand, CUPTI is armed mid-run)
+    armed = "CUPTI armed at 22:47:03 by a launch blocked 4.0 ms; it stays armed"
+    status["monitor"]["workers"] = {"w0": {"journal_mode": "cupti", "journal_note": armed}}  # type: ignore[index]
+    out = text_of(status_view.render(status))
+    assert f"on w0: graphs on  module loading EAGER  driver journal cupti ({armed})" in out

@@ -202,6 +202,7 @@ def test_report_shape_and_reset() -> None:
     assert iv["gpu_time_us"] == pytest.approx(2500.0) and iv["gpu_busy_pct"] > 0
     assert (rep["queued"], rep["inflight"], rep["max_queued"]) == (7, 2, 7)
     assert rep["journal"]["total"] == 1 and rep["journal"]["entries"][0]["op"] == "module_load"
+    assert (rep["journal"]["mode"], rep["journal"]["note"]) == ("own", None)  # live, unlike READY's facts
     assert rep["total"]["requests"] == 20 and rep["worker_id"] == "w0" and rep["interval_s"] > 0
     tel.on_batch(make_batch(20.0, 300.0), None)  # a CPU engine: no GPU time
     rep2 = tel.report()

@@ -161,6 +161,8 @@ class _Worker:
             if span and any(iv.get("gpu_batches") for iv in rate)
             else None,
             "faults": (last.get("journal") or {}).get("faults"),
+            "journal_mode": (last.get("journal") or {}).get("mode"),
+            "journal_note": (last.get("journal") or {}).get("note"),
             "faults_total": self.faults_total,
             "stalls": self.stalls,
             "last_stall_cause": self.last_stall_cause,
