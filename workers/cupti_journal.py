@@ -23,10 +23,16 @@ How (VARIANTS; "callback" unless ORCHESTRATOR_CUPTI_VARIANT says otherwise):
 Records reach the journal when the serving thread flushes (DriverJournal.sync(): at every report and
 before a stall candidate is built).
 
-start() attaches it to the journal before the engine loads (threads CUPTI starts then are told apart and,
-at READY, moved off the worker's cores: isolate()); before_ready() checks that it records. When CUPTI
-cannot be used (not installed, no driver, no C compiler for the callback, another subscriber such as a
-profiler) the worker keeps the own journal and status says why.
+When (monitor.driver_journal):
+- "auto" (the default): on demand. start() only checks that cupti-python is installed and builds the
+  callback; nothing of CUPTI is loaded. The first stall that looks like a lock wait (on_stall():
+  an enqueue stall whose launch was blocked, not waiting for a core) attaches and arms it for good: once
+  attached, CUPTI makes every driver call slower, and unsubscribing did not give that back (measured:
+  docs/design.md, "Driver journal"). The stall that armed it says so; the next ones name the operation.
+- "cupti": attached by start() before the engine loads (threads CUPTI starts then are told apart and, at
+  READY, moved off the worker's cores: isolate()); before_ready() checks that it records.
+When CUPTI cannot be used (not installed, no driver, no C compiler for the callback, another subscriber
+such as a profiler) the worker keeps the own journal and status says why.
 """
 
 from __future__ import annotations
