@@ -1,5 +1,5 @@
 """Stall detection and driver-lock attribution on a GPU (issues 4, 16): clean, clean-own and injected runs.
-python3 scripts/bench_stalls.py --out benchmarks/results/stalls [--scenarios clean,clean-own,host_register,...] [--journal auto|cupti|own] [--seconds 60]   (CPU plumbing: --cpu-smoke --seconds 5)
+python3 scripts/bench_stalls.py --out benchmarks/results/stalls [--scenarios clean,clean-own,host_register,...] [--journal auto|cupti|own] [--seconds 60] [--pairs 4 --pair-seconds 20]   (CPU plumbing: --cpu-smoke --seconds 5)
 
 Each scenario starts one worker (synthetic engine, about 110 us per batch on an H200) under closed-loop load and
 reports the launches over 1 ms (the worker's exact counter), the stall records flagged for them, the share whose
@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -559,16 +560,64 @@ def host_check(clean: dict[str, Any] | None, own: dict[str, Any] | None) -> list
     ]
 
 
+def run_pairs(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
+    """--pairs N: clean-own and clean alternated N times (the order flips each pair), --pair-seconds each,
+    for the journal's host cost per batch. Between runs of one scenario it moved 72-88 us a batch on the H200,
+    so a single pair cannot resolve 1 us; the median of paired differences can narrow it."""
+    short = argparse.Namespace(**{**vars(args), "seconds": args.pair_seconds})
+    out = []
+    for i in range(args.pairs):
+        order = ("clean-own", "clean") if i % 2 == 0 else ("clean", "clean-own")
+        d = tmp / f"pair{i}"
+        d.mkdir()
+        runs = {}
+        for scenario in order:
+            say(f"== pair {i + 1}/{args.pairs}: {scenario}")
+            runs[scenario] = run_scenario(short, scenario, d)
+        c, o = runs["clean"], runs["clean-own"]
+        hc, ho = c.get("host_us_per_batch"), o.get("host_us_per_batch")
+        out.append(
+            {
+                "pair": i + 1,
+                "order": list(order),
+                "clean_us": hc,
+                "clean_own_us": ho,
+                "diff_us": hc - ho if hc is not None and ho is not None else None,
+                "clean_journal": _journal(c),
+                "clean_summaries": [r.get("summary") for r in c.get("stall_records") or ()],
+                "ok": c["ok"] and o["ok"],
+            }
+        )
+    return out
+
+
+def pairs_check(pairs: list[dict[str, Any]], seconds: float) -> list[str]:
+    """The median of the paired host-time differences against the 1 us target, with every pair's."""
+    if not pairs:
+        return []
+    diffs = [p["diff_us"] for p in pairs if p["ok"] and p["diff_us"] is not None]
+    if not diffs:
+        return [f"host time per batch over {len(pairs)} alternated pairs: not measured (runs failed)"]
+    med = statistics.median(diffs)
+    each = ", ".join(f"{d:+.2f}" for d in diffs)
+    return [
+        f"host time per batch over {len(diffs)} alternated pairs ({seconds:g} s each): clean minus clean-own "
+        f"median {med:+.2f} us (each: {each}) -> {_verdict(abs(med) <= HOST_DIFF_TARGET_US)} "
+        f"(target: within {HOST_DIFF_TARGET_US:g} us)"
+    ]
+
+
 def write_outputs(
     prefix: Path,
     info: dict[str, Any],
     args: argparse.Namespace,
     results: list[dict[str, Any]],
     total_s: float,
+    pairs: list[dict[str, Any]] | None = None,
 ) -> tuple[str, list[str]]:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tbl = table(results)
-    chk = checks(results, args.cpu_smoke)
+    chk = checks(results, args.cpu_smoke) + pairs_check(pairs or [], args.pair_seconds)
     mode = "CPU smoke (synthetic CPU worker, no GPU)" if args.cpu_smoke else "GPU"
     settings = (
         f"{mode}; one worker; synthetic engine, request = batch = {args.rows} x {args.item} float32, "
@@ -644,6 +693,7 @@ def write_outputs(
                 "args": vars(args),
                 "total_s": round(total_s, 1),
                 "results": slim,
+                "pairs": pairs or [],
             },
             indent=1,
             default=str,
@@ -699,6 +749,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"CPU worker (no GPU): {', '.join(CPU_SCENARIOS)}, to test the plumbing",
     )
+    ap.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        help="then run clean-own and clean this many times, alternated, for the journal's host cost per batch",
+    )
+    ap.add_argument("--pair-seconds", type=float, default=20.0, help="measured load per run of a pair")
     ap.add_argument("--keep", action="store_true", help="keep the temporary configs and run directories")
     args = ap.parse_args(argv)
     if args.cpu_smoke:
@@ -712,6 +769,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.scenarios
         else list(CPU_SCENARIOS if args.cpu_smoke else GPU_SCENARIOS)
     )
+    if args.pairs < 0 or args.pair_seconds <= 0:
+        ap.error("--pairs must be 0 or more and --pair-seconds above 0")
     if len(set(scenarios)) != len(scenarios):
         ap.error(f"a scenario is named twice in {scenarios}")
     bad = [s for s in scenarios if s not in ALL_SCENARIOS]
@@ -723,22 +782,24 @@ def main(argv: list[str] | None = None) -> int:
     say(f"{info.get('device')} (driver {info.get('driver')}); scenarios {scenarios}, {args.seconds:g} s each")
     tmp = Path(tempfile.mkdtemp(prefix="bst-"))  # short: ipc socket paths live in the run directories
     results: list[dict[str, Any]] = []
+    pairs: list[dict[str, Any]] = []
     t0 = time.monotonic()
     try:
         for scenario in scenarios:
             say(f"== {scenario}")
             results.append(run_scenario(args, scenario, tmp))
+        pairs = run_pairs(args, tmp)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             say(f"kept {tmp}")
-    tbl, chk = write_outputs(args.out, info, args, results, time.monotonic() - t0)
+    tbl, chk = write_outputs(args.out, info, args, results, time.monotonic() - t0, pairs)
     say(f"wrote {args.out}.md, {args.out}.json, {args.out}-stalls.jsonl ({time.monotonic() - t0:.0f} s)")
     for line in chk:
         say(line)
     say(tbl)
-    return 0 if all(r["ok"] for r in results) else 1
+    return 0 if all(r["ok"] for r in results) and all(p["ok"] for p in pairs) else 1
 
 
 if __name__ == "__main__":

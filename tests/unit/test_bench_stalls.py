@@ -140,3 +140,18 @@ def test_host_check_says_when_not_cupti() -> None:
     (line,) = bs.host_check(clean, own)
     assert "difference +2.00 us -> FAIL" in line and "not a CUPTI on/off comparison" in line
     assert bs.host_check(clean, None) == []
+
+
+def test_pairs_check_takes_the_median_of_paired_differences() -> None:
+    pairs = [
+        {"pair": 1, "ok": True, "diff_us": 8.5},
+        {"pair": 2, "ok": True, "diff_us": -0.4},
+        {"pair": 3, "ok": True, "diff_us": 0.6},
+        {"pair": 4, "ok": False, "diff_us": None},
+    ]
+    (line,) = bs.pairs_check(pairs, 20.0)
+    assert line.startswith("host time per batch over 3 alternated pairs (20 s each): clean minus clean-own ")
+    assert "median +0.60 us (each: +8.50, -0.40, +0.60) -> PASS (target: within 1 us)" in line
+    assert bs.pairs_check([], 20.0) == []
+    (line,) = bs.pairs_check([{"pair": 1, "ok": False, "diff_us": None}], 20.0)
+    assert line.endswith("not measured (runs failed)")
