@@ -113,6 +113,17 @@ def classify(name: str) -> str | None:
     return None
 
 
+def locking_functions(names: dict[int, str]) -> dict[int, tuple[str, str]]:
+    """The lock-taking functions among CUPTI's (cbid -> name; runtime cbids negated): cbid -> (name,
+    operation). Classified once, when the journal is switched on, not per record on the serving thread."""
+    out: dict[int, tuple[str, str]] = {}
+    for cbid, name in names.items():
+        op = classify(name)
+        if op is not None:
+            out[cbid] = (name, op)
+    return out
+
+
 class CuptiUnavailable(Exception):
     """CUPTI cannot feed the journal here; the message says why in one line."""
 
@@ -168,7 +179,11 @@ class Clock:
 
 
 def entries_from(
-    activities: list[Any], cupti: Any, names: dict[int, str], clock: Clock, thread_name: ThreadNames
+    activities: list[Any],
+    cupti: Any,
+    locking: dict[int, tuple[str, str]],
+    clock: Clock,
+    thread_name: ThreadNames,
 ) -> list[DriverOp]:
     """The journal entries of one CUPTI buffer (seq and fault are set by DriverJournal.add_foreign)."""
     kinds = cupti.ActivityKind
@@ -179,10 +194,10 @@ def entries_from(
         kind = int(a.kind)
         if kind in api_kinds:
             cbid = int(a.cbid)
-            api = names.get(cbid if kind == api_kinds[0] else -cbid, "")  # runtime ids are kept negated
-            op = classify(api) if api else None
-            if op is None or not a.start:
+            fn = locking.get(cbid if kind == api_kinds[0] else -cbid)  # runtime ids are kept negated
+            if fn is None or not a.start:
                 continue
+            api, op = fn
             tid = int(a.thread_id)
         elif kind == int(kinds.OVERHEAD) and int(a.overhead_kind) in lazy:
             api = cupti.ActivityOverheadKind(int(a.overhead_kind)).name.lower()
@@ -202,17 +217,20 @@ def entries_from(
 
 
 def entries_from_callbacks(
-    records: list[Any], names: dict[int, str], thread_name: ThreadNames, caller: Callable[[Any], str]
+    records: list[Any],
+    locking: dict[int, tuple[str, str]],
+    thread_name: ThreadNames,
+    caller: Callable[[Any], str],
 ) -> list[DriverOp]:
     """The journal entries of the compiled callback's records (workers/cupti_native.OpRecord): already on
     the monotonic clock; `caller` names the library that made the call."""
     out: list[DriverOp] = []
     for r in records:
         cbid = int(r.cbid)
-        api = names.get(cbid if r.domain == DOMAIN_DRIVER else -cbid, "")
-        op = classify(api) if api else None
-        if op is None:
+        fn = locking.get(cbid if r.domain == DOMAIN_DRIVER else -cbid)
+        if fn is None:
             continue
+        api, op = fn
         tid = int(r.tid)
         out.append(
             DriverOp(
@@ -238,7 +256,7 @@ class CuptiJournal:
     def __init__(self, journal: DriverJournal) -> None:
         self.journal = journal
         self.cupti: Any = None
-        self.names: dict[int, str] = {}  # cbid -> function name (runtime cbids negated)
+        self.locking: dict[int, tuple[str, str]] = {}  # cbid (runtime negated) -> (function, operation)
         self.clock: Clock | None = None  # CUPTI's activity clock, where activity records are used
         self.thread_name = ThreadNames()
         self.records = 0  # journal entries delivered
@@ -353,14 +371,13 @@ class CuptiJournal:
         runtime twins): callbacks in the callback variant, activity records in the other. Returns how many
         driver functions that is."""
         cupti = self.cupti
-        if not self.names:
-            for member in cupti.Driver_api_trace_cbid:
-                self.names[int(member)] = member.name
-            for member in cupti.Runtime_api_trace_cbid:
-                self.names[-int(member)] = member.name
+        if not self.locking:
+            names = {int(m): m.name for m in cupti.Driver_api_trace_cbid}
+            names.update({-int(m): m.name for m in cupti.Runtime_api_trace_cbid})
+            self.locking = locking_functions(names)
         n = 0
-        for cbid, name in self.names.items():
-            if not classify(name) or (cbid < 0 and not runtime):
+        for cbid in self.locking:
+            if cbid < 0 and not runtime:
                 continue
             if self.subscriber is not None:
                 domain = DOMAIN_DRIVER if cbid > 0 else DOMAIN_RUNTIME
@@ -394,7 +411,7 @@ class CuptiJournal:
     def _completed(self, activities: list[Any]) -> None:
         try:
             assert self.clock is not None
-            ops = entries_from(activities, self.cupti, self.names, self.clock, self.thread_name)
+            ops = entries_from(activities, self.cupti, self.locking, self.clock, self.thread_name)
             if ops:
                 self.records += len(ops)
                 self.journal.add_foreign(ops)
@@ -412,7 +429,7 @@ class CuptiJournal:
             with self._drain_lock:
                 recs = self.native.drain()
                 ops = (
-                    entries_from_callbacks(recs, self.names, self.thread_name, self.native.caller)
+                    entries_from_callbacks(recs, self.locking, self.thread_name, self.native.caller)
                     if recs
                     else []
                 )

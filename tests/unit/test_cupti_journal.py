@@ -16,7 +16,14 @@ import pytest
 
 from orchestrator.supervisor.monitor import stalls
 from workers import cupti_journal
-from workers.cupti_journal import Clock, CuptiUnavailable, ThreadNames, classify, entries_from
+from workers.cupti_journal import (
+    Clock,
+    CuptiUnavailable,
+    ThreadNames,
+    classify,
+    entries_from,
+    locking_functions,
+)
 from workers.driver_journal import MERGE_SLACK_NS, DriverJournal, DriverOp
 
 
@@ -126,7 +133,7 @@ def test_records_become_entries_on_the_monotonic_clock_with_thread_names() -> No
         lazy,
         flush,
     ]
-    out = entries_from(acts, FAKE_CUPTI, NAMES, clock, ThreadNames())
+    out = entries_from(acts, FAKE_CUPTI, locking_functions(NAMES), clock, ThreadNames())
     assert [(e.op, e.api, e.t0_ns, e.t1_ns, e.source) for e in out] == [
         ("host_register", "cuMemHostRegister_v2", 1_100, 1_200, "cupti"),
         ("device_alloc", "cudaMalloc_v3020", 1_400, 1_450, "cupti"),

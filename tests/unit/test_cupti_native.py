@@ -196,7 +196,9 @@ def test_the_journal_gets_each_lock_taking_call_with_its_thread_and_library(
     journal = DriverJournal()
     cj = CuptiJournal(journal)
     cj.native = ring
-    cj.names = {1: "cuMemHostRegister_v2", 2: "cuLaunchKernel", -3: "cudaMalloc_v3020"}
+    cj.locking = cupti_journal.locking_functions(
+        {1: "cuMemHostRegister_v2", 2: "cuLaunchKernel", -3: "cudaMalloc_v3020"}
+    )
     journal.attach("cupti", cj.flush)
     journal.mark_ready()
 
@@ -235,7 +237,7 @@ def test_the_journal_gets_each_lock_taking_call_with_its_thread_and_library(
     journal.sync()  # the thread is gone: the kernel's name it had, recorded by the callback
     (last,) = journal.since(entries[-1].seq)
     assert last.thread == f"{_comm_of_new_threads()} (tid {gone.native_id})"
-    assert cupti_journal.entries_from_callbacks([], cj.names, cj.thread_name, ring.caller) == []
+    assert cupti_journal.entries_from_callbacks([], cj.locking, cj.thread_name, ring.caller) == []
 
 
 def _comm_of_new_threads() -> str:
