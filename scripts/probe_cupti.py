@@ -31,16 +31,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from workers.cuda.errors import check  # noqa: E402  (after the path: run as a script)
+
 #: The core every launch-cost process runs on.
 PROBE_CORE = 2
 _SOURCE = "\n".join(f'extern "C" __global__ void k{i}(float* p) {{ p[{i}] += 1.0f; }}' for i in range(50))
-
-
-def _ok(res: Any, what: str) -> Any:
-    err = res[0]
-    if int(err) != 0:
-        raise RuntimeError(f"{what}: {err}")
-    return None if len(res) == 1 else res[1] if len(res) == 2 else res[1:]
 
 
 def _entries() -> list[dict[str, Any]]:
@@ -95,9 +90,9 @@ def basic() -> dict[str, Any]:
         ctx.make_current()
         ptr = buf.ctypes.data
         a = time.monotonic_ns()
-        _ok(driver.cuMemHostRegister(ptr, buf.nbytes, 0), "cuMemHostRegister")
+        check(driver.cuMemHostRegister(ptr, buf.nbytes, 0), "cuMemHostRegister")
         b = time.monotonic_ns()
-        _ok(driver.cuMemHostUnregister(ptr), "cuMemHostUnregister")
+        check(driver.cuMemHostUnregister(ptr), "cuMemHostUnregister")
         c = time.monotonic_ns()
         calls["register"] = (a, b)
         calls["unregister"] = (b, c)
@@ -195,23 +190,23 @@ def lazy() -> dict[str, Any]:
     ctx = get_context("spin")
     cupti_journal.verify(lambda: memory.PinnedBuffer(4096, "journal check").free())
     cubin = compile_cubin(_SOURCE, "probe.cu", ctx.info.arch)
-    dev = _ok(driver.cuMemAlloc(256), "cuMemAlloc")
-    stream = _ok(driver.cuStreamCreate(0), "cuStreamCreate")
+    dev = check(driver.cuMemAlloc(256), "cuMemAlloc")
+    stream = check(driver.cuStreamCreate(0), "cuStreamCreate")
     JOURNAL.mark_ready()
     t0 = time.monotonic_ns()
-    mod = _ok(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
+    mod = check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
     t1 = time.monotonic_ns()
     arg = ctypes.c_void_p(int(dev))
     params = (ctypes.c_void_p * 1)(ctypes.addressof(arg))
     for i in range(50):
-        fn = _ok(driver.cuModuleGetFunction(mod, f"k{i}".encode()), "cuModuleGetFunction")
-        _ok(
+        fn = check(driver.cuModuleGetFunction(mod, f"k{i}".encode()), "cuModuleGetFunction")
+        check(
             (driver.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, stream, ctypes.addressof(params), 0)[0], None),
             "launch",
         )
     t2 = time.monotonic_ns()
-    _ok(driver.cuStreamSynchronize(stream), "sync")
-    _ok(driver.cuModuleUnload(mod), "unload")
+    check(driver.cuStreamSynchronize(stream), "sync")
+    check(driver.cuModuleUnload(mod), "unload")
     entries = [e for e in _entries() if e["fault"]]
     return {
         "loading_mode": ctx.loading_mode,
@@ -234,18 +229,18 @@ class _Graph:
         from workers.cuda.module import compile_cubin
 
         self.cubin = compile_cubin(_SOURCE, "probe.cu", ctx.info.arch)
-        mod = _ok(driver.cuModuleLoadData(self.cubin), "cuModuleLoadData")
-        self.fn = _ok(driver.cuModuleGetFunction(mod, b"k0"), "cuModuleGetFunction")
-        self.stream = _ok(driver.cuStreamCreate(0), "cuStreamCreate")
-        self.arg = ctypes.c_void_p(int(_ok(driver.cuMemAlloc(256), "cuMemAlloc")))
+        mod = check(driver.cuModuleLoadData(self.cubin), "cuModuleLoadData")
+        self.fn = check(driver.cuModuleGetFunction(mod, b"k0"), "cuModuleGetFunction")
+        self.stream = check(driver.cuStreamCreate(0), "cuStreamCreate")
+        self.arg = ctypes.c_void_p(int(check(driver.cuMemAlloc(256), "cuMemAlloc")))
         self.params = (ctypes.c_void_p * 1)(ctypes.addressof(self.arg))
         self.pp = ctypes.addressof(self.params)
         mode = driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL
-        _ok(driver.cuStreamBeginCapture(self.stream, mode), "cuStreamBeginCapture")
+        check(driver.cuStreamBeginCapture(self.stream, mode), "cuStreamBeginCapture")
         for _ in range(8):
             driver.cuLaunchKernel(self.fn, 1, 1, 1, 1, 1, 1, 0, self.stream, self.pp, 0)
-        graph = _ok(driver.cuStreamEndCapture(self.stream), "cuStreamEndCapture")
-        self.gexec = _ok(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+        graph = check(driver.cuStreamEndCapture(self.stream), "cuStreamEndCapture")
+        self.gexec = check(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
 
 
 def _bare() -> None:
@@ -328,12 +323,12 @@ def lazy_serve() -> dict[str, Any]:
 
     def inject() -> None:
         ctx.make_current()
-        s2 = _ok(driver.cuStreamCreate(0), "cuStreamCreate")
+        s2 = check(driver.cuStreamCreate(0), "cuStreamCreate")
         while not stop.wait(0.2):
             a = time.monotonic_ns()
-            m = _ok(driver.cuModuleLoadData(cubin), "load")
+            m = check(driver.cuModuleLoadData(cubin), "load")
             for i in range(50):
-                f = _ok(driver.cuModuleGetFunction(m, f"k{i}".encode()), "get")
+                f = check(driver.cuModuleGetFunction(m, f"k{i}".encode()), "get")
                 driver.cuLaunchKernel(f, 1, 1, 1, 1, 1, 1, 0, s2, pp, 0)
             driver.cuStreamSynchronize(s2)
             driver.cuModuleUnload(m)
@@ -428,7 +423,7 @@ def launch(journal: bool) -> dict[str, Any]:
     fn, stream, pp, gexec = g.fn, g.stream, g.pp, g.gexec
     host = memory.PinnedBuffer(1 << 16, "probe copies")
     dev = memory.DeviceBuffer(1 << 16, "probe copies")
-    event = _ok(driver.cuEventCreate(0), "cuEventCreate")
+    event = check(driver.cuEventCreate(0), "cuEventCreate")
     for name, call in (
         ("launch_kernel_ns", lambda: driver.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, stream, pp, 0)),
         ("graph_launch_ns", lambda: driver.cuGraphLaunch(gexec, stream)),

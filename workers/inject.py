@@ -32,6 +32,7 @@ import numpy as np
 
 from orchestrator.common.config import GPU_INJECTIONS, Config
 from orchestrator.common.errors import ConfigError
+from workers.cuda.errors import check
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,6 @@ _MODULE_KERNELS = 50
 _MODULE_SOURCE = "\n".join(
     f'extern "C" __global__ void k{i}(float* p) {{ p[{i}] += 1.0f; }}' for i in range(_MODULE_KERNELS)
 )
-
-
-def _driver_call(result: tuple, op: str) -> Any:
-    """The output of a cuda.bindings call (a tuple led by its CUresult), or a RuntimeError naming `op`."""
-    err = result[0]
-    if err:
-        raise RuntimeError(f"{op} failed: {getattr(err, 'name', err)} ({int(err)})")
-    return result[1] if len(result) == 2 else None
 
 
 def _torch_with_cuda() -> tuple[Any, str]:
@@ -165,8 +158,8 @@ class Injector:
         cubin = compile_cubin(_MODULE_SOURCE, "inject.cu", ctx.info.arch)  # NVRTC takes no driver lock
         return lambda: Module(cubin, "injected").unload()
 
-    # The kinds below are done like a foreign library: straight driver (or torch) calls, never workers.cuda,
-    # so our own journal does not see them and only CUPTI does.
+    # The kinds below are done like a foreign library: straight driver (or torch) calls, never workers.cuda's
+    # journaled wrappers (only its check() of the result), so our own journal does not see them; CUPTI does.
 
     def _prepare_host_register(self) -> Callable[[], None]:
         """cuMemHostRegister + cuMemHostUnregister of one host buffer (pinning and unpinning its pages)."""
@@ -176,8 +169,8 @@ class Injector:
         ptr, nbytes = buf.ctypes.data, buf.nbytes
 
         def op() -> None:
-            _driver_call(driver.cuMemHostRegister(ptr, nbytes, 0), "cuMemHostRegister")
-            _driver_call(driver.cuMemHostUnregister(ptr), "cuMemHostUnregister")
+            check(driver.cuMemHostRegister(ptr, nbytes, 0), "cuMemHostRegister")
+            check(driver.cuMemHostUnregister(ptr), "cuMemHostUnregister")
             _ = buf  # keep the buffer alive as long as the operation
 
         return op
@@ -202,8 +195,8 @@ class Injector:
         log.warning("[inject] library_alloc: %d B through cuMemAlloc/cuMemFree (%s)", nbytes, why)
 
         def driver_op() -> None:
-            dptr = _driver_call(driver.cuMemAlloc(nbytes), "cuMemAlloc")
-            _driver_call(driver.cuMemFree(dptr), "cuMemFree")
+            dptr = check(driver.cuMemAlloc(nbytes), "cuMemAlloc")
+            check(driver.cuMemFree(dptr), "cuMemFree")
 
         return driver_op
 
@@ -216,9 +209,9 @@ class Injector:
 
         cubin = compile_cubin(_MODULE_SOURCE, "inject.cu", ctx.info.arch)  # NVRTC takes no driver lock
         image = np.frombuffer(cubin, dtype=np.uint8)  # cuModuleLoadData reads it during the call only
-        dptr = _driver_call(driver.cuMemAlloc(_MODULE_KERNELS * 4), "cuMemAlloc")  # one float per kernel
+        dptr = check(driver.cuMemAlloc(_MODULE_KERNELS * 4), "cuMemAlloc")  # one float per kernel
         cleanups.append(lambda: driver.cuMemFree(dptr))
-        stream = _driver_call(driver.cuStreamCreate(0), "cuStreamCreate")
+        stream = check(driver.cuStreamCreate(0), "cuStreamCreate")
         cleanups.append(lambda: (driver.cuStreamSynchronize(stream), driver.cuStreamDestroy(stream)))
         # Kernel parameters as workers.cuda.module.KernelArgs packs them: the values, and a void** array of
         # their addresses; cuLaunchKernel copies the values at launch.
@@ -231,18 +224,18 @@ class Injector:
         name = b"k0"
 
         def op() -> None:
-            mod = _driver_call(driver.cuModuleLoadData(image.ctypes.data), "cuModuleLoadData")
+            mod = check(driver.cuModuleLoadData(image.ctypes.data), "cuModuleLoadData")
             try:
-                func = _driver_call(driver.cuModuleGetFunction(mod, name), "cuModuleGetFunction")
-                _driver_call(
+                func = check(driver.cuModuleGetFunction(mod, name), "cuModuleGetFunction")
+                check(
                     driver.cuLaunchKernel(func, 1, 1, 1, 1, 1, 1, 0, stream, params.ctypes.data, 0),
                     "cuLaunchKernel",
                 )
-                _driver_call(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+                check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
             except BaseException:
                 driver.cuModuleUnload(mod)  # best effort: the launch's error is the one to report
                 raise
-            _driver_call(driver.cuModuleUnload(mod), "cuModuleUnload")
+            check(driver.cuModuleUnload(mod), "cuModuleUnload")
             _ = arg  # keep the parameter values alive as long as the operation
 
         return op
