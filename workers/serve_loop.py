@@ -33,6 +33,7 @@ from workers import cupti_journal
 from workers.arena import Arena
 from workers.driver_journal import JOURNAL
 from workers.engines.base import Engine, Slot
+from workers.gc_journal import GcJournal
 from workers.pipeline import Batch, Pipeline, Request, ShmSpans
 from workers.telemetry import WorkerTelemetry
 
@@ -104,7 +105,10 @@ class ServeLoop:
         self.sup = sup
         self.ctx = ctx
         # Constructed on the serving thread: its probe reads this thread's scheduler counters.
-        self.telemetry = WorkerTelemetry(self.id, cfg.monitor, JOURNAL, cfg.pipeline.sync)
+        self.collections = GcJournal()
+        self.telemetry = WorkerTelemetry(
+            self.id, cfg.monitor, JOURNAL, cfg.pipeline.sync, collections=self.collections
+        )
         self.arena = self._make_arena(spec, cfg, engine)
         self.pipeline = Pipeline(
             engine,
@@ -147,6 +151,10 @@ class ServeLoop:
         self.hang = False  # debug.inject = hang_after reached: stop making progress, keep heartbeats
         self.hang_armed = cfg.debug.inject == "hang_after" and cfg.debug.applies_to(self.id)
         engine.mark_ready()
+        # Last before READY: what start-up built is frozen out of every later collection's walk.
+        self.collections.freeze()
+        self.collections.start()
+        log.info("[ready] gc: %s", self.collections.describe())
         self._send_ready()
 
     @staticmethod
@@ -631,6 +639,7 @@ class ServeLoop:
         self.data.close(linger=500)  # let the last replies leave
         stop_authenticator(self.ctx)
         self.telemetry.close()
+        self.collections.stop()
         self.engine.close()  # unregisters the arena on GPU workers
         if self.arena is not None:
             self.arena.close()

@@ -17,6 +17,8 @@ from typing import Any
 from orchestrator.common.config import MonitorSection
 from orchestrator.common.histogram import BOUNDS_US, Histogram
 from workers.driver_journal import DriverJournal, DriverOp
+from workers.gc_journal import GcJournal
+from workers.gc_journal import entry as gc_entry
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +208,7 @@ class WorkerTelemetry:
         journal: DriverJournal,
         sync_mode: str,
         *,
+        collections: GcJournal | None = None,
         warmup_batches: int = 64,
         window: int = 256,
         refresh_every: int = 32,
@@ -215,6 +218,7 @@ class WorkerTelemetry:
         self.worker_id = worker_id
         self.pid = os.getpid()
         self.journal = journal
+        self.collections = collections
         self.sync_mode = sync_mode
         self.factor = float(monitor.stall_factor)
         self.min_us = float(monitor.stall_min_us)
@@ -376,6 +380,7 @@ class WorkerTelemetry:
             "schedstat": bool(probe is not None and probe.schedstat),
             "journal": [journal_entry(op) for op in ops[-MAX_JOURNAL_PER_REPORT:]],
             "journal_faults": self.journal.faults,
+            "gc": [gc_entry(c) for c in self.collections.overlapping(t0, now)] if self.collections else [],
         }
         log.debug(
             "[stall] candidate %s: enqueue %.0f us, latency %.0f us, %d driver op(s)",
@@ -476,6 +481,7 @@ class WorkerTelemetry:
                 "entries": [journal_entry(e) for e in shipped],
                 "dropped": len(entries) - len(shipped),
             },
+            "gc": self.collections.stats() if self.collections else None,
         }
         self._iv = _Counters()
         self._iv_t0 = now

@@ -43,6 +43,7 @@ _STATE_STYLE = {
 _BAD_REASONS = {"hw_slowdown", "sw_thermal", "hw_thermal", "hw_power_brake", "reliability"}
 _CAUSE_STYLE = {
     "driver_lock": "magenta",
+    "python_gc": "magenta",
     "lock_wait": "magenta",
     "cpu_preemption": "yellow",
     "throttling": "red",

@@ -250,3 +250,51 @@ def test_unwritable_log_keeps_counting_and_says_so_once(
         log.write(rec)
     assert log.total == 3 and log.snapshot_counts()["unknown"] == 3
     assert sum("cannot write" in r.getMessage() for r in caplog.records) == 1
+
+
+def _collection(t0_ms: float, t1_ms: float, thread: str = "MainThread", generation: int = 2) -> dict:
+    return {
+        "t0_ns": int(t0_ms * MS),
+        "t1_ns": int(t1_ms * MS),
+        "generation": generation,
+        "thread": thread,
+        "collected": 0,
+    }
+
+
+def test_a_collection_on_the_serving_thread_during_the_launch_is_python_gc() -> None:
+    on_cpu = {
+        "wall_us": 30000.0,
+        "oncpu_us": 29900.0,
+        "runq_us": 10.0,
+        "blocked_us": 90.0,
+        "vcsw": 0,
+        "ivcsw": 0,
+    }
+    ranked = attribute(candidate(probe_launch=on_cpu, gc=[_collection(100.5, 129.5)]), [], {}, [])
+    assert names(ranked)[0] == "python_gc"
+    _, score, ev = ranked[0]
+    assert score > 0.9 and ev["generation"] == 2 and ev["thread"] == "MainThread" and ev["dur_us"] == 29000.0
+    rec = build_record(candidate(gc=[_collection(100.5, 129.5)]), ranked, None)
+    assert "generation 2 collection on MainThread 29.0 ms" in rec["summary"]
+
+
+def test_a_collection_on_another_thread_explains_the_gil_wait() -> None:
+    blocked = {
+        "wall_us": 30000.0,
+        "oncpu_us": 40.0,
+        "runq_us": 10.0,
+        "blocked_us": 29950.0,
+        "vcsw": 2,
+        "ivcsw": 0,
+    }
+    ranked = attribute(
+        candidate(probe_launch=blocked, gc=[_collection(125, 133, thread="reporter")]), [], {}, []
+    )
+    assert names(ranked)[:2] == ["python_gc", "lock_wait"]
+    assert ranked[0][2]["explains"] == "lock_wait" and ranked[0][2]["thread"] == "reporter"
+
+
+def test_a_collection_outside_the_window_is_not_blamed() -> None:
+    ranked = attribute(candidate(gc=[_collection(50, 60)]), [], {}, [])
+    assert names(ranked) == ["unknown"]

@@ -14,6 +14,7 @@ import pytest
 from orchestrator.common.config import MonitorSection
 from workers import telemetry
 from workers.driver_journal import DriverJournal
+from workers.gc_journal import Collection, GcJournal
 from workers.pipeline import Batch, Request
 from workers.telemetry import ThreadProbe, WorkerTelemetry
 
@@ -139,6 +140,20 @@ def test_enqueue_stall_is_flagged_with_overlapping_journal_and_probe() -> None:
     assert [e["op"] for e in cand["journal"]] == ["pinned_alloc"]
     assert cand["probe_launch"] is not None and cand["probe_batch"] is not None
     msgpack.unpackb(msgpack.packb(cand))  # goes on the wire as is
+
+
+@pytest.mark.usefixtures("frozen_clock")
+def test_a_stall_candidate_carries_the_collections_that_overlapped_it() -> None:
+    collections = GcJournal()
+    tel = make_tel(collections=collections)
+    warm(tel)
+    now = time.monotonic_ns()
+    collections._kept.append(Collection(now - 900_000 * US, now - 899_000 * US, 2, "MainThread", 0))  # before
+    collections._kept.append(Collection(now - 4_000 * US, now - 1_000 * US, 2, "MainThread", 12))
+    cand = tel.on_batch(make_batch(5_000.0, 5_300.0), 100.0)
+    assert cand is not None
+    assert [(c["generation"], c["collected"]) for c in cand["gc"]] == [(2, 12)]
+    assert tel.report()["gc"]["frozen"] == 0  # the journal's stats travel in every report
 
 
 @pytest.mark.usefixtures("frozen_clock")

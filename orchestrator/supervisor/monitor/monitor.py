@@ -163,6 +163,7 @@ class _Worker:
             "faults": (last.get("journal") or {}).get("faults"),
             "journal_mode": (last.get("journal") or {}).get("mode"),
             "journal_note": (last.get("journal") or {}).get("note"),
+            "gc": last.get("gc"),  # the worker's garbage collections (workers/gc_journal.py)
             "faults_total": self.faults_total,
             "stalls": self.stalls,
             "last_stall_cause": self.last_stall_cause,

@@ -18,7 +18,15 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-CAUSES = ("driver_lock", "lock_wait", "cpu_preemption", "throttling", "foreign_process", "unknown")
+CAUSES = (
+    "driver_lock",
+    "python_gc",
+    "lock_wait",
+    "cpu_preemption",
+    "throttling",
+    "foreign_process",
+    "unknown",
+)
 #: Clock-event reasons that slow the GPU down (idle, application clocks and display clocks do not).
 SLOWING_REASONS = frozenset(
     {
@@ -100,6 +108,34 @@ def _driver_lock(c: dict) -> Cause | None:
         score = 0.35 + 0.4 * coverage
     rows.sort(key=lambda r: -r["overlap_us"])
     return "driver_lock", score, {"ops": rows[:5], "n_ops": len(rows), "coverage": round(coverage, 3)}
+
+
+def _python_gc(c: dict) -> Cause | None:
+    """A garbage collection overlapped the stall: on the serving thread it is the stall; on another thread
+    it held the GIL the serving thread waited for (which also shows as a lock wait)."""
+    rows = c.get("gc") or []
+    if not rows:
+        return None
+    if _enqueue_stall(c):
+        a0, a1, base = c["launch_t0_ns"], c["launch_t1_ns"], 0.55
+    else:
+        a0, a1, base = c["t0_ns"], c["t1_ns"], 0.35
+    overlap = sum(_overlap_ns(r["t0_ns"], r["t1_ns"], a0, a1) for r in rows)
+    if not overlap:
+        return None
+    coverage = min(1.0, overlap / max(1, a1 - a0))
+    longest = max(rows, key=lambda r: r["t1_ns"] - r["t0_ns"])
+    return (
+        "python_gc",
+        base + 0.4 * coverage,
+        {
+            "generation": longest["generation"],
+            "thread": longest["thread"],
+            "dur_us": round((longest["t1_ns"] - longest["t0_ns"]) / 1e3, 1),
+            "n": len(rows),
+            "coverage": round(coverage, 3),
+        },
+    )
 
 
 def _probe_for(c: dict) -> tuple[str, dict | None]:
@@ -230,6 +266,7 @@ def attribute(
     """
     tried = [
         _driver_lock(candidate),
+        _python_gc(candidate),
         _lock_wait(candidate),
         _cpu_preemption(candidate, host or {}),
         _throttling(candidate, gpu_samples or []),
@@ -250,13 +287,15 @@ def attribute(
 
 
 def _reconcile(found: list[Cause]) -> list[Cause]:
-    """A driver operation that overlapped the blocked time explains the lock wait: rank it above."""
+    """A driver operation or a garbage collection (the GIL) that overlapped the blocked time explains the
+    lock wait: rank it above."""
     by = {n: (s, e) for n, s, e in found}
-    if "driver_lock" in by and "lock_wait" in by:
-        s, e = by["driver_lock"]
-        lw = by["lock_wait"][0]
-        if s <= lw:
-            by["driver_lock"] = (min(0.99, lw + 0.05), {**e, "explains": "lock_wait"})
+    for holder in ("driver_lock", "python_gc"):
+        if holder in by and "lock_wait" in by:
+            s, e = by[holder]
+            lw = by["lock_wait"][0]
+            if s <= lw:
+                by[holder] = (min(0.99, lw + 0.05), {**e, "explains": "lock_wait"})
     return [(n, s, e) for n, (s, e) in by.items()]
 
 
@@ -289,6 +328,12 @@ def evidence_text(cause: str, ev: dict) -> str:
         ]
         more = f" +{ev.get('n_ops', len(ops)) - 2}" if ev.get("n_ops", len(ops)) > 2 else ""
         return f"{'; '.join(parts)}{more} (covers {ev.get('coverage', 0):.0%})"
+    if cause == "python_gc":
+        more = f" +{ev['n'] - 1}" if ev.get("n", 1) > 1 else ""
+        return (
+            f"generation {ev.get('generation')} collection on {ev.get('thread') or '?'} "
+            f"{_fmt_us(ev.get('dur_us'))}{more} (covers {ev.get('coverage', 0):.0%})"
+        )
     if cause == "lock_wait":
         return f"blocked {_fmt_us(ev.get('blocked_us'))} with {ev.get('vcsw')} voluntary switches"
     if cause == "cpu_preemption":
