@@ -36,7 +36,7 @@ from scripts.bench_mps import (  # noqa: E402
     stop,
     summarize_status,
 )
-from scripts.benchlib import cli, copy_logs, machine_info, start_or_record, status_json  # noqa: E402
+from scripts.benchlib import cli, copy_logs, machine_info, pinning, start_or_record, status_json  # noqa: E402
 from scripts.loadgen import run_load  # noqa: E402
 
 log = logging.getLogger("bench_scaling")
@@ -195,15 +195,6 @@ def verify_telemetry(st: dict[str, Any], gpus: list[int]) -> dict[str, Any]:
             if i in seen
         ],
     }
-
-
-def pinning(n_workers: int, max_workers: int) -> tuple[list[list[int]] | None, list[int] | None]:
-    """(cores per worker, client cores): 4 cores of its own per worker and the load generator on every
-    other core, when the host has the cores for the largest run; otherwise (None, None)."""
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 4 * max_workers + 8:
-        return None, None
-    return [cores[4 * i : 4 * i + 4] for i in range(n_workers)], cores[4 * n_workers :]
 
 
 def one_run(

@@ -51,8 +51,7 @@ from orchestrator.common.config import load_config  # noqa: E402
 from scripts.bench_gpu_bare import Shape  # noqa: E402
 from scripts.bench_gpu_orch import NvmlUtil, closed_loop, totals  # noqa: E402
 from scripts.bench_mps import cell, fmt, mps_evidence, mps_leftovers, same_bits, stop  # noqa: E402
-from scripts.bench_scaling import pinning  # noqa: E402
-from scripts.benchlib import ClientPool, copy_logs, machine_info, start_or_record, status_json  # noqa: E402
+from scripts.benchlib import ClientPool, copy_logs, machine_info, pinning, start_or_record, status_json  # noqa: E402
 
 log = logging.getLogger("bench_shm")
 

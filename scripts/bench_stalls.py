@@ -6,6 +6,9 @@ reports the launches over 1 ms (the worker's exact counter), the stall records f
 top cause is driver_lock with the injected operation named (the record's `driver_op`), and the serving
 thread's host time per batch (heartbeat `host_ns` / `batches`). "clean-own" is the clean run with
 `[monitor] driver_journal = "own"` (no CUPTI) whatever --journal says: clean vs clean-own is the journal's cost.
+On a GPU host with 12 or more cores the worker gets 4 cores of its own and the load generator the others
+(--no-pin: both unpinned), as when clients run on other hosts: a client process preempting the serving
+thread is the load generator's noise, not the worker's.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from orchestrator.common.config import load_config  # noqa: E402
 from orchestrator.common.rundir import RunDir  # noqa: E402
 from scripts import benchlib  # noqa: E402
 from scripts.benchlib import machine_info as machine  # noqa: E402
+from scripts.benchlib import pinning  # noqa: E402
 from scripts.loadgen import run_load  # noqa: E402
 
 #: debug.inject kind -> the driver_op categories (the stall record's `driver_op.op`) that are the right answer.
@@ -73,7 +77,12 @@ def scenario_sections(args: argparse.Namespace, scenario: str, run_dir: Path) ->
         "workers": (
             {"device": "cpu", "count": 1, "cpu_affinity": [[min(os.sched_getaffinity(0))]]}
             if cpu
-            else {"device": "gpu", "gpus": [args.gpu], "per_gpu": 1}
+            else {
+                "device": "gpu",
+                "gpus": [args.gpu],
+                "per_gpu": 1,
+                **({"cpu_affinity": [args.worker_cores]} if getattr(args, "worker_cores", None) else {}),
+            }
         ),
         "model": {"kind": "synthetic", "item_shape": [args.item], "work": args.work, "max_batch": args.rows},
         "pipeline": {
@@ -302,7 +311,7 @@ def run_scenario(args: argparse.Namespace, scenario: str, tmp: Path) -> dict[str
             )
         res["start_s"] = round(time.monotonic() - t_start, 1)
         say(f"  [{scenario}] started in {res['start_s']} s; warm-up {args.warmup:g} s")
-        run_load(config, shape, args.procs, args.in_flight, args.warmup)
+        run_load(config, shape, args.procs, args.in_flight, args.warmup, cpus=args.client_cores)
         time.sleep(SETTLE_S)
         t_w0 = time.time()
         before_st = status_json(config)
@@ -323,7 +332,7 @@ def run_scenario(args: argparse.Namespace, scenario: str, tmp: Path) -> dict[str
         snap = threading.Thread(target=snapshot, name="mid-run-status", daemon=True)
         say(f"  [{scenario}] load {args.procs} procs x {args.in_flight} in flight for {args.seconds:g} s")
         snap.start()
-        load = run_load(config, shape, args.procs, args.in_flight, args.seconds)
+        load = run_load(config, shape, args.procs, args.in_flight, args.seconds, cpus=args.client_cores)
         snap.join(60)
         time.sleep(SETTLE_S)
         t_w1 = time.time()
@@ -365,6 +374,7 @@ def run_scenario(args: argparse.Namespace, scenario: str, tmp: Path) -> dict[str
         res["requests"] = after["requests_total"] - before["requests_total"]
         res["enqueue_over_1ms"] = after["enqueue_over_1ms_total"] - before["enqueue_over_1ms_total"]
         res["driver_faults"] = (after.get("faults_total") or 0) - (before.get("faults_total") or 0)
+        res["gc"] = gc_delta(before.get("gc"), after.get("gc"))
         res["load"] = {
             "requests": load.requests,
             "ok": load.ok,
@@ -401,6 +411,30 @@ def run_scenario(args: argparse.Namespace, scenario: str, tmp: Path) -> dict[str
         res.update(analyse(inside, res["enqueue_over_1ms"], scenario))
     res["elapsed_s"] = round(time.monotonic() - t_start, 1)
     return res
+
+
+def _gc(r: dict[str, Any]) -> str:
+    g = r.get("gc")
+    if not g:
+        return "garbage collections not reported"
+    return (
+        f"garbage collections in the window {'/'.join(str(n) for n in g['collections'])} (generation 0/1/2), "
+        f"{g['slow']} of 50 us or more"
+    )
+
+
+def gc_delta(before: dict | None, after: dict | None) -> dict | None:
+    """The worker's garbage collections in the window: per generation, and those of 50 us or longer."""
+    if not before or not after:
+        return None
+    return {
+        "collections": [a - b for a, b in zip(after["collections"], before["collections"], strict=True)],
+        "slow": after["slow"] - before["slow"],
+        "longest_us_since_ready": after["longest_us"],
+        "frozen": after["frozen"],
+        "full_us_before_freeze": after["full_us_before"],
+        "full_us_after_freeze": after["full_us_after"],
+    }
 
 
 # --- output ----------------------------------------------------------------------------------------
@@ -501,7 +535,7 @@ def checks(results: list[dict[str, Any]], cpu: bool) -> list[str]:
         if s in CLEAN:
             out.append(
                 f"{s}: {r['stalls']} stall(s) flagged, journal {_journal(r)} -> {_verdict(r['stalls'] == 0)} "
-                "(target: none)"
+                f"(target: none); {_gc(r)}"
             )
         elif s == "cpu_hog":
             top = max(r["stalls_by_cause"], key=r["stalls_by_cause"].get) if r["stalls_by_cause"] else None
@@ -628,7 +662,12 @@ def write_outputs(
         f"device_alloc {args.device_mib} MiB, module_load a 50-kernel cubin; as another library would, seen "
         f"only by CUPTI: host_register {args.register_mib} MiB, library_alloc {args.library_mib} MiB, "
         f"lazy_module a lazily loaded module; cpu_hog one busy process per worker core); load {args.procs} "
-        f"client processes x {args.in_flight} in flight, warm-up {args.warmup:g} s, measured {args.seconds:g} s."
+        f"client processes x {args.in_flight} in flight, warm-up {args.warmup:g} s, measured {args.seconds:g} s; "
+        + (
+            f"worker on cores {args.worker_cores}, clients on cores {args.client_cores}."
+            if args.worker_cores
+            else "worker and clients unpinned (workers.cpu_affinity = auto)."
+        )
     )
     md = [
         f"# Stall detection: {info.get('device', '?')}, driver {info.get('driver', '?')}, {info.get('date')}",
@@ -756,8 +795,19 @@ def main(argv: list[str] | None = None) -> int:
         help="then run clean-own and clean this many times, alternated, for the journal's host cost per batch",
     )
     ap.add_argument("--pair-seconds", type=float, default=20.0, help="measured load per run of a pair")
+    ap.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="leave the worker on its automatic cores and the clients anywhere (default on a GPU host with 12 or "
+        "more cores: the worker on 4 cores of its own, the load generator on the others, as when clients are on "
+        "other hosts)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary configs and run directories")
     args = ap.parse_args(argv)
+    args.worker_cores, args.client_cores = None, None
+    if not (args.cpu_smoke or args.no_pin):
+        cores, args.client_cores = pinning(1, 1)
+        args.worker_cores = cores[0] if cores else None
     if args.cpu_smoke:
         args.rows, args.item = 8, 256
         args.work = 20 if args.work is None else args.work

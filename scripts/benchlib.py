@@ -166,3 +166,12 @@ class ClientPool:
             p.join(30)
             if p.is_alive():
                 p.kill()
+
+
+def pinning(n_workers: int, max_workers: int) -> tuple[list[list[int]] | None, list[int] | None]:
+    """(cores per worker, client cores): 4 cores of its own per worker and the load generator on every
+    other core, when the host has the cores for the largest run; otherwise (None, None)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 4 * max_workers + 8:
+        return None, None
+    return [cores[4 * i : 4 * i + 4] for i in range(n_workers)], cores[4 * n_workers :]
