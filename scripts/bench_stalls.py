@@ -619,6 +619,8 @@ def run_pairs(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
                 "diff_us": hc - ho if hc is not None and ho is not None else None,
                 "clean_journal": _journal(c),
                 "clean_summaries": [r.get("summary") for r in c.get("stall_records") or ()],
+                "stalls": {"clean": c.get("stalls"), "clean-own": o.get("stalls")},
+                "stalls_by_cause": {"clean": c.get("stalls_by_cause"), "clean-own": o.get("stalls_by_cause")},
                 "ok": c["ok"] and o["ok"],
             }
         )
@@ -637,7 +639,12 @@ def pairs_check(pairs: list[dict[str, Any]], seconds: float) -> list[str]:
     return [
         f"host time per batch over {len(diffs)} alternated pairs ({seconds:g} s each): clean minus clean-own "
         f"median {med:+.2f} us (each: {each}) -> {_verdict(abs(med) <= HOST_DIFF_TARGET_US)} "
-        f"(target: within {HOST_DIFF_TARGET_US:g} us)"
+        f"(target: within {HOST_DIFF_TARGET_US:g} us)",
+        *(
+            f"{name} in the pairs: {sum((p.get('stalls') or {}).get(name) or 0 for p in pairs)} stall(s) in "
+            f"{len(pairs)} x {seconds:g} s (target: none)"
+            for name in ("clean", "clean-own")
+        ),
     ]
 
 

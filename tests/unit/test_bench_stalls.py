@@ -144,12 +144,14 @@ def test_host_check_says_when_not_cupti() -> None:
 
 def test_pairs_check_takes_the_median_of_paired_differences() -> None:
     pairs = [
-        {"pair": 1, "ok": True, "diff_us": 8.5},
-        {"pair": 2, "ok": True, "diff_us": -0.4},
-        {"pair": 3, "ok": True, "diff_us": 0.6},
+        {"pair": 1, "ok": True, "diff_us": 8.5, "stalls": {"clean": 1, "clean-own": 0}},
+        {"pair": 2, "ok": True, "diff_us": -0.4, "stalls": {"clean": 2, "clean-own": 3}},
+        {"pair": 3, "ok": True, "diff_us": 0.6, "stalls": {"clean": 0, "clean-own": None}},
         {"pair": 4, "ok": False, "diff_us": None},
     ]
-    (line,) = bs.pairs_check(pairs, 20.0)
+    line, clean, own = bs.pairs_check(pairs, 20.0)
+    assert clean == "clean in the pairs: 3 stall(s) in 4 x 20 s (target: none)"
+    assert own == "clean-own in the pairs: 3 stall(s) in 4 x 20 s (target: none)"
     assert line.startswith("host time per batch over 3 alternated pairs (20 s each): clean minus clean-own ")
     assert "median +0.60 us (each: +8.50, -0.40, +0.60) -> PASS (target: within 1 us)" in line
     assert bs.pairs_check([], 20.0) == []
