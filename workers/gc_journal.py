@@ -16,7 +16,7 @@ import gc
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 #: Collections kept for stall windows; a stall report looks back a few milliseconds, and young
 #: collections come every few hundred allocations, so this covers well over a second of serving.
@@ -118,11 +118,5 @@ class GcJournal:
 
 
 def entry(c: Collection) -> dict:
-    """A collection as it travels in a stall candidate."""
-    return {
-        "t0_ns": c.t0_ns,
-        "t1_ns": c.t1_ns,
-        "generation": c.generation,
-        "thread": c.thread,
-        "collected": c.collected,
-    }
+    """A collection as it travels in a stall candidate: its fields by name."""
+    return asdict(c)

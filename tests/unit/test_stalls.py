@@ -60,19 +60,24 @@ def op(name: str, t0_ms: float, t1_ms: float, detail: str = "64 MiB") -> dict:
     }
 
 
+def blocked_probe(vcsw: int) -> dict:
+    """The launch's thread probe of a 30 ms launch spent blocked, with `vcsw` voluntary switches."""
+    return {
+        "wall_us": 30000.0,
+        "oncpu_us": 40.0,
+        "runq_us": 10.0,
+        "blocked_us": 29950.0,
+        "vcsw": vcsw,
+        "ivcsw": 0,
+    }
+
+
 def names(ranked: list) -> list[str]:
     return [n for n, _, _ in ranked]
 
 
 def test_driver_op_overlapping_the_launch_ranks_first() -> None:
-    blocked = {
-        "wall_us": 30000.0,
-        "oncpu_us": 40.0,
-        "runq_us": 10.0,
-        "blocked_us": 29950.0,
-        "vcsw": 3,
-        "ivcsw": 0,
-    }
+    blocked = blocked_probe(vcsw=3)
     ranked = attribute(candidate(journal=[op("pinned_alloc", 99, 129.5)], probe_launch=blocked), [], {}, [])
     assert names(ranked)[:2] == ["driver_lock", "lock_wait"]
     cause, score, ev = ranked[0]
@@ -87,14 +92,7 @@ def test_driver_op_outside_the_window_is_not_blamed() -> None:
 
 
 def test_driver_lock_outranks_the_lock_wait_it_explains_even_at_low_coverage() -> None:
-    blocked = {
-        "wall_us": 30000.0,
-        "oncpu_us": 40.0,
-        "runq_us": 10.0,
-        "blocked_us": 29950.0,
-        "vcsw": 2,
-        "ivcsw": 0,
-    }
+    blocked = blocked_probe(vcsw=2)
     ranked = attribute(candidate(journal=[op("module_load", 128, 135)], probe_launch=blocked), [], {}, [])
     assert names(ranked)[:2] == ["driver_lock", "lock_wait"]
     assert ranked[0][2].get("explains") == "lock_wait"
@@ -280,14 +278,7 @@ def test_a_collection_on_the_serving_thread_during_the_launch_is_python_gc() -> 
 
 
 def test_a_collection_on_another_thread_explains_the_gil_wait() -> None:
-    blocked = {
-        "wall_us": 30000.0,
-        "oncpu_us": 40.0,
-        "runq_us": 10.0,
-        "blocked_us": 29950.0,
-        "vcsw": 2,
-        "ivcsw": 0,
-    }
+    blocked = blocked_probe(vcsw=2)
     ranked = attribute(
         candidate(probe_launch=blocked, gc=[_collection(125, 133, thread="reporter")]), [], {}, []
     )
