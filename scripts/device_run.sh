@@ -32,7 +32,7 @@
 #   bash scripts/device_run.sh stalls16c # issue 16 on the callback journal: bench_stalls 60 s a scenario, GPU tests
 #   bash scripts/device_run.sh final16  # issue 16, the on-demand journal: per-call cost, bench_stalls clean 60 s
 #                                       # + 3 alternated clean-own/clean pairs, bert-tiny own vs auto, CUPTI tests
-#   bash scripts/device_run.sh rest16   # issue 16: host_register, library_alloc, lazy_module 60 s, the GPU tier
+#   bash scripts/device_run.sh rest16   # issue 16: clean, host_register, library_alloc 60 s, the GPU tier
 #   bash scripts/device_run.sh close10  # issue 10 (+16): LitServe 2 and 4 workers, bert-tiny + 60 s steady,
 #                                       # bert-tiny on the own journal, the GPU tests
 #   bash scripts/device_run.sh real     # issue 10 in one call, most important first, ExportedPrograms only
@@ -367,14 +367,14 @@ run_mode() {
         ;;
     final16)
         # Issue 16, the journal on demand as committed ("auto": CUPTI untouched until a launch blocks like a
-        # lock wait), garbage collections frozen and journaled, bench_stalls' worker on cores of its own:
+        # lock wait), garbage collections frozen and journaled (STALL_ARGS=--pin as on 2026-12-04, call 5):
         # per-call cost off / armed / never armed / armed late / disarmed; clean 60 s and 3 alternated
         # clean-own/clean pairs of 20 s; bert-tiny on the own journal and "auto"; the CUPTI GPU tests.
         libcupti
         command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
         step probe-cost 60 python3 scripts/probe_cupti.py --part cost --out "$OUT/cupti"
         step bench-stalls 300 python3 scripts/bench_stalls.py --scenarios clean --seconds 60 \
-            --pairs "${STALL_PAIRS:-3}" --pair-seconds 20 --out "$OUT/stalls"
+            --pairs "${STALL_PAIRS:-3}" --pair-seconds 20 ${STALL_ARGS:-} --out "$OUT/stalls"
         mkdir -p "$RES/real"
         for j in own auto; do
             step "orch-bert-$j" 80 python3 scripts/bench_real.py --model bert --journal "$j" --concurrency 1,64 \
@@ -384,11 +384,11 @@ run_mode() {
             --timeout 35
         ;;
     rest16)
-        # Issue 16 on the final journal: the three foreign injections at 60 s, then the whole GPU tier.
+        # Issue 16 on the final journal, unpinned: clean and two foreign injections at 60 s, then the GPU tier.
         libcupti
         command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
-        step bench-stalls 250 python3 scripts/bench_stalls.py --scenarios host_register,library_alloc,lazy_module \
-            --seconds 60 --out "$OUT/stalls"
+        step bench-stalls 240 python3 scripts/bench_stalls.py \
+            --scenarios "${STALL_SCENARIOS:-clean,host_register,library_alloc}" --seconds 60 --out "$OUT/stalls"
         step gpu-tests 150 python3 -m pytest tests/gpu -v -p no:cacheprovider -rfEs --tb=short --timeout 100 \
             -k "not aoti" ${TEST_ARGS:-}
         ;;
