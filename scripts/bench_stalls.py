@@ -225,6 +225,9 @@ def compact(rec: dict[str, Any], scenario: str, in_window: bool) -> dict[str, An
         "causes": [{"cause": c["cause"], "score": c["score"]} for c in rec.get("causes", [])],
         "summary": rec.get("summary"),
         "driver_op": rec.get("driver_op"),
+        # Where the launching thread's time went (on CPU, waiting for a core, blocked): an `unknown` stall's
+        # only evidence.
+        "probe_launch": (rec.get("candidate") or {}).get("probe_launch"),
     }
 
 

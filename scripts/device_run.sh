@@ -33,6 +33,7 @@
 #   bash scripts/device_run.sh final16  # issue 16, the on-demand journal: per-call cost, bench_stalls clean 60 s
 #                                       # + 3 alternated clean-own/clean pairs, bert-tiny own vs auto, CUPTI tests
 #   bash scripts/device_run.sh rest16   # issue 16: clean, host_register, library_alloc 60 s, the GPU tier
+#   bash scripts/device_run.sh ab16     # issue 16: clean-own vs clean with CUPTI armed from start, 40 s each
 #   bash scripts/device_run.sh close10  # issue 10 (+16): LitServe 2 and 4 workers, bert-tiny + 60 s steady,
 #                                       # bert-tiny on the own journal, the GPU tests
 #   bash scripts/device_run.sh real     # issue 10 in one call, most important first, ExportedPrograms only
@@ -392,6 +393,14 @@ run_mode() {
         step gpu-tests 150 python3 -m pytest tests/gpu -v -p no:cacheprovider -rfEs --tb=short --timeout 100 \
             -k "not aoti" ${TEST_ARGS:-}
         ;;
+    ab16)
+        # Issue 16: does CUPTI, once attached, bring stalls to a clean run? clean-own against clean with CUPTI
+        # armed from start-up ("cupti"), 40 s each, unpinned; the records keep the launch's thread probe.
+        libcupti
+        command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
+        step bench-stalls 130 python3 scripts/bench_stalls.py --scenarios clean-own,clean --journal cupti \
+            --seconds 40 --out "$OUT/stalls"
+        ;;
     close10)
         # Issue 10's remaining measurements (LitServe tuned, the 60 s steady run on the default journal) and
         # bert-tiny on the own journal for issue 16's cost on a real model; then the GPU tests.
@@ -420,7 +429,7 @@ run_mode() {
         step bench-synthetic 100 bash scripts/device_bench.sh synthetic "$RES/bench" "$RES/logs-bench-synthetic"
         ;;
     *)
-        echo "unknown mode '$1' (gpu, stalls, single, quad, shm, profile, shm2, export, torch, gputests, limit, orch, litserve, real, prof, final, cupti, stalls16, stalls16b, rest10, verify16, close10, diag16, steady10, cb16, cb16b, stalls16c, final16, rest16)"
+        echo "unknown mode '$1' (gpu, stalls, single, quad, shm, profile, shm2, export, torch, gputests, limit, orch, litserve, real, prof, final, cupti, stalls16, stalls16b, rest10, verify16, close10, diag16, steady10, cb16, cb16b, stalls16c, final16, rest16, ab16)"
         SUMMARY+=("FAIL  mode: unknown '$1'")
         FAILED=1
         ;;
