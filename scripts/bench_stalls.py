@@ -7,9 +7,10 @@ top cause is driver_lock with the injected operation named (the record's `driver
 thread's host time per batch (heartbeat `host_ns` / `batches`). "clean-own" is the clean run with
 `[monitor] driver_journal = "own"` (no CUPTI) whatever --journal says: clean vs clean-own is the journal's cost.
 --pin puts the worker on 4 cores of its own and the load generator on the others, as when clients run on
-other hosts. On an H200 host (16 cores) that made a clean 60 s run worse, 34 stalls against 1-2 unpinned:
-the worker's own threads then take turns on its 4 cores (run-queue waits of one 4 ms tick). So both run
-unpinned by default (workers.cpu_affinity = auto).
+other hosts. It did not quiet a clean run on an H200 host (16 cores): 34 stalls in 60 s pinned, with run-queue
+waits of one 4 ms tick among the worker's own threads, against 25 unpinned on the next machine and 0 on the one
+after (benchmarks/results/stalls-cupti-callback-h200-2026-12-03, calls 5-7). So both run unpinned by default
+(workers.cpu_affinity = auto).
 """
 
 from __future__ import annotations
@@ -810,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
         "--pin",
         action="store_true",
         help="put the worker on 4 cores of its own and the load generator on the others (a GPU host with 12 or "
-        "more cores); measured worse on an H200 than leaving both unpinned, the default",
+        "more cores); it did not quiet a clean run on an H200, so both run unpinned by default",
     )
     ap.add_argument("--keep", action="store_true", help="keep the temporary configs and run directories")
     args = ap.parse_args(argv)
