@@ -16,6 +16,7 @@ after (benchmarks/results/stalls-cupti-callback-h200-2026-12-03, calls 5-7). So 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import shutil
@@ -229,6 +230,41 @@ def compact(rec: dict[str, Any], scenario: str, in_window: bool) -> dict[str, An
         # Where the launching thread's time went (on CPU, waiting for a core, blocked): an `unknown` stall's
         # only evidence.
         "probe_launch": (rec.get("candidate") or {}).get("probe_launch"),
+        "launch_t0_ns": (rec.get("candidate") or {}).get("launch_t0_ns"),
+        "launch_t1_ns": (rec.get("candidate") or {}).get("launch_t1_ns"),
+    }
+
+
+def read_windows(path: Path) -> list[tuple[int, int]] | None:
+    """The injected operations' (start, end) from <run_dir>/inject-<worker>.windows; None without the file."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    return sorted((int(a), int(b)) for a, b in (line.split() for line in text.splitlines() if line.strip()))
+
+
+def injection_overlap(records: list[dict[str, Any]], windows: list[tuple[int, int]], scenario: str) -> dict:
+    """Of the flagged launches over 1 ms, those whose launch overlapped an injected operation (the ones the
+    injection can have caused), and how many of those were blamed on the right operation."""
+    starts = [w[0] for w in windows]
+    flagged = [r for r in records if "enqueue" in (r.get("kind") or ()) and (r.get("enqueue_us") or 0) > 1000]
+    hit = []
+    for r in flagged:
+        l0, l1 = r.get("launch_t0_ns"), r.get("launch_t1_ns")
+        if l0 is None or l1 is None:
+            continue
+        i = bisect.bisect_right(starts, l1)  # windows starting before the launch ended
+        if i and any(windows[j][1] >= l0 for j in range(max(0, i - 3), i)):
+            hit.append(r)
+    right = sum(1 for r in hit if right_op(r, scenario))
+    return {
+        "operations": len(windows),
+        "flagged_over_1ms": len(flagged),
+        "overlapping": len(hit),
+        "overlapping_right_op": right,
+        "overlapping_right_share": right / len(hit) if hit else None,
+        "not_overlapping_by_cause": _count([r.get("cause", "unknown") for r in flagged if r not in hit]),
     }
 
 
@@ -414,6 +450,11 @@ def run_scenario(args: argparse.Namespace, scenario: str, tmp: Path) -> dict[str
         ]
         res["stalls_outside_window"] = len(records) - len(inside)
         res.update(analyse(inside, res["enqueue_over_1ms"], scenario))
+        windows = read_windows(run_dir / "inject-w0.windows")
+        if windows is not None:
+            res["injection"] = injection_overlap(
+                [r for r in res["stall_records"] if r["in_window"]], windows, scenario
+            )
     res["elapsed_s"] = round(time.monotonic() - t_start, 1)
     return res
 
@@ -569,6 +610,15 @@ def checks(results: list[dict[str, Any]], cpu: bool) -> list[str]:
                 f"(target {RIGHT_OP_TARGET:.0%}; driver_lock first {_pct(r['driver_lock_share'])}); "
                 f"operations named: {ops}; calling library: {libs}; journal {_journal(r)} -> {_verdict(ok)}"
             )
+            inj = r.get("injection")
+            if inj:
+                out.append(
+                    f"  {s}: {inj['overlapping']} of {inj['flagged_over_1ms']} flagged launches overlapped one of "
+                    f"the {inj['operations']} injected operations; the right operation named for "
+                    f"{_ratio(inj['overlapping_right_op'], inj['overlapping'], inj['overlapping_right_share'])} "
+                    f"of those; the others by cause: "
+                    f"{', '.join(f'{k} {n}' for k, n in inj['not_overlapping_by_cause'].items()) or 'none'}"
+                )
         if not cpu and r.get("gpus_mid_run"):
             g = r["gpus_mid_run"][0]
             seen = g.get("sm_clock_mhz") is not None and g.get("throttle_reasons") is not None

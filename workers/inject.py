@@ -25,7 +25,9 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,10 +69,13 @@ def _torch_with_cuda() -> tuple[Any, str]:
 class Injector:
     """Runs one injection kind until stop(). Use start(cfg) to build and start one."""
 
-    def __init__(self, kind: str, period_ms: int, nbytes: int) -> None:
+    def __init__(self, kind: str, period_ms: int, nbytes: int, windows: Path | None = None) -> None:
         self.kind = kind
         self.period_s = period_ms / 1000.0
         self.nbytes = nbytes
+        # Each operation's start and end (time.monotonic_ns(), one "t0 t1" line per operation), for benches
+        # that tell the stalls the injection caused from the host's own noise; the journals never read it.
+        self.windows = windows
         self.count = 0  # operations done (alloc+free or load+unload pairs)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -118,9 +123,15 @@ class Injector:
                 self.period_s * 1e3,
                 threading.current_thread().name,
             )
+            out = open(self.windows, "a", buffering=1) if self.windows else None  # noqa: SIM115
+            if out is not None:
+                cleanups.append(out.close)
             while not self._stop.wait(self.period_s):
+                t0 = time.monotonic_ns()
                 op()
                 self.count += 1
+                if out is not None:
+                    out.write(f"{t0} {time.monotonic_ns()}\n")
         except BaseException as exc:  # report, never kill the worker from a debug thread
             self.error = exc
             log.error("[inject] %s stopped: %s", self.kind, exc)
@@ -261,8 +272,9 @@ class Injector:
         return [p.pid for p in self._hogs]
 
 
-def start(cfg: Config) -> Injector | None:
+def start(cfg: Config, windows: Path | None = None) -> Injector | None:
     """Start the injection `cfg.debug.inject` asks for, or return None when there is none to run here.
+    A GPU kind appends each operation's start and end to `windows` when given.
 
     crash_on_start and hang_after are the worker's own faults, not side threads: they return None too.
     GPU kinds (GPU_INJECTIONS) need a GPU worker whose engine has created the CUDA context already.
@@ -274,7 +286,7 @@ def start(cfg: Config) -> Injector | None:
         raise ConfigError(
             f'debug.inject = "{d.inject}" needs workers.device = "gpu"; a CPU worker can only use "cpu_hog"'
         )
-    inj = Injector(d.inject, d.inject_period_ms, d.inject_bytes)
+    inj = Injector(d.inject, d.inject_period_ms, d.inject_bytes, windows)
     inj.start()
     return inj
 

@@ -133,7 +133,11 @@ def run_worker(spec_path: str) -> int:
         ctx.term()
         return 3
     # Stall injection ([debug] inject) starts after READY, so its driver operations count as faults.
-    injector = inject.start(cfg) if cfg.debug.applies_to(spec.id) else None
+    injector = (
+        inject.start(cfg, Path(spec.run_dir or cfg.run_dir) / f"inject-{spec.id}.windows")
+        if cfg.debug.applies_to(spec.id)
+        else None
+    )
     try:
         loop.run(rfd, stop_flag)
     finally:

@@ -157,3 +157,38 @@ def test_pairs_check_takes_the_median_of_paired_differences() -> None:
     assert bs.pairs_check([], 20.0) == []
     (line,) = bs.pairs_check([{"pair": 1, "ok": False, "diff_us": None}], 20.0)
     assert line.endswith("not measured (runs failed)")
+
+
+def test_injection_overlap_counts_only_launches_an_injected_operation_overlapped(tmp_path: Path) -> None:
+    path = tmp_path / "inject-w0.windows"
+    path.write_text("1000 2000\n5000 6000\n\n")
+    windows = bs.read_windows(path)
+    assert windows == [(1000, 2000), (5000, 6000)]
+    assert bs.read_windows(tmp_path / "missing.windows") is None
+
+    def rec(l0: int, l1: int, cause: str, op: str | None = None) -> dict:
+        return {
+            "kind": ["enqueue"],
+            "enqueue_us": 1500.0,
+            "cause": cause,
+            "driver_op": {"op": op} if op else None,
+            "launch_t0_ns": l0,
+            "launch_t1_ns": l1,
+        }
+
+    records = [
+        rec(1500, 2500, "driver_lock", "host_register"),  # inside the first operation: right
+        rec(4000, 5100, "unknown"),  # overlaps the second's start
+        rec(2500, 4000, "cpu_preemption"),  # between operations: the host's noise
+        rec(6500, 7000, "unknown"),  # after both
+        {**rec(5500, 5600, "unknown"), "enqueue_us": 900.0},  # not over 1 ms: not counted
+    ]
+    got = bs.injection_overlap(records, windows, "host_register")
+    assert (got["operations"], got["flagged_over_1ms"], got["overlapping"], got["overlapping_right_op"]) == (
+        2,
+        4,
+        2,
+        1,
+    )
+    assert got["overlapping_right_share"] == 0.5
+    assert got["not_overlapping_by_cause"] == {"cpu_preemption": 1, "unknown": 1}

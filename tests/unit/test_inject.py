@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -110,6 +111,31 @@ def test_foreign_kind_failing_driver_calls_report_error(
     _run_to_error(inj)
     assert inj.error is not None and inj.count == 0
     assert thread_crashes == []
+
+
+def test_each_operation_appends_its_start_and_end_to_the_windows_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers.cuda import context
+
+    monkeypatch.setattr(context, "current_context", lambda: SimpleNamespace(make_current=lambda: None))
+    path = tmp_path / "inject-w0.windows"
+    inj = inject.Injector("host_register", 1, 1024, path)
+    done = threading.Event()
+
+    def op() -> None:
+        if inj.count == 2:  # the third operation: after it, stop
+            done.set()
+            inj._stop.set()
+
+    monkeypatch.setattr(inj, "_prepare", lambda ctx, cleanups: op)
+    inj.start()
+    assert done.wait(30)
+    inj.stop()
+    assert inj.error is None and inj.count == 3
+    rows = [tuple(map(int, line.split())) for line in path.read_text().splitlines()]
+    assert len(rows) == 3 and all(t0 <= t1 for t0, t1 in rows)
+    assert [t0 for t0, _ in rows] == sorted(t0 for t0, _ in rows)
 
 
 def test_driver_call_names_the_failed_call() -> None:
