@@ -32,7 +32,7 @@
 #   bash scripts/device_run.sh stalls16c # issue 16 on the callback journal: bench_stalls 60 s a scenario, GPU tests
 #   bash scripts/device_run.sh final16  # issue 16, the on-demand journal: per-call cost, bench_stalls clean 60 s
 #                                       # + 3 alternated clean-own/clean pairs, bert-tiny own vs auto, CUPTI tests
-#   bash scripts/device_run.sh rest16   # issue 16: clean, host_register, library_alloc 60 s, the GPU tier
+#   bash scripts/device_run.sh rest16   # issue 16: clean, library_alloc, lazy_module 60 s, the GPU tier
 #   bash scripts/device_run.sh ab16     # issue 16: clean-own vs clean with CUPTI armed from start, 40 s each
 #   bash scripts/device_run.sh close10  # issue 10 (+16): LitServe 2 and 4 workers, bert-tiny + 60 s steady,
 #                                       # bert-tiny on the own journal, the GPU tests
@@ -385,11 +385,13 @@ run_mode() {
             --timeout 35
         ;;
     rest16)
-        # Issue 16 on the final journal, unpinned: clean and two foreign injections at 60 s, then the GPU tier.
+        # Issue 16 on the final journal, unpinned: clean and foreign injections at 60 s (the stall records keep the
+        # launch probe and the injected operations' windows since e7b348c), then the GPU tier. Call 6 of
+        # 2026-12-04 ran STALL_SCENARIOS=clean,host_register,library_alloc (then the default).
         libcupti
         command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
         step bench-stalls 240 python3 scripts/bench_stalls.py \
-            --scenarios "${STALL_SCENARIOS:-clean,host_register,library_alloc}" --seconds 60 --out "$OUT/stalls"
+            --scenarios "${STALL_SCENARIOS:-clean,library_alloc,lazy_module}" --seconds 60 --out "$OUT/stalls"
         step gpu-tests 150 python3 -m pytest tests/gpu -v -p no:cacheprovider -rfEs --tb=short --timeout 100 \
             -k "not aoti" ${TEST_ARGS:-}
         ;;
