@@ -36,6 +36,23 @@ def read_for(fd: int, seconds: float) -> str:
     return out.decode("utf-8", "replace")
 
 
+def wait_draining(pid: int, fd: int, seconds: float) -> int | None:
+    """The child's wait status once it exits, reading its terminal meanwhile: a child whose last frames fill
+    an unread pty blocks in write() and never gets to exit. None if it is still running after `seconds`."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        r, _, _ = select.select([fd], [], [], 0.1)
+        if r:
+            try:
+                os.read(fd, 65536)
+            except OSError:  # the terminal closed with the child: reap it on the next pass
+                pass
+    return None
+
+
 def test_live_view_in_a_terminal(short_tmp, orchestrator_factory) -> None:
     cfg = write_config(
         short_tmp,
@@ -57,7 +74,8 @@ def test_live_view_in_a_terminal(short_tmp, orchestrator_factory) -> None:
         assert "w0" in screen and "w1" in screen and "ready" in screen
         assert screen.count("w0") >= 2, "the view should have refreshed at least once in 3 s"
         os.kill(pid, signal.SIGINT)
-        _, status = os.waitpid(pid, 0)
+        status = wait_draining(pid, fd, 60.0)
+        assert status is not None, "the view did not leave within 60 s of Ctrl-C"
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) in (0, 130), status
     finally:
         try:
