@@ -66,6 +66,9 @@ def test_live_view_in_a_terminal(short_tmp, orchestrator_factory) -> None:
     if pid == 0:  # child: the CLI on a terminal of 160 x 40
         os.environ.update(COLUMNS="160", LINES="40", TERM="xterm-256color")
         os.chdir(ROOT)
+        # A shell ignores SIGINT in what it starts in the background (`.ci/run &`); an ignored signal stays
+        # ignored across exec, and Python then installs no Ctrl-C handler. A terminal's Ctrl-C must reach it.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execv(
             sys.executable, [sys.executable, "-m", "orchestrator.cli", "status", str(cfg), "--refresh", "4"]
         )
