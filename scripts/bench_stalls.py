@@ -249,14 +249,13 @@ def injection_overlap(records: list[dict[str, Any]], windows: list[tuple[int, in
     injection can have caused), and how many of those were blamed on the right operation."""
     starts = [w[0] for w in windows]
     flagged = [r for r in records if "enqueue" in (r.get("kind") or ()) and (r.get("enqueue_us") or 0) > 1000]
-    hit = []
+    hit, missed = [], []
     for r in flagged:
         l0, l1 = r.get("launch_t0_ns"), r.get("launch_t1_ns")
-        if l0 is None or l1 is None:
-            continue
-        i = bisect.bisect_right(starts, l1)  # windows starting before the launch ended
-        if i and any(windows[j][1] >= l0 for j in range(max(0, i - 3), i)):
-            hit.append(r)
+        # One thread runs the operations one after another: only the last to start before the launch ended
+        # can still have been running when it began.
+        i = bisect.bisect_right(starts, l1) if l0 is not None and l1 is not None else 0
+        (hit if i and windows[i - 1][1] >= l0 else missed).append(r)
     right = sum(1 for r in hit if right_op(r, scenario))
     return {
         "operations": len(windows),
@@ -264,7 +263,7 @@ def injection_overlap(records: list[dict[str, Any]], windows: list[tuple[int, in
         "overlapping": len(hit),
         "overlapping_right_op": right,
         "overlapping_right_share": right / len(hit) if hit else None,
-        "not_overlapping_by_cause": _count([r.get("cause", "unknown") for r in flagged if r not in hit]),
+        "not_overlapping_by_cause": _count([r.get("cause", "unknown") for r in missed]),
     }
 
 

@@ -110,7 +110,7 @@ class GcJournal:
         }
 
     def describe(self) -> str:
-        """One line for the log and READY: what freezing did."""
+        """One line for the worker's log at READY: what freezing did."""
         return (
             f"{self.frozen:,} objects frozen; a full collection took {self.full_us_before / 1e3:.1f} ms "
             f"before, {self.full_us_after / 1e3:.2f} ms after"
