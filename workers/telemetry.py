@@ -39,9 +39,12 @@ MAX_JOURNAL_PER_REPORT = 32
 class ThreadProbe:
     """Scheduling counters of ONE thread: construct it and call snap() in the thread to be measured.
 
+    On-CPU time is thread_time_ns (CLOCK_THREAD_CPUTIME_ID), which brings the running thread's count up to
+    date. schedstat's first field does not: for the reading thread it stands at the last tick or switch, so
+    a launch that spun 1 ms on a CPU read 3-630 us there (8 tries, this machine) and looked blocked. The
+    run-queue wait (schedstat's second field) is exact: it is settled when the thread gets a CPU.
     /proc/thread-self resolves to the opening thread, and the kept descriptor is re-read with pread (about
-    1 us instead of 10 us for open+read). Without /proc, on-CPU time comes from thread_time_ns and the
-    run-queue wait reads 0 (`schedstat` is then False).
+    1 us instead of 10 us for open+read). Without /proc the run-queue wait reads 0 (`schedstat` is False).
     """
 
     __slots__ = ("_fd", "schedstat", "rusage")
@@ -58,11 +61,8 @@ class ThreadProbe:
     def snap(self) -> tuple[int, int, int, int, int]:
         """(monotonic ns, on-CPU ns, run-queue wait ns, voluntary switches, involuntary switches)."""
         t = time.monotonic_ns()
-        if self._fd >= 0:
-            fields = os.pread(self._fd, 64, 0).split()
-            oncpu, runq = int(fields[0]), int(fields[1])
-        else:
-            oncpu, runq = time.thread_time_ns(), 0
+        oncpu = time.thread_time_ns()
+        runq = int(os.pread(self._fd, 64, 0).split()[1]) if self._fd >= 0 else 0
         if _RUSAGE_THREAD is not None:
             ru = resource.getrusage(_RUSAGE_THREAD)
             return t, oncpu, runq, ru.ru_nvcsw, ru.ru_nivcsw

@@ -94,6 +94,20 @@ def test_probe_reads_this_threads_counters() -> None:
     probe.close()
 
 
+def test_probe_counts_a_spin_on_the_cpu_not_as_blocked() -> None:
+    """A launch that spins in the driver must read as on a CPU (or waiting for one), never as blocked:
+    schedstat's own on-CPU field lags for the reading thread and made a 1 ms spin look blocked."""
+    probe = ThreadProbe()
+    for _ in range(5):
+        a = probe.snap()
+        while time.monotonic_ns() - a[0] < 1_000_000:  # 1 ms on the CPU, no system call that sleeps
+            pass
+        d = telemetry.probe_delta(a, probe.snap())
+        assert d["oncpu_us"] + d["runq_us"] >= 0.8 * d["wall_us"], d
+        assert d["blocked_us"] <= 0.2 * d["wall_us"], d
+    probe.close()
+
+
 def test_probe_without_proc_degrades(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(telemetry, "_SCHEDSTAT", "/nonexistent/schedstat")
     probe = ThreadProbe()
