@@ -246,25 +246,37 @@ def read_windows(path: Path) -> list[tuple[int, int]] | None:
 
 def injection_overlap(records: list[dict[str, Any]], windows: list[tuple[int, int]], scenario: str) -> dict:
     """Of the flagged launches over 1 ms, those whose launch overlapped an injected operation (the ones the
-    injection can have caused), and how many of those were blamed on the right operation."""
+    injection can have caused), and how many of those were blamed on the right operation; the rest by
+    cause, and how many launches ran on a CPU most of the time (the driver spinning, not blocked). Each
+    flagged record gets `injected_overlap` (True or False) for the stall log the bench writes."""
     starts = [w[0] for w in windows]
     flagged = [r for r in records if "enqueue" in (r.get("kind") or ()) and (r.get("enqueue_us") or 0) > 1000]
-    hit, missed = [], []
+    hit: list[dict[str, Any]] = []
+    missed: list[dict[str, Any]] = []
     for r in flagged:
         l0, l1 = r.get("launch_t0_ns"), r.get("launch_t1_ns")
         # One thread runs the operations one after another: only the last to start before the launch ended
         # can still have been running when it began.
         i = bisect.bisect_right(starts, l1) if l0 is not None and l1 is not None else 0
-        (hit if i and windows[i - 1][1] >= l0 else missed).append(r)
-    right = sum(1 for r in hit if right_op(r, scenario))
+        r["injected_overlap"] = bool(i) and l0 is not None and windows[i - 1][1] >= l0
+        (hit if r["injected_overlap"] else missed).append(r)
+    wrong = [r for r in hit if not right_op(r, scenario)]
     return {
         "operations": len(windows),
         "flagged_over_1ms": len(flagged),
         "overlapping": len(hit),
-        "overlapping_right_op": right,
-        "overlapping_right_share": right / len(hit) if hit else None,
+        "overlapping_right_op": len(hit) - len(wrong),
+        "overlapping_right_share": (len(hit) - len(wrong)) / len(hit) if hit else None,
+        "overlapping_wrong_by_cause": _count([r.get("cause", "unknown") for r in wrong]),
+        "overlapping_on_cpu": len([r for r in hit if on_cpu(r)]),
         "not_overlapping_by_cause": _count([r.get("cause", "unknown") for r in missed]),
     }
+
+
+def on_cpu(rec: dict[str, Any]) -> bool:
+    """The launch's thread was on a CPU for at least half the launch (spinning, not blocked or waiting)."""
+    p = rec.get("probe_launch") or {}
+    return bool(p.get("wall_us")) and p.get("oncpu_us", 0) >= 0.5 * p["wall_us"]
 
 
 def _count(keys: list[str]) -> dict[str, int]:
@@ -272,6 +284,10 @@ def _count(keys: list[str]) -> dict[str, int]:
     for k in keys:
         out[k] = out.get(k, 0) + 1
     return dict(sorted(out.items(), key=lambda x: (-x[1], x[0])))
+
+
+def _causes(counts: dict[str, int] | None) -> str:
+    return ", ".join(f"{k} {n}" for k, n in (counts or {}).items()) or "none"
 
 
 def right_op(rec: dict[str, Any], scenario: str) -> bool:
@@ -615,8 +631,9 @@ def checks(results: list[dict[str, Any]], cpu: bool) -> list[str]:
                     f"  {s}: {inj['overlapping']} of {inj['flagged_over_1ms']} flagged launches overlapped one of "
                     f"the {inj['operations']} injected operations; the right operation named for "
                     f"{_ratio(inj['overlapping_right_op'], inj['overlapping'], inj['overlapping_right_share'])} "
-                    f"of those; the others by cause: "
-                    f"{', '.join(f'{k} {n}' for k, n in inj['not_overlapping_by_cause'].items()) or 'none'}"
+                    f"of those (the others: {_causes(inj.get('overlapping_wrong_by_cause'))}; "
+                    f"on a CPU most of the launch: {inj.get('overlapping_on_cpu', '?')}); "
+                    f"not overlapping any: {_causes(inj['not_overlapping_by_cause'])}"
                 )
         if not cpu and r.get("gpus_mid_run"):
             g = r["gpus_mid_run"][0]

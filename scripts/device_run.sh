@@ -33,6 +33,7 @@
 #   bash scripts/device_run.sh final16  # issue 16, the on-demand journal: per-call cost, bench_stalls clean 60 s
 #                                       # + 3 alternated clean-own/clean pairs, bert-tiny own vs auto, CUPTI tests
 #   bash scripts/device_run.sh rest16   # issue 16: clean, library_alloc, lazy_module 60 s, the GPU tier
+#   bash scripts/device_run.sh armed16  # issue 16: probe cost, injections with CUPTI armed from start, clean 40 s
 #   bash scripts/device_run.sh ab16     # issue 16: clean-own vs clean with CUPTI armed from start, 40 s each
 #   bash scripts/device_run.sh close10  # issue 10 (+16): LitServe 2 and 4 workers, bert-tiny + 60 s steady,
 #                                       # bert-tiny on the own journal, the GPU tests
@@ -392,6 +393,20 @@ run_mode() {
         command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
         step bench-stalls 240 python3 scripts/bench_stalls.py \
             --scenarios "${STALL_SCENARIOS:-clean,library_alloc,lazy_module}" --seconds 60 --out "$OUT/stalls"
+        step gpu-tests 150 python3 -m pytest tests/gpu -v -p no:cacheprovider -rfEs --tb=short --timeout 100 \
+            -k "not aoti" ${TEST_ARGS:-}
+        ;;
+    armed16)
+        # Issue 16 with CUPTI armed from start-up (no first stall missed while "auto" arms), after the probe's
+        # on-CPU fix: what the probe costs and sees, the three foreign injections at 60 s, clean on "auto" at
+        # 40 s (into the tarball), then the GPU tier.
+        libcupti
+        command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
+        step probe-cost 60 python3 scripts/bench_probe.py --json "$OUT/probe.json"
+        step bench-stalls 280 python3 scripts/bench_stalls.py --journal cupti \
+            --scenarios "${STALL_SCENARIOS:-host_register,library_alloc,lazy_module}" --seconds 60 --out "$OUT/stalls"
+        step bench-stalls-clean 80 python3 scripts/bench_stalls.py --scenarios clean --seconds 40 \
+            --out "$RES/stalls-clean"
         step gpu-tests 150 python3 -m pytest tests/gpu -v -p no:cacheprovider -rfEs --tb=short --timeout 100 \
             -k "not aoti" ${TEST_ARGS:-}
         ;;

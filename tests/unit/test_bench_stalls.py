@@ -176,9 +176,10 @@ def test_injection_overlap_counts_only_launches_an_injected_operation_overlapped
             "launch_t1_ns": l1,
         }
 
+    spun = {"wall_us": 1100.0, "oncpu_us": 1000.0, "runq_us": 0.0, "blocked_us": 100.0}
     records = [
         rec(1500, 2500, "driver_lock", "host_register"),  # inside the first operation: right
-        rec(4000, 5100, "unknown"),  # overlaps the second's start
+        {**rec(4000, 5100, "unknown"), "probe_launch": spun},  # overlaps the second's start, spun on a CPU
         rec(2500, 4000, "cpu_preemption"),  # between operations: the host's noise
         rec(6500, 7000, "unknown"),  # after both
         {**rec(5500, 5600, "unknown"), "enqueue_us": 900.0},  # not over 1 ms: not counted
@@ -192,3 +193,5 @@ def test_injection_overlap_counts_only_launches_an_injected_operation_overlapped
     )
     assert got["overlapping_right_share"] == 0.5
     assert got["not_overlapping_by_cause"] == {"cpu_preemption": 1, "unknown": 1}
+    assert got["overlapping_wrong_by_cause"] == {"unknown": 1} and got["overlapping_on_cpu"] == 1
+    assert [r.get("injected_overlap") for r in records] == [True, True, False, False, None]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.supervisor.monitor.stalls import StallLog, attribute, build_record
+from orchestrator.supervisor.monitor.stalls import StallLog, attribute, build_record, evidence_text
 
 MS = 1_000_000  # ns
 
@@ -184,6 +184,17 @@ def test_nothing_overlapping_is_unknown() -> None:
     ranked = attribute(candidate(), [], {}, [])
     assert names(ranked) == ["unknown"]
     assert ranked[0][2]["dominant_phase"] == "enqueue"
+
+
+def test_unknown_launch_that_spun_on_a_cpu_says_so() -> None:
+    spun = {"wall_us": 1100.0, "oncpu_us": 1070.0, "runq_us": 0.0, "blocked_us": 30.0, "vcsw": 0, "ivcsw": 0}
+    ranked = attribute(candidate(probe_launch=spun), [], {}, [])
+    assert names(ranked) == ["unknown"]
+    assert evidence_text("unknown", ranked[0][2]) == (
+        "longest phase: enqueue; the launch was on a CPU 1.1 ms of 1.1 ms"
+    )
+    latency_only = attribute(candidate(kind=["latency"], probe_launch=spun), [], {}, [])
+    assert "launch_wall_us" not in latency_only[0][2]  # a latency stall's launch was not the slow part
 
 
 def test_ranking_is_by_descending_score() -> None:

@@ -275,14 +275,12 @@ def attribute(
     found = _reconcile([x for x in tried if x and x[1] >= MIN_SCORE])
     ranked = sorted(((n, round(s, 3), e) for n, s, e in found), key=lambda x: -x[1])
     if not ranked or ranked[0][1] < UNKNOWN_BELOW:
-        ranked.insert(
-            0,
-            (
-                "unknown",
-                UNKNOWN_BELOW,
-                {"dominant_phase": dominant_phase(candidate), "weak": [n for n, _, _ in ranked]},
-            ),
-        )
+        ev: dict[str, Any] = {"dominant_phase": dominant_phase(candidate), "weak": [n for n, _, _ in ranked]}
+        probe = candidate.get("probe_launch") if _enqueue_stall(candidate) else None
+        if probe and probe.get("wall_us"):
+            # Neither blocked nor waiting for a CPU: the launch ran on one (the driver spinning), say how long
+            ev.update(launch_oncpu_us=round(probe["oncpu_us"], 1), launch_wall_us=round(probe["wall_us"], 1))
+        ranked.insert(0, ("unknown", UNKNOWN_BELOW, ev))
     return ranked
 
 
@@ -355,7 +353,10 @@ def evidence_text(cause: str, ev: dict) -> str:
             for p in procs[:3]
         )
     if cause == "unknown":
-        return f"longest phase: {ev.get('dominant_phase') or '?'}"
+        text = f"longest phase: {ev.get('dominant_phase') or '?'}"
+        if ev.get("launch_wall_us"):
+            text += f"; the launch was on a CPU {_fmt_us(ev['launch_oncpu_us'])} of {_fmt_us(ev['launch_wall_us'])}"
+        return text
     return ""
 
 
