@@ -30,6 +30,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import psutil
 import tomli_w
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -370,6 +371,7 @@ def run_scenario(args: argparse.Namespace, scenario: str, tmp: Path) -> dict[str
         run_load(config, shape, args.procs, args.in_flight, args.warmup, cpus=args.client_cores)
         time.sleep(SETTLE_S)
         t_w0 = time.time()
+        cpu_before = psutil.cpu_times(percpu=True)
         before_st = status_json(config)
         before, hb_before = the_worker(before_st), the_heartbeat(before_st)
 
@@ -392,6 +394,7 @@ def run_scenario(args: argparse.Namespace, scenario: str, tmp: Path) -> dict[str
         snap.join(60)
         time.sleep(SETTLE_S)
         t_w1 = time.time()
+        res["cpu_taken"] = cpu_taken(cpu_before, psutil.cpu_times(percpu=True))
         after_st = status_json(config)
         after, hb_after = the_worker(after_st), the_heartbeat(after_st)
         res.update(mid)
@@ -481,6 +484,34 @@ def _gc(r: dict[str, Any]) -> str:
     return (
         f"garbage collections in the window {'/'.join(str(n) for n in g['collections'])} (generation 0/1/2), "
         f"{g['slow']} of 50 us or more"
+    )
+
+
+def cpu_taken(before: list[Any], after: list[Any]) -> dict[str, float]:
+    """Time the host's CPUs lost without a switch over the window (/proc/stat, 10 ms resolution): steal (the
+    hypervisor ran someone else on our virtual CPU) and interrupt handling; in ms, all CPUs and the most
+    on one."""
+    pairs = list(zip(after, before, strict=True))  # the same CPUs, read twice
+
+    def delta(fields: tuple[str, ...]) -> list[float]:
+        return [sum(getattr(a, f, 0.0) - getattr(b, f, 0.0) for f in fields) * 1e3 for a, b in pairs]
+
+    steal, irq = delta(("steal",)), delta(("irq", "softirq"))
+    return {
+        "steal_ms": round(sum(steal), 1),
+        "steal_ms_max_cpu": round(max(steal, default=0.0), 1),
+        "irq_ms": round(sum(irq), 1),
+        "irq_ms_max_cpu": round(max(irq, default=0.0), 1),
+    }
+
+
+def _taken(r: dict[str, Any]) -> str:
+    t = r.get("cpu_taken")
+    if not t:
+        return ""
+    return (
+        f"; CPU time taken without a switch in the window: steal {t['steal_ms']:g} ms (most on one CPU "
+        f"{t['steal_ms_max_cpu']:g}), interrupts {t['irq_ms']:g} ms (most on one CPU {t['irq_ms_max_cpu']:g})"
     )
 
 
@@ -596,7 +627,7 @@ def checks(results: list[dict[str, Any]], cpu: bool) -> list[str]:
         if s in CLEAN:
             out.append(
                 f"{s}: {r['stalls']} stall(s) flagged, journal {_journal(r)} -> {_verdict(r['stalls'] == 0)} "
-                f"(target: none); {_gc(r)}"
+                f"(target: none); {_gc(r)}{_taken(r)}"
             )
         elif s == "cpu_hog":
             top = max(r["stalls_by_cause"], key=r["stalls_by_cause"].get) if r["stalls_by_cause"] else None
@@ -624,6 +655,7 @@ def checks(results: list[dict[str, Any]], cpu: bool) -> list[str]:
                 f"({'/'.join(r['expected_ops'])}) {_ratio(r['driver_lock_right_op'], r['flagged_over_1ms'], r['right_op_share'])} "
                 f"(target {RIGHT_OP_TARGET:.0%}; driver_lock first {_pct(r['driver_lock_share'])}); "
                 f"operations named: {ops}; calling library: {libs}; journal {_journal(r)} -> {_verdict(ok)}"
+                f"{_taken(r)}"
             )
             inj = r.get("injection")
             if inj:

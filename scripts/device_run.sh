@@ -34,6 +34,7 @@
 #                                       # + 3 alternated clean-own/clean pairs, bert-tiny own vs auto, CUPTI tests
 #   bash scripts/device_run.sh rest16   # issue 16: clean, library_alloc, lazy_module 60 s, the GPU tier
 #   bash scripts/device_run.sh armed16  # issue 16: probe cost, injections with CUPTI armed from start, clean 40 s
+#   bash scripts/device_run.sh steal16  # issue 16: clean and host_register 40 s with the window's steal time
 #   bash scripts/device_run.sh ab16     # issue 16: clean-own vs clean with CUPTI armed from start, 40 s each
 #   bash scripts/device_run.sh close10  # issue 10 (+16): LitServe 2 and 4 workers, bert-tiny + 60 s steady,
 #                                       # bert-tiny on the own journal, the GPU tests
@@ -407,6 +408,18 @@ run_mode() {
             --scenarios "${STALL_SCENARIOS:-host_register,library_alloc,lazy_module}" --seconds 60 --out "$OUT/stalls"
         step bench-stalls-clean 80 python3 scripts/bench_stalls.py --scenarios clean --seconds 40 \
             --out "$RES/stalls-clean"
+        step gpu-tests 150 python3 -m pytest tests/gpu -v -p no:cacheprovider -rfEs --tb=short --timeout 100 \
+            -k "not aoti" ${TEST_ARGS:-}
+        ;;
+    steal16)
+        # Issue 16: are the launches that lose 1-5 ms off their CPU with no switch (cpu_stolen) the hypervisor's
+        # steal time? clean on "auto" at 40 s, host_register with CUPTI armed from start at 40 s, each with the
+        # window's steal and interrupt time from /proc/stat; then the GPU tier.
+        libcupti
+        command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
+        step bench-stalls-clean 90 python3 scripts/bench_stalls.py --scenarios clean --seconds 40 --out "$OUT/stalls"
+        step bench-stalls-hr 90 python3 scripts/bench_stalls.py --journal cupti --scenarios host_register \
+            --seconds 40 --out "$RES/stalls-hr"
         step gpu-tests 150 python3 -m pytest tests/gpu -v -p no:cacheprovider -rfEs --tb=short --timeout 100 \
             -k "not aoti" ${TEST_ARGS:-}
         ;;

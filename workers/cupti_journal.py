@@ -654,14 +654,20 @@ ARM_BLOCKED_US = 500.0
 
 def looks_like_a_lock(candidate: dict[str, Any]) -> bool:
     """A stall the driver's lock could explain: the launch itself was slow (an enqueue stall) and its thread
-    spent the time blocked, not waiting for a core. Run-queue waits (the host's noise; cpu_preemption) and
-    slow GPU work leave CUPTI unattached: measured, a clean 60 s run had seven 4-6 ms run-queue stalls,
-    and arming on them cost the serving thread 5.5 us a batch for nothing."""
+    slept, not waiting for a core and not robbed of it. Run-queue waits (the host's noise; cpu_preemption),
+    time taken without a switch (cpu_stolen: the hypervisor or interrupts) and slow GPU work leave CUPTI
+    unattached: measured, a clean 60 s run had seven 4-6 ms run-queue stalls, and arming on them cost the
+    serving thread 5.5 us a batch for nothing. A lock wait sleeps in the kernel: on an H200, 329 of 330
+    launches blocked behind a journaled driver operation counted a voluntary switch."""
     if "enqueue" not in (candidate.get("kind") or ()):
         return False
     probe = candidate.get("probe_launch") or {}
     blocked = float(probe.get("blocked_us") or 0.0)
-    return blocked >= ARM_BLOCKED_US and blocked > float(probe.get("runq_us") or 0.0)
+    return (
+        blocked >= ARM_BLOCKED_US
+        and blocked > float(probe.get("runq_us") or 0.0)
+        and int(probe.get("vcsw") or 0) > 0
+    )
 
 
 def on_stall(candidate: dict[str, Any]) -> bool:

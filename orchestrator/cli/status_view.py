@@ -46,6 +46,7 @@ _CAUSE_STYLE = {
     "python_gc": "magenta",
     "lock_wait": "magenta",
     "cpu_preemption": "yellow",
+    "cpu_stolen": "yellow",
     "throttling": "red",
     "foreign_process": "red",
     "unknown": "dim",
@@ -287,6 +288,8 @@ def _host_line(status: dict) -> Text:
         line.append(f"  load {h['load1']:.2f}/{h.get('ncpu') or '?'}")
     if h.get("psi_cpu_some_avg10") is not None:
         line.append(f"  cpu pressure {h['psi_cpu_some_avg10']:.1f}%")
+    if h.get("steal_pct"):  # a virtual machine whose host gave our CPUs away: shown only when it happened
+        line.append(f"  steal {h['steal_pct']:.1f}%", style="yellow")
     mps = status.get("mps")
     line.append("  MPS ")
     line.append("on" if mps and mps.get("enabled", True) else "off", style="cyan" if mps else "dim")

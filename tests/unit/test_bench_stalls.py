@@ -7,6 +7,8 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from scripts import bench_stalls as bs
 
 
@@ -195,3 +197,16 @@ def test_injection_overlap_counts_only_launches_an_injected_operation_overlapped
     assert got["not_overlapping_by_cause"] == {"cpu_preemption": 1, "unknown": 1}
     assert got["overlapping_wrong_by_cause"] == {"unknown": 1} and got["overlapping_on_cpu"] == 1
     assert [r.get("injected_overlap") for r in records] == [True, True, False, False, None]
+
+
+def test_cpu_taken_sums_steal_and_interrupts_over_the_window() -> None:
+    from collections import namedtuple
+
+    T = namedtuple("T", "user steal irq softirq")
+    before = [T(1.0, 0.10, 0.0, 0.01), T(2.0, 0.00, 0.02, 0.0)]
+    after = [T(9.0, 0.13, 0.0, 0.02), T(9.0, 0.01, 0.02, 0.0)]
+    got = bs.cpu_taken(before, after)
+    assert got == pytest.approx(
+        {"steal_ms": 40.0, "steal_ms_max_cpu": 30.0, "irq_ms": 10.0, "irq_ms_max_cpu": 10.0}
+    )
+    assert "steal 40 ms (most on one CPU 30)" in bs._taken({"cpu_taken": got})

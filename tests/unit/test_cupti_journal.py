@@ -567,7 +567,9 @@ def test_a_lock_like_stall_arms_the_journal_for_good(monkeypatch) -> None:
     [
         {"kind": ["latency"], "probe_batch": {"blocked_us": 9_000.0, "runq_us": 0.0}},  # slow GPU work
         {"kind": ["enqueue"], "probe_launch": {"blocked_us": 300.0, "runq_us": 4_000.0}},  # run-queue wait
-        {"kind": ["enqueue"], "probe_launch": {"blocked_us": 400.0, "runq_us": 0.0}},  # too short
+        {"kind": ["enqueue"], "probe_launch": {"blocked_us": 400.0, "runq_us": 0.0, "vcsw": 2}},  # too short
+        # off its CPU with no switch: the hypervisor or interrupts took it (cpu_stolen), no lock slept
+        {"kind": ["enqueue"], "probe_launch": {"blocked_us": 4_700.0, "runq_us": 0.0, "vcsw": 0, "ivcsw": 0}},
         {"kind": ["enqueue"]},  # no probe
     ],
 )

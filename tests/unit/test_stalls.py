@@ -32,11 +32,11 @@ def candidate(**over: object) -> dict:
             "latency": 30500.0,
         },
         "baseline_us": {"enqueue": 15.0, "latency": 600.0, "gpu": 120.0},
-        "probe_launch": {
+        "probe_launch": {  # on a CPU all along (the driver spinning): nothing in the probe explains it
             "wall_us": 30000.0,
-            "oncpu_us": 40.0,
+            "oncpu_us": 29990.0,
             "runq_us": 10.0,
-            "blocked_us": 29950.0,
+            "blocked_us": 0.0,
             "vcsw": 0,
             "ivcsw": 0,
         },
@@ -184,6 +184,29 @@ def test_nothing_overlapping_is_unknown() -> None:
     ranked = attribute(candidate(), [], {}, [])
     assert names(ranked) == ["unknown"]
     assert ranked[0][2]["dominant_phase"] == "enqueue"
+
+
+def test_launch_off_its_cpu_without_a_switch_is_cpu_stolen() -> None:
+    """Measured on an H200 VM: launches of 1-5 ms that neither ran, nor waited to run, nor switched out."""
+    stolen = {
+        "wall_us": 4846.0,
+        "oncpu_us": 144.0,
+        "runq_us": 0.0,
+        "blocked_us": 4702.0,
+        "vcsw": 0,
+        "ivcsw": 0,
+    }
+    ranked = attribute(candidate(probe_launch=stolen), [], {"steal_pct": 0.4, "irq_pct": 0.0}, [])
+    assert names(ranked) == ["cpu_stolen"] and ranked[0][1] == pytest.approx(
+        0.5 + 0.4 * 4702 / 4846, abs=1e-3
+    )
+    assert evidence_text("cpu_stolen", ranked[0][2]) == (
+        "off its CPU 4.7 ms with no switch (hypervisor or interrupts), host steal 0.4%"
+    )
+    # Blocked with voluntary switches is a wait (lock_wait), never stolen time; a few us unplaced is noise
+    assert "cpu_stolen" not in names(attribute(candidate(probe_launch=blocked_probe(3)), [], {}, []))
+    noise = {**stolen, "wall_us": 1100.0, "oncpu_us": 1000.0, "blocked_us": 100.0}
+    assert "cpu_stolen" not in names(attribute(candidate(probe_launch=noise), [], {}, []))
 
 
 def test_unknown_launch_that_spun_on_a_cpu_says_so() -> None:

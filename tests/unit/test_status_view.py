@@ -161,6 +161,11 @@ def test_host_line_and_stalls() -> None:
     assert "latest stalls" in out and "pinned_alloc 64 MiB 30.1 ms" in out and "driver_lock 0.95" in out
     assert "lock_wait 0.74" in out and "31.2ms" in out
     assert "stalls by cause: driver_lock 7" in out
+    assert "steal" not in host  # shown only when the hypervisor took time
+    stolen = gpu_status()
+    stolen["monitor"]["host"]["steal_pct"] = 2.5
+    host = next(line for line in text_of(status_view.render(stolen)).splitlines() if line.startswith("host"))
+    assert "steal 2.5%" in host
 
 
 def test_renders_a_real_monitor_snapshot(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Host load sampling (CPU, memory, load average, CPU pressure) for status and stall attribution.
+"""Host load sampling (CPU, steal and interrupts, memory, load average, CPU pressure) for status and stall
+attribution.
 
 Runs in the supervisor on one daemon thread, `host-sampler`, about once a second; readers get a copy.
 """
@@ -41,9 +42,14 @@ def sample_host(cpu: bool = True) -> dict:
     """One host sample. cpu_pct is the average since the previous call (psutil keeps that state); with
     `cpu` False (no previous call yet) it is None rather than a meaningless 0."""
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    # Also since the previous call (psutil keeps this state apart from cpu_percent's): time the hypervisor
+    # gave our virtual CPUs to someone else, and interrupt handling; both take a CPU without a switch.
+    times = psutil.cpu_times_percent(interval=None)
     sample = {
         "t_ns": time.monotonic_ns(),
         "cpu_pct": psutil.cpu_percent(interval=None) if cpu else None,
+        "steal_pct": getattr(times, "steal", None) if cpu else None,
+        "irq_pct": getattr(times, "irq", 0.0) + getattr(times, "softirq", 0.0) if cpu else None,
         "mem_pct": psutil.virtual_memory().percent,
         "load1": load1,
         "ncpu": os.cpu_count(),
@@ -64,6 +70,7 @@ class HostSampler:
 
     def start(self) -> None:
         psutil.cpu_percent(interval=None)  # prime: the first call has no previous point and returns 0.0
+        psutil.cpu_times_percent(interval=None)
         self.tick(cpu=False)  # memory, load and pressure are meaningful at once
         self._thread = threading.Thread(target=self._run, name="host-sampler", daemon=True)
         self._thread.start()

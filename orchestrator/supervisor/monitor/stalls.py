@@ -23,6 +23,7 @@ CAUSES = (
     "python_gc",
     "lock_wait",
     "cpu_preemption",
+    "cpu_stolen",
     "throttling",
     "foreign_process",
     "unknown",
@@ -171,6 +172,28 @@ def _lock_wait(c: dict) -> Cause | None:
     )
 
 
+#: Below this the time a probe could not place (wall - on CPU - run-queue) is the snaps' own noise.
+STOLEN_MIN_US = 200.0
+
+
+def _cpu_stolen(c: dict, host: dict) -> Cause | None:
+    """The thread neither ran nor waited to run, yet never switched out: its CPU was taken without the
+    scheduler, by the hypervisor (steal time, on a virtual machine) or by interrupt handling. Sleeping
+    would have counted voluntary switches, waiting for a CPU run-queue time."""
+    where, p = _probe_for(c)
+    if not p or p.get("vcsw", 0) > 0 or p.get("wall_us", 0) <= 0 or p["blocked_us"] < STOLEN_MIN_US:
+        return None
+    frac = min(1.0, p["blocked_us"] / p["wall_us"])
+    ev = {
+        "window": where,
+        "stolen_us": round(p["blocked_us"], 1),
+        "wall_us": round(p["wall_us"], 1),
+        "host_steal_pct": host.get("steal_pct"),
+        "host_irq_pct": host.get("irq_pct"),
+    }
+    return "cpu_stolen", 0.5 + 0.4 * frac, ev
+
+
 def _host_saturated(host: dict) -> list[str]:
     why = []
     cpu = host.get("cpu_pct")
@@ -269,6 +292,7 @@ def attribute(
         _python_gc(candidate),
         _lock_wait(candidate),
         _cpu_preemption(candidate, host or {}),
+        _cpu_stolen(candidate, host or {}),
         _throttling(candidate, gpu_samples or []),
         _foreign(candidate, list(foreign_pids or ())),
     ]
@@ -340,6 +364,15 @@ def evidence_text(cause: str, ev: dict) -> str:
             bits.append(f"run-queue {_fmt_us(ev['runq_us'])}, {ev.get('ivcsw', 0)} preemptions")
         bits.extend(ev.get("host") or ())
         return ", ".join(bits)
+    if cause == "cpu_stolen":
+        host = [
+            f"host {name} {ev[key]:.1f}%"
+            for key, name in (("host_steal_pct", "steal"), ("host_irq_pct", "interrupts"))
+            if ev.get(key)
+        ]
+        return ", ".join(
+            [f"off its CPU {_fmt_us(ev.get('stolen_us'))} with no switch (hypervisor or interrupts)", *host]
+        )
     if cause == "throttling":
         clk = (
             f"SM {ev.get('sm_clock_mhz')}/{ev.get('sm_clock_max_mhz')} MHz" if ev.get("sm_clock_mhz") else ""
