@@ -35,6 +35,7 @@
 #   bash scripts/device_run.sh rest16   # issue 16: clean, library_alloc, lazy_module 60 s, the GPU tier
 #   bash scripts/device_run.sh armed16  # issue 16: probe cost, injections with CUPTI armed from start, clean 40 s
 #   bash scripts/device_run.sh steal16  # issue 16: clean and host_register 40 s with the window's steal time
+#   bash scripts/device_run.sh heavy16  # issue 16: library_alloc 1 GiB and lazy_module, every 50 ms, 45 s each
 #   bash scripts/device_run.sh ab16     # issue 16: clean-own vs clean with CUPTI armed from start, 40 s each
 #   bash scripts/device_run.sh close10  # issue 10 (+16): LitServe 2 and 4 workers, bert-tiny + 60 s steady,
 #                                       # bert-tiny on the own journal, the GPU tests
@@ -422,6 +423,15 @@ run_mode() {
             --seconds 40 --out "$RES/stalls-hr"
         step gpu-tests 150 python3 -m pytest tests/gpu -v -p no:cacheprovider -rfEs --tb=short --timeout 100 \
             -k "not aoti" ${TEST_ARGS:-}
+        ;;
+    heavy16)
+        # Issue 16: library_alloc and lazy_module stall the launches too rarely on these machines (1-7 launches
+        # over 1 ms a minute) for a share: 1 GiB through torch and an operation every 50 ms, CUPTI armed from
+        # start-up, 45 s each.
+        libcupti
+        command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
+        step bench-stalls 200 python3 scripts/bench_stalls.py --journal cupti --scenarios library_alloc,lazy_module \
+            --library-mib 1024 --period-ms 50 --seconds 45 --out "$OUT/stalls"
         ;;
     ab16)
         # Issue 16: does CUPTI, once attached, bring stalls to a clean run? clean-own against clean with CUPTI
