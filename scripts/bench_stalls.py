@@ -19,6 +19,7 @@ import argparse
 import bisect
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -400,6 +401,7 @@ def run_scenario(args: argparse.Namespace, scenario: str, tmp: Path) -> dict[str
         res.update(mid)
         engine = hb_after.get("engine") or {}
         res["driver_journal"] = engine.get("driver_journal")  # {"mode", "note"}: what the worker runs
+        res["journal_note_after"] = after.get("journal_note")  # live: on demand, or armed when and by what
         res["journal_configured"] = sections["monitor"]["driver_journal"]
         res["module_loading"] = hb_after.get("module_loading")
         res["engine"] = engine
@@ -552,6 +554,11 @@ def _journal(r: dict[str, Any]) -> str:
     asked, mode = r.get("journal_configured") or "?", journal_mode(r)
     if mode is None:
         return f"{asked} (not reported)"
+    if asked == "auto" and mode == "cupti":  # on demand: was CUPTI armed by the end of the window?
+        note = r.get("journal_note_after") or ""
+        armed = re.search(r"armed at (\d\d:\d\d:\d\d)", note)
+        state = f"armed at {armed.group(1)}" if armed else "not armed" if "on demand" in note else "?"
+        return f"auto, CUPTI {state}"
     return mode if mode == asked else f"{mode} (asked {asked})"
 
 

@@ -107,15 +107,21 @@ def _result(scenario: str, over: int, records: list[dict[str, Any]], host: float
 def test_checks() -> None:
     good = [_rec("driver_lock", "lazy_load", "cuModuleGetFunction")] * 19 + [_rec("unknown")]
     results = [
-        _result("clean", 0, [], 20.4, "cupti"),
+        {
+            **_result("clean", 0, [], 20.4, "cupti"),
+            "journal_note_after": "CUPTI on demand: attached at the first launch blocked like a lock wait, ...",
+        },
         _result("clean-own", 0, [], 20.0, "own"),
-        _result("lazy_module", 20, good, 21.0, "cupti"),
+        {
+            **_result("lazy_module", 20, good, 21.0, "cupti"),
+            "journal_note_after": "CUPTI armed at 02:38:59 by a launch blocked 1.0 ms; it stays armed",
+        },
         _result("host_register", 0, [], 20.0, "cupti"),
         _result("library_alloc", 10, [_rec("driver_lock", "device_alloc")] * 8, 20.0, "cupti"),
     ]
     out = bs.checks(results, cpu=True)
     text = "\n".join(out)
-    assert "clean: 0 stall(s) flagged, journal cupti (asked auto) -> PASS" in text
+    assert "clean: 0 stall(s) flagged, journal auto, CUPTI not armed -> PASS" in text
     assert "clean-own: 0 stall(s) flagged, journal own -> PASS" in text
     assert any(line.startswith("lazy_module:") and line.endswith("-> PASS") for line in out)  # 100% / 95%
     assert any(
@@ -133,7 +139,8 @@ def test_checks() -> None:
             for r in results
         ]
     )
-    assert "| lazy_module | cupti (asked auto) |" in table and "19/20 (95.0%)" in table
+    assert "| lazy_module | auto, CUPTI armed at 02:38:59 |" in table and "19/20 (95.0%)" in table
+    assert "| host_register | auto, CUPTI ? |" in table  # the live note was not read
 
 
 def test_host_check_says_when_not_cupti() -> None:
