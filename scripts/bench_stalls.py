@@ -915,15 +915,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--pin",
         action="store_true",
-        help="put the worker on 4 cores of its own and the load generator on the others (a GPU host with 12 or "
-        "more cores); it did not quiet a clean run on an H200, so both run unpinned by default",
+        help="put the worker on 4 cores of its own and the load generator on the others (needs 12 or more cores; "
+        "refused otherwise); it did not quiet a clean run on an H200, so both run unpinned by default",
     )
     ap.add_argument("--keep", action="store_true", help="keep the temporary configs and run directories")
     args = ap.parse_args(argv)
     args.worker_cores, args.client_cores = None, None
     if args.pin and not args.cpu_smoke:
         cores, args.client_cores = pinning(1, 1)
-        args.worker_cores = cores[0] if cores else None
+        if not cores:  # asked for, so not quietly dropped
+            ap.error(
+                f"--pin needs 12 cores (4 for the worker, 8 for the clients); this process may use "
+                f"{len(os.sched_getaffinity(0))}"
+            )
+        args.worker_cores = cores[0]
     if args.cpu_smoke:
         args.rows, args.item = 8, 256
         args.work = 20 if args.work is None else args.work

@@ -217,3 +217,14 @@ def test_cpu_taken_sums_steal_and_interrupts_over_the_window() -> None:
         {"steal_ms": 40.0, "steal_ms_max_cpu": 30.0, "irq_ms": 10.0, "irq_ms_max_cpu": 10.0}
     )
     assert "steal 40 ms (most on one CPU 30)" in bs._taken({"cpu_taken": got})
+
+
+def test_pin_without_the_cores_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
+    monkeypatch.setattr(bs.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr("scripts.benchlib.os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    with pytest.raises(SystemExit) as exc:
+        bs.main(["--pin", "--out", str(tmp_path / "stalls")])
+    assert exc.value.code == 2
+    assert "--pin needs 12 cores (4 for the worker, 8 for the clients); this process may use 4" in (
+        capsys.readouterr().err
+    )
