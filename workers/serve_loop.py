@@ -10,7 +10,6 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -163,7 +162,7 @@ class ServeLoop:
         t = cfg.transport
         if not t.shm_mb:
             return None
-        arena = Arena(Path(spec.run_dir or cfg.run_dir), spec.id, t.shm_mb, t.shm_max_lease_mb)
+        arena = Arena(spec.run_path(cfg.run_dir), spec.id, t.shm_mb, t.shm_max_lease_mb)
         try:
             arena.registered = engine.attach_arena(arena.addr, arena.size)
         except EngineError as exc:

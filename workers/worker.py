@@ -48,7 +48,7 @@ def _configure_logging(cfg: Config, spec: messages.WorkerSpec) -> None:
     from orchestrator.common.rundir import RunDir
 
     worker_id = spec.id
-    path = RunDir(Path(spec.run_dir or cfg.run_dir)).logs / f"{worker_id}.log"
+    path = RunDir(spec.run_path(cfg.run_dir)).logs / f"{worker_id}.log"
     logs.configure(
         cfg.orchestrator.log_level,
         f"%(asctime)s %(levelname)s [{worker_id}] %(name)s: %(message)s",
@@ -134,7 +134,7 @@ def run_worker(spec_path: str) -> int:
         return 3
     # Stall injection ([debug] inject) starts after READY, so its driver operations count as faults.
     injector = (
-        inject.start(cfg, Path(spec.run_dir or cfg.run_dir) / f"inject-{spec.id}.windows")
+        inject.start(cfg, spec.run_path(cfg.run_dir) / f"inject-{spec.id}.windows")
         if cfg.debug.applies_to(spec.id)
         else None
     )

@@ -28,6 +28,7 @@ describe() facts in READY. A control reply's `data` is the command's own answer 
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -173,6 +174,10 @@ class WorkerSpec(Message, kw_only=True, tag=Kind.SPEC.value):
     config: dict[str, Any]  # orchestrator.common.config.to_dict(): parsed (and checked) again by from_dict
     cpu_affinity: list[int] | None = None
     gpu_uuid: str | None = None
+
+    def run_path(self, configured: str | Path) -> Path:
+        """The run directory the worker writes under: the spec's, else the config's `run_dir`."""
+        return Path(self.run_dir or configured)
 
 
 # --- supervisor -> clients (the events PUB; the topic frame is the kind, for SUB filters) -----------------
