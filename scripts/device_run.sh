@@ -36,6 +36,7 @@
 #   bash scripts/device_run.sh armed16  # issue 16: probe cost, injections with CUPTI armed from start, clean 40 s
 #   bash scripts/device_run.sh steal16  # issue 16: clean and host_register 40 s with the window's steal time
 #   bash scripts/device_run.sh heavy16  # issue 16: library_alloc 1 GiB and lazy_module, every 50 ms, 45 s each
+#   bash scripts/device_run.sh gputier  # the GPU tier, then host_register 20 s on "auto"
 #   bash scripts/device_run.sh ab16     # issue 16: clean-own vs clean with CUPTI armed from start, 40 s each
 #   bash scripts/device_run.sh close10  # issue 10 (+16): LitServe 2 and 4 workers, bert-tiny + 60 s steady,
 #                                       # bert-tiny on the own journal, the GPU tests
@@ -432,6 +433,14 @@ run_mode() {
         command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
         step bench-stalls 200 python3 scripts/bench_stalls.py --journal cupti --scenarios library_alloc,lazy_module \
             --library-mib 1024 --period-ms 50 --seconds 45 --out "$OUT/stalls"
+        ;;
+    gputier)
+        # The GPU tier on the final code, and a 20 s host_register on the default journal ("auto") end to end.
+        libcupti
+        command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
+        step gpu-tests 150 python3 -m pytest tests/gpu -v -p no:cacheprovider -rfEs --tb=short --timeout 100 \
+            -k "not aoti" ${TEST_ARGS:-}
+        step bench-stalls 70 python3 scripts/bench_stalls.py --scenarios host_register --seconds 20 --out "$OUT/stalls"
         ;;
     ab16)
         # Issue 16: does CUPTI, once attached, bring stalls to a clean run? clean-own against clean with CUPTI
