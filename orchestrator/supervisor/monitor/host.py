@@ -70,8 +70,7 @@ class HostSampler:
 
     def start(self) -> None:
         psutil.cpu_percent(interval=None)  # prime: the first call has no previous point and returns 0.0
-        psutil.cpu_times_percent(interval=None)
-        self.tick(cpu=False)  # memory, load and pressure are meaningful at once
+        self.tick(cpu=False)  # memory, load and pressure are meaningful at once (and steal's count is primed)
         self._thread = threading.Thread(target=self._run, name="host-sampler", daemon=True)
         self._thread.start()
 
