@@ -12,6 +12,19 @@ from orchestrator.supervisor.monitor.stalls import StallLog, attribute, build_re
 MS = 1_000_000  # ns
 
 
+def probe(oncpu_us: float, runq_us: float, vcsw: int = 0, ivcsw: int = 0, wall_us: float = 30000.0) -> dict:
+    """A launch's thread probe; blocked is the wall time neither on a CPU nor waiting for one, as
+    workers.telemetry.probe_delta computes it."""
+    return {
+        "wall_us": wall_us,
+        "oncpu_us": oncpu_us,
+        "runq_us": runq_us,
+        "blocked_us": max(0.0, wall_us - oncpu_us - runq_us),
+        "vcsw": vcsw,
+        "ivcsw": ivcsw,
+    }
+
+
 def candidate(**over: object) -> dict:
     """An enqueue stall of 30 ms at t = 100..130 ms; no probe, journal or GPU evidence unless given."""
     c = {
@@ -32,14 +45,8 @@ def candidate(**over: object) -> dict:
             "latency": 30500.0,
         },
         "baseline_us": {"enqueue": 15.0, "latency": 600.0, "gpu": 120.0},
-        "probe_launch": {  # on a CPU all along (the driver spinning): nothing in the probe explains it
-            "wall_us": 30000.0,
-            "oncpu_us": 29990.0,
-            "runq_us": 10.0,
-            "blocked_us": 0.0,
-            "vcsw": 0,
-            "ivcsw": 0,
-        },
+        # on a CPU all along (the driver spinning): nothing in the probe explains it
+        "probe_launch": probe(oncpu_us=29990.0, runq_us=10.0),
         "probe_batch": None,
         "schedstat": True,
         "journal": [],
@@ -62,14 +69,7 @@ def op(name: str, t0_ms: float, t1_ms: float, detail: str = "64 MiB") -> dict:
 
 def blocked_probe(vcsw: int) -> dict:
     """The launch's thread probe of a 30 ms launch spent blocked, with `vcsw` voluntary switches."""
-    return {
-        "wall_us": 30000.0,
-        "oncpu_us": 40.0,
-        "runq_us": 10.0,
-        "blocked_us": 29950.0,
-        "vcsw": vcsw,
-        "ivcsw": 0,
-    }
+    return probe(oncpu_us=40.0, runq_us=10.0, vcsw=vcsw)
 
 
 def names(ranked: list) -> list[str]:
@@ -99,28 +99,14 @@ def test_driver_lock_outranks_the_lock_wait_it_explains_even_at_low_coverage() -
 
 
 def test_voluntary_switches_while_blocked_mean_lock_wait() -> None:
-    blocked = {
-        "wall_us": 30000.0,
-        "oncpu_us": 500.0,
-        "runq_us": 20.0,
-        "blocked_us": 29480.0,
-        "vcsw": 4,
-        "ivcsw": 0,
-    }
+    blocked = probe(oncpu_us=500.0, runq_us=20.0, vcsw=4)
     ranked = attribute(candidate(probe_launch=blocked), [], {}, [])
     assert names(ranked)[0] == "lock_wait"
     assert ranked[0][2]["vcsw"] == 4
 
 
 def test_run_queue_wait_means_cpu_preemption() -> None:
-    preempted = {
-        "wall_us": 30000.0,
-        "oncpu_us": 3000.0,
-        "runq_us": 26000.0,
-        "blocked_us": 1000.0,
-        "vcsw": 0,
-        "ivcsw": 9,
-    }
+    preempted = probe(oncpu_us=3000.0, runq_us=26000.0, ivcsw=9)
     ranked = attribute(candidate(probe_launch=preempted), [], {"cpu_pct": 99.0, "ncpu": 2, "load1": 6.0}, [])
     assert names(ranked)[0] == "cpu_preemption"
     assert ranked[0][1] >= 0.8
@@ -188,14 +174,7 @@ def test_nothing_overlapping_is_unknown() -> None:
 
 def test_launch_off_its_cpu_without_a_switch_is_cpu_stolen() -> None:
     """Measured on an H200 VM: launches of 1-5 ms that neither ran, nor waited to run, nor switched out."""
-    stolen = {
-        "wall_us": 4846.0,
-        "oncpu_us": 144.0,
-        "runq_us": 0.0,
-        "blocked_us": 4702.0,
-        "vcsw": 0,
-        "ivcsw": 0,
-    }
+    stolen = probe(oncpu_us=144.0, runq_us=0.0, wall_us=4846.0)
     ranked = attribute(candidate(probe_launch=stolen), [], {"steal_pct": 0.4, "irq_pct": 0.0}, [])
     assert names(ranked) == ["cpu_stolen"] and ranked[0][1] == pytest.approx(
         0.5 + 0.4 * 4702 / 4846, abs=1e-3
@@ -205,12 +184,12 @@ def test_launch_off_its_cpu_without_a_switch_is_cpu_stolen() -> None:
     )
     # Blocked with voluntary switches is a wait (lock_wait), never stolen time; a few us unplaced is noise
     assert "cpu_stolen" not in names(attribute(candidate(probe_launch=blocked_probe(3)), [], {}, []))
-    noise = {**stolen, "wall_us": 1100.0, "oncpu_us": 1000.0, "blocked_us": 100.0}
+    noise = probe(oncpu_us=1000.0, runq_us=0.0, wall_us=1100.0)
     assert "cpu_stolen" not in names(attribute(candidate(probe_launch=noise), [], {}, []))
 
 
 def test_unknown_launch_that_spun_on_a_cpu_says_so() -> None:
-    spun = {"wall_us": 1100.0, "oncpu_us": 1070.0, "runq_us": 0.0, "blocked_us": 30.0, "vcsw": 0, "ivcsw": 0}
+    spun = probe(oncpu_us=1070.0, runq_us=0.0, wall_us=1100.0)
     ranked = attribute(candidate(probe_launch=spun), [], {}, [])
     assert names(ranked) == ["unknown"]
     assert evidence_text("unknown", ranked[0][2]) == (
@@ -221,14 +200,7 @@ def test_unknown_launch_that_spun_on_a_cpu_says_so() -> None:
 
 
 def test_ranking_is_by_descending_score() -> None:
-    mixed = {
-        "wall_us": 30000.0,
-        "oncpu_us": 100.0,
-        "runq_us": 9000.0,
-        "blocked_us": 20900.0,
-        "vcsw": 2,
-        "ivcsw": 3,
-    }
+    mixed = probe(oncpu_us=100.0, runq_us=9000.0, vcsw=2, ivcsw=3)
     ranked = attribute(
         candidate(probe_launch=mixed, journal=[op("device_alloc", 101, 110)]),
         [_gpu_sample(110, 1400, ["sw_power_cap"])],
@@ -295,14 +267,7 @@ def _collection(t0_ms: float, t1_ms: float, thread: str = "MainThread", generati
 
 
 def test_a_collection_on_the_serving_thread_during_the_launch_is_python_gc() -> None:
-    on_cpu = {
-        "wall_us": 30000.0,
-        "oncpu_us": 29900.0,
-        "runq_us": 10.0,
-        "blocked_us": 90.0,
-        "vcsw": 0,
-        "ivcsw": 0,
-    }
+    on_cpu = probe(oncpu_us=29900.0, runq_us=10.0)
     ranked = attribute(candidate(probe_launch=on_cpu, gc=[_collection(100.5, 129.5)]), [], {}, [])
     assert names(ranked)[0] == "python_gc"
     _, score, ev = ranked[0]
