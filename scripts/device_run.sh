@@ -107,12 +107,14 @@ step env 60 bash -c 'date -u; uname -a; nproc; python3 -VV
     python3 -c "import zmq, numpy, psutil, pynvml, msgpack; print(zmq.__version__, numpy.__version__, psutil.__version__)"'
 echo "MPS before:"; mps_processes | tee "$RES/mps-before.txt"
 
-# The CUPTI library: the image's (torch brings nvidia-cuda-cupti), else the carried 13.0 wheel.
+# What the CUPTI journal needs: the CUPTI library, the image's (torch brings nvidia-cuda-cupti) else the
+# carried 13.0 wheel; and a C compiler for its callback, else the build carried in .shim.
 libcupti() {
     python3 -c "from cuda.pathfinder import load_nvidia_dynamic_lib as l; print(l('cupti'))" 2>&1 \
         | tee "$RES/libcupti.txt" | grep -q abs_path \
         || { step install-cupti 60 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl-cupti/*.whl
              export LD_LIBRARY_PATH=/tmp/site/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}; }
+    command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
 }
 
 # litserve_and_steady LS_CAP ORCH_CAP: LitServe with 2 and 4 workers per device (LS_WORKERS), then bert-tiny
@@ -319,7 +321,6 @@ run_mode() {
         # activity / bare), bert-tiny on the own, callback and activity journals, the CUPTI GPU tests, then
         # an own/callback pair at c = 64 in the opposite order.
         libcupti
-        command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim   # no compiler: the carried build
         step build-callback 60 python3 -c "from workers import cupti_native as n; print(n.compiler(), n.load().path)"
         step probe-cupti 170 python3 scripts/probe_cupti.py --out "$OUT/cupti"
         mkdir -p "$RES/real"
@@ -343,7 +344,6 @@ run_mode() {
         # and callback-driver; whether callback-driver still names torch's allocations (library_alloc) and
         # host registration, 20 s each; the CUPTI GPU tests.
         libcupti
-        command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
         step probe-cost 120 python3 scripts/probe_cupti.py --part cost --out "$OUT/cupti"
         mkdir -p "$RES/real"
         for j in callback-driver own; do
@@ -361,7 +361,6 @@ run_mode() {
         # cost armed and disarmed, bench_stalls.py at 60 s a scenario (the clean run on the own journal first
         # this time), then the GPU tests.
         libcupti
-        command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
         step probe-cost 60 python3 scripts/probe_cupti.py --part cost --out "$OUT/cupti"
         # shellcheck disable=SC2086
         step bench-stalls 400 python3 scripts/bench_stalls.py \
@@ -376,7 +375,6 @@ run_mode() {
         # per-call cost off / armed / never armed / armed late / disarmed; clean 60 s and 3 alternated
         # clean-own/clean pairs of 20 s; bert-tiny on the own journal and "auto"; the CUPTI GPU tests.
         libcupti
-        command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
         step probe-cost 60 python3 scripts/probe_cupti.py --part cost --out "$OUT/cupti"
         step bench-stalls 300 python3 scripts/bench_stalls.py --scenarios clean --seconds 60 \
             --pairs "${STALL_PAIRS:-3}" --pair-seconds 20 ${STALL_ARGS:-} --out "$OUT/stalls"
@@ -393,7 +391,6 @@ run_mode() {
         # launch probe and the injected operations' windows since e7b348c), then the GPU tier. Call 6 of
         # 2026-12-04 ran STALL_SCENARIOS=clean,host_register,library_alloc (then the default).
         libcupti
-        command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
         step bench-stalls 240 python3 scripts/bench_stalls.py \
             --scenarios "${STALL_SCENARIOS:-clean,library_alloc,lazy_module}" --seconds 60 --out "$OUT/stalls"
         step gpu-tests 150 python3 -m pytest tests/gpu -v -p no:cacheprovider -rfEs --tb=short --timeout 100 \
@@ -404,7 +401,6 @@ run_mode() {
         # on-CPU fix: what the probe costs and sees, the three foreign injections at 60 s, clean on "auto" at
         # 40 s (into the tarball), then the GPU tier.
         libcupti
-        command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
         step probe-cost 60 python3 scripts/bench_probe.py --json "$OUT/probe.json"
         step bench-stalls 280 python3 scripts/bench_stalls.py --journal cupti \
             --scenarios "${STALL_SCENARIOS:-host_register,library_alloc,lazy_module}" --seconds 60 --out "$OUT/stalls"
@@ -418,7 +414,6 @@ run_mode() {
         # steal time? clean on "auto" at 40 s, host_register with CUPTI armed from start at 40 s, each with the
         # window's steal and interrupt time from /proc/stat; then the GPU tier.
         libcupti
-        command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
         step bench-stalls-clean 90 python3 scripts/bench_stalls.py --scenarios clean --seconds 40 --out "$OUT/stalls"
         step bench-stalls-hr 90 python3 scripts/bench_stalls.py --journal cupti --scenarios host_register \
             --seconds 40 --out "$RES/stalls-hr"
@@ -430,14 +425,12 @@ run_mode() {
         # over 1 ms a minute) for a share: 1 GiB through torch and an operation every 50 ms, CUPTI armed from
         # start-up, 45 s each.
         libcupti
-        command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
         step bench-stalls 200 python3 scripts/bench_stalls.py --journal cupti --scenarios library_alloc,lazy_module \
             --library-mib 1024 --period-ms 50 --seconds 45 --out "$OUT/stalls"
         ;;
     gputier)
         # The GPU tier on the final code, and a 20 s host_register on the default journal ("auto") end to end.
         libcupti
-        command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
         step gpu-tests 150 python3 -m pytest tests/gpu -v -p no:cacheprovider -rfEs --tb=short --timeout 100 \
             -k "not aoti" ${TEST_ARGS:-}
         step bench-stalls 70 python3 scripts/bench_stalls.py --scenarios host_register --seconds 20 --out "$OUT/stalls"
@@ -446,7 +439,6 @@ run_mode() {
         # Issue 16: does CUPTI, once attached, bring stalls to a clean run? clean-own against clean with CUPTI
         # armed from start-up ("cupti"), 40 s each, unpinned; the records keep the launch's thread probe.
         libcupti
-        command -v cc gcc clang || export ORCHESTRATOR_CACHE_DIR=$PWD/.shim
         step bench-stalls 130 python3 scripts/bench_stalls.py --scenarios clean-own,clean --journal cupti \
             --seconds 40 --out "$OUT/stalls"
         ;;
