@@ -148,6 +148,8 @@ class _Host:
         "lost",
         "rediscover",
         "rediscover_at",
+        "resync",
+        "fresh",
         "retired",
         "workers",
         "refused",
@@ -164,8 +166,15 @@ class _Host:
         self.local = control.startswith("ipc://")
         self.last_event = time.monotonic()
         self.lost: str | None = None
-        self.rediscover: zmq.Socket | None = None
+        self.rediscover: zmq.Socket | None = None  # an `endpoints` question in flight on the control socket
         self.rediscover_at = 0.0
+        # Worker states reach a client two ways: the `endpoints` answer (a snapshot) and events on the SUB
+        # (changes, published once). An answer may predate an event that arrives before it, and a SUB misses
+        # what was published before its subscription took (a new SUB, or one reconnecting after its host was
+        # lost): `resync` asks once more after the answer in flight, and `fresh` (no event since the SUB
+        # (re)connected) asks once more when the first event arrives.
+        self.resync = False
+        self.fresh = False
         self.retired = False
         self.workers: set[str] = set()
         self.refused = 0  # events that did not decode (a supervisor of another release): logged once
@@ -288,6 +297,7 @@ class ClientIO(threading.Thread):
                     self.poller.register(h.monitor, zmq.POLLIN)
                 sub.connect(events)
                 self.poller.register(sub, zmq.POLLIN)
+                h.fresh = True
         for d in info.get("workers", []):
             wid = self._wid(h, d["id"])
             endpoint = reachable(d["endpoint"], h.control)
@@ -574,9 +584,11 @@ class ClientIO(threading.Thread):
                 return
             except ValueError:
                 continue
-            h.last_event = time.monotonic()
-            if h.lost:  # a host coming back is re-read through its control socket, not from events
-                continue
+            h.last_event = now = time.monotonic()
+            if h.fresh:  # the subscription took: an answer to a question asked from now on misses nothing
+                h.fresh = False
+                if h.lost or any(self.workers[wid].sock is None for wid in h.workers):
+                    self._ask_endpoints(h, now)
             try:
                 msg = messages.EVENTS.decode(payload)
             except messages.MessageError as exc:
@@ -584,6 +596,10 @@ class ClientIO(threading.Thread):
                 (log.warning if h.refused == 1 else log.debug)("events from %s refused: %s", h.control, exc)
                 continue
             if not isinstance(msg, messages.WorkerEvent):  # the supervisor's heartbeat, or "stopping"
+                continue
+            if h.rediscover is not None:  # the answer in flight may predate this change
+                h.resync = True
+            if h.lost:  # a host coming back is re-read through its control socket, not from events
                 continue
             w = self.workers.get(self._wid(h, msg.id))
             if w is None:
@@ -692,16 +708,16 @@ class ClientIO(threading.Thread):
                     self._on_disconnect(h)
                 if h.rediscover is not None and h.rediscover in events:
                     self._on_rediscovered(h)
-                if h.lost is not None:
+                if h.lost is not None or h.rediscover is not None or h.resync:
                     self._rediscover_tick(h, now)
-                elif h.beat_s and now - h.last_event > max(4 * h.beat_s, 1.0):
+                if h.lost is None and h.beat_s and now - h.last_event > max(4 * h.beat_s, 1.0):
                     self._check_supervisor(h, now)
             if now >= next_check:
                 next_check = self._expire(now)
             beats = [h.beat_s for h in self.hosts.values() if h.beat_s]
             if beats:
                 next_check = min(next_check, now + min(beats))
-            if any(h.lost for h in self.hosts.values()):
+            if any(h.lost or h.rediscover is not None or h.resync for h in self.hosts.values()):
                 next_check = min(next_check, now + 0.25)  # rediscovery ticks
             timeout = max(1, int((next_check - time.monotonic()) * 1000) + 1)
 
@@ -725,18 +741,30 @@ class ClientIO(threading.Thread):
             self._lose(h, f"{why}; its workers exit with it")
 
     def _rediscover_tick(self, h: _Host, now: float) -> None:
-        """While a host is lost: ask its control socket for endpoints, once a second."""
-        if h.rediscover is None and now >= h.rediscover_at:
-            sock = self.ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            if self.curve is not None:
-                self.curve.apply(sock)
-            sock.connect(h.control)
-            sock.send(messages.encode(messages.ControlRequest(id=1, cmd="endpoints")))
-            self.poller.register(sock, zmq.POLLIN)
-            h.rediscover, h.rediscover_at = sock, now + 1.0
-        elif h.rediscover is not None and now >= h.rediscover_at:
-            self._close_rediscover(h)  # nobody answered within a second: ask again next time
+        """While a host is lost, ask its control socket for endpoints once a second; a question that is not
+        answered within a second is asked again (also for a host that is not lost, see `_Host.resync`)."""
+        if h.rediscover is not None:
+            if now >= h.rediscover_at:  # nobody answered within a second: ask again
+                self._close_rediscover(h)
+                h.resync = h.resync or not h.lost
+        elif h.resync or (h.lost and now >= h.rediscover_at):
+            self._ask_endpoints(h, now)
+
+    def _ask_endpoints(self, h: _Host, now: float) -> None:
+        """Send `endpoints` to a host's control socket; with a question already in flight, whose answer may
+        predate what we just learnt, ask again once it is answered."""
+        if h.rediscover is not None:
+            h.resync = True
+            return
+        h.resync = False
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve.apply(sock)
+        sock.connect(h.control)
+        sock.send(messages.encode(messages.ControlRequest(id=1, cmd="endpoints")))
+        self.poller.register(sock, zmq.POLLIN)
+        h.rediscover, h.rediscover_at = sock, now + 1.0
 
     def _close_rediscover(self, h: _Host) -> None:
         if h.rediscover is not None:
@@ -755,15 +783,18 @@ class ClientIO(threading.Thread):
             return
         finally:
             self._close_rediscover(h)
+        was_lost = h.lost
         self._adopt(h, info)
         self._update_lost()
-        log.info("orchestrator at %s answers: connected", h.control)
+        if was_lost:
+            log.info("orchestrator at %s answers: connected", h.control)
 
     def _lose(self, h: _Host, reason: str) -> None:
         """A host's supervisor is gone: its requests fail over to other hosts now (or fail, when there is
         none) rather than at each deadline."""
         h.lost = reason
         h.rediscover_at = time.monotonic() + 1.0
+        h.fresh = True  # its SUB reconnects by itself: the first event after this one tells it took
         self._update_lost()
         for wid in h.workers:
             w = self.workers[wid]
