@@ -283,7 +283,7 @@ class CuptiJournal:
             raise CuptiUnavailable(f"{VARIANT_ENV}={self.variant!r}: expected one of {', '.join(VARIANTS)}")
         if attach:
             self._import_cupti()
-        elif not _cupti_installed():  # "auto": not even loaded until a stall asks for it
+        elif not cupti_installed():  # "auto": not even loaded until a stall asks for it
             raise CuptiUnavailable("cupti-python is not installed (pip install 'orchestrator[gpu]')")
         if self.variant.startswith("callback"):  # built (or found in the cache) before CUPTI is touched
             from workers import cupti_native
@@ -537,7 +537,7 @@ class CuptiJournal:
         return out
 
 
-def _cupti_installed() -> bool:
+def cupti_installed() -> bool:
     """cupti-python can be imported (without importing it: that loads libcupti)."""
     if sys.modules.get("cupti") is not None:
         return True

@@ -66,12 +66,17 @@ def compiler() -> list[str] | None:
     return None
 
 
-def build(out_dir: Path | None = None) -> Path:
-    """The compiled callback library for this source, built now unless the cache has it."""
+def library_path(out_dir: Path | None = None) -> Path:
+    """Where the compiled callback for this source and machine is cached."""
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + sys.platform.encode() + os.uname().machine.encode()).hexdigest()[:16]
-    out_dir = out_dir or cache_dir()
-    lib = out_dir / f"cupti_callback-{key}.so"
+    return (out_dir or cache_dir()) / f"cupti_callback-{key}.so"
+
+
+def build(out_dir: Path | None = None) -> Path:
+    """The compiled callback library for this source, built now unless the cache has it."""
+    lib = library_path(out_dir)
+    out_dir = lib.parent
     if lib.exists():
         return lib
     cc = compiler()

@@ -111,16 +111,29 @@ def _check_model(cfg: Config) -> None:
 
 
 def _check_journal(cfg: Config) -> None:
-    """monitor.driver_journal = "cupti" on GPU workers needs cupti-python here (workers would refuse to start)."""
-    if cfg.workers.device == "gpu" and cfg.monitor.driver_journal == "cupti":
-        if importlib.util.find_spec("cupti") is None:
-            raise ConfigError(
-                [
-                    'monitor.driver_journal = "cupti" needs cupti-python, not installed here: '
-                    "pip install 'orchestrator[gpu]' (or \"auto\" to use CUPTI only where it is)"
-                ],
-                cfg.source or None,
-            )
+    """monitor.driver_journal = "cupti" on GPU workers needs cupti-python and the compiled CUPTI callback
+    here (workers would refuse to start): the callback is built now, into the cache the workers load from."""
+    if cfg.workers.device != "gpu" or cfg.monitor.driver_journal != "cupti":
+        return
+    from workers import cupti_journal, cupti_native
+
+    if not cupti_journal.cupti_installed():
+        raise ConfigError(
+            [
+                'monitor.driver_journal = "cupti" needs cupti-python, not installed here: '
+                "pip install 'orchestrator[gpu]' (or \"auto\" to use CUPTI only where it is)"
+            ],
+            cfg.source or None,
+        )
+    try:
+        cupti_native.build()
+    except cupti_native.NativeUnavailable as exc:
+        raise ConfigError(
+            [
+                f'monitor.driver_journal = "cupti": {exc} (or "auto", which falls back to the worker\'s own journal)'
+            ],
+            cfg.source or None,
+        ) from None
 
 
 def _check_run_dir(cfg: Config) -> None:

@@ -318,7 +318,7 @@ class MonitorSection:
             "CUPTI sees every thread and library in the process (a compiled callback, built once per host "
             'with the C compiler) but costs every driver call once attached. "auto": CUPTI attached at the '
             'first launch blocked like a lock wait, else "own" where CUPTI cannot run; "cupti": attached from '
-            "start-up, start fails without it"
+            "start-up; `start` refuses (one line, exit 2) without cupti-python or a C compiler"
         },
     )
 

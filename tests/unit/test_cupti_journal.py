@@ -378,15 +378,40 @@ def test_cupti_journal_on_cpu_workers_or_without_cupti_python_is_a_config_error(
     gpu = parse_config(
         {"workers": {"device": "gpu"}, "monitor": {"driver_journal": "cupti"}}, check_files=False
     )
-    real = commands.importlib.util.find_spec
-    monkeypatch.setattr(
-        commands.importlib.util, "find_spec", lambda name, *a: None if name == "cupti" else real(name, *a)
-    )
+    monkeypatch.setattr(cupti_journal, "cupti_installed", lambda: False)
     with pytest.raises(
         ConfigError, match=r"needs cupti-python, not installed here: pip install 'orchestrator\[gpu\]'"
     ):
         commands._check_journal(gpu)
     commands._check_journal(parse_config({"workers": {"device": "gpu"}}, check_files=False))  # auto: fine
+
+
+def test_cupti_journal_without_a_compiler_is_refused_before_start_unless_the_callback_is_built(
+    monkeypatch, tmp_path
+) -> None:
+    from orchestrator.cli import commands
+    from orchestrator.common.config import parse_config
+    from orchestrator.common.errors import ConfigError
+    from workers import cupti_native
+
+    gpu = parse_config(
+        {"workers": {"device": "gpu"}, "monitor": {"driver_journal": "cupti"}}, check_files=False
+    )
+    monkeypatch.setattr(cupti_journal, "cupti_installed", lambda: True)
+    monkeypatch.setenv("ORCHESTRATOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cupti_native, "compiler", lambda: None)
+    with pytest.raises(ConfigError, match=r'driver_journal = "cupti": no C compiler .* \(or "auto"'):
+        commands._check_journal(gpu)
+    monkeypatch.setattr(cupti_native, "compiler", lambda: ["false"])
+    with pytest.raises(
+        ConfigError, match=r'driver_journal = "cupti": false could not build the CUPTI callback'
+    ):
+        commands._check_journal(gpu)
+    assert list(tmp_path.iterdir()) == []  # nothing half-built left for the workers to load
+    # Workers load the library from the cache: one built there earlier (by another start) is enough.
+    monkeypatch.setattr(cupti_native, "compiler", lambda: None)
+    cupti_native.library_path().write_bytes(b"")
+    commands._check_journal(gpu)
 
 
 # --- what CUPTI is asked to record (ORCHESTRATOR_CUPTI_VARIANT) ------------------------------------------
