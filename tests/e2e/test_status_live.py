@@ -112,9 +112,11 @@ def test_cpu_hog_is_attributed_to_preemption(short_tmp, orchestrator_factory) ->
     st = orch.wait_status(lambda s: sum((s["monitor"].get("stall_counts") or {}).values()) > 0, timeout=5)
     counts = st["monitor"]["stall_counts"]
     assert sum(counts.values()) > 0, "a CPU hog on the worker's only core should produce stalls"
-    # Nothing may be blamed on another cause. A stall with no run-queue evidence stays "unknown": on a VM the
-    # time can go to the hypervisor (steal) or an SMT sibling, which the thread's schedstat does not show.
-    assert {k for k, v in counts.items() if v} <= {"cpu_preemption", "unknown"}, counts
+    # Nothing may be blamed on another cause. A stall with no run-queue evidence is not preemption: on a VM
+    # the time can go to the hypervisor (steal) or to interrupts, which the scheduler does not see. Such a
+    # stall is "cpu_stolen" when the thread never switched out, else "unknown" (CI's 2-core VM showed some
+    # cpu_stolen among 564 cpu_preemption stalls).
+    assert {k for k, v in counts.items() if v} <= {"cpu_preemption", "cpu_stolen", "unknown"}, counts
     stall_log = orch.run_dir / "stalls.jsonl"
     records = [json.loads(line) for line in stall_log.read_text().splitlines()]
     assert records
