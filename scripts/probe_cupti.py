@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from workers.cuda.errors import check  # noqa: E402  (after the path: run as a script)
+from workers.inject import MODULE_KERNELS, MODULE_SOURCE  # noqa: E402  (the lazy_module injection's module)
 
 #: The core every launch-cost process runs on.
 PROBE_CORE = 2
-_SOURCE = "\n".join(f'extern "C" __global__ void k{i}(float* p) {{ p[{i}] += 1.0f; }}' for i in range(50))
 
 
 def _entries() -> list[dict[str, Any]]:
@@ -189,7 +189,7 @@ def lazy() -> dict[str, Any]:
     cupti_journal.start("cupti")
     ctx = get_context("spin")
     cupti_journal.verify(lambda: memory.PinnedBuffer(4096, "journal check").free())
-    cubin = compile_cubin(_SOURCE, "probe.cu", ctx.info.arch)
+    cubin = compile_cubin(MODULE_SOURCE, "probe.cu", ctx.info.arch)
     dev = check(driver.cuMemAlloc(256), "cuMemAlloc")
     stream = check(driver.cuStreamCreate(0), "cuStreamCreate")
     JOURNAL.mark_ready()
@@ -198,7 +198,7 @@ def lazy() -> dict[str, Any]:
     t1 = time.monotonic_ns()
     arg = ctypes.c_void_p(int(dev))
     params = (ctypes.c_void_p * 1)(ctypes.addressof(arg))
-    for i in range(50):
+    for i in range(MODULE_KERNELS):
         fn = check(driver.cuModuleGetFunction(mod, f"k{i}".encode()), "cuModuleGetFunction")
         check(
             (driver.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, stream, ctypes.addressof(params), 0)[0], None),
@@ -228,7 +228,7 @@ class _Graph:
 
         from workers.cuda.module import compile_cubin
 
-        self.cubin = compile_cubin(_SOURCE, "probe.cu", ctx.info.arch)
+        self.cubin = compile_cubin(MODULE_SOURCE, "probe.cu", ctx.info.arch)
         mod = check(driver.cuModuleLoadData(self.cubin), "cuModuleLoadData")
         self.fn = check(driver.cuModuleGetFunction(mod, b"k0"), "cuModuleGetFunction")
         self.stream = check(driver.cuStreamCreate(0), "cuStreamCreate")
@@ -327,7 +327,7 @@ def lazy_serve() -> dict[str, Any]:
         while not stop.wait(0.2):
             a = time.monotonic_ns()
             m = check(driver.cuModuleLoadData(cubin), "load")
-            for i in range(50):
+            for i in range(MODULE_KERNELS):
                 f = check(driver.cuModuleGetFunction(m, f"k{i}".encode()), "get")
                 driver.cuLaunchKernel(f, 1, 1, 1, 1, 1, 1, 0, s2, pp, 0)
             driver.cuStreamSynchronize(s2)

@@ -47,9 +47,9 @@ _HOG_SOURCE = (
 )
 
 # A small module for module_load and lazy_module: 50 trivial kernels, like the measurement in FACTS.md.
-_MODULE_KERNELS = 50
-_MODULE_SOURCE = "\n".join(
-    f'extern "C" __global__ void k{i}(float* p) {{ p[{i}] += 1.0f; }}' for i in range(_MODULE_KERNELS)
+MODULE_KERNELS = 50
+MODULE_SOURCE = "\n".join(
+    f'extern "C" __global__ void k{i}(float* p) {{ p[{i}] += 1.0f; }}' for i in range(MODULE_KERNELS)
 )
 
 
@@ -166,7 +166,7 @@ class Injector:
             return lambda: DeviceBuffer(self.nbytes, "injected").free()
         from workers.cuda.module import Module, compile_cubin
 
-        cubin = compile_cubin(_MODULE_SOURCE, "inject.cu", ctx.info.arch)  # NVRTC takes no driver lock
+        cubin = compile_cubin(MODULE_SOURCE, "inject.cu", ctx.info.arch)  # NVRTC takes no driver lock
         return lambda: Module(cubin, "injected").unload()
 
     # The kinds below are done like a foreign library: straight driver (or torch) calls, never workers.cuda's
@@ -218,9 +218,9 @@ class Injector:
 
         from workers.cuda.module import compile_cubin
 
-        cubin = compile_cubin(_MODULE_SOURCE, "inject.cu", ctx.info.arch)  # NVRTC takes no driver lock
+        cubin = compile_cubin(MODULE_SOURCE, "inject.cu", ctx.info.arch)  # NVRTC takes no driver lock
         image = np.frombuffer(cubin, dtype=np.uint8)  # cuModuleLoadData reads it during the call only
-        dptr = check(driver.cuMemAlloc(_MODULE_KERNELS * 4), "cuMemAlloc")  # one float per kernel
+        dptr = check(driver.cuMemAlloc(MODULE_KERNELS * 4), "cuMemAlloc")  # one float per kernel
         cleanups.append(lambda: driver.cuMemFree(dptr))
         stream = check(driver.cuStreamCreate(0), "cuStreamCreate")
         cleanups.append(lambda: (driver.cuStreamSynchronize(stream), driver.cuStreamDestroy(stream)))

@@ -151,7 +151,7 @@ def test_driver_call_names_the_failed_call() -> None:
 
 
 def test_module_source_has_fifty_kernels() -> None:
-    assert inject._MODULE_SOURCE.count("__global__") == 50 == inject._MODULE_KERNELS
+    assert inject.MODULE_SOURCE.count("__global__") == 50 == inject.MODULE_KERNELS
 
 
 # --- lazy_module's worker: CUDA_MODULE_LOADING=LAZY (supervisor planning, fake GPUs) --------------------
