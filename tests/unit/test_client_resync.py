@@ -41,6 +41,20 @@ class FakeSupervisor:
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.bind(self.events)
         self.asked = 0
+        self.clients: list[ClientIO] = []
+
+    def client(self, state: WorkerState) -> ClientIO:
+        """A client's I/O thread, started from an `endpoints` answer with w0 in `state`."""
+        io = ClientIO(
+            self.ctx,
+            [(self.control, self.info(state))],
+            failover=True,
+            max_retries=1,
+            max_message_bytes=1 << 20,
+        )
+        io.start()
+        self.clients.append(io)
+        return io
 
     def info(self, state: WorkerState) -> dict:
         return {
@@ -80,6 +94,9 @@ class FakeSupervisor:
         self.router.send_multipart([ident, messages.encode(msg)])
 
     def close(self) -> None:
+        for io in self.clients:
+            io.close()
+            io.join(5)
         self.router.close(0)
         self.pub.close(0)
 
@@ -92,25 +109,10 @@ def dead_pid() -> int:
 
 
 @pytest.fixture
-def io_of(short_tmp: Path) -> Iterator:
-    started: list[ClientIO] = []
-
-    def make(fake: FakeSupervisor, state: WorkerState) -> ClientIO:
-        io = ClientIO(
-            fake.ctx,
-            [(fake.control, fake.info(state))],
-            failover=True,
-            max_retries=1,
-            max_message_bytes=1 << 20,
-        )
-        io.start()
-        started.append(io)
-        return io
-
-    yield make
-    for io in started:
-        io.close()
-        io.join(5)
+def fake(short_tmp: Path) -> Iterator[FakeSupervisor]:
+    f = FakeSupervisor(short_tmp, os.getpid())
+    yield f
+    f.close()
 
 
 def beat_until(fake: FakeSupervisor, pred, what: str, timeout: float = 5.0) -> None:
@@ -132,38 +134,31 @@ def beat_until(fake: FakeSupervisor, pred, what: str, timeout: float = 5.0) -> N
         th.join(5)
 
 
-def test_a_worker_ready_before_the_subscription_took_is_connected(short_tmp, io_of) -> None:
-    fake = FakeSupervisor(short_tmp, os.getpid())
-    try:
-        # The answer the client starts from says "starting"; the worker turns ready before the client's SUB
-        # exists, so that event is lost to it: only a second question, once its SUB delivers, can tell.
-        fake.worker(WorkerState.READY)
-        io = io_of(fake, WorkerState.STARTING)
-        assert not io.workers["w0"].ready
-        beat_until(fake, lambda: io.workers["w0"].ready, "the client to connect to the ready worker")
-        assert fake.asked == 1
-    finally:
-        fake.close()
+def test_a_worker_ready_before_the_subscription_took_is_connected(fake: FakeSupervisor) -> None:
+    # The answer the client starts from says "starting"; the worker turns ready before the client's SUB
+    # exists, so that event is lost to it: only a second question, once its SUB delivers, can tell.
+    fake.worker(WorkerState.READY)
+    io = fake.client(WorkerState.STARTING)
+    assert not io.workers["w0"].ready
+    beat_until(fake, lambda: io.workers["w0"].ready, "the client to connect to the ready worker")
+    assert fake.asked == 1
 
 
-def test_a_ready_event_ahead_of_an_older_answer_is_not_lost(short_tmp, io_of, dead_pid) -> None:
-    fake = FakeSupervisor(short_tmp, dead_pid)  # the client finds this "supervisor" dead at the first silence
-    try:
-        io = io_of(fake, WorkerState.READY)
-        w0 = io.workers["w0"]
-        assert w0.ready
-        wait_until(lambda: io.lost is not None, 5, "the client to find its supervisor gone")
-        assert not w0.ready
-        fake.pid = os.getpid()  # "restarted"
-        # The client asks; the answer is composed while w0 still starts, and w0's READY reaches the client
-        # before the answer does.
-        ident, rid = fake.question()
-        host = io.hosts[fake.control]
-        heard = host.last_event
-        fake.worker(WorkerState.READY)
-        wait_until(lambda: host.last_event != heard, 5, "the client to take the READY event")
-        fake.reply(ident, rid, WorkerState.STARTING)
-        beat_until(fake, lambda: w0.ready, "the client to connect to the worker whose READY came first")
-        assert io.lost is None
-    finally:
-        fake.close()
+def test_a_ready_event_ahead_of_an_older_answer_is_not_lost(fake: FakeSupervisor, dead_pid: int) -> None:
+    fake.pid = dead_pid  # the client finds this "supervisor" dead at the first silence
+    io = fake.client(WorkerState.READY)
+    w0 = io.workers["w0"]
+    assert w0.ready
+    wait_until(lambda: io.lost is not None, 5, "the client to find its supervisor gone")
+    assert not w0.ready
+    fake.pid = os.getpid()  # "restarted"
+    # The client asks; the answer is composed while w0 still starts, and w0's READY reaches the client
+    # before the answer does.
+    ident, rid = fake.question()
+    host = io.hosts[fake.control]
+    heard = host.last_event
+    fake.worker(WorkerState.READY)
+    wait_until(lambda: host.last_event != heard, 5, "the client to take the READY event")
+    fake.reply(ident, rid, WorkerState.STARTING)
+    beat_until(fake, lambda: w0.ready, "the client to connect to the worker whose READY came first")
+    assert io.lost is None
