@@ -179,6 +179,11 @@ class _Host:
         self.workers: set[str] = set()
         self.refused = 0  # events that did not decode (a supervisor of another release): logged once
 
+    @property
+    def asking(self) -> bool:
+        """Its control socket is to be asked for endpoints, or is being asked (rediscovery ticks run)."""
+        return self.lost is not None or self.rediscover is not None or self.resync
+
 
 class ClientIO(threading.Thread):
     def __init__(
@@ -708,7 +713,7 @@ class ClientIO(threading.Thread):
                     self._on_disconnect(h)
                 if h.rediscover is not None and h.rediscover in events:
                     self._on_rediscovered(h)
-                if h.lost is not None or h.rediscover is not None or h.resync:
+                if h.asking:
                     self._rediscover_tick(h, now)
                 if h.lost is None and h.beat_s and now - h.last_event > max(4 * h.beat_s, 1.0):
                     self._check_supervisor(h, now)
@@ -717,7 +722,7 @@ class ClientIO(threading.Thread):
             beats = [h.beat_s for h in self.hosts.values() if h.beat_s]
             if beats:
                 next_check = min(next_check, now + min(beats))
-            if any(h.lost or h.rediscover is not None or h.resync for h in self.hosts.values()):
+            if any(h.asking for h in self.hosts.values()):
                 next_check = min(next_check, now + 0.25)  # rediscovery ticks
             timeout = max(1, int((next_check - time.monotonic()) * 1000) + 1)
 
